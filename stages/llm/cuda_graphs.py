@@ -1,0 +1,115 @@
+"""CUDA graphs for decode-only steps.
+
+A decode step of a 7B model launches hundreds of small kernels; at batch 1 their launch cost
+alone exceeds the time the GPU needs to stream the weights. Capturing the forward pass once per
+batch size and replaying it removes that cost. A step is padded up to the nearest captured size:
+padded rows read the null block (id 0) and write no KV (slot -1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omni.stages.llm.attention.metadata import AttentionMetadata
+from omni.stages.llm.step_inputs import HostStepInputs
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, then every multiple of 8 up to max_num_seqs (vLLM's spacing: padding wastes at
+    most 7 rows, and the number of graphs stays small)."""
+    sizes = [s for s in (1, 2, 4) if s <= max_num_seqs]
+    sizes += list(range(8, max_num_seqs + 1, 8))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        attn_backend: str,
+        max_num_seqs: int,
+        table_width: int,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.attn_backend = attn_backend
+        self.table_width = table_width
+        self.max_model_len = max_model_len
+        n = max_num_seqs
+        i32, i64 = torch.int32, torch.int64
+        # Static buffers every graph reads; a replay sees whatever was copied in last.
+        self.token_ids = torch.zeros(n, dtype=i64, device=device)
+        self.positions = torch.zeros(n, dtype=i64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
+        self.seq_lens = torch.ones(n, dtype=i32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
+        self.block_tables = torch.zeros((n, table_width), dtype=i32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.sizes = capture_sizes(max_num_seqs)
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size],
+            slot_mapping=self.slot_mapping[:size],
+            max_query_len=1,
+            # An upper bound, not the step's value: the graph must serve any context length.
+            max_seq_len=self.max_model_len,
+            is_decode_only=True,
+        )
+
+    def _forward(self, size: int) -> torch.Tensor:
+        hidden: torch.Tensor = self.model(
+            self.token_ids[:size],
+            self.positions[:size],
+            self.kv_caches,
+            self._meta(size),
+            self.attn_backend,
+        )
+        return hidden
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        # Largest first, so the shared pool is sized by the largest graph and smaller ones fit.
+        for size in reversed(self.sizes):
+            self._forward(size)  # warm-up: Triton compiles and autotunes outside capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self._forward(size)
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+
+    def padded_size(self, num_reqs: int) -> int | None:
+        for size in self.sizes:
+            if size >= num_reqs:
+                return size
+        return None
+
+    def run(self, host: HostStepInputs) -> torch.Tensor:
+        """Replays the graph for a decode-only step; returns hidden states [num_reqs, hidden]."""
+        n = host.num_reqs
+        size = self.padded_size(n)
+        assert size is not None and host.is_decode_only
+        width = host.block_tables.shape[1]
+        self.token_ids[:n].copy_(torch.from_numpy(host.token_ids), non_blocking=True)
+        self.positions[:n].copy_(torch.from_numpy(host.positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(torch.from_numpy(host.slot_mapping), non_blocking=True)
+        self.seq_lens[:n].copy_(torch.from_numpy(host.seq_lens), non_blocking=True)
+        self.block_tables[:n, :width].copy_(torch.from_numpy(host.block_tables), non_blocking=True)
+        if size > n:
+            self.slot_mapping[n:size].fill_(-1)
+            self.seq_lens[n:size].fill_(1)
+            self.token_ids[n:size].fill_(0)
+            self.positions[n:size].fill_(0)
+        self.graphs[size].replay()
+        return self.outputs[size][:n]

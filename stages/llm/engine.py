@@ -1,0 +1,170 @@
+"""The LLM engine: requests in, one scheduler step at a time, outputs out.
+
+Synchronous and single-threaded on purpose: the offline API drives it directly, and the LLM
+stage process wraps it in its busy loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from omni.cache.block_hash import MultiModalPlaceholder
+from omni.cache.kv_cache_manager import KVCacheManager
+from omni.stages.llm.config import EngineConfig
+from omni.stages.llm.detokenizer import IncrementalDetokenizer
+from omni.stages.llm.model_runner import ModelRunner
+from omni.stages.llm.models.loader import resolve_model_path
+from omni.stages.llm.outputs import CompletionOutput, RequestOutput
+from omni.stages.llm.request import Request, RequestStatus
+from omni.stages.llm.sampling_params import SamplingParams
+from omni.stages.llm.scheduler import Scheduler
+
+
+def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """EOS ids the way transformers' generate sees them: the generation config's (which may
+    list several, e.g. Llama 3 and Qwen2.5 chat models) and the tokenizer's."""
+    ids: set[int] = set()
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        eos = None
+    if eos is not None:
+        ids.update([eos] if isinstance(eos, int) else eos)
+    if tokenizer.eos_token_id is not None and not ids:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_path = resolve_model_path(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model_path(config.tokenizer) if config.tokenizer else model_path
+        )
+        self.runner = ModelRunner(config, model_path)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = int(self.runner.hf_config.vocab_size)
+        self.kv_cache = KVCacheManager(
+            self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+        )
+        self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._prompts: dict[str, str | None] = {}
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        *,
+        mm_placeholders: Sequence[MultiModalPlaceholder] = (),
+        mm_embeddings: list[torch.Tensor] | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(token_ids)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            eos_token_ids=self.eos_token_ids,
+            mm_placeholders=mm_placeholders,
+            mm_embeddings=mm_embeddings,
+            cache_salt=cache_salt,
+        )
+        if params.seed is not None:
+            request.generator = torch.Generator(device=self.runner.device)
+            request.generator.manual_seed(params.seed)
+        self.scheduler.add_request(request)
+        self._detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer,
+            token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop or [],
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+        self._prompts[request_id] = text
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; the model's context is "
+                f"{self.max_model_len} tokens, which must also hold at least one generated token"
+            )
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        for request_id in ids:
+            self._detokenizers.pop(request_id, None)
+            self._prompts.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- stepping -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one forward pass; returns an output for every request that gained tokens."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        tokens, logprobs = self.runner.execute(out)
+        self.scheduler.update_from_output(out, tokens, logprobs)
+        outputs = []
+        for sched, token in zip(out.scheduled, tokens, strict=True):
+            if token is None:
+                continue
+            outputs.append(self._make_output(sched.request, token))
+        return outputs
+
+    def _make_output(self, request: Request, token: int) -> RequestOutput:
+        detok = self._detokenizers[request.request_id]
+        delta = detok.append(token)
+        if detok.stopped_by is not None and not request.is_finished:
+            request.stop_reason = detok.stopped_by
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+        elif detok.stopped_by is not None:
+            request.stop_reason = detok.stopped_by
+        if request.is_finished:
+            delta += detok.flush() if hasattr(detok, "flush") else ""
+        wants_logprobs = request.sampling_params.logprobs is not None
+        completion = CompletionOutput(
+            index=0,
+            text=detok.output_text,
+            token_ids=list(request.output_token_ids),
+            text_delta=delta,
+            token_ids_delta=[token],
+            logprobs=list(request.output_logprobs) if wants_logprobs else None,
+            finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason,
+        )
+        output = RequestOutput(
+            request_id=request.request_id,
+            prompt=self._prompts.get(request.request_id),
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[completion],
+            finished=request.is_finished,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )
+        if request.is_finished:
+            self._detokenizers.pop(request.request_id, None)
+            self._prompts.pop(request.request_id, None)
+        return output

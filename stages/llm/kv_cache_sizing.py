@@ -1,0 +1,89 @@
+"""How many KV blocks fit, and allocating them.
+
+On a GPU the cache gets what is left of `gpu_memory_utilization` of the card after the weights
+and the activation peak of the largest step (measured by running that step once). On the CPU it
+gets `cpu_kv_cache_gib`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from omni.stages.llm.step_inputs import HostStepInputs, to_device
+
+if TYPE_CHECKING:
+    from omni.stages.llm.model_runner import ModelRunner
+
+# Kept free for CUDA-graph pools, sampler temporaries and allocator fragmentation.
+_GPU_HEADROOM_BYTES = 1 << 30
+
+
+def kv_block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    per_layer = 2 * block_size * model.num_kv_heads * model.head_dim * element
+    return int(per_layer * model.num_layers)
+
+
+def allocate_kv_caches(
+    model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    # Zero-filled, so the null block and padded graph rows read finite values.
+    shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+
+
+def _profile_inputs(num_tokens: int, block_size: int) -> HostStepInputs:
+    """One request prefilling num_tokens tokens: the largest step the scheduler can issue."""
+    num_blocks = math.ceil(num_tokens / block_size)
+    positions = np.arange(num_tokens, dtype=np.int64)
+    return HostStepInputs(
+        token_ids=np.zeros(num_tokens, np.int64),
+        positions=positions,
+        query_start_loc=np.array([0, num_tokens], np.int32),
+        seq_lens=np.array([num_tokens], np.int32),
+        block_tables=np.arange(1, num_blocks + 1, dtype=np.int32)[None, :],
+        slot_mapping=positions + block_size,
+        logits_indices=np.array([num_tokens - 1], np.int64),
+        max_query_len=num_tokens,
+        max_seq_len=num_tokens,
+    )
+
+
+@torch.inference_mode()
+def num_blocks_for_memory(runner: ModelRunner) -> int:
+    config, model = runner.config, runner.model
+    block_bytes = kv_block_bytes(model, runner.block_size, runner.dtype)
+    if runner.device.type != "cuda":
+        return max(2, int(config.cpu_kv_cache_gib * (1 << 30)) // block_bytes)
+
+    num_tokens = min(config.max_num_batched_tokens, runner.max_model_len)
+    host = _profile_inputs(num_tokens, runner.block_size)
+    profile_blocks = host.block_tables.shape[1] + 1
+    caches = allocate_kv_caches(model, profile_blocks, runner.block_size, runner.dtype,
+                                runner.device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    inputs = to_device(host, runner.device)
+    hidden = model(inputs.token_ids, inputs.positions, caches, inputs.attn, runner.attn_backend)
+    # The logits of a full batch of sequences are the other large transient.
+    rows = hidden[:1].expand(config.max_num_seqs, -1).contiguous()
+    model.compute_logits(rows)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - profile_blocks * block_bytes
+    del caches, hidden, rows
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    outside_torch = total - free - torch.cuda.memory_reserved()
+    budget = total * config.gpu_memory_utilization - outside_torch - peak - _GPU_HEADROOM_BYTES
+    num_blocks = int(budget // block_bytes)
+    if num_blocks < 2:
+        raise ValueError(
+            f"no room for the KV cache: weights and activations take {peak / 2**30:.1f} GiB of "
+            f"{total / 2**30:.1f} GiB at gpu_memory_utilization={config.gpu_memory_utilization}"
+        )
+    return num_blocks

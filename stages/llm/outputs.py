@@ -1,0 +1,36 @@
+"""What the engine hands back per request per step (vLLM's RequestOutput, kept small)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    # Cumulative text and token ids so far; the *_delta fields hold what this step added, for
+    # streaming clients.
+    text: str
+    token_ids: list[int]
+    text_delta: str = ""
+    token_ids_delta: list[int] = field(default_factory=list)
+    # Log-probability of each generated token, when the request asked for logprobs.
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+    # The stop string or stop token id that ended the request (None for EOS and length).
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    # Prompt tokens served from the prefix cache.
+    num_cached_tokens: int = 0

@@ -1,0 +1,96 @@
+"""A request's state as the scheduler and model runner see it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from omni.cache.block_hash import MultiModalPlaceholder
+from omni.stages.llm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI finish_reason: "stop", "length" or "abort"; None while unfinished."""
+        return self.value if self.is_finished else None
+
+
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+}
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    # Every id that ends generation unless ignore_eos (generation configs may list several).
+    eos_token_ids: frozenset[int] = frozenset()
+    mm_placeholders: Sequence[MultiModalPlaceholder] = ()
+    cache_salt: str | None = None
+    # Multi-modal embeddings to splice at placeholder positions, one per placeholder, filled
+    # in by the encoder stage; None for text-only requests.
+    mm_embeddings: list[torch.Tensor] | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    # Log-probability of each sampled token, when the request asked for logprobs.
+    output_logprobs: list[float] = field(default_factory=list)
+    # Tokens whose KV is in the cache (computed or served by a prefix hit). Catches up to
+    # num_tokens step by step: no separate prefill and decode phases.
+    num_computed_tokens: int = 0
+    # Prompt tokens served from the prefix cache at first admission (usage reporting).
+    num_cached_tokens: int = -1
+    # The token that stopped the request, or the stop string (set by the engine).
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    # The request's own random stream when it set a seed (made by the engine on the device
+    # that samples), so its tokens do not depend on what else shares the batch.
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        # Prompt and output tokens in one list, because the KV cache and block hashes treat
+        # them alike: a preempted request recomputes both.
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_output_token(self, token_id: int, logprob: float | None) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)

@@ -1,0 +1,197 @@
+"""Continuous batching with no separate prefill and decode phases.
+
+Every step, each request's computed tokens catch up to its known tokens (prompt plus output)
+under one token budget: a request in decode needs one token, a new prompt needs all of its
+uncached tokens, and a prompt longer than what is left of the budget is chunked across steps.
+When KV blocks run out, the most recently admitted running request is preempted and later
+recomputed from scratch (its prefix blocks usually survive in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from omni.cache.kv_cache_manager import KVCacheManager
+from omni.stages.llm.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    # Tokens of all_token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]
+    # are computed this step.
+    num_new_tokens: int
+    # The request's block ids in logical order (the manager's list: read-only here).
+    block_ids: list[int]
+
+    @property
+    def completes_known_tokens(self) -> bool:
+        """Whether this step's last token is the request's last known token, i.e. whether the
+        step's logits are a real next-token prediction rather than a prefill chunk's."""
+        req = self.request
+        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_cache: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- admission and removal -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Ends requests (stop string, abort) and frees everything they hold. Unknown or
+        already finished ids are ignored, so aborts may race with natural completion."""
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self.kv_cache.free(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        # Running requests first, in admission order, so older requests keep making progress.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while self.kv_cache.allocate_slots(request, num_new) is None:
+                # Out of blocks: recompute preemption of the newest running request. If that is
+                # this request itself, it simply waits for the next step.
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(
+                    ScheduledRequest(request, num_new, self.kv_cache.get_block_ids(request.request_id))
+                )
+                budget -= num_new
+                index += 1
+                continue
+            break
+
+        # New requests only when nothing was preempted this step: admitting them would just
+        # evict the work we preempted to make room for.
+        while (
+            not out.preempted_ids
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
+            request = self.waiting[0]
+            computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_cached, budget)
+            new_blocks = self.kv_cache.allocate_slots(request, num_new, computed_blocks, num_cached)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(
+                ScheduledRequest(request, num_new, self.kv_cache.get_block_ids(request.request_id))
+            )
+            budget -= num_new
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        # Front of the queue: a preempted request resumes before newer arrivals.
+        self.waiting.appendleft(request)
+
+    def update_from_output(
+        self,
+        out: SchedulerOutput,
+        sampled_token_ids: list[int | None],
+        logprobs: list[float | None] | None = None,
+    ) -> list[Request]:
+        """Advances each scheduled request by the tokens it computed and appends its sampled
+        token (None for a prefill chunk that did not reach the end of the known tokens).
+        Returns the requests that finished this step; they are already freed."""
+        finished: list[Request] = []
+        for i, sched in enumerate(out.scheduled):
+            request = sched.request
+            if request.is_finished:
+                continue  # aborted while the step ran
+            token = sampled_token_ids[i]
+            request.num_computed_tokens += sched.num_new_tokens
+            if token is None:
+                continue
+            request.append_output_token(token, logprobs[i] if logprobs is not None else None)
+            status = self._stop_status(request, token)
+            if status is not None:
+                # As in vLLM, stop_reason names an explicit stop token; EOS leaves it None.
+                if token not in request.eos_token_ids or request.sampling_params.ignore_eos:
+                    request.stop_reason = token if status == RequestStatus.FINISHED_STOPPED else None
+                self.finish_requests([request.request_id], status)
+                finished.append(request)
+        return finished
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens < params.min_tokens:
+            return None
+        if not params.ignore_eos and token in request.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if params.stop_token_ids and token in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,120 @@
+"""Flattening one scheduler step into the tensors a forward pass reads.
+
+Built with numpy on the host and moved in one copy per tensor: at batch 256 a per-token Python
+loop would cost more than the decode step it feeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omni.stages.llm.attention.metadata import AttentionMetadata
+from omni.stages.llm.scheduler import ScheduledRequest
+
+
+@dataclass
+class HostStepInputs:
+    """Host-side arrays for one step, before they reach the device."""
+
+    token_ids: np.ndarray  # int64 [num_tokens]
+    positions: np.ndarray  # int64 [num_tokens]
+    query_start_loc: np.ndarray  # int32 [num_reqs + 1]
+    seq_lens: np.ndarray  # int32 [num_reqs]
+    block_tables: np.ndarray  # int32 [num_reqs, width]
+    slot_mapping: np.ndarray  # int64 [num_tokens]
+    # Row of the flattened batch whose hidden state predicts each request's next token.
+    logits_indices: np.ndarray  # int64 [num_reqs]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_reqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+def build_host_inputs(
+    scheduled: list[ScheduledRequest], block_size: int, table_width: int | None = None
+) -> HostStepInputs:
+    query_lens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, len(scheduled))
+    starts = np.fromiter(
+        (s.request.num_computed_tokens for s in scheduled), np.int64, len(scheduled)
+    )
+    num_tokens = int(query_lens.sum())
+    cu = np.zeros(len(scheduled) + 1, np.int64)
+    np.cumsum(query_lens, out=cu[1:])
+
+    token_ids = np.fromiter(
+        itertools.chain.from_iterable(
+            s.request.all_token_ids[start : start + s.num_new_tokens]
+            for s, start in zip(scheduled, starts.tolist(), strict=True)
+        ),
+        np.int64,
+        num_tokens,
+    )
+    req_of_token = np.repeat(np.arange(len(scheduled)), query_lens)
+    positions = np.arange(num_tokens, dtype=np.int64) - cu[req_of_token] + starts[req_of_token]
+    seq_lens = starts + query_lens
+
+    width = table_width or max(len(s.block_ids) for s in scheduled)
+    block_tables = np.zeros((len(scheduled), width), np.int32)
+    for row, s in enumerate(scheduled):
+        block_tables[row, : len(s.block_ids)] = s.block_ids
+    slot_mapping = (
+        block_tables[req_of_token, positions // block_size].astype(np.int64) * block_size
+        + positions % block_size
+    )
+    return HostStepInputs(
+        token_ids=token_ids,
+        positions=positions,
+        query_start_loc=cu.astype(np.int32),
+        seq_lens=seq_lens.astype(np.int32),
+        block_tables=block_tables,
+        slot_mapping=slot_mapping,
+        logits_indices=cu[1:] - 1,
+        max_query_len=int(query_lens.max()),
+        max_seq_len=int(seq_lens.max()),
+    )
+
+
+@dataclass
+class DeviceStepInputs:
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor
+
+
+def to_device(host: HostStepInputs, device: torch.device) -> DeviceStepInputs:
+    def move(array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if device.type == "cuda":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor
+
+    attn = AttentionMetadata(
+        query_start_loc=move(host.query_start_loc),
+        seq_lens=move(host.seq_lens),
+        block_tables=move(host.block_tables),
+        slot_mapping=move(host.slot_mapping),
+        max_query_len=host.max_query_len,
+        max_seq_len=host.max_seq_len,
+        is_decode_only=host.is_decode_only,
+    )
+    return DeviceStepInputs(
+        token_ids=move(host.token_ids),
+        positions=move(host.positions),
+        attn=attn,
+        logits_indices=move(host.logits_indices),
+    )
