@@ -284,3 +284,24 @@ def test_reset_prefix_cache_only_when_idle() -> None:
     manager.free(request)
     assert manager.reset_prefix_cache() is True
     assert _hits(manager, FakeRequest("b", list(range(9)))) == []
+
+
+def test_preempted_request_resumes_from_its_cached_prompt_and_output() -> None:
+    manager = KVCacheManager(num_blocks=10, block_size=BLOCK_SIZE)
+    request = FakeRequest("a", list(range(7)))
+    assert admit(manager, request) == [1, 2]
+    finish_step(request, 7, sampled=70)
+    assert manager.allocate_slots(request, 1) == []
+    finish_step(request, 1, sampled=71)
+
+    # Recompute preemption: blocks freed, progress reset, 9 tokens now (7 prompt + 2 output).
+    manager.free(request)
+    request.num_computed_tokens = 0
+    assert manager.num_free_blocks == 9
+    computed, num_computed = manager.get_computed_blocks(request)
+    # Both full blocks hit, including the one completed by generated token 70; only the
+    # last token (71) is left to compute.
+    assert [b.block_id for b in computed] == [1, 2]
+    assert num_computed == 8
+    assert manager.allocate_slots(request, 1, computed, num_computed) == [3]
+    assert manager.get_block_ids("a") == [1, 2, 3]
