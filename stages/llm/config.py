@@ -14,6 +14,9 @@ class EngineConfig:
     model: str
     # Tokenizer folder or hub id; defaults to the model's own.
     tokenizer: str | None = None
+    # True runs without a tokenizer: prompts must be token ids and outputs carry no text
+    # (benchmarks of architectures whose checkpoints ship no tokenizer).
+    skip_tokenizer_init: bool = False
     dtype: str = "auto"
     # "auto" picks cuda when a GPU is visible, else cpu.
     device: str = "auto"

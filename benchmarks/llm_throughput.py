@@ -1,0 +1,284 @@
+"""LLM throughput and batch-1 decode: omni against transformers' generate and the workload floor.
+
+Run on a GPU:
+    python3 benchmarks/llm_throughput.py            # Qwen2.5-7B geometry, random bf16 weights
+
+Both engines serve the same random weights on the same GPU in one run. The workload's floor is
+prefill FLOPs over the measured bf16 matmul rate, plus, for each decode step, the larger of its
+FLOPs over that rate and its bytes (weights plus the KV it reads) over the measured
+device-to-device copy bandwidth. Batch-1 decode is compared with weight bytes over bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+QWEN25_7B = dict(
+    architectures=["Qwen2ForCausalLM"],
+    model_type="qwen2",
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    torch_dtype="bfloat16",
+)
+
+
+# ---- the two hardware ceilings ----------------------------------------------------------------
+
+
+def measure_matmul_tflops() -> float:
+    n = 8192
+    mats = [torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    for _ in range(3):
+        mats[0] @ mats[1]
+    times = []
+    for i in range(20):
+        a, b = mats[i % 2], mats[2 + i % 2]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e12
+
+
+def measure_copy_bandwidth() -> float:
+    """Bytes read plus bytes written per second for a 2 GiB device-to-device copy."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * n / times[len(times) // 2]
+
+
+# ---- the workload's floor -----------------------------------------------------------------------
+
+
+@dataclass
+class Geometry:
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def layer_linear_params(self) -> int:
+        kv = self.kv_heads * self.head_dim
+        return 2 * self.hidden * self.hidden + 2 * self.hidden * kv + 3 * self.hidden * self.inter
+
+    @property
+    def weight_bytes(self) -> int:
+        # Every parameter except the embedding table, of which a step reads only its rows.
+        return 2 * (self.layers * self.layer_linear_params + self.hidden * self.vocab)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+
+    def token_flops(self, context: int) -> float:
+        """Linear layers plus attention (QK and PV) for one token attending to `context`."""
+        return 2 * self.layers * self.layer_linear_params + 4 * self.layers * context * self.hidden
+
+
+def workload_floor(
+    g: Geometry, batch: int, prompt: int, output: int, flops_rate: float, bandwidth: float
+) -> float:
+    # Prefill: every prompt token, attending causally (mean context prompt / 2), plus the
+    # vocabulary projection of the last token.
+    prefill = batch * (prompt * g.token_flops(prompt // 2) + 2 * g.hidden * g.vocab)
+    seconds = prefill / flops_rate
+    for step in range(1, output):
+        context = prompt + step
+        flops = batch * (g.token_flops(context) + 2 * g.hidden * g.vocab)
+        bytes_moved = g.weight_bytes + batch * context * g.kv_bytes_per_token
+        seconds += max(flops / flops_rate, bytes_moved / bandwidth)
+    return seconds
+
+
+# ---- the two engines ----------------------------------------------------------------------------
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=gen).tolist()
+
+
+def run_transformers(model_dir: str, prompts: list[list[int]], output_len: int, batch: int,
+                     decode_tokens: int) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+
+    def generate(chunk: list[list[int]], new_tokens: int) -> None:
+        ids = torch.tensor(chunk, device="cuda")
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    generate(prompts[:2], 4)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        generate(prompts[i : i + batch], output_len)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    ms_per_token = batch1_decode_ms(lambda n: generate(prompts[:1], n), decode_tokens)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"tokens_per_s": len(prompts) * output_len / elapsed, "seconds": elapsed,
+            "batch1_ms": ms_per_token}
+
+
+def run_omni(model_dir: str, prompts: list[list[int]], output_len: int,
+             decode_tokens: int, max_num_seqs: int) -> dict[str, float]:
+    from omni import LLM, SamplingParams
+
+    llm = LLM(model_dir, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=2048,
+              max_num_seqs=max_num_seqs, max_num_batched_tokens=8192)
+
+    def params(n: int) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+    llm.generate(prompts[:2], params(4), use_tqdm=False)  # warm-up
+    # Fresh prompts: the warm-up must not turn the timed run into prefix-cache hits.
+    llm.engine.kv_cache.reset_prefix_cache()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.generate(prompts, params(output_len), use_tqdm=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+
+    def generate_one(n: int) -> None:
+        llm.engine.kv_cache.reset_prefix_cache()
+        llm.generate([prompts[0]], params(n), use_tqdm=False)
+
+    ms_per_token = batch1_decode_ms(generate_one, decode_tokens)
+    return {"tokens_per_s": len(prompts) * output_len / elapsed, "seconds": elapsed,
+            "batch1_ms": ms_per_token}
+
+
+def batch1_decode_ms(generate, decode_tokens: int) -> float:
+    """Time per decoded token at batch 1: the difference between generating decode_tokens + 1
+    and 1 token, so prefill and start-up cancel out."""
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(n)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(2)
+    one = min(timed(1) for _ in range(3))
+    many = min(timed(decode_tokens + 1) for _ in range(2))
+    return (many - one) / decode_tokens * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--hf-batch", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--layers", type=int, default=None, help="override layer count (smoke runs)")
+    parser.add_argument("--json", default=None, help="write the results here too")
+    args = parser.parse_args()
+
+    config = dict(QWEN25_7B)
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
+    g = Geometry(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
+                 config["num_attention_heads"], config["num_key_value_heads"],
+                 config["vocab_size"])
+
+    flops_rate = measure_matmul_tflops() * 1e12
+    bandwidth = measure_copy_bandwidth()
+    card = torch.cuda.get_device_name()
+    print(f"card: {card}; bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s; copy {bandwidth / 1e12:.2f} TB/s")
+
+    prompts = random_prompts(args.num_requests, args.prompt_len, g.vocab, seed=0)
+    floor_s = workload_floor(g, args.num_requests, args.prompt_len, args.output_len, flops_rate,
+                             bandwidth)
+    floor_tps = args.num_requests * args.output_len / floor_s
+    floor_b1_ms = g.weight_bytes / bandwidth * 1e3
+
+    with tempfile.TemporaryDirectory() as model_dir:
+        # One set of random weights, saved once, read by both engines.
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.for_model(**{k: v for k, v in config.items()
+                                            if k not in ("architectures",)})
+        hf_config.architectures = config["architectures"]
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+        model.save_pretrained(model_dir)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+        results: dict[str, dict[str, float]] = {}
+        if not args.skip_transformers:
+            results["transformers"] = run_transformers(model_dir, prompts, args.output_len,
+                                                       args.hf_batch, args.decode_tokens)
+            print("transformers:", results["transformers"], flush=True)
+        results["omni"] = run_omni(model_dir, prompts, args.output_len, args.decode_tokens,
+                                   max_num_seqs=args.num_requests)
+        print("omni:", results["omni"], flush=True)
+
+    print()
+    print(f"workload: {args.num_requests} requests x {args.prompt_len} prompt + {args.output_len} "
+          f"output tokens, {g.layers}-layer Qwen2.5-7B geometry, bf16, {card}")
+    print(f"{'engine':<14}{'out tok/s':>12}{'of floor':>10}{'b1 ms/tok':>12}{'x floor':>9}")
+    print(f"{'floor':<14}{floor_tps:>12.0f}{'100%':>10}{floor_b1_ms:>12.2f}{1.0:>9.2f}")
+    for name, r in results.items():
+        print(f"{name:<14}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / floor_tps:>10.0%}"
+              f"{r['batch1_ms']:>12.2f}{r['batch1_ms'] / floor_b1_ms:>9.2f}")
+    if "transformers" in results:
+        ratio = results["omni"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+        print(f"omni / transformers throughput: {ratio:.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "floor_tps": floor_tps, "floor_b1_ms": floor_b1_ms,
+                       "tflops": flops_rate / 1e12, "tbps": bandwidth / 1e12, **results}, f)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
