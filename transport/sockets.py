@@ -1,0 +1,198 @@
+"""ZeroMQ sockets for the stage protocol: one ROUTER in the orchestrator, a DEALER per replica.
+
+Every socket gets a maximum inbound message size (a larger message disconnects the peer instead
+of being buffered) and high-water marks, so a slow peer pushes back on its sender rather than
+growing memory without bound. `ipc://` and `tcp://` go through the same code; tcp is opt-in for
+binding, binds exactly the host given (never a wildcard), and is encrypted and authenticated
+with CURVE when keys are configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+logger = logging.getLogger(__name__)
+
+_Z85_KEY = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+
+
+@dataclass(frozen=True)
+class SocketOptions:
+    """Limits applied to every socket of the stage protocol."""
+
+    # One 18 MB embedding page is the typical large message; 2 GiB bounds a corrupt length.
+    max_message_bytes: int = 2 * 1024**3
+    # Messages queued per peer before sends push back (EAGAIN) instead of buffering more.
+    send_hwm: int = 1000
+    recv_hwm: int = 1000
+    # How long close() may wait to flush queued messages (a GOODBYE, say) before dropping them.
+    linger_ms: int = 500
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes is {self.max_message_bytes}; the minimum is 1024")
+        for name in ("send_hwm", "recv_hwm"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} is {getattr(self, name)}; it must be >= 1")
+        if self.linger_ms < 0:
+            raise ValueError(f"linger_ms is {self.linger_ms}; it must be >= 0")
+
+
+def _check_key(name: str, key: str) -> None:
+    if not _Z85_KEY.match(key):
+        raise ValueError(f"{name} must be a 40-character Z85 CURVE key")
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """CURVE keys (Z85 text) for one side of a connection.
+
+    The orchestrator (server) sets its own `public_key`/`secret_key` and, to admit only known
+    stages, `authorized_clients`; with none listed, any peer that knows the server's public key
+    may connect. A stage (client) sets its own keypair and `server_key`.
+    """
+
+    public_key: str
+    secret_key: str
+    server_key: str = ""
+    authorized_clients: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_key("public_key", self.public_key)
+        _check_key("secret_key", self.secret_key)
+        if self.server_key:
+            _check_key("server_key", self.server_key)
+        for key in self.authorized_clients:
+            _check_key("an authorized client key", key)
+
+
+def generate_curve_keypair() -> tuple[str, str]:
+    """A fresh (public, secret) CURVE keypair as Z85 text."""
+    public, secret = zmq.curve_keypair()
+    return public.decode("ascii"), secret.decode("ascii")
+
+
+def load_curve_keypair(path: str | Path) -> tuple[str, str]:
+    """(public, secret) from a ZeroMQ certificate file (see zmq.auth.create_certificates)."""
+    public, secret = zmq.auth.load_certificate(str(path))
+    if secret is None:
+        raise ValueError(f"{path} holds no secret key; pass the .key_secret certificate")
+    return public.decode("ascii"), secret.decode("ascii")
+
+
+def check_endpoint(endpoint: str, *, binding: bool, allow_tcp: bool = False) -> str:
+    """Validate a ZeroMQ endpoint; tcp binding must be allowed and name a concrete host."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or not rest:
+        raise ValueError(f"endpoint {endpoint!r} must look like ipc://PATH or tcp://HOST:PORT")
+    if scheme in ("ipc", "inproc"):
+        return endpoint
+    if scheme != "tcp":
+        raise ValueError(f"endpoint {endpoint!r}: scheme must be ipc, inproc or tcp")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host or not (port.isdigit() or port == "*"):
+        raise ValueError(f"endpoint {endpoint!r} must be tcp://HOST:PORT")
+    if binding:
+        if not allow_tcp:
+            raise ValueError(f"binding {endpoint} needs tcp enabled (allow_tcp / --allow-tcp)")
+        if host in ("*", ""):
+            raise ValueError(f"endpoint {endpoint!r}: name the interface to bind, not a wildcard")
+    return endpoint
+
+
+class _AllowListedClients:
+    """ZAP credentials provider: admits exactly the listed client public keys."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self._keys = frozenset(key.encode("ascii") for key in keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = key in self._keys
+        if not allowed:
+            logger.warning(
+                "rejected a CURVE client with unknown key %s", key.decode("ascii", "replace")
+            )
+        return allowed
+
+
+def _apply_limits(sock: zmq.Socket, options: SocketOptions) -> None:
+    sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes)
+    sock.setsockopt(zmq.SNDHWM, options.send_hwm)
+    sock.setsockopt(zmq.RCVHWM, options.recv_hwm)
+    sock.setsockopt(zmq.LINGER, options.linger_ms)
+
+
+class BoundRouter:
+    """The orchestrator's ROUTER socket plus the ZAP authenticator guarding it, if any."""
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        endpoint: str,
+        options: SocketOptions | None = None,
+        curve: CurveKeys | None = None,
+        allow_tcp: bool = False,
+    ) -> None:
+        check_endpoint(endpoint, binding=True, allow_tcp=allow_tcp)
+        options = options or SocketOptions()
+        self.authenticator: ThreadAuthenticator | None = None
+        if curve is not None and curve.authorized_clients:
+            # The authenticator must be running before the socket binds, or early handshakes
+            # would be decided without it.
+            self.authenticator = ThreadAuthenticator(context)
+            self.authenticator.start()
+            self.authenticator.configure_curve_callback(
+                domain="*", credentials_provider=_AllowListedClients(curve.authorized_clients)
+            )
+        elif endpoint.startswith("tcp://") and curve is None:
+            logger.warning(
+                "%s is not encrypted: configure CURVE keys for untrusted networks", endpoint
+            )
+        self.socket: zmq.Socket = context.socket(zmq.ROUTER)
+        _apply_limits(self.socket, options)
+        # Sending to a peer that has gone raises instead of silently dropping the message, so
+        # the request it carried fails at once.
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if curve is not None:
+            self.socket.setsockopt(zmq.CURVE_SERVER, 1)
+            self.socket.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key.encode("ascii"))
+            self.socket.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key.encode("ascii"))
+        self.socket.bind(endpoint)
+        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def close(self) -> None:
+        self.socket.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
+
+
+def connect_dealer(
+    context: zmq.Context,
+    endpoint: str,
+    options: SocketOptions | None = None,
+    curve: CurveKeys | None = None,
+) -> zmq.Socket:
+    """A replica's DEALER connected to the orchestrator."""
+    check_endpoint(endpoint, binding=False)
+    options = options or SocketOptions()
+    sock = context.socket(zmq.DEALER)
+    _apply_limits(sock, options)
+    # Queue only on completed connections: while the orchestrator is away, sends fail fast
+    # (EAGAIN) and the replica re-sends HELLO later instead of piling up stale messages.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    if curve is not None:
+        if not curve.server_key:
+            raise ValueError("a CURVE client needs the server's public key (server_key)")
+        sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key.encode("ascii"))
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key.encode("ascii"))
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key.encode("ascii"))
+    sock.connect(endpoint)
+    return sock
