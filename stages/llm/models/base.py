@@ -1,0 +1,341 @@
+"""The decoder-only transformer that Llama, Qwen2 and Qwen3 share, with paged attention.
+
+The three families differ only in a few switches (biases, per-head q/k norms), collected in
+`DecoderArch`; each family's module picks its switches from the Hugging Face config. Parameter
+names mirror transformers' (`model.layers.0.self_attn...`) except for the two fused
+projections, `qkv_proj` (q, k and v stacked along the output dim) and `gate_up_proj`, so
+checkpoint tensors map onto parameters by name with a slice for the fused ones.
+
+Forward runs one flattened batch ([T] tokens of many requests, see `AttentionMetadata`); there
+is no batch dimension and no padding inside the model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omni.stages.llm.attention import AttentionMetadata, attend
+from omni.stages.llm.models.layers import (
+    Embedding,
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+)
+from torch import nn
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What the runner needs to size one `[2, blocks, block_size, kv_heads, head_dim]` cache
+    tensor per layer."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"KVCacheSpec.{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    """The switches that tell the supported families apart."""
+
+    qkv_bias: bool  # Qwen2 always; Llama/Qwen3 when config.attention_bias
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm over head_dim on every q and k head, before rotary
+
+
+# Checkpoint projections that live inside one fused parameter: (fused, checkpoint part, shard).
+STACKED_PARAMS: tuple[tuple[str, str, str], ...] = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", "gate"),
+    ("gate_up_proj", "up_proj", "up"),
+)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes read once from the Hugging Face config (with transformers' fallbacks)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    tie_word_embeddings: bool
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_attention_heads {self.num_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_kv_heads}"
+            )
+
+    @classmethod
+    def from_config(cls, config: Any) -> Geometry:
+        num_heads = int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        return cls(
+            vocab_size=int(config.vocab_size),
+            hidden_size=int(config.hidden_size),
+            intermediate_size=int(config.intermediate_size),
+            num_layers=int(config.num_hidden_layers),
+            num_heads=num_heads,
+            num_kv_heads=int(num_kv_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(config.rms_norm_eps),
+            hidden_act=str(config.hidden_act),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Any, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads = geo.num_heads
+        self.num_kv_heads = geo.num_kv_heads
+        self.head_dim = geo.head_dim
+        self.q_size = geo.num_heads * geo.head_dim
+        self.kv_size = geo.num_kv_heads * geo.head_dim
+        self.scale = geo.head_dim**-0.5
+        self.qkv_proj = Linear(
+            geo.hidden_size, self.q_size + 2 * self.kv_size, arch.qkv_bias, dtype
+        )
+        self.o_proj = Linear(self.q_size, geo.hidden_size, arch.o_bias, dtype)
+        self.q_norm = RMSNorm(geo.head_dim, geo.rms_norm_eps, dtype) if arch.qk_norm else None
+        self.k_norm = RMSNorm(geo.head_dim, geo.rms_norm_eps, dtype) if arch.qk_norm else None
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: str,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attend(q, k, v, kv_cache, meta, self.scale, backend)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Any, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(geo.hidden_size, geo.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, geo, arch, dtype)
+        self.post_attention_layernorm = RMSNorm(geo.hidden_size, geo.rms_norm_eps, dtype)
+        self.mlp = GatedMLP(
+            geo.hidden_size, geo.intermediate_size, arch.mlp_bias, geo.hidden_act, dtype
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: str,
+    ) -> torch.Tensor:
+        # Plain pre-norm residuals in the model dtype, as transformers does them (a fused
+        # add+norm with a float32 residual would drift from the reference in bf16).
+        hidden = hidden + self.self_attn(
+            self.input_layernorm(hidden), rotary, kv_cache, meta, backend
+        )
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, layers and the final norm: `model.*` in checkpoint names."""
+
+    def __init__(self, config: Any, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(geo.vocab_size, geo.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, geo, arch, dtype) for _ in range(geo.num_layers)
+        )
+        self.norm = RMSNorm(geo.hidden_size, geo.rms_norm_eps, dtype)
+        self.rotary_emb = RotaryEmbedding(config, geo.head_dim)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model over a paged KV cache.
+
+    Subclasses choose their `DecoderArch` from the config; everything else is shared.
+    """
+
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        check_full_attention(config)
+        self.config = config
+        self.dtype = dtype
+        self.geometry = Geometry.from_config(config)
+        self.model = DecoderModel(config, self.geometry, self.decoder_arch(config), dtype)
+        # Tied models read logits straight off the embedding table: one parameter, so a
+        # checkpoint's redundant lm_head.weight (if any) is simply ignored.
+        self.lm_head = (
+            None
+            if self.geometry.tie_word_embeddings
+            else Linear(self.geometry.hidden_size, self.geometry.vocab_size, False, dtype)
+        )
+
+    @classmethod
+    def decoder_arch(cls, config: Any) -> DecoderArch:
+        raise NotImplementedError
+
+    # ---- cache geometry --------------------------------------------------------------------
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        geo = self.geometry
+        return KVCacheSpec(geo.num_layers, geo.num_kv_heads, geo.head_dim)
+
+    @property
+    def num_layers(self) -> int:
+        return self.geometry.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.geometry.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.geometry.head_dim
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, hidden]; multi-modal callers splice encoder outputs into them
+        and pass the result as `inputs_embeds`."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_meta: AttentionMetadata,
+        attn_backend: str,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [T, hidden] for the flattened batch; writes every new
+        token's K/V into `kv_caches` (one tensor per layer) at `attn_meta.slot_mapping`."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if len(kv_caches) != self.geometry.num_layers:
+            raise ValueError(
+                f"got {len(kv_caches)} KV cache tensors; the model has "
+                f"{self.geometry.num_layers} layers"
+            )
+        if inputs_embeds is not None:
+            hidden = inputs_embeds.to(self.dtype)
+        else:
+            assert input_ids is not None
+            hidden = self.embed_tokens(input_ids)
+        rotary = self.model.rotary_emb(positions, hidden.dtype)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            hidden = layer(hidden, rotary, kv_cache, attn_meta, attn_backend)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] in float32 (the matmul itself runs in the model dtype, like
+        transformers, and is upcast for the sampler)."""
+        weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
+        return torch.nn.functional.linear(hidden_states, weight).float()
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (Hugging Face names) into the parameters, casting to the
+        model's dtype and device. Returns the names of the parameters that were fully loaded
+        (a fused parameter counts once all its parts arrived). Tensors the model has no
+        parameter for (rotary `inv_freq`, a tied `lm_head.weight`) are ignored."""
+        params = dict(self.named_parameters())
+        shards_seen: dict[str, set[str]] = defaultdict(set)
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            for fused, part, shard in STACKED_PARAMS:
+                if f".{part}." not in name:
+                    continue
+                param_name = name.replace(f".{part}.", f".{fused}.")
+                param = params.get(param_name)
+                if param is not None:
+                    start, size = self._shard_range(fused, shard)
+                    _copy_checked(param.data.narrow(0, start, size), tensor, name)
+                    shards_seen[param_name].add(shard)
+                break
+            else:
+                param = params.get(name)
+                if param is not None:
+                    _copy_checked(param.data, tensor, name)
+                    loaded.add(name)
+        for param_name, shards in shards_seen.items():
+            if len(shards) == len(self.checkpoint_names(param_name)):
+                loaded.add(param_name)
+        return loaded
+
+    def checkpoint_names(self, param_name: str) -> list[str]:
+        """The checkpoint tensor names that fill `param_name` (several for a fused one)."""
+        for fused in {fused for fused, _, _ in STACKED_PARAMS}:
+            if f".{fused}." in param_name:
+                return [
+                    param_name.replace(f".{fused}.", f".{part}.")
+                    for f, part, _ in STACKED_PARAMS
+                    if f == fused
+                ]
+        return [param_name]
+
+    def _shard_range(self, fused: str, shard: str) -> tuple[int, int]:
+        """(start, size) of a checkpoint projection along its fused parameter's output dim."""
+        geo = self.geometry
+        if fused == "gate_up_proj":
+            return (0 if shard == "gate" else geo.intermediate_size), geo.intermediate_size
+        q_size, kv_size = geo.num_heads * geo.head_dim, geo.num_kv_heads * geo.head_dim
+        starts = {"q": 0, "k": q_size, "v": q_size + kv_size}
+        return starts[shard], q_size if shard == "q" else kv_size
+
+
+def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(
+            f"checkpoint tensor {name} has shape {tuple(tensor.shape)}; "
+            f"the model expects {tuple(target.shape)}"
+        )
+    target.copy_(tensor)
+
+
+def check_full_attention(config: Any) -> None:
+    """Reject sliding-window layers: the paged attention backends attend to whole contexts,
+    so such a model would silently compute something else past the window."""
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    if sliding:
+        raise ValueError(
+            f"layers {sliding[:8]} use {layer_types[sliding[0]]!r}; only full attention is "
+            "supported (set use_sliding_window=false)"
+        )

@@ -1,0 +1,126 @@
+"""Tiny random-weight checkpoints (Llama, Qwen2, Qwen3) with a real tokenizer, built offline.
+
+`make_tiny_checkpoint("qwen2", tmp_path)` writes config.json, safetensors and a byte-level BPE
+tokenizer (trained here with the `tokenizers` library, with a ChatML chat template) into a
+folder that both transformers and omni's loader read. Everything is seeded: the same call
+gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# A fixed corpus so the trained merges (and thus token ids) never change.
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "A paged attention kernel reads keys and values from fixed-size blocks.",
+    "Encoders turn images and audio into embeddings; the language model reads them.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { }",
+    "Hello, world! How are you today? I am fine, thank you.",
+] * 4
+TOKENIZER_VOCAB_SIZE = 384
+
+
+def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Any:
+    """A byte-level BPE fast tokenizer with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
+    """A 2-layer, hidden-64, GQA (4 query / 2 KV heads) config of the given family."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    config: Any
+    if arch == "llama":
+        config = LlamaConfig(**{**common, **overrides})
+    elif arch == "qwen2":
+        config = Qwen2Config(**{**common, **overrides})
+    elif arch == "qwen3":
+        # An explicit head_dim that differs from hidden / heads (16), as real Qwen3 has.
+        config = Qwen3Config(**{**common, "head_dim": 32, **overrides})
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
+    return config
+
+
+def make_tiny_checkpoint(
+    arch: str,
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """Write a tiny random `arch` checkpoint plus tokenizer into `path`; returns the folder.
+
+    Every parameter is random, norms and biases included (transformers would start those at
+    1 and 0, which would hide a mis-mapped norm or bias).
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = tiny_config(arch, len(tokenizer), **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("embed_tokens.weight"):
+                param.copy_(noise)
+            else:
+                param.copy_(0.08 * noise)
+    model = model.to(dtype)
+    kwargs: dict[str, Any] = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(folder, **kwargs)
+    tokenizer.save_pretrained(folder)
+    return folder
