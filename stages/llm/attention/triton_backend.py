@@ -82,16 +82,17 @@ def choose_launch_config(
     q_per_kv = num_heads // num_kv_heads
     group_rows = triton.next_power_of_2(q_per_kv)
     if max_query_len <= 1:
+        # Measured on an H100 (batch 256, context 640): 64-position tiles, 4 warps, 2 stages.
         block_m = max(MIN_DOT_DIM, group_rows)
-        tile, num_warps, num_stages = 64, 4, 3
+        tile, num_warps, num_stages = 64, 4, 2
     else:
         # Prefill: enough query rows for a tensor-core sized tile, but no more than the
         # longest chunk needs (a chunk of 3 tokens should not pay for 128 rows).
+        # 64 rows with 32-position tiles measured best on an H100 for 256 x 512-token
+        # prompts at Qwen2.5-7B geometry (2.6 ms vs 3.4 ms for 128 x 64, 8 warps).
         wanted_rows = triton.next_power_of_2(max_query_len * q_per_kv)
-        block_m = min(max(MIN_DOT_DIM, group_rows, wanted_rows), max(128, group_rows))
-        tile = 64
-        num_warps = 8 if block_m >= 128 else 4
-        num_stages = 2
+        block_m = min(max(MIN_DOT_DIM, group_rows, wanted_rows), max(64, group_rows))
+        tile, num_warps, num_stages = 32, 4, 2
     block_q = max(1, block_m // q_per_kv)
 
     num_splits = 1
