@@ -4,14 +4,21 @@
 tokenizer (trained here with the `tokenizers` library, with a ChatML chat template) into a
 folder that both transformers and omni's loader read. Everything is seeded: the same call
 gives the same bytes.
+
+`PagedRequest`, `build_meta`, `new_caches` and `greedy_native` drive a native model over a
+paged KV cache by hand, the way the model runner does, for tests that compare against
+transformers.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omni.stages.llm.attention import AttentionMetadata
+from omni.stages.llm.models import CausalLM
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -30,6 +37,9 @@ _CORPUS = [
     "Hello, world! How are you today? I am fine, thank you.",
 ] * 4
 TOKENIZER_VOCAB_SIZE = 384
+# Paged-cache geometry for driving a native model by hand (small blocks: prompts span several).
+BLOCK_SIZE = 4
+NUM_BLOCKS = 16
 
 
 def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Any:
@@ -124,3 +134,64 @@ def make_tiny_checkpoint(
     model.save_pretrained(folder, **kwargs)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# ---- driving a native model over a paged cache, as the runner would -----------------------
+
+
+@dataclass
+class PagedRequest:
+    """One request's view of the paged cache: its block ids and how many tokens it holds."""
+
+    block_ids: list[int]
+    num_cached: int = 0
+
+
+def build_meta(requests: list[PagedRequest], query_lens: list[int]) -> AttentionMetadata:
+    """Metadata for a step in which request i adds query_lens[i] tokens after its cached ones."""
+    starts, seq_lens, slots = [0], [], []
+    for req, q_len in zip(requests, query_lens, strict=True):
+        starts.append(starts[-1] + q_len)
+        seq_lens.append(req.num_cached + q_len)
+        for pos in range(req.num_cached, req.num_cached + q_len):
+            slots.append(req.block_ids[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
+        req.num_cached += q_len
+    width = max(len(r.block_ids) for r in requests)
+    tables = [r.block_ids + [0] * (width - len(r.block_ids)) for r in requests]
+    return AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor(tables, dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        is_decode_only=all(q == 1 for q in query_lens),
+    )
+
+
+def new_caches(model: CausalLM, num_blocks: int = NUM_BLOCKS) -> list[torch.Tensor]:
+    spec = model.kv_cache_spec
+    shape = (2, num_blocks, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
+    return [torch.zeros(shape, dtype=model.dtype) for _ in range(spec.num_layers)]
+
+
+def greedy_native(
+    model: CausalLM, prompt_ids: list[int], max_new_tokens: int, backend: str = "torch"
+) -> list[int]:
+    """Greedy continuation with a native model: one prefill step, then one-token decode steps
+    over a paged cache whose blocks are deliberately not in order."""
+    total = len(prompt_ids) + max_new_tokens
+    num_blocks = -(-total // BLOCK_SIZE)
+    request = PagedRequest(block_ids=list(range(num_blocks, 0, -1)))
+    caches = new_caches(model, num_blocks + 1)
+    step_ids, start, out = list(prompt_ids), 0, []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            meta = build_meta([request], [len(step_ids)])
+            positions = torch.arange(start, start + len(step_ids))
+            hidden = model(torch.tensor(step_ids), positions, caches, meta, backend)
+            token = int(model.compute_logits(hidden[-1:])[0].argmax())
+            out.append(token)
+            start += len(step_ids)
+            step_ids = [token]
+    return out

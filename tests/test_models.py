@@ -8,21 +8,18 @@ the real `torch` backend end to end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import omni.stages.llm.models.base as model_base
 import pytest
 import torch
-from fixtures_models import make_tiny_checkpoint
+from fixtures_models import BLOCK_SIZE, PagedRequest, build_meta, make_tiny_checkpoint, new_caches
 from omni.stages.llm.attention import AttentionMetadata
 from omni.stages.llm.models import get_model_class, load_model, supported_architectures
 from omni.stages.llm.models.layers import compute_inv_freq
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-BLOCK_SIZE = 4
-NUM_BLOCKS = 16
 PROMPT = "The capital of France is Paris. The quick brown fox"
 
 
@@ -60,42 +57,6 @@ def reference_attend(
         probs = scores.softmax(-1)
         out[start:end] = torch.einsum("hqs,shd->qhd", probs, values.float()).to(query.dtype)
     return out
-
-
-@dataclass
-class PagedRequest:
-    """One request's view of the paged cache: its block ids and how many tokens it holds."""
-
-    block_ids: list[int]
-    num_cached: int = 0
-
-
-def build_meta(requests: list[PagedRequest], query_lens: list[int]) -> AttentionMetadata:
-    """Metadata for a step in which request i adds query_lens[i] tokens after its cached ones."""
-    starts, seq_lens, slots = [0], [], []
-    for req, q_len in zip(requests, query_lens, strict=True):
-        starts.append(starts[-1] + q_len)
-        seq_lens.append(req.num_cached + q_len)
-        for pos in range(req.num_cached, req.num_cached + q_len):
-            slots.append(req.block_ids[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
-        req.num_cached += q_len
-    width = max(len(r.block_ids) for r in requests)
-    tables = [r.block_ids + [0] * (width - len(r.block_ids)) for r in requests]
-    return AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor(tables, dtype=torch.int32),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        is_decode_only=all(q == 1 for q in query_lens),
-    )
-
-
-def new_caches(model: model_base.CausalLM) -> list[torch.Tensor]:
-    spec = model.kv_cache_spec
-    shape = (2, NUM_BLOCKS, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
-    return [torch.zeros(shape, dtype=model.dtype) for _ in range(spec.num_layers)]
 
 
 @pytest.fixture
