@@ -180,7 +180,9 @@ def test_logprobs_are_raw_log_softmax_at_chosen_ids() -> None:
                    output_token_ids=[[], [1, 2], [], [3, 3], [7]],
                    prompt_token_ids=[[1], [2], [3], [4], [5, 6]])
     torch.manual_seed(0)
+    before = logits.clone()
     out = Sampler()(logits, batch)
+    assert torch.equal(logits, before)  # the caller's logits are never modified
     raw = logits.float().log_softmax(dim=-1)
     assert out.logprobs is not None and out.logprobs.dtype == torch.float32
     expected = raw.gather(1, out.token_ids[:, None]).squeeze(1)
