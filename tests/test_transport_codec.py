@@ -13,6 +13,7 @@ from omni.transport.messages import (
     Goodbye,
     Heartbeat,
     Hello,
+    HelloRequired,
     Shutdown,
     StageError,
     StageReply,
@@ -70,6 +71,7 @@ PLAIN_MESSAGES = [
         replica_id="vision-0", heartbeat_interval_s=0.5, heartbeat_timeout_s=2.0, shared_memory=True
     ),
     Heartbeat(replica_id="vision-0", load=3),
+    HelloRequired(reason="unknown replica"),
     StageRequest(
         request_id="r", shm_inputs={"page": HANDLE}, params={"n": 3, "s": "x", "l": [1.5, None]}
     ),

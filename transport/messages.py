@@ -5,6 +5,7 @@ Conversation of one replica (a DEALER) with the orchestrator (the ROUTER):
     replica -> HELLO                 who it is: role, model, capacity, device, host
     orchestrator -> WELCOME          accepted; heartbeat timing; may it use shared memory
     replica -> HEARTBEAT (periodic)  still alive, current load; answered by a HEARTBEAT
+    orchestrator -> HELLO_REQUIRED   (to an unknown peer) say HELLO again
     orchestrator -> REQUEST          work for the stage
     replica -> REPLY ... (finished)  streamed results; the last one has finished=True
     replica -> ERROR                 the request failed (or a frame could not be decoded)
@@ -52,6 +53,12 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     load: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
+class HelloRequired(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The orchestrator does not know this peer (it restarted, or declared the replica dead)."""
+
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+
+
 class StageRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     request_id: RequestId
     inputs: dict[str, torch.Tensor] = {}
@@ -92,6 +99,7 @@ MESSAGE_KINDS: dict[int, type[msgspec.Struct]] = {
     0x01: Hello,
     0x02: Welcome,
     0x03: Heartbeat,
+    0x04: HelloRequired,
     0x10: StageRequest,
     0x11: StageReply,
     0x12: StageError,
@@ -104,6 +112,7 @@ StageMessage = (
     Hello
     | Welcome
     | Heartbeat
+    | HelloRequired
     | StageRequest
     | StageReply
     | StageError

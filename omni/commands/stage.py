@@ -1,0 +1,102 @@
+"""`omni stage ROLE --connect ADDR`: run one stage replica that joins a running server."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from typing import Any
+
+from omni.stages.runtime.config import StageConfig
+from omni.stages.runtime.process import run_stage_process
+from omni.stages.runtime.worker import WorkerOptions, create_worker
+from omni.transport.shm import DEFAULT_PREFIX
+from omni.transport.sockets import CurveKeys, SocketOptions, load_curve_keypair
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "stage",
+        help="run one stage replica that joins a running server",
+        description="Run one stage replica (encoder, LLM core, generator) and join the server "
+        "at --connect; the server routes to it after its HELLO and stops when it leaves.",
+    )
+    parser.add_argument("role", help="stage role, for example vision, audio, llm, image, speech")
+    parser.add_argument(
+        "--connect", required=True, help="server endpoint: ipc://PATH or tcp://HOST:PORT"
+    )
+    parser.add_argument("--model", default="", help="model path or name the stage serves")
+    parser.add_argument("--device", default="cpu", help="device, for example cpu or cuda:1")
+    parser.add_argument("--capacity", type=int, default=8, help="requests served at once")
+    parser.add_argument("--replica-id", default="", help="stable name of this replica")
+    parser.add_argument(
+        "--heartbeat-interval", type=float, default=1.0, help="seconds until WELCOME"
+    )
+    parser.add_argument(
+        "--server-timeout", type=float, default=10.0, help="re-HELLO after this silence"
+    )
+    parser.add_argument("--shm-threshold-bytes", type=int, default=1024 * 1024)
+    parser.add_argument("--shm-prefix", default=DEFAULT_PREFIX)
+    parser.add_argument("--max-message-bytes", type=int, default=SocketOptions.max_message_bytes)
+    parser.add_argument(
+        "--worker-module",
+        action="append",
+        default=[],
+        help="module to import that registers the worker",
+    )
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="worker option"
+    )
+    parser.add_argument("--curve-server-key", default="", help="server's public CURVE key (Z85)")
+    parser.add_argument(
+        "--curve-keys-file", default="", help="this stage's secret CURVE certificate file"
+    )
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="INFO")
+    parser.set_defaults(func=run)
+
+
+def _options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {pair!r} must be KEY=VALUE")
+        options[key] = value
+    return options
+
+
+def _curve(args: argparse.Namespace) -> CurveKeys | None:
+    if not args.curve_server_key and not args.curve_keys_file:
+        return None
+    if not (args.curve_server_key and args.curve_keys_file):
+        raise ValueError("CURVE needs both --curve-server-key and --curve-keys-file")
+    public, secret = load_curve_keypair(args.curve_keys_file)
+    return CurveKeys(public_key=public, secret_key=secret, server_key=args.curve_server_key)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for module in args.worker_module:
+        importlib.import_module(module)
+    config = StageConfig(
+        role=args.role,
+        connect=args.connect,
+        model=args.model,
+        device=args.device,
+        capacity=args.capacity,
+        replica_id=args.replica_id,
+        heartbeat_interval_s=args.heartbeat_interval,
+        server_timeout_s=max(args.server_timeout, 2 * args.heartbeat_interval),
+        shm_threshold_bytes=args.shm_threshold_bytes,
+        shm_prefix=args.shm_prefix,
+        sockets=SocketOptions(max_message_bytes=args.max_message_bytes),
+        curve=_curve(args),
+        parent_pid=args.parent_pid,
+    )
+    worker = create_worker(
+        args.role, WorkerOptions(model=args.model, device=args.device, extra=_options(args.option))
+    )
+    return run_stage_process(config, worker)

@@ -1,0 +1,154 @@
+"""Replies of one stage request, delivered from the router's I/O thread to the caller.
+
+`ReplyStream` is iterated from ordinary threads, `AsyncReplyStream` from asyncio code; both end
+after the reply marked `finished`, or raise a `StageFailure` that says what went wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from omni.transport.shm import SharedTensorHandle
+
+
+class StageFailure(RuntimeError):
+    """A stage request did not complete."""
+
+
+class ReplicaLostError(StageFailure):
+    """The replica serving the request died, went silent or left."""
+
+
+class NoReplicaError(StageFailure):
+    """No live replica of the role took the request in time (or the queue was full)."""
+
+
+class StageRequestError(StageFailure):
+    """The stage ran the request and reported an error."""
+
+
+class RequestAbortedError(StageFailure):
+    """The request was aborted by its caller."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply: tensors (shared-memory ones already mapped), plain data, and whether it ends."""
+
+    request_id: str
+    replica_id: str
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    data: Mapping[str, Any] = field(default_factory=dict)
+    finished: bool = False
+    # The shared-memory handles behind some of `tensors`, for forwarding to another stage.
+    handles: Mapping[str, SharedTensorHandle] = field(default_factory=dict)
+
+
+Item = Reply | StageFailure
+
+
+class _StreamBase:
+    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self._abort = abort
+        self.done = False
+
+    def abort(self) -> None:
+        """Stop the request; the stage is told and its shared memory released."""
+        if not self.done:
+            self.done = True
+            self._abort(self.request_id)
+
+    def _after(self, item: Item) -> Reply:
+        if isinstance(item, StageFailure):
+            self.done = True
+            raise item
+        if item.finished:
+            self.done = True
+        return item
+
+    def deliver(self, item: Item) -> None:  # called from the router's I/O thread
+        raise NotImplementedError
+
+
+class ReplyStream(_StreamBase):
+    """Blocking iterator over the replies of one request."""
+
+    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+        super().__init__(request_id, abort)
+        self._queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
+
+    def deliver(self, item: Item) -> None:
+        self._queue.put(item)
+
+    def next(self, timeout: float | None = None) -> Reply:
+        """The next reply; TimeoutError after `timeout` seconds; StopIteration once finished."""
+        if self.done:
+            raise StopIteration
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(
+                f"no reply for request {self.request_id} within {timeout} s"
+            ) from None
+        return self._after(item)
+
+    def __iter__(self) -> Iterator[Reply]:
+        return self
+
+    def __next__(self) -> Reply:
+        return self.next()
+
+    def result(self, timeout: float | None = None) -> list[Reply]:
+        """Every reply up to the finished one, waiting at most `timeout` seconds in all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies = []
+        while not self.done:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            replies.append(self.next(left))
+        return replies
+
+
+class AsyncReplyStream(_StreamBase):
+    """Async iterator over the replies of one request; create it inside the event loop."""
+
+    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+        super().__init__(request_id, abort)
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+
+    def deliver(self, item: Item) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def next(self, timeout: float | None = None) -> Reply:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"no reply for request {self.request_id} within {timeout} s"
+            ) from None
+        return self._after(item)
+
+    def __aiter__(self) -> AsyncIterator[Reply]:
+        return self
+
+    async def __anext__(self) -> Reply:
+        return await self.next()
+
+    async def result(self, timeout: float | None = None) -> list[Reply]:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        replies = []
+        while not self.done:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            replies.append(await self.next(left))
+        return replies

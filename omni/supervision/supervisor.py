@@ -1,0 +1,257 @@
+"""Stage processes started, watched and restarted by the API process.
+
+`StageSupervisor` runs each replica as `python -m omni.cli stage ROLE --connect ENDPOINT ...`.
+A monitor thread notices a replica's exit within `poll_interval_s`; the router notices one that
+is alive but silent (missed heartbeats) and the supervisor kills it. Either way the replica's
+in-flight requests fail at once with a clear error, what it left in /dev/shm is swept, the
+event is counted and logged, and the replica is started again (with a restart budget, so a
+stage that cannot start does not spin forever).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from omni.supervision.replicas import ReplicaInfo
+from omni.supervision.router import StageRouter
+from omni.transport.shm import sweep_dead_owners, sweep_owner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How many replicas of one role to run, and where."""
+
+    role: str
+    replicas: int = 1
+    # Replica i runs on devices[i % len(devices)].
+    devices: tuple[str, ...] = ("cpu",)
+    model: str = ""
+    capacity: int = 8
+    # Modules to import in the stage process so that its worker is registered.
+    worker_modules: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.role:
+            raise ValueError("a stage spec needs a role")
+        if self.replicas < 1:
+            raise ValueError(f"stage {self.role!r}: replicas is {self.replicas}; it must be >= 1")
+        if not self.devices:
+            raise ValueError(f"stage {self.role!r}: name at least one device")
+        if self.capacity < 1:
+            raise ValueError(f"stage {self.role!r}: capacity is {self.capacity}; it must be >= 1")
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    restart: bool = True
+    # A replica that dies more than max_restarts times within restart_window_s stays down.
+    max_restarts: int = 5
+    restart_window_s: float = 300.0
+    restart_delay_s: float = 0.2
+    poll_interval_s: float = 0.05
+    # SIGTERM first; SIGKILL whatever has not exited this long after.
+    stop_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts is {self.max_restarts}; it must be >= 0")
+        for name in ("restart_window_s", "poll_interval_s", "stop_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} is {getattr(self, name)}; it must be > 0")
+        if self.restart_delay_s < 0:
+            raise ValueError(f"restart_delay_s is {self.restart_delay_s}; it must be >= 0")
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """One death of a supervised replica."""
+
+    replica_id: str
+    pid: int
+    reason: str
+    restarted: bool
+
+
+@dataclass(eq=False)
+class _Child:
+    replica_id: str
+    spec: StageSpec
+    device: str
+    process: subprocess.Popen[bytes] | None = None
+    start_at: float = 0.0
+    deaths: deque[float] = field(default_factory=deque)
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+class StageSupervisor:
+    """Runs stage replicas as child processes of this one; see the module docstring."""
+
+    def __init__(
+        self,
+        router: StageRouter,
+        specs: list[StageSpec],
+        config: SupervisorConfig | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.router = router
+        self.config = config or SupervisorConfig()
+        self.events: list[StageEvent] = []
+        self._env = dict(env) if env is not None else None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._children: dict[str, _Child] = {}
+        for spec in specs:
+            for index in range(spec.replicas):
+                replica_id = f"{spec.role}-{index}"
+                if replica_id in self._children:
+                    raise ValueError(f"stage {spec.role!r} is listed twice")
+                device = spec.devices[index % len(spec.devices)]
+                self._children[replica_id] = _Child(replica_id, spec, device)
+        self._thread: threading.Thread | None = None
+        router.add_lost_listener(self._on_replica_lost)
+
+    @property
+    def restarts(self) -> int:
+        return sum(1 for event in self.events if event.restarted)
+
+    def pids(self) -> dict[str, int]:
+        """Live child pids by replica id."""
+        with self._lock:
+            return {
+                child.replica_id: child.process.pid
+                for child in self._children.values()
+                if child.process is not None and child.process.poll() is None
+            }
+
+    def start(self) -> StageSupervisor:
+        swept = sweep_dead_owners(self.router.config.shm_prefix)
+        if swept:
+            logger.info("removed %d shared-memory segments of dead stages", len(swept))
+        with self._lock:
+            for child in self._children.values():
+                self._spawn(child)
+        self._thread = threading.Thread(target=self._monitor, name="stage-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM every replica, SIGKILL stragglers, and sweep their shared memory."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            running = [child for child in self._children.values() if child.process is not None]
+            for child in running:
+                assert child.process is not None
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.terminate()
+            deadline = time.monotonic() + self.config.stop_timeout_s
+            for child in running:
+                assert child.process is not None
+                try:
+                    child.process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    logger.warning("stage %s ignored SIGTERM; killing it", child.replica_id)
+                    child.process.kill()
+                    child.process.wait()
+                sweep_owner(child.process.pid, self.router.config.shm_prefix)
+                self.router.forget_shm_owner(child.process.pid)
+                child.process = None
+
+    def __enter__(self) -> StageSupervisor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _command(self, child: _Child) -> list[str]:
+        spec = child.spec
+        command = [
+            sys.executable, "-m", "omni.cli", "stage", spec.role,
+            "--connect", self.router.endpoint,
+            "--replica-id", child.replica_id,
+            "--device", child.device,
+            "--capacity", str(spec.capacity),
+            "--heartbeat-interval", str(self.router.config.heartbeat_interval_s),
+            "--shm-prefix", self.router.config.shm_prefix,
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
+        if spec.model:
+            command += ["--model", spec.model]
+        for module in spec.worker_modules:
+            command += ["--worker-module", module]
+        return command + list(spec.extra_args)
+
+    def _spawn(self, child: _Child) -> None:
+        child.process = subprocess.Popen(self._command(child), env=self._env)
+        logger.info(
+            "started stage %s (pid %d) on %s", child.replica_id, child.process.pid, child.device
+        )
+
+    def _monitor(self) -> None:
+        while not self._stopping.wait(self.config.poll_interval_s):
+            with self._lock:
+                for child in self._children.values():
+                    self._check(child)
+
+    def _check(self, child: _Child) -> None:
+        now = time.monotonic()
+        if child.process is None:
+            if child.start_at and now >= child.start_at:
+                child.start_at = 0.0
+                self._spawn(child)
+            return
+        code = child.process.poll()
+        if code is None:
+            return
+        pid = child.process.pid
+        reason = _exit_description(code)
+        child.process = None
+        # Fail its requests first: callers should hear about the death before anything else.
+        self.router.fail_replica(child.replica_id, reason)
+        self.router.forget_shm_owner(pid)
+        swept = sweep_owner(pid, self.router.config.shm_prefix)
+        child.deaths.append(now)
+        while child.deaths and now - child.deaths[0] > self.config.restart_window_s:
+            child.deaths.popleft()
+        restart = self.config.restart and len(child.deaths) <= self.config.max_restarts
+        self.events.append(StageEvent(child.replica_id, pid, reason, restart))
+        logger.error(
+            "stage %s (pid %d) %s; swept %d shared-memory segments; %s",
+            child.replica_id, pid, reason, len(swept),
+            "restarting" if restart else "not restarting (restart budget spent)",
+        )  # fmt: skip
+        if restart:
+            child.start_at = now + self.config.restart_delay_s
+
+    def _on_replica_lost(self, info: ReplicaInfo, reason: str, silent: bool) -> None:
+        """A live but silent replica is stuck: kill it so that the monitor restarts it."""
+        if not silent:
+            return
+        with self._lock:
+            child = self._children.get(info.replica_id)
+            if child is not None and child.process is not None and child.process.pid == info.pid:
+                logger.error("stage %s is silent; killing pid %d", info.replica_id, info.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
