@@ -23,7 +23,7 @@ from omni.stages.llm.sampling_params import SamplingParams
 from omni.stages.llm.scheduler import Scheduler
 
 
-def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase | None) -> frozenset[int]:
     """EOS ids the way transformers' generate sees them: the generation config's (which may
     list several, e.g. Llama 3 and Qwen2.5 chat models) and the tokenizer's."""
     ids: set[int] = set()
@@ -35,7 +35,7 @@ def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase) -> frozen
         eos = None
     if eos is not None:
         ids.update([eos] if isinstance(eos, int) else eos)
-    if tokenizer.eos_token_id is not None and not ids:
+    if tokenizer is not None and tokenizer.eos_token_id is not None and not ids:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
 
@@ -43,10 +43,12 @@ def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase) -> frozen
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        model_path = resolve_model_path(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            resolve_model_path(config.tokenizer) if config.tokenizer else model_path
-        )
+        model_path = resolve_model_path(config.model, include_weights=config.load_format != "dummy")
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        if not config.skip_tokenizer_init:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model_path(config.tokenizer) if config.tokenizer else model_path
+            )
         self.runner = ModelRunner(config, model_path)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = int(self.runner.hf_config.vocab_size)
@@ -57,7 +59,7 @@ class LLMEngine:
             self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer | None] = {}
         self._prompts: dict[str, str | None] = {}
 
     # ---- requests -----------------------------------------------------------------------------
@@ -73,7 +75,12 @@ class LLMEngine:
         cache_salt: str | None = None,
     ) -> None:
         text = prompt if isinstance(prompt, str) else None
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine runs without a tokenizer: pass prompt token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
         self._check_prompt(token_ids)
         request = Request(
             request_id=request_id,
@@ -88,12 +95,17 @@ class LLMEngine:
             request.generator = torch.Generator(device=self.runner.device)
             request.generator.manual_seed(params.seed)
         self.scheduler.add_request(request)
-        self._detokenizers[request_id] = IncrementalDetokenizer(
-            self.tokenizer,
-            token_ids,
-            skip_special_tokens=params.skip_special_tokens,
-            stop=params.stop or [],
-            include_stop_str_in_output=params.include_stop_str_in_output,
+        self._detokenizers[request_id] = (
+            None
+            if self.tokenizer is None
+            else IncrementalDetokenizer(
+                self.tokenizer,
+                token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop or [],
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
+            )
         )
         self._prompts[request_id] = text
 
@@ -136,19 +148,24 @@ class LLMEngine:
         return outputs
 
     def _make_output(self, request: Request, token: int) -> RequestOutput:
-        detok = self._detokenizers[request.request_id]
-        delta = detok.append(token)
-        if detok.stopped_by is not None and not request.is_finished:
-            request.stop_reason = detok.stopped_by
-            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
-        elif detok.stopped_by is not None:
-            request.stop_reason = detok.stopped_by
-        if request.is_finished:
-            delta += detok.flush() if hasattr(detok, "flush") else ""
+        detok = self._detokenizers.get(request.request_id)
+        delta = ""
+        if detok is not None:
+            delta = detok.append(token)
+            if detok.stopped_by is not None:
+                request.stop_reason = detok.stopped_by
+                if not request.is_finished:
+                    self.scheduler.finish_requests(
+                        [request.request_id], RequestStatus.FINISHED_STOPPED
+                    )
+            elif request.is_finished:
+                # Finished by EOS, a stop token or length: release the text held back in case
+                # it began a stop string.
+                delta += detok.flush()
         wants_logprobs = request.sampling_params.logprobs is not None
         completion = CompletionOutput(
             index=0,
-            text=detok.output_text,
+            text=detok.output_text if detok is not None else "",
             token_ids=list(request.output_token_ids),
             text_delta=delta,
             token_ids_delta=[token],

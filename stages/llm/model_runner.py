@@ -32,7 +32,11 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
         self.model, self.hf_config = load_model(
-            model_path, dtype=config.dtype, device=self.device, load_format=config.load_format
+            model_path,
+            dtype=config.dtype,
+            device=self.device,
+            load_format=config.load_format,
+            seed=config.seed,
         )
         self.model.eval()
         self.dtype = next(self.model.parameters()).dtype
@@ -98,6 +102,8 @@ class ModelRunner:
             [r.generator for r in requests],
             self.device,
             output_token_ids=[r.output_token_ids for r in requests],
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+            eos_token_ids=[r.eos_token_ids for r in requests],
         )
         sampled = self.sampler(logits, batch)
         token_list = sampled.token_ids.tolist()
