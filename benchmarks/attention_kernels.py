@@ -42,6 +42,36 @@ def bench(fn: Callable[[], object], reps: int = 50) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median"))
 
 
+def host_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    """Wall milliseconds per call when launches queue back to back (host-side cost)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e3 / calls
+
+
+def capture_attend_graph(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture one decode step (cache write + attention) the way the engine will."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles) outside the capture
+        attend(query, key, value, kv_cache, meta, SCALE, "triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attend(query, key, value, kv_cache, meta, SCALE, "triton")
+    return graph, out
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     diff = (actual.float() - expected.float()).norm()
     return float(diff / expected.float().norm().clamp_min(1e-30))
@@ -124,6 +154,16 @@ def bench_decode(device: torch.device, batch: int, context: int) -> list[Row]:
     rows.append(Row(case, "triton paged", ms, gbps(ms)))
     ms_attend = bench(lambda: attend(query, key, value, kv_cache, meta, SCALE, "triton"))
     rows.append(Row(case, "triton attend (+kv write)", ms_attend, gbps(ms_attend)))
+    graph, graph_out = capture_attend_graph(query, key, value, kv_cache, meta)
+    eager_out = attend(query, key, value, kv_cache, meta, SCALE, "triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    same = torch.equal(graph_out, eager_out)
+    ms = bench(graph.replay)
+    rows.append(Row(case, "triton attend, CUDA graph", ms,
+                    gbps(ms) + ("" if same else "  FAIL graph != eager")))
+    rows.append(Row(case, "host time per eager attend", host_ms(
+        lambda: attend(query, key, value, kv_cache, meta, SCALE, "triton")), "(launch cost)"))
     # Dense SDPA over contiguous per-request K/V: what an unpaged layout would cost.
     dense_k = torch.randn(batch, NUM_KV_HEADS, context, HEAD_DIM, device=device, dtype=DTYPE)
     dense_v = torch.randn_like(dense_k)

@@ -76,7 +76,7 @@ if IN_INTERPRETER_CHILD:
 # Decode requests, chunks on cached prefixes, a fresh prompt, a request with no new tokens.
 MIXED = [
     RequestShape(5, 1),
-    RequestShape(40, 1),
+    RequestShape(140, 1),
     RequestShape(20, 7),
     RequestShape(0, 9),
     RequestShape(10, 0),

@@ -89,6 +89,83 @@ def _find_request(query_start_loc_ptr, q_block_idx, num_reqs, BLOCK_Q: tl.conste
 
 
 @triton.jit
+def _attend_tiles(
+    q,
+    m_i,
+    l_i,
+    acc,
+    tile_lo,
+    tile_hi,
+    kv_end,
+    query_pos,
+    row_valid,
+    block_table_row,
+    k_head_ptr,
+    v_head_ptr,
+    cache_stride_block,
+    cache_stride_offset,
+    scale_log2,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Online-softmax over context tiles [tile_lo, tile_hi) through the block table.
+
+    MASKED applies the causal mask and bounds checks; unmasked tiles must lie wholly before
+    every query row's position (and so inside the context).
+    """
+    offs_t = tl.arange(0, TILE)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    for tile in range(tile_lo, tile_hi):
+        key_pos = tile * TILE + offs_t
+        if MASKED:  # noqa: SIM108 (a constexpr branch reads clearer in a kernel)
+            key_valid = key_pos < kv_end
+        else:
+            key_valid = offs_t < TILE  # all true; folds away
+        block_ids = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+        slot_offset = (
+            block_ids.to(tl.int64) * cache_stride_block
+            + (key_pos % BLOCK_SIZE) * cache_stride_offset
+        )
+        k = tl.load(  # [HEAD_DIM_PAD, TILE], transposed for Q @ K^T
+            k_head_ptr + slot_offset[None, :] + dims[:, None],
+            mask=dim_valid[:, None] & key_valid[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_head_ptr + slot_offset[:, None] + dims[None, :],
+            mask=key_valid[:, None] & dim_valid[None, :],
+            other=0.0,
+        )
+        if DOT_IN_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        if MASKED:
+            visible = row_valid[:, None] & (key_pos[None, :] <= query_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible yet keeps max -inf; subtract 0 instead so that
+            # exp2(-inf - -inf) never makes a NaN.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = m_new
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+# num_reqs changes every step: left unspecialised, it never triggers a recompile.
+@triton.jit(do_not_specialize=["num_reqs"])
 def unified_attention_kernel(
     out_ptr,
     q_ptr,
@@ -168,43 +245,25 @@ def unified_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    offs_t = tl.arange(0, TILE)
     block_table_row = block_tables_ptr + req.to(tl.int64) * block_table_stride
-    head_offset = kv_head * cache_stride_head
-    for tile in range(tile_lo, tile_hi):
-        key_pos = tile * TILE + offs_t
-        key_valid = key_pos < kv_end
-        block_ids = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
-        slot_offset = (
-            block_ids.to(tl.int64) * cache_stride_block
-            + (key_pos % BLOCK_SIZE) * cache_stride_offset
-            + head_offset
-        )
-        k = tl.load(  # [HEAD_DIM_PAD, TILE], transposed for Q @ K^T
-            k_cache_ptr + slot_offset[None, :] + dims[:, None],
-            mask=dim_valid[:, None] & key_valid[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_cache_ptr + slot_offset[:, None] + dims[None, :],
-            mask=key_valid[:, None] & dim_valid[None, :],
-            other=0.0,
-        )
-        if DOT_IN_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-        visible = row_valid[:, None] & (key_pos[None, :] <= query_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps max -inf; subtract 0 instead so that
-        # exp2(-inf - -inf) never makes a NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    k_head_ptr = k_cache_ptr + kv_head * cache_stride_head
+    v_head_ptr = v_cache_ptr + kv_head * cache_stride_head
+    # Tiles that end at or before this tile's first query position are visible to every
+    # row: they skip the causal mask and the bounds checks. Only the last few are masked.
+    first_query_pos = prefix_len + local_q_block * BLOCK_Q
+    num_full_tiles = (first_query_pos + 1) // TILE
+    m_i, l_i, acc = _attend_tiles(
+        q, m_i, l_i, acc, tile_lo, tl.minimum(tile_hi, num_full_tiles), kv_end, query_pos,
+        row_valid, block_table_row, k_head_ptr, v_head_ptr, cache_stride_block,
+        cache_stride_offset, scale_log2, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE,
+        DOT_PRECISION, DOT_IN_FP32, False,
+    )
+    m_i, l_i, acc = _attend_tiles(
+        q, m_i, l_i, acc, tl.maximum(tile_lo, num_full_tiles), tile_hi, kv_end, query_pos,
+        row_valid, block_table_row, k_head_ptr, v_head_ptr, cache_stride_block,
+        cache_stride_offset, scale_log2, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE,
+        DOT_PRECISION, DOT_IN_FP32, True,
+    )
 
     if NUM_SPLITS > 1:
         partial = (token * NUM_HEADS + head) * NUM_SPLITS + split
@@ -225,7 +284,7 @@ def unified_attention_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])
 def merge_splits_kernel(
     out_ptr,
     partial_out_ptr,
