@@ -1,0 +1,96 @@
+"""CURVE on tcp://: only peers holding the right keys get a message through."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+import zmq
+from omni.transport.messages import Hello, Welcome, stage_codec
+from omni.transport.sockets import CurveKeys, check_endpoint, connect_dealer, generate_curve_keypair
+from stage_helpers import running_router
+
+from omni.supervision.router import StageRouter
+
+
+def _hello(dealer: zmq.Socket, replica_id: str) -> Welcome | None:
+    codec = stage_codec()
+    hello = Hello(replica_id=replica_id, role="vision", capacity=1, pid=1)
+    # IMMEDIATE: with no completed connection the message cannot even be queued.
+    with contextlib.suppress(zmq.Again):
+        dealer.send_multipart(codec.encode(hello), flags=zmq.NOBLOCK)
+    if dealer.poll(timeout=300):
+        message = codec.decode(dealer.recv_multipart())
+        assert isinstance(message, Welcome)
+        return message
+    return None
+
+
+def _plain_dealer(endpoint: str) -> zmq.Socket:
+    dealer: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    return dealer
+
+
+def _wait_for(router: StageRouter, replica_id: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(info.replica_id == replica_id for info in router.replicas()):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_only_peers_with_the_keys_get_messages_accepted() -> None:
+    server_public, server_secret = generate_curve_keypair()
+    client_public, client_secret = generate_curve_keypair()
+    stranger_public, stranger_secret = generate_curve_keypair()
+    server_keys = CurveKeys(server_public, server_secret, authorized_clients=(client_public,))
+    with running_router("tcp://127.0.0.1:*", allow_tcp=True, curve=server_keys) as router:
+        endpoint = router.endpoint
+        assert endpoint.startswith("tcp://127.0.0.1:")
+        context: zmq.Context = zmq.Context.instance()
+        peers = {
+            # No CURVE at all: the handshake fails, nothing reaches the router.
+            "plain": _plain_dealer(endpoint),
+            # A valid keypair the server does not list.
+            "stranger": connect_dealer(
+                context, endpoint, curve=CurveKeys(stranger_public, stranger_secret, server_public)
+            ),
+            # The right client keys but the wrong idea of the server's key.
+            "wrong-server": connect_dealer(
+                context, endpoint, curve=CurveKeys(client_public, client_secret, stranger_public)
+            ),
+        }
+        try:
+            for name, dealer in peers.items():
+                assert _hello(dealer, name) is None, name
+                assert not _wait_for(router, name, 0.2), name
+            good = connect_dealer(
+                context, endpoint, curve=CurveKeys(client_public, client_secret, server_public)
+            )
+            peers["good"] = good
+            welcome = None
+            deadline = time.monotonic() + 5
+            while welcome is None and time.monotonic() < deadline:
+                welcome = _hello(good, "good")
+            assert welcome is not None and welcome.replica_id == "good"
+            assert [info.replica_id for info in router.replicas()] == ["good"]
+            assert router.counters.protocol_errors == 0
+        finally:
+            for dealer in peers.values():
+                dealer.close(linger=0)
+
+
+def test_tcp_binding_is_opt_in_and_names_its_host() -> None:
+    with pytest.raises(ValueError, match="needs tcp enabled"):
+        check_endpoint("tcp://127.0.0.1:5555", binding=True)
+    with pytest.raises(ValueError, match="name the interface to bind, not a wildcard"):
+        check_endpoint("tcp://*:5555", binding=True, allow_tcp=True)
+    with pytest.raises(ValueError, match="scheme must be ipc, inproc or tcp"):
+        check_endpoint("udp://127.0.0.1:5555", binding=False)
+    assert check_endpoint("tcp://10.0.0.7:5555", binding=False) == "tcp://10.0.0.7:5555"
+    with pytest.raises(ValueError, match="40-character Z85"):
+        CurveKeys(public_key="short", secret_key="short")
