@@ -147,7 +147,9 @@ class PagedRequest:
     num_cached: int = 0
 
 
-def build_meta(requests: list[PagedRequest], query_lens: list[int]) -> AttentionMetadata:
+def build_meta(
+    requests: list[PagedRequest], query_lens: list[int], device: torch.device | str = "cpu"
+) -> AttentionMetadata:
     """Metadata for a step in which request i adds query_lens[i] tokens after its cached ones."""
     starts, seq_lens, slots = [0], [], []
     for req, q_len in zip(requests, query_lens, strict=True):
@@ -159,10 +161,10 @@ def build_meta(requests: list[PagedRequest], query_lens: list[int]) -> Attention
     width = max(len(r.block_ids) for r in requests)
     tables = [r.block_ids + [0] * (width - len(r.block_ids)) for r in requests]
     return AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor(tables, dtype=torch.int32),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         is_decode_only=all(q == 1 for q in query_lens),
@@ -172,7 +174,8 @@ def build_meta(requests: list[PagedRequest], query_lens: list[int]) -> Attention
 def new_caches(model: CausalLM, num_blocks: int = NUM_BLOCKS) -> list[torch.Tensor]:
     spec = model.kv_cache_spec
     shape = (2, num_blocks, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
-    return [torch.zeros(shape, dtype=model.dtype) for _ in range(spec.num_layers)]
+    device = model.model.embed_tokens.weight.device
+    return [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(spec.num_layers)]
 
 
 def greedy_native(
@@ -184,12 +187,13 @@ def greedy_native(
     num_blocks = -(-total // BLOCK_SIZE)
     request = PagedRequest(block_ids=list(range(num_blocks, 0, -1)))
     caches = new_caches(model, num_blocks + 1)
+    device = caches[0].device
     step_ids, start, out = list(prompt_ids), 0, []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            meta = build_meta([request], [len(step_ids)])
-            positions = torch.arange(start, start + len(step_ids))
-            hidden = model(torch.tensor(step_ids), positions, caches, meta, backend)
+            meta = build_meta([request], [len(step_ids)], device)
+            positions = torch.arange(start, start + len(step_ids), device=device)
+            hidden = model(torch.tensor(step_ids, device=device), positions, caches, meta, backend)
             token = int(model.compute_logits(hidden[-1:])[0].argmax())
             out.append(token)
             start += len(step_ids)
