@@ -137,16 +137,25 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
     return torch.randint(0, vocab, (n, length), generator=gen).tolist()
 
 
-def run_transformers(model_dir: str, prompts: list[list[int]], output_len: int, batch: int,
-                     decode_tokens: int) -> dict[str, float]:
+def run_transformers(
+    model_dir: str, prompts: list[list[int]], output_len: int, batch: int, decode_tokens: int
+) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, device_map="cuda"
+    ).eval()
 
     def generate(chunk: list[list[int]], new_tokens: int) -> None:
         ids = torch.tensor(chunk, device="cuda")
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
     generate(prompts[:2], 4)  # warm-up
     torch.cuda.synchronize()
@@ -156,19 +165,29 @@ def run_transformers(model_dir: str, prompts: list[list[int]], output_len: int, 
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     ms_per_token = batch1_decode_ms(lambda n: generate(prompts[:1], n), decode_tokens)
-    del model
+    model.to("meta")  # release the GPU memory before omni loads its copy
     gc.collect()
     torch.cuda.empty_cache()
-    return {"tokens_per_s": len(prompts) * output_len / elapsed, "seconds": elapsed,
-            "batch1_ms": ms_per_token}
+    return {
+        "tokens_per_s": len(prompts) * output_len / elapsed,
+        "seconds": elapsed,
+        "batch1_ms": ms_per_token,
+    }
 
 
-def run_omni(model_dir: str, prompts: list[list[int]], output_len: int,
-             decode_tokens: int, max_num_seqs: int) -> dict[str, float]:
+def run_omni(
+    model_dir: str, prompts: list[list[int]], output_len: int, decode_tokens: int, max_num_seqs: int
+) -> dict[str, float]:
     from omni import LLM, SamplingParams
 
-    llm = LLM(model_dir, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=2048,
-              max_num_seqs=max_num_seqs, max_num_batched_tokens=8192)
+    llm = LLM(
+        model_dir,
+        dtype="bfloat16",
+        skip_tokenizer_init=True,
+        max_model_len=2048,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=8192,
+    )
 
     def params(n: int) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -187,8 +206,11 @@ def run_omni(model_dir: str, prompts: list[list[int]], output_len: int,
         llm.generate([prompts[0]], params(n), use_tqdm=False)
 
     ms_per_token = batch1_decode_ms(generate_one, decode_tokens)
-    return {"tokens_per_s": len(prompts) * output_len / elapsed, "seconds": elapsed,
-            "batch1_ms": ms_per_token}
+    return {
+        "tokens_per_s": len(prompts) * output_len / elapsed,
+        "seconds": elapsed,
+        "batch1_ms": ms_per_token,
+    }
 
 
 def batch1_decode_ms(generate, decode_tokens: int) -> float:
@@ -216,25 +238,36 @@ def main() -> None:
     parser.add_argument("--hf-batch", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--skip-transformers", action="store_true")
-    parser.add_argument("--layers", type=int, default=None, help="override layer count (smoke runs)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="override layer count (smoke runs)"
+    )
     parser.add_argument("--json", default=None, help="write the results here too")
     args = parser.parse_args()
 
     config = dict(QWEN25_7B)
     if args.layers:
         config["num_hidden_layers"] = args.layers
-    g = Geometry(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
-                 config["num_attention_heads"], config["num_key_value_heads"],
-                 config["vocab_size"])
+    g = Geometry(
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["vocab_size"],
+    )
 
     flops_rate = measure_matmul_tflops() * 1e12
     bandwidth = measure_copy_bandwidth()
     card = torch.cuda.get_device_name()
-    print(f"card: {card}; bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s; copy {bandwidth / 1e12:.2f} TB/s")
+    print(
+        f"card: {card}; bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s; "
+        f"copy {bandwidth / 1e12:.2f} TB/s"
+    )
 
     prompts = random_prompts(args.num_requests, args.prompt_len, g.vocab, seed=0)
-    floor_s = workload_floor(g, args.num_requests, args.prompt_len, args.output_len, flops_rate,
-                             bandwidth)
+    floor_s = workload_floor(
+        g, args.num_requests, args.prompt_len, args.output_len, flops_rate, bandwidth
+    )
     floor_tps = args.num_requests * args.output_len / floor_s
     floor_b1_ms = g.weight_bytes / bandwidth * 1e3
 
@@ -242,8 +275,9 @@ def main() -> None:
         # One set of random weights, saved once, read by both engines.
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        hf_config = AutoConfig.for_model(**{k: v for k, v in config.items()
-                                            if k not in ("architectures",)})
+        hf_config = AutoConfig.for_model(
+            **{k: v for k, v in config.items() if k not in ("architectures",)}
+        )
         hf_config.architectures = config["architectures"]
         torch.manual_seed(0)
         with torch.device("cuda"):
@@ -255,28 +289,43 @@ def main() -> None:
 
         results: dict[str, dict[str, float]] = {}
         if not args.skip_transformers:
-            results["transformers"] = run_transformers(model_dir, prompts, args.output_len,
-                                                       args.hf_batch, args.decode_tokens)
+            results["transformers"] = run_transformers(
+                model_dir, prompts, args.output_len, args.hf_batch, args.decode_tokens
+            )
             print("transformers:", results["transformers"], flush=True)
-        results["omni"] = run_omni(model_dir, prompts, args.output_len, args.decode_tokens,
-                                   max_num_seqs=args.num_requests)
+        results["omni"] = run_omni(
+            model_dir, prompts, args.output_len, args.decode_tokens, max_num_seqs=args.num_requests
+        )
         print("omni:", results["omni"], flush=True)
 
     print()
-    print(f"workload: {args.num_requests} requests x {args.prompt_len} prompt + {args.output_len} "
-          f"output tokens, {g.layers}-layer Qwen2.5-7B geometry, bf16, {card}")
+    print(
+        f"workload: {args.num_requests} requests x {args.prompt_len} prompt + {args.output_len} "
+        f"output tokens, {g.layers}-layer Qwen2.5-7B geometry, bf16, {card}"
+    )
     print(f"{'engine':<14}{'out tok/s':>12}{'of floor':>10}{'b1 ms/tok':>12}{'x floor':>9}")
     print(f"{'floor':<14}{floor_tps:>12.0f}{'100%':>10}{floor_b1_ms:>12.2f}{1.0:>9.2f}")
     for name, r in results.items():
-        print(f"{name:<14}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / floor_tps:>10.0%}"
-              f"{r['batch1_ms']:>12.2f}{r['batch1_ms'] / floor_b1_ms:>9.2f}")
+        print(
+            f"{name:<14}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / floor_tps:>10.0%}"
+            f"{r['batch1_ms']:>12.2f}{r['batch1_ms'] / floor_b1_ms:>9.2f}"
+        )
     if "transformers" in results:
         ratio = results["omni"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
         print(f"omni / transformers throughput: {ratio:.1f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"card": card, "floor_tps": floor_tps, "floor_b1_ms": floor_b1_ms,
-                       "tflops": flops_rate / 1e12, "tbps": bandwidth / 1e12, **results}, f)
+            json.dump(
+                {
+                    "card": card,
+                    "floor_tps": floor_tps,
+                    "floor_b1_ms": floor_b1_ms,
+                    "tflops": flops_rate / 1e12,
+                    "tbps": bandwidth / 1e12,
+                    **results,
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

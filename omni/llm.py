@@ -69,7 +69,9 @@ class LLM:
         prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def apply_chat_template(self, messages: ChatMessages, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: ChatMessages, add_generation_prompt: bool = True
+    ) -> str:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template; use generate() instead")
         text: str = self.tokenizer.apply_chat_template(

@@ -38,8 +38,11 @@ def reference_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
         ids = torch.tensor([prompt])
         with torch.no_grad():
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                do_sample=False, pad_token_id=0,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
             )
         outputs.append(out[0, len(prompt) :].tolist())
     return outputs
@@ -91,6 +94,12 @@ def test_preemption_gives_same_tokens(checkpoint: Path, expected) -> None:
 
 def test_chunked_prefill_gives_same_tokens(checkpoint: Path, expected) -> None:
     prompts, reference = expected
-    llm = LLM(str(checkpoint), dtype="float32", device="cpu", num_kv_blocks=64, block_size=16,
-              max_num_batched_tokens=7)
+    llm = LLM(
+        str(checkpoint),
+        dtype="float32",
+        device="cpu",
+        num_kv_blocks=64,
+        block_size=16,
+        max_num_batched_tokens=7,
+    )
     assert omni_greedy(llm, prompts) == reference

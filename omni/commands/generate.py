@@ -9,15 +9,21 @@ import sys
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="answer a prompt and print the answer")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded "
-                   "SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--raw", action="store_true",
-                   help="send the prompt as plain text instead of through the chat template")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompt as plain text instead of through the chat template",
+    )
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

@@ -9,10 +9,9 @@ padded rows read the null block (id 0) and write no KV (slot -1).
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from omni.stages.llm.attention.metadata import AttentionMetadata
 from omni.stages.llm.step_inputs import HostStepInputs
+from torch import nn
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
 from omni.cache.block_hash import MultiModalPlaceholder
 from omni.cache.kv_cache_manager import KVCacheManager
 from omni.stages.llm.config import EngineConfig
@@ -21,6 +19,7 @@ from omni.stages.llm.outputs import CompletionOutput, RequestOutput
 from omni.stages.llm.request import Request, RequestStatus
 from omni.stages.llm.sampling_params import SamplingParams
 from omni.stages.llm.scheduler import Scheduler
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
 def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase | None) -> frozenset[int]:
@@ -119,7 +118,9 @@ class LLMEngine:
             )
         bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(
+                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+            )
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

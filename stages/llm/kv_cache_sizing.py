@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
-
+from omni.stages.llm.models.base import CausalLM
 from omni.stages.llm.step_inputs import HostStepInputs, to_device
 
 if TYPE_CHECKING:
@@ -23,14 +22,14 @@ if TYPE_CHECKING:
 _GPU_HEADROOM_BYTES = 1 << 30
 
 
-def kv_block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
     element = torch.empty((), dtype=dtype).element_size()
     per_layer = 2 * block_size * model.num_kv_heads * model.head_dim * element
     return int(per_layer * model.num_layers)
 
 
 def allocate_kv_caches(
-    model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> list[torch.Tensor]:
     # Zero-filled, so the null block and padded graph rows read finite values.
     shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
@@ -64,8 +63,9 @@ def num_blocks_for_memory(runner: ModelRunner) -> int:
     num_tokens = min(config.max_num_batched_tokens, runner.max_model_len)
     host = _profile_inputs(num_tokens, runner.block_size)
     profile_blocks = host.block_tables.shape[1] + 1
-    caches = allocate_kv_caches(model, profile_blocks, runner.block_size, runner.dtype,
-                                runner.device)
+    caches = allocate_kv_caches(
+        model, profile_blocks, runner.block_size, runner.dtype, runner.device
+    )
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     inputs = to_device(host, runner.device)

@@ -6,7 +6,6 @@ import logging
 import math
 
 import torch
-
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.cuda_graphs import DecodeGraphs
 from omni.stages.llm.kv_cache_sizing import allocate_kv_caches, num_blocks_for_memory
@@ -50,8 +49,9 @@ class ModelRunner:
 
         num_blocks = config.num_kv_blocks or num_blocks_for_memory(self)
         self.num_kv_blocks = num_blocks
-        self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size, self.dtype,
-                                            self.device)
+        self.kv_caches = allocate_kv_caches(
+            self.model, num_blocks, self.block_size, self.dtype, self.device
+        )
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
 from omni.cache.block_hash import MultiModalPlaceholder
 from omni.stages.llm.sampling_params import SamplingParams
 

@@ -112,7 +112,9 @@ class Scheduler:
                     break
             else:
                 out.scheduled.append(
-                    ScheduledRequest(request, num_new, self.kv_cache.get_block_ids(request.request_id))
+                    ScheduledRequest(
+                        request, num_new, self.kv_cache.get_block_ids(request.request_id)
+                    )
                 )
                 budget -= num_new
                 index += 1
@@ -177,7 +179,9 @@ class Scheduler:
             if status is not None:
                 # As in vLLM, stop_reason names an explicit stop token; EOS leaves it None.
                 if token not in request.eos_token_ids or request.sampling_params.ignore_eos:
-                    request.stop_reason = token if status == RequestStatus.FINISHED_STOPPED else None
+                    request.stop_reason = (
+                        token if status == RequestStatus.FINISHED_STOPPED else None
+                    )
                 self.finish_requests([request.request_id], status)
                 finished.append(request)
         return finished

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from omni.stages.llm.attention.metadata import AttentionMetadata
 from omni.stages.llm.scheduler import ScheduledRequest
 
