@@ -13,7 +13,9 @@ SUBCOMMANDS = ("generate", "stage")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omni", description="omni: multi-modal pipeline inference")
+    parser = argparse.ArgumentParser(
+        prog="omni", description="omni: multi-modal pipeline inference"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         try:
