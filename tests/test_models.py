@@ -8,6 +8,7 @@ the real `torch` backend end to end.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,21 @@ def test_rope_tables_match_transformers() -> None:
     ours, _ = compute_inv_freq(linear, 64)
     theirs, _ = ROPE_INIT_FUNCTIONS["linear"](linear, None)
     assert torch.equal(ours, theirs)
+    yarn = LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+        },
+    )
+    ours, scale = compute_inv_freq(yarn, 64)
+    theirs, their_scale = ROPE_INIT_FUNCTIONS["yarn"](yarn, None)
+    assert torch.equal(ours, theirs)
+    assert scale == their_scale == pytest.approx(0.1 * math.log(4.0) + 1.0)
     dynamic = LlamaConfig(
         hidden_size=128,
         num_attention_heads=2,
