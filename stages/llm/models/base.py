@@ -108,7 +108,7 @@ class Geometry:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Any, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
+    def __init__(self, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_heads = geo.num_heads
         self.num_kv_heads = geo.num_kv_heads
@@ -145,10 +145,10 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Any, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
+    def __init__(self, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(geo.hidden_size, geo.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, geo, arch, dtype)
+        self.self_attn = Attention(geo, arch, dtype)
         self.post_attention_layernorm = RMSNorm(geo.hidden_size, geo.rms_norm_eps, dtype)
         self.mlp = GatedMLP(
             geo.hidden_size, geo.intermediate_size, arch.mlp_bias, geo.hidden_act, dtype
@@ -176,9 +176,7 @@ class DecoderModel(nn.Module):
     def __init__(self, config: Any, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
         super().__init__()
         self.embed_tokens = Embedding(geo.vocab_size, geo.hidden_size, dtype)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, geo, arch, dtype) for _ in range(geo.num_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(geo, arch, dtype) for _ in range(geo.num_layers))
         self.norm = RMSNorm(geo.hidden_size, geo.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(config, geo.head_dim)
 
