@@ -19,8 +19,12 @@ logger = logging.getLogger(__name__)
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        # An explicit index: set_device and CUDA-graph pools need one.
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class ModelRunner:
