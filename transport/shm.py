@@ -158,10 +158,33 @@ class _Segment:
             os.close(self.fd)
 
 
+# Linux 5.14+; Python does not name it yet.
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
 def _map(fd: int, size: int) -> mmap.mmap:
-    # MAP_POPULATE faults every page in now, once, instead of on each first touch later.
+    """Map a segment for a consumer: MAP_POPULATE faults every page in now, once."""
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def _map_for_writing(fd: int, size: int) -> mmap.mmap:
+    """Map a new segment for its producer with every page already faulted in for writing.
+
+    MAP_POPULATE alone maps shared pages read-only, so the first copy would still take one
+    write fault per 4 KiB page (4,600 for an 18 MB tensor, ~10 ms). Where the kernel allows
+    huge pages on tmpfs (shmem_enabled=advise), MADV_HUGEPAGE also cuts TLB misses.
+    """
+    mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    with contextlib.suppress(OSError, AttributeError):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        mapping.madvise(_MADV_POPULATE_WRITE)
+    except OSError:  # older kernel: touch one byte per page instead
+        pages = np.frombuffer(mapping, dtype=np.uint8)
+        pages[:: mmap.PAGESIZE] = 0
+        del pages
+    return mapping
 
 
 class SharedTensorPool:
@@ -259,7 +282,7 @@ class SharedTensorPool:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, HEADER_BYTES + capacity)
-            mapping = _map(fd, HEADER_BYTES + capacity)
+            mapping = _map_for_writing(fd, HEADER_BYTES + capacity)
         except BaseException:
             os.close(fd)
             os.unlink(path)

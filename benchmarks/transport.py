@@ -1,0 +1,220 @@
+"""Hand one 18 MB bf16 tensor from one process to another, five ways, and compare to memcpy.
+
+The tensor is 2520 x 3584 bfloat16: one document page of Qwen2.5-VL-7B vision embeddings.
+Each method is timed one-way: the producer reads the monotonic clock (shared by all processes
+on a host) just before it starts the handoff, the consumer reads it once it holds a usable
+tensor, then acknowledges so that handoffs never overlap. Reported: the median over the timed
+iterations, after warm-up.
+
+    python3 benchmarks/transport.py [--iterations 30] [--warmup 5]
+
+Methods:
+  shared memory (pool)        SharedTensorPool.put into a reused, pre-faulted segment; the
+                              handle goes over ZeroMQ ipc; the consumer maps it (cached) and
+                              gets a tensor over the mapping; release returns it to the pool.
+  shared memory (fresh)       the same with a brand-new segment every time, to show what page
+                              faults on first touch cost (the reason the pool exists).
+  zmq ipc zero-copy           the stage codec: tensor bytes as a separate frame, copy=False.
+  zmq tcp 127.0.0.1           the same codec over loopback TCP.
+  pickle over zmq ipc         pickle.dumps / pickle.loads, the baseline (never used by omni).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle  # the baseline only; tests/test_no_pickle.py allows this one file
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import msgspec
+import numpy as np
+import torch
+import zmq
+from omni.transport.messages import StageReply, stage_codec
+from omni.transport.shm import SharedTensorHandle, SharedTensorPool, SharedTensorReader
+
+ROWS, COLS = 2520, 3584
+PREFIX = "omnibench_"
+METHODS = ("shm-pool", "shm-fresh", "zmq-ipc", "zmq-tcp", "pickle")
+LABELS = {
+    "shm-pool": "shared memory (pool)",
+    "shm-fresh": "shared memory (fresh)",
+    "zmq-ipc": "zmq ipc zero-copy",
+    "zmq-tcp": "zmq tcp 127.0.0.1",
+    "pickle": "pickle over zmq ipc",
+}
+
+
+class Ack(msgspec.Struct):
+    received_at: float
+    checksum: float
+
+
+def _page() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(ROWS, COLS, generator=generator).to(torch.bfloat16)
+
+
+def _memcpy_s(tensor: torch.Tensor, iterations: int, warmup: int) -> float:
+    """A plain single-threaded memcpy of the tensor's bytes into a warm buffer."""
+    source = tensor.view(-1).view(torch.uint8).numpy()
+    target = np.empty_like(source)
+    times = []
+    for index in range(warmup + iterations):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- consumer process ---------------------------------------------------------------------------
+
+
+def consume(method: str, endpoint: str) -> None:
+    """Receive handoffs until an empty message, acknowledging each with its arrival time."""
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.PAIR)
+    sock.connect(endpoint)
+    codec = stage_codec()
+    reader = SharedTensorReader(prefix=PREFIX)
+    handle_decoder = msgspec.msgpack.Decoder(SharedTensorHandle)
+    ack = msgspec.msgpack.Encoder()
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames[0]) == 0:
+            break
+        handle = None
+        if method.startswith("shm"):
+            handle = handle_decoder.decode(frames[0].buffer)
+            tensor = reader.open(handle)
+        elif method == "pickle":
+            tensor = pickle.loads(frames[0].buffer)
+        else:
+            message = codec.decode(frames)
+            assert isinstance(message, StageReply)
+            tensor = message.outputs["page"]
+        received_at = time.perf_counter()
+        # Read one element per row so a lazy mapping could not hide work from the clock.
+        checksum = float(tensor[:, 0].float().sum())
+        del tensor
+        if handle is not None:
+            reader.release(handle)
+            if method == "shm-fresh":
+                reader.forget_owner(int(handle.segment.split("_")[1]))
+        sock.send(ack.encode(Ack(received_at=received_at, checksum=checksum)))
+    reader.close()
+    sock.close()
+
+
+# -- producer -----------------------------------------------------------------------------------
+
+
+def _sender(method: str, sock: zmq.Socket) -> Callable[[torch.Tensor], Callable[[], None]]:
+    """A function that performs one handoff and returns its clean-up."""
+    codec = stage_codec()
+    pool = SharedTensorPool(prefix=PREFIX)
+    handle_encoder = msgspec.msgpack.Encoder()
+
+    def send(tensor: torch.Tensor) -> Callable[[], None]:
+        if method == "shm-pool":
+            handle = pool.put(tensor)
+            assert handle is not None
+            sock.send(handle_encoder.encode(handle), copy=False)
+            return lambda: None
+        if method == "shm-fresh":
+            fresh = SharedTensorPool(prefix=PREFIX)
+            handle = fresh.put(tensor)
+            assert handle is not None
+            sock.send(handle_encoder.encode(handle), copy=False)
+            return fresh.close
+        if method == "pickle":
+            sock.send(pickle.dumps(tensor, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
+            return lambda: None
+        sock.send_multipart(
+            codec.encode(StageReply(request_id="page", outputs={"page": tensor})), copy=False
+        )
+        return lambda: None
+
+    send.pool = pool  # type: ignore[attr-defined]
+    return send
+
+
+def run_method(
+    method: str, tensor: torch.Tensor, iterations: int, warmup: int, folder: str
+) -> float:
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.PAIR)
+    if method == "zmq-tcp":
+        sock.bind("tcp://127.0.0.1:*")
+    else:
+        sock.bind(f"ipc://{folder}/{method}.sock")
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    consumer = subprocess.Popen([sys.executable, __file__, "--consume", method, endpoint])
+    ack_decoder = msgspec.msgpack.Decoder(Ack)
+    expected = float(tensor[:, 0].float().sum())
+    send = _sender(method, sock)
+    times = []
+    try:
+        for index in range(warmup + iterations):
+            started = time.perf_counter()
+            cleanup = send(tensor)
+            ack = ack_decoder.decode(sock.recv())
+            cleanup()
+            if ack.checksum != expected:
+                raise RuntimeError(f"{method}: the consumer saw different data")
+            if index >= warmup:
+                times.append(ack.received_at - started)
+        sock.send(b"")
+        consumer.wait(timeout=60)
+    finally:
+        consumer.kill()
+        send.pool.close()  # type: ignore[attr-defined]
+        sock.close(linger=0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--consume", nargs=2, metavar=("METHOD", "ENDPOINT"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.consume:
+        consume(*args.consume)
+        return
+    tensor = _page()
+    nbytes = tensor.numel() * tensor.element_size()
+    memcpy = _memcpy_s(tensor, args.iterations, args.warmup)
+    results = {"memcpy": memcpy}
+    with tempfile.TemporaryDirectory(prefix="omnibench", dir="/tmp") as folder:
+        for method in args.methods:
+            results[method] = run_method(method, tensor, args.iterations, args.warmup, folder)
+    pickle_s = results.get("pickle")
+    print(
+        f"handoff of a {ROWS}x{COLS} bfloat16 tensor ({nbytes / 1e6:.1f} MB), one-way, "
+        f"median of {args.iterations} after {args.warmup} warm-up; {os.cpu_count()} CPUs"
+    )
+    print(f"{'method':<26}{'latency ms':>12}{'GB/s':>8}{'x memcpy':>10}{'pickle / this':>15}")
+    for key, seconds in results.items():
+        label = "in-process memcpy" if key == "memcpy" else LABELS[key]
+        vs_pickle = f"{pickle_s / seconds:.1f}x" if pickle_s else "-"
+        gbps = nbytes / seconds / 1e9
+        print(
+            f"{label:<26}{seconds * 1e3:>12.2f}{gbps:>8.2f}{seconds / memcpy:>10.2f}{vs_pickle:>15}"
+        )
+    shm = results.get("shm-pool")
+    if shm:
+        print(f"goal: shared memory within 2x memcpy -> {shm / memcpy:.2f}x")
+        if pickle_s:
+            print(f"goal: shared memory >= 3x faster than pickle -> {pickle_s / shm:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
