@@ -12,7 +12,10 @@ Methods:
   shared memory (pool)        SharedTensorPool.put into a reused, pre-faulted segment; the
                               handle goes over ZeroMQ ipc; the consumer maps it (cached) and
                               gets a tensor over the mapping; release returns it to the pool.
-  shared memory (fresh)       the same with a brand-new segment every time, to show what page
+  shared memory (in place)    the producer wrote the page straight into pooled shared memory
+                              (SharedTensorPool.allocate, as a stage can for its outputs), so
+                              only the handle moves; the write itself is not timed.
+  shared memory (fresh)       the pool method with a brand-new segment every time, to show what page
                               faults on first touch cost (the reason the pool exists).
   zmq ipc zero-copy           the stage codec: tensor bytes as a separate frame, copy=False.
   zmq tcp 127.0.0.1           the same codec over loopback TCP.
@@ -40,9 +43,10 @@ from omni.transport.shm import SharedTensorHandle, SharedTensorPool, SharedTenso
 
 ROWS, COLS = 2520, 3584
 PREFIX = "omnibench_"
-METHODS = ("shm-pool", "shm-fresh", "zmq-ipc", "zmq-tcp", "pickle")
+METHODS = ("shm-pool", "shm-inplace", "shm-fresh", "zmq-ipc", "zmq-tcp", "pickle")
 LABELS = {
     "shm-pool": "shared memory (pool)",
+    "shm-inplace": "shared memory (in place)",
     "shm-fresh": "shared memory (fresh)",
     "zmq-ipc": "zmq ipc zero-copy",
     "zmq-tcp": "zmq tcp 127.0.0.1",
@@ -114,34 +118,50 @@ def consume(method: str, endpoint: str) -> None:
 # -- producer -----------------------------------------------------------------------------------
 
 
-def _sender(method: str, sock: zmq.Socket) -> Callable[[torch.Tensor], Callable[[], None]]:
-    """A function that performs one handoff and returns its clean-up."""
-    codec = stage_codec()
-    pool = SharedTensorPool(prefix=PREFIX)
-    handle_encoder = msgspec.msgpack.Encoder()
+class Producer:
+    """Performs one handoff per call of `send`, by one method."""
 
-    def send(tensor: torch.Tensor) -> Callable[[], None]:
+    def __init__(self, method: str, sock: zmq.Socket) -> None:
+        self.method = method
+        self.sock = sock
+        self.codec = stage_codec()
+        self.pool = SharedTensorPool(prefix=PREFIX)
+        self.handle_encoder = msgspec.msgpack.Encoder()
+        self.in_place: SharedTensorHandle | None = None
+
+    def produce(self, tensor: torch.Tensor) -> None:
+        """Untimed: where a stage writes its output. Straight into the pool for shm-inplace."""
+        if self.method != "shm-inplace":
+            return
+        allocated = self.pool.allocate(list(tensor.shape), tensor.dtype)
+        assert allocated is not None
+        target, self.in_place = allocated
+        np.copyto(
+            target.view(-1).view(torch.uint8).numpy(), tensor.view(-1).view(torch.uint8).numpy()
+        )
+
+    def send(self, tensor: torch.Tensor) -> Callable[[], None]:
+        """Timed: hand `tensor` over; returns what to clean up once the consumer acknowledged."""
+        method, sock = self.method, self.sock
         if method == "shm-pool":
-            handle = pool.put(tensor)
+            handle = self.pool.put(tensor)
             assert handle is not None
-            sock.send(handle_encoder.encode(handle), copy=False)
-            return lambda: None
-        if method == "shm-fresh":
+            sock.send(self.handle_encoder.encode(handle), copy=False)
+        elif method == "shm-inplace":
+            assert self.in_place is not None
+            sock.send(self.handle_encoder.encode(self.in_place), copy=False)
+        elif method == "shm-fresh":
             fresh = SharedTensorPool(prefix=PREFIX)
             handle = fresh.put(tensor)
             assert handle is not None
-            sock.send(handle_encoder.encode(handle), copy=False)
+            sock.send(self.handle_encoder.encode(handle), copy=False)
             return fresh.close
-        if method == "pickle":
+        elif method == "pickle":
             sock.send(pickle.dumps(tensor, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
-            return lambda: None
-        sock.send_multipart(
-            codec.encode(StageReply(request_id="page", outputs={"page": tensor})), copy=False
-        )
+        else:
+            message = StageReply(request_id="page", outputs={"page": tensor})
+            sock.send_multipart(self.codec.encode(message), copy=False)
         return lambda: None
-
-    send.pool = pool  # type: ignore[attr-defined]
-    return send
 
 
 def run_method(
@@ -156,12 +176,13 @@ def run_method(
     consumer = subprocess.Popen([sys.executable, __file__, "--consume", method, endpoint])
     ack_decoder = msgspec.msgpack.Decoder(Ack)
     expected = float(tensor[:, 0].float().sum())
-    send = _sender(method, sock)
+    producer = Producer(method, sock)
     times = []
     try:
         for index in range(warmup + iterations):
+            producer.produce(tensor)
             started = time.perf_counter()
-            cleanup = send(tensor)
+            cleanup = producer.send(tensor)
             ack = ack_decoder.decode(sock.recv())
             cleanup()
             if ack.checksum != expected:
@@ -172,7 +193,7 @@ def run_method(
         consumer.wait(timeout=60)
     finally:
         consumer.kill()
-        send.pool.close()  # type: ignore[attr-defined]
+        producer.pool.close()
         sock.close(linger=0)
     return statistics.median(times)
 

@@ -165,3 +165,18 @@ def test_sweep_removes_segments_of_a_killed_owner() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_allocate_lets_a_producer_write_in_place(
+    pool: SharedTensorPool, reader: SharedTensorReader
+) -> None:
+    allocated = pool.allocate([3, 5], torch.bfloat16)
+    assert allocated is not None
+    tensor, handle = allocated
+    tensor.copy_(torch.arange(15, dtype=torch.bfloat16).view(3, 5))
+    assert (handle.shape, handle.dtype, handle.nbytes) == ([3, 5], "bfloat16", 30)
+    seen = reader.open(handle)
+    assert seen.tolist() == torch.arange(15).view(3, 5).tolist()
+    assert seen.data_ptr() != tensor.data_ptr()  # the reader's own mapping of the same bytes
+    tensor[0, 0] = 99
+    assert seen[0, 0].item() == 99
