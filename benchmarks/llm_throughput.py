@@ -192,14 +192,21 @@ def run_omni(
     def params(n: int) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
+    step_times = time_steps(llm)
     llm.generate(prompts[:2], params(4), use_tqdm=False)  # warm-up
     # Fresh prompts: the warm-up must not turn the timed run into prefix-cache hits.
     llm.engine.kv_cache.reset_prefix_cache()
     torch.cuda.synchronize()
+    step_times.clear()
     start = time.perf_counter()
     llm.generate(prompts, params(output_len), use_tqdm=False)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    phases = {
+        "mixed_steps_s": sum(t for decode, t in step_times if not decode),
+        "decode_steps_s": sum(t for decode, t in step_times if decode),
+        "num_decode_steps": sum(1 for decode, _ in step_times if decode),
+    }
 
     def generate_one(n: int) -> None:
         llm.engine.kv_cache.reset_prefix_cache()
@@ -210,7 +217,26 @@ def run_omni(
         "tokens_per_s": len(prompts) * output_len / elapsed,
         "seconds": elapsed,
         "batch1_ms": ms_per_token,
+        **phases,
     }
+
+
+def time_steps(llm) -> list[tuple[bool, float]]:
+    """Wraps the runner so each step's wall time is recorded with whether it was decode-only
+    (the CUDA-graph path) or carried prefill tokens."""
+    runner = llm.engine.runner
+    execute = runner.execute
+    times: list[tuple[bool, float]] = []
+
+    def timed_execute(out):
+        start = time.perf_counter()
+        result = execute(out)  # ends in a device-to-host copy of the tokens: synchronous
+        decode_only = all(s.num_new_tokens == 1 for s in out.scheduled)
+        times.append((decode_only, time.perf_counter() - start))
+        return result
+
+    runner.execute = timed_execute
+    return times
 
 
 def batch1_decode_ms(generate, decode_tokens: int) -> float:

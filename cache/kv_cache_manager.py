@@ -117,6 +117,8 @@ class KVCacheManager:
         changed, when the free pool cannot cover them.
         """
         request_id = request.request_id
+        if not new_computed_blocks and self._covered(request, num_new_tokens):
+            return []
         computed = new_computed_blocks or []
         self._check_allocation(request, num_new_tokens, computed, num_new_computed_tokens)
         blocks = self._req_blocks.get(request_id, [])
@@ -150,6 +152,23 @@ class KVCacheManager:
                 self.pool.cache_full_blocks(blocks, hashes, num_cached, num_full_blocks)
                 self._req_num_cached[request_id] = num_full_blocks
         return [block.block_id for block in new_blocks]
+
+    def _covered(self, request: KVCacheRequest, num_new_tokens: int) -> bool:
+        """The decode fast path: the request's blocks already hold the new tokens and no block
+        becomes full, so there is nothing to allocate or hash. Most decode steps end here, and
+        the scheduler asks once per running request per step."""
+        blocks = self._req_blocks.get(request.request_id)
+        if blocks is None or num_new_tokens < 0:
+            return False
+        num_total_tokens = request.num_computed_tokens + num_new_tokens
+        if num_total_tokens > len(blocks) * self.block_size:
+            return False
+        if not self.enable_prefix_caching:
+            return True
+        num_known_tokens = min(num_total_tokens, len(request.all_token_ids))
+        return num_known_tokens // self.block_size <= self._req_num_cached.get(
+            request.request_id, 0
+        )
 
     def free(self, request: KVCacheRequest) -> None:
         """Release the request's blocks, tail first so its unshared tail is evicted first.

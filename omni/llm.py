@@ -49,7 +49,7 @@ class LLM:
         """Generates for every prompt (text, or token ids) and returns outputs in prompt order."""
         batch = _as_batch(prompts)
         params = _broadcast_params(sampling_params, len(batch))
-        ids = [self._add(prompt, p) for prompt, p in zip(batch, params, strict=True)]
+        ids = [self._add(prompt, p, stream=False) for prompt, p in zip(batch, params, strict=True)]
         try:
             return self._run_to_completion(ids, use_tqdm)
         except BaseException:
@@ -98,9 +98,9 @@ class LLM:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+    def _add(self, prompt: Prompt, params: SamplingParams, stream: bool = True) -> str:
         request_id = str(next(self._ids))
-        self.engine.add_request(request_id, prompt, params)
+        self.engine.add_request(request_id, prompt, params, stream=stream)
         return request_id
 
     def _run_to_completion(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

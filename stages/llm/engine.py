@@ -7,6 +7,7 @@ stage process wraps it in its busy loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from omni.cache.block_hash import MultiModalPlaceholder
@@ -58,8 +59,7 @@ class LLMEngine:
             self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
-        self._detokenizers: dict[str, IncrementalDetokenizer | None] = {}
-        self._prompts: dict[str, str | None] = {}
+        self._outputs: dict[str, _OutputState] = {}
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -72,7 +72,10 @@ class LLMEngine:
         mm_placeholders: Sequence[MultiModalPlaceholder] = (),
         mm_embeddings: list[torch.Tensor] | None = None,
         cache_salt: str | None = None,
+        stream: bool = True,
     ) -> None:
+        """Queues a request. With stream=False, step() reports it only once it finishes,
+        which saves building an output per token for offline batches."""
         text = prompt if isinstance(prompt, str) else None
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -94,10 +97,9 @@ class LLMEngine:
             request.generator = torch.Generator(device=self.runner.device)
             request.generator.manual_seed(params.seed)
         self.scheduler.add_request(request)
-        self._detokenizers[request_id] = (
-            None
-            if self.tokenizer is None
-            else IncrementalDetokenizer(
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(
                 self.tokenizer,
                 token_ids,
                 skip_special_tokens=params.skip_special_tokens,
@@ -105,8 +107,7 @@ class LLMEngine:
                 include_stop_str_in_output=params.include_stop_str_in_output,
                 min_tokens=params.min_tokens,
             )
-        )
-        self._prompts[request_id] = text
+        self._outputs[request_id] = _OutputState(text, detok, stream)
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -126,8 +127,7 @@ class LLMEngine:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         for request_id in ids:
-            self._detokenizers.pop(request_id, None)
-            self._prompts.pop(request_id, None)
+            self._outputs.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -145,11 +145,16 @@ class LLMEngine:
         for sched, token in zip(out.scheduled, tokens, strict=True):
             if token is None:
                 continue
-            outputs.append(self._make_output(sched.request, token))
+            output = self._advance(sched.request, token)
+            if output is not None:
+                outputs.append(output)
         return outputs
 
-    def _make_output(self, request: Request, token: int) -> RequestOutput:
-        detok = self._detokenizers.get(request.request_id)
+    def _advance(self, request: Request, token: int) -> RequestOutput | None:
+        """Feeds the new token to the request's text (which may hit a stop string) and builds
+        its output, if the request streams or has finished."""
+        state = self._outputs[request.request_id]
+        detok = state.detokenizer
         delta = ""
         if detok is not None:
             delta = detok.append(token)
@@ -163,6 +168,10 @@ class LLMEngine:
                 # Finished by EOS, a stop token or length: release the text held back in case
                 # it began a stop string.
                 delta += detok.flush()
+        if not request.is_finished and not state.stream:
+            return None
+        if request.is_finished:
+            del self._outputs[request.request_id]
         wants_logprobs = request.sampling_params.logprobs is not None
         completion = CompletionOutput(
             index=0,
@@ -174,15 +183,20 @@ class LLMEngine:
             finish_reason=request.status.finish_reason,
             stop_reason=request.stop_reason,
         )
-        output = RequestOutput(
+        return RequestOutput(
             request_id=request.request_id,
-            prompt=self._prompts.get(request.request_id),
+            prompt=state.prompt,
             prompt_token_ids=request.prompt_token_ids,
             outputs=[completion],
             finished=request.is_finished,
             num_cached_tokens=max(request.num_cached_tokens, 0),
         )
-        if request.is_finished:
-            self._detokenizers.pop(request.request_id, None)
-            self._prompts.pop(request.request_id, None)
-        return output
+
+
+@dataclass
+class _OutputState:
+    """What the engine keeps per request to build its outputs."""
+
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer | None
+    stream: bool
