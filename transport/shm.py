@@ -22,34 +22,49 @@ which the supervisor runs at start-up and whenever it restarts a stage.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
-import mmap
 import os
-import re
 import secrets
-import struct
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
 import numpy as np
 import torch
+from omni.transport.shm_segment import (
+    DEFAULT_PREFIX,
+    HEADER_BYTES,
+    SEGMENT_ROUNDING,
+    SHM_DIR,
+    Segment,
+    check_prefix,
+    list_segments,
+    map_new_segment,
+    map_segment,
+    owner_pid,
+    sweep_dead_owners,
+    sweep_owner,
+)
 from omni.transport.tensors import TORCH_DTYPES, check_shape, torch_dtype_name
 
-SHM_DIR = Path("/dev/shm")
-DEFAULT_PREFIX = "omni_"
-HEADER_BYTES = 64  # payload stays 64-byte aligned
-_MAGIC = b"OMNISHM1"
-_HEADER = struct.Struct("<8sqqq")
-# Segments grow in 2 MiB steps so tensors of slightly different sizes reuse one segment.
-_SEGMENT_ROUNDING = 2 * 1024 * 1024
-_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9]*_"
+# Re-exported: callers use these through this module.
+__all__ = [
+    "DEFAULT_PREFIX",
+    "SHM_DIR",
+    "SharedTensorHandle",
+    "SharedTensorPool",
+    "SharedTensorReader",
+    "StaleHandleError",
+    "list_segments",
+    "owner_pid",
+    "sweep_dead_owners",
+    "sweep_owner",
+]
+
 
 SegmentName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z][A-Za-z0-9]*_[0-9]+_[0-9a-f]+$")]
 
@@ -68,126 +83,6 @@ class StaleHandleError(ValueError):
     """The segment was released (or reused) before this handle was opened."""
 
 
-def _check_prefix(prefix: str) -> str:
-    if not re.fullmatch(_NAME_PATTERN, prefix):
-        raise ValueError(f"shared-memory prefix {prefix!r} must be letters/digits ending in '_'")
-    return prefix
-
-
-def owner_pid(name: str, prefix: str = DEFAULT_PREFIX) -> int | None:
-    """The pid encoded in a segment name, or None if the name is not one of ours."""
-    match = re.fullmatch(re.escape(prefix) + r"([0-9]+)_[0-9a-f]+", name)
-    return int(match.group(1)) if match else None
-
-
-def list_segments(
-    prefix: str = DEFAULT_PREFIX, pid: int | None = None, directory: Path = SHM_DIR
-) -> list[str]:
-    """Names of our segments in `directory` (only those owned by `pid` when given)."""
-    names = []
-    for entry in os.listdir(directory):
-        owner = owner_pid(entry, prefix)
-        if owner is not None and (pid is None or owner == pid):
-            names.append(entry)
-    return sorted(names)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def sweep_owner(pid: int, prefix: str = DEFAULT_PREFIX, directory: Path = SHM_DIR) -> list[str]:
-    """Unlink every segment owned by `pid` (call once that process is known dead)."""
-    removed = []
-    for name in list_segments(prefix, pid, directory):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / name)
-            removed.append(name)
-    return removed
-
-
-def sweep_dead_owners(prefix: str = DEFAULT_PREFIX, directory: Path = SHM_DIR) -> list[str]:
-    """Unlink segments whose owner process no longer exists."""
-    removed = []
-    for name in list_segments(prefix, None, directory):
-        pid = owner_pid(name, prefix)
-        if pid is not None and not _pid_alive(pid):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(directory / name)
-                removed.append(name)
-    return removed
-
-
-@dataclass
-class _Segment:
-    """One mapped segment file; both sides keep the descriptor open for flock."""
-
-    name: str
-    fd: int
-    mapping: mmap.mmap
-    capacity: int
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-    def read_header(self) -> tuple[int, int]:
-        magic, readers, generation, _ = _HEADER.unpack_from(self.mapping, 0)
-        if magic != _MAGIC:
-            raise ValueError(f"shared-memory segment {self.name} has no omni header")
-        return readers, generation
-
-    def write_header(self, readers: int, generation: int) -> None:
-        _HEADER.pack_into(self.mapping, 0, _MAGIC, readers, generation, self.capacity)
-
-    def close(self) -> None:
-        # A consumer may still hold tensors over the mapping; then the kernel unmaps it when the
-        # last of them is freed, so a BufferError here is expected and harmless.
-        with contextlib.suppress(BufferError):
-            self.mapping.close()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
-# Linux 5.14+; Python does not name it yet.
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-
-
-def _map(fd: int, size: int) -> mmap.mmap:
-    """Map a segment for a consumer: MAP_POPULATE faults every page in now, once."""
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-
-
-def _map_for_writing(fd: int, size: int) -> mmap.mmap:
-    """Map a new segment for its producer with every page already faulted in for writing.
-
-    MAP_POPULATE alone maps shared pages read-only, so the first copy would still take one
-    write fault per 4 KiB page (4,600 for an 18 MB tensor, ~10 ms). Where the kernel allows
-    huge pages on tmpfs (shmem_enabled=advise), MADV_HUGEPAGE also cuts TLB misses.
-    """
-    mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    with contextlib.suppress(OSError, AttributeError):
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    try:
-        mapping.madvise(_MADV_POPULATE_WRITE)
-    except OSError:  # older kernel: touch one byte per page instead
-        pages = np.frombuffer(mapping, dtype=np.uint8)
-        pages[:: mmap.PAGESIZE] = 0
-        del pages
-    return mapping
-
-
 class SharedTensorPool:
     """Producer side: writes tensors into reusable segments owned by this process."""
 
@@ -199,10 +94,10 @@ class SharedTensorPool:
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes is {max_bytes}; it must be positive")
-        self.prefix = _check_prefix(prefix)
+        self.prefix = check_prefix(prefix)
         self.max_bytes = max_bytes
         self.directory = Path(directory)
-        self._segments: list[_Segment] = []
+        self._segments: list[Segment] = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -252,7 +147,7 @@ class SharedTensorPool:
 
     def _claim_for(
         self, dtype: torch.dtype, shape: list[int], readers: int
-    ) -> tuple[_Segment, SharedTensorHandle] | None:
+    ) -> tuple[Segment, SharedTensorHandle] | None:
         if readers < 1:
             raise ValueError(f"readers is {readers}; a shared tensor needs at least one")
         dtype_name = torch_dtype_name(dtype)
@@ -275,7 +170,7 @@ class SharedTensorPool:
         )
         return segment, handle
 
-    def _claim(self, nbytes: int, readers: int) -> tuple[_Segment, int] | None:
+    def _claim(self, nbytes: int, readers: int) -> tuple[Segment, int] | None:
         for segment in sorted(self._segments, key=lambda seg: seg.capacity):
             if segment.capacity < nbytes:
                 continue
@@ -284,7 +179,7 @@ class SharedTensorPool:
                 if left == 0:
                     segment.write_header(readers, generation + 1)
                     return segment, generation + 1
-        capacity = -(-nbytes // _SEGMENT_ROUNDING) * _SEGMENT_ROUNDING
+        capacity = -(-nbytes // SEGMENT_ROUNDING) * SEGMENT_ROUNDING
         if not self._make_room(capacity):
             return None
         segment = self._create(capacity)
@@ -306,20 +201,20 @@ class SharedTensorPool:
                 self._unlink(segment)
         return self.total_bytes + capacity <= self.max_bytes
 
-    def _create(self, capacity: int) -> _Segment:
+    def _create(self, capacity: int) -> Segment:
         name = f"{self.prefix}{os.getpid()}_{secrets.token_hex(6)}"
         path = self.directory / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, HEADER_BYTES + capacity)
-            mapping = _map_for_writing(fd, HEADER_BYTES + capacity)
+            mapping = map_new_segment(fd, HEADER_BYTES + capacity)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-        return _Segment(name=name, fd=fd, mapping=mapping, capacity=capacity)
+        return Segment(name=name, fd=fd, mapping=mapping, capacity=capacity)
 
-    def _unlink(self, segment: _Segment) -> None:
+    def _unlink(self, segment: Segment) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / segment.name)
         segment.close()
@@ -345,10 +240,10 @@ class SharedTensorReader:
     def __init__(
         self, prefix: str = DEFAULT_PREFIX, directory: Path = SHM_DIR, max_cached: int = 64
     ) -> None:
-        self.prefix = _check_prefix(prefix)
+        self.prefix = check_prefix(prefix)
         self.directory = Path(directory)
         self.max_cached = max_cached
-        self._cache: OrderedDict[str, _Segment] = OrderedDict()
+        self._cache: OrderedDict[str, Segment] = OrderedDict()
         self._lock = threading.Lock()
 
     def open(self, handle: SharedTensorHandle, release_on_gc: bool = False) -> torch.Tensor:
@@ -389,7 +284,7 @@ class SharedTensorReader:
         """Free the segment for every consumer at once (the request was aborted)."""
         return self._update(handle, lambda readers: 0)
 
-    def _update(self, handle: SharedTensorHandle, change: object) -> bool:
+    def _update(self, handle: SharedTensorHandle, change: Callable[[int], int]) -> bool:
         try:
             segment = self._segment(handle.segment)
         except FileNotFoundError:
@@ -398,7 +293,7 @@ class SharedTensorReader:
             readers, generation = segment.read_header()
             if generation != handle.generation or readers <= 0:
                 return False
-            segment.write_header(max(0, change(readers)), generation)  # type: ignore[operator]
+            segment.write_header(max(0, change(readers)), generation)
         return True
 
     def _release_quietly(self, handle: SharedTensorHandle) -> None:
@@ -411,7 +306,7 @@ class SharedTensorReader:
             for name in [name for name in self._cache if owner_pid(name, self.prefix) == pid]:
                 self._cache.pop(name).close()
 
-    def _segment(self, name: str) -> _Segment:
+    def _segment(self, name: str) -> Segment:
         if owner_pid(name, self.prefix) is None:
             raise ValueError(f"{name!r} is not a shared tensor segment of prefix {self.prefix!r}")
         with self._lock:
@@ -424,8 +319,8 @@ class SharedTensorReader:
                 size = os.fstat(fd).st_size
                 if size < HEADER_BYTES:
                     raise ValueError(f"shared-memory segment {name} is truncated ({size} bytes)")
-                segment = _Segment(
-                    name=name, fd=fd, mapping=_map(fd, size), capacity=size - HEADER_BYTES
+                segment = Segment(
+                    name=name, fd=fd, mapping=map_segment(fd, size), capacity=size - HEADER_BYTES
                 )
             except BaseException:
                 os.close(fd)

@@ -1,0 +1,301 @@
+"""The router's state machine: replicas, requests and what each stage message does to them.
+
+No threads and no sockets here: `StageRouter` calls in under its lock from its I/O thread (or
+from callers, for submit/abort) and supplies `send`, which returns "sent", "busy" (the peer is
+at its high-water mark) or "unreachable" (the peer is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from omni.stages.runtime.config import host_id
+from omni.supervision.replicas import Replica, ReplicaInfo, ReplicaTable
+from omni.supervision.streams import (
+    AsyncReplyStream,
+    NoReplicaError,
+    ReplicaLostError,
+    Reply,
+    ReplyStream,
+    StageFailure,
+    StageRequestError,
+)
+from omni.transport.codec import MessageCodec
+from omni.transport.messages import (
+    PROTOCOL_VERSION,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    HelloRequired,
+    Shutdown,
+    StageError,
+    StageReply,
+    Welcome,
+)
+from omni.transport.shm import DEFAULT_PREFIX, SharedTensorHandle, SharedTensorReader
+from omni.transport.sockets import CurveKeys, SocketOptions, check_endpoint
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[bytes, Sequence[Any]], str]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    # ipc://PATH for stages on this host; tcp://HOST:PORT (with allow_tcp) for other nodes.
+    endpoint: str
+    allow_tcp: bool = False
+    # Replicas heartbeat this often; one silent for heartbeat_timeout_s is declared dead.
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    # A request waits this long for a replica with room before it fails.
+    pending_timeout_s: float = 30.0
+    max_pending: int = 10_000
+    shared_memory: bool = True
+    shm_prefix: str = DEFAULT_PREFIX
+    sockets: SocketOptions = field(default_factory=SocketOptions)
+    curve: CurveKeys | None = None
+
+    def __post_init__(self) -> None:
+        check_endpoint(self.endpoint, binding=True, allow_tcp=self.allow_tcp)
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat_interval_s is {self.heartbeat_interval_s}; it must be > 0")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s})"
+            )
+        if self.pending_timeout_s <= 0:
+            raise ValueError(f"pending_timeout_s is {self.pending_timeout_s}; it must be > 0")
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending is {self.max_pending}; it must be >= 1")
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """A request from submission until its last reply or failure."""
+
+    request_id: str
+    role: str
+    frames: Sequence[Any]
+    stream: ReplyStream | AsyncReplyStream
+    shm_inputs: Mapping[str, SharedTensorHandle]
+    queued_at: float = field(default_factory=time.monotonic)
+    replica: Replica | None = None
+
+
+@dataclass
+class RouterCounters:
+    replicas_joined: int = 0
+    replicas_lost: int = 0
+    requests_failed: int = 0
+    protocol_errors: int = 0
+
+
+class RoutingState:
+    """Replicas and requests of one router; every method runs under the router's lock."""
+
+    def __init__(
+        self, config: RouterConfig, codec: MessageCodec, reader: SharedTensorReader, send: Send
+    ) -> None:
+        self.config = config
+        self.counters = RouterCounters()
+        self.replicas = ReplicaTable()
+        self.requests: dict[str, PendingRequest] = {}
+        self.pending: dict[str, deque[PendingRequest]] = {}
+        # Replicas dropped since the last look: (info, reason, silent), for lost-listeners.
+        self.notices: list[tuple[ReplicaInfo, str, bool]] = []
+        self._codec = codec
+        self._reader = reader
+        self._send = send
+        self._host_id = host_id()
+
+    def _send_message(self, identity: bytes, message: msgspec.Struct) -> None:
+        self._send(identity, self._codec.encode(message))
+
+    def handle(self, identity: bytes, message: msgspec.Struct) -> None:
+        if isinstance(message, Hello):
+            self._admit(identity, message)
+            return
+        replica = self.replicas.by_identity(identity)
+        if replica is None:
+            if not isinstance(message, Goodbye):
+                self._send_message(identity, HelloRequired(reason="unknown replica; say HELLO"))
+            return
+        replica.last_seen = time.monotonic()
+        if isinstance(message, Heartbeat):
+            self._send_message(identity, Heartbeat(replica_id=replica.replica_id))
+        elif isinstance(message, StageReply):
+            self._on_reply(replica, message)
+        elif isinstance(message, StageError):
+            self._on_error(replica, message)
+        elif isinstance(message, Goodbye):
+            self.drop(replica, f"left ({message.reason})" if message.reason else "left")
+        else:
+            logger.warning("%s sent an unexpected %s", replica.describe(), type(message).__name__)
+
+    def _admit(self, identity: bytes, hello: Hello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            logger.error(
+                "replica %s speaks protocol %d, not %d",
+                hello.replica_id,
+                hello.protocol_version,
+                PROTOCOL_VERSION,
+            )
+            self._send_message(
+                identity,
+                Shutdown(reason=f"protocol {hello.protocol_version} is not {PROTOCOL_VERSION}"),
+            )
+            return
+        known = self.replicas.by_identity(identity)
+        if known is not None and known.replica_id == hello.replica_id:
+            known.hello = hello  # the replica lost sight of us and said HELLO again
+        else:
+            if known is not None:
+                self.drop(known, f"renamed itself to {hello.replica_id}")
+            previous = self.replicas.by_id(hello.replica_id)
+            if previous is not None:
+                self.drop(previous, f"was replaced by a new process (pid {hello.pid})")
+            shared = self.config.shared_memory and hello.host_id == self._host_id
+            self.replicas.add(Replica(identity=identity, hello=hello, shared_memory=shared))
+            self.counters.replicas_joined += 1
+            logger.info(
+                "stage %r replica %s joined: pid %d, device %s, capacity %d",
+                hello.role,
+                hello.replica_id,
+                hello.pid,
+                hello.device,
+                hello.capacity,
+            )
+        replica = self.replicas.by_identity(identity)
+        assert replica is not None
+        replica.last_seen = time.monotonic()
+        welcome = Welcome(
+            replica_id=hello.replica_id,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            heartbeat_timeout_s=self.config.heartbeat_timeout_s,
+            shared_memory=replica.shared_memory,
+        )
+        self._send_message(identity, welcome)
+
+    def _on_reply(self, replica: Replica, reply: StageReply) -> None:
+        request = self.requests.get(reply.request_id)
+        if request is None or request.replica is not replica:
+            for handle in reply.shm_outputs.values():  # a late reply to an aborted request
+                self._reader.discard(handle)
+            return
+        tensors = dict(reply.outputs)
+        try:
+            for name, handle in reply.shm_outputs.items():
+                tensors[name] = self._reader.open(handle, release_on_gc=True)
+        except (OSError, ValueError) as exc:
+            self.fail(
+                request,
+                StageFailure(f"request {request.request_id}: unreadable shared tensor: {exc}"),
+            )
+            return
+        request.stream.deliver(
+            Reply(
+                request_id=reply.request_id,
+                replica_id=replica.replica_id,
+                tensors=tensors,
+                data=reply.data,
+                finished=reply.finished,
+                handles=dict(reply.shm_outputs),
+            )
+        )
+        if reply.finished:
+            self.finish(request)
+
+    def _on_error(self, replica: Replica, error: StageError) -> None:
+        if not error.request_id:
+            self.counters.protocol_errors += 1
+            logger.warning("%s reported: %s", replica.describe(), error.message)
+            return
+        request = self.requests.get(error.request_id)
+        if request is not None and request.replica is replica:
+            self.fail(
+                request,
+                StageRequestError(
+                    f"{replica.describe()} failed request {error.request_id}: {error.message}"
+                ),
+            )
+
+    def dispatch(self) -> None:
+        now = time.monotonic()
+        for role, queue in self.pending.items():
+            while queue:
+                replica = self.replicas.least_loaded(role)
+                if replica is None:
+                    break
+                request = queue[0]
+                sent = self._send(replica.identity, request.frames)
+                if sent == "unreachable":
+                    self.drop(replica, "became unreachable")
+                    continue
+                if sent == "busy":
+                    break  # the replica's queue is at its high-water mark: retry next tick
+                queue.popleft()
+                request.replica = replica
+                request.frames = ()
+                replica.inflight.add(request.request_id)
+            while queue and now - queue[0].queued_at > self.config.pending_timeout_s:
+                request = queue.popleft()
+                live = len([r for r in self.replicas if r.role == role])
+                self.fail(
+                    request,
+                    NoReplicaError(
+                        f"request {request.request_id} waited {self.config.pending_timeout_s:g} s: "
+                        f"no replica of stage {role!r} had room ({live} live)"
+                    ),
+                )
+
+    def check_liveness(self) -> None:
+        now = time.monotonic()
+        for replica in self.replicas:
+            silent = now - replica.last_seen
+            if silent > self.config.heartbeat_timeout_s:
+                self.drop(
+                    replica, f"stopped responding (no heartbeat for {silent:.1f} s)", silent=True
+                )
+
+    def drop(self, replica: Replica, reason: str, silent: bool = False) -> None:
+        """Take `replica` out of routing and fail its requests."""
+        self.replicas.remove(replica)
+        self.counters.replicas_lost += 1
+        logger.warning(
+            "%s %s; failing %d requests", replica.describe(), reason, len(replica.inflight)
+        )
+        for request_id in sorted(replica.inflight):
+            request = self.requests.get(request_id)
+            if request is not None:
+                self.fail(
+                    request,
+                    ReplicaLostError(f"request {request_id} failed: {replica.describe()} {reason}"),
+                )
+        replica.inflight.clear()
+        self.notices.append((replica.info(), reason, silent))
+
+    def fail(self, request: PendingRequest, error: StageFailure) -> None:
+        self.counters.requests_failed += 1
+        self.release_inputs(request)
+        request.stream.deliver(error)
+        self.finish(request)
+
+    def finish(self, request: PendingRequest) -> None:
+        self.requests.pop(request.request_id, None)
+        if request.replica is not None:
+            request.replica.inflight.discard(request.request_id)
+
+    def release_inputs(self, request: PendingRequest) -> None:
+        for handle in request.shm_inputs.values():
+            with contextlib.suppress(OSError, ValueError):
+                self._reader.discard(handle)
