@@ -24,8 +24,8 @@ from omni.stages.llm.models.layers import (
     GatedMLP,
     Linear,
     RMSNorm,
+    RotaryAngles,
     RotaryEmbedding,
-    apply_rotary,
 )
 from torch import nn
 
@@ -126,7 +126,7 @@ class Attention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
+        rotary: RotaryAngles,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         backend: str,
@@ -138,8 +138,7 @@ class Attention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotary.rotate(q, k)
         out = attend(q, k, v, kv_cache, meta, self.scale, backend)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -157,17 +156,29 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
+        residual: torch.Tensor | None,
+        rotary: RotaryAngles,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         backend: str,
-    ) -> torch.Tensor:
-        # Plain pre-norm residuals in the model dtype, as transformers does them (a fused
-        # add+norm with a float32 residual would drift from the reference in bf16).
-        hidden = hidden + self.self_attn(
-            self.input_layernorm(hidden), rotary, kv_cache, meta, backend
-        )
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream before it is added): each residual add is deferred
+        into the next norm, so on CUDA add and norm are one kernel (vLLM's pattern).
+        `residual` is None for the first layer, whose `hidden` is the embeddings.
+
+        The residual stream stays in the model dtype and each add is torch's `residual + x`,
+        as transformers does it: the same bits as `hidden + sublayer(...)` (IEEE addition is
+        commutative), so the CPU path matches the reference exactly. A float32 residual would
+        drift from the reference in bf16.
+        """
+        if residual is None:
+            residual = hidden
+            normed = self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        attn_out = self.self_attn(normed, rotary, kv_cache, meta, backend)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
+        return self.mlp(normed), residual
 
 
 class DecoderModel(nn.Module):
@@ -256,9 +267,13 @@ class CausalLM(nn.Module):
             assert input_ids is not None
             hidden = self.embed_tokens(input_ids)
         rotary = self.model.rotary_emb(positions, hidden.dtype)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(hidden, rotary, kv_cache, attn_meta, attn_backend)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, residual, rotary, kv_cache, attn_meta, attn_backend)
+        if residual is None:  # a model without layers
+            return self.model.norm(hidden)
+        normed, _ = self.model.norm.add_and_norm(hidden, residual)
+        return normed
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in float32 (the matmul itself runs in the model dtype, like

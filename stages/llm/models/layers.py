@@ -12,10 +12,19 @@ greedy tokens match transformers on the same weights.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omni.stages.llm.models.fused_ops import (
+    add_rms_norm,
+    apply_rotary_torch,
+    rms_norm,
+    rotary_cos_sin_torch,
+    rotary_qk,
+    silu_and_mul,
+)
 from torch import nn
 
 
@@ -48,7 +57,8 @@ class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the weight multiply, like transformers.
 
     Applied over the last dimension, so the same module serves a hidden vector and Qwen3's
-    per-head q/k norms ([T, heads, head_dim]).
+    per-head q/k norms ([T, heads, head_dim]). On CUDA each call is one fused Triton kernel
+    (`fused_ops`); elsewhere it is the torch code, unchanged.
     """
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
@@ -57,11 +67,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x32 = x.to(torch.float32)
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        x32 = x32 * torch.rsqrt(variance + self.eps)
-        return self.weight * x32.to(input_dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): the pre-norm residual add, fused with this norm
+        on CUDA. The sum is rounded to the model dtype exactly as torch's `+` rounds it."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class GatedMLP(nn.Module):
@@ -78,8 +91,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 # Rope types whose inverse frequencies depend only on the config (never on the running
@@ -151,13 +163,32 @@ def _llama3_scale(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tenso
     return torch.where(is_medium, smoothed, scaled)
 
 
+@dataclass(frozen=True)
+class RotaryAngles:
+    """One forward's rotary inputs, built once and shared by every layer.
+
+    On CUDA the fused kernel derives cos/sin from `positions x inv_freq` itself, so no tables
+    are built; elsewhere `cos_sin` holds them ([T, 1, head_dim] each, in the model dtype).
+    """
+
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    scaling: float
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated (q, k) for q [T, heads, head_dim] and k [T, kv_heads, head_dim]; on CUDA
+        q and k are rotated in place (they may be views of the fused qkv output)."""
+        return rotary_qk(q, k, self.positions, self.inv_freq, self.scaling, self.cos_sin)
+
+
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding (rotate-half) at arbitrary int64 positions.
 
     cos/sin are computed per step from the positions rather than read from a precomputed
     table: it costs T x head_dim/2 multiplies, has no maximum length, and reproduces
-    transformers' float32 arithmetic exactly. The model computes them once per forward and
-    every layer reuses them.
+    transformers' float32 arithmetic exactly. Off CUDA the model computes them once per
+    forward and every layer reuses them; on CUDA the fused rotary kernel computes them inline.
     """
 
     def __init__(self, config: Any, head_dim: int) -> None:
@@ -169,19 +200,16 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for `positions` [T], shaped [T, 1, head_dim] to broadcast over heads."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_scaling).to(dtype)
-        sin = (emb.sin() * self.attention_scaling).to(dtype)
-        return cos[:, None, :], sin[:, None, :]
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
+        """The rotary inputs for `positions` [T] in a model of `dtype`."""
+        cos_sin = (
+            None
+            if positions.is_cuda
+            else rotary_cos_sin_torch(positions, self.inv_freq, self.attention_scaling, dtype)
+        )
+        return RotaryAngles(positions, self.inv_freq, self.attention_scaling, cos_sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `x` [T, heads, head_dim] by the angles whose cos/sin are given ([T, 1, head_dim])."""
-    half = x.shape[-1] // 2
-    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated_half * sin
+    return apply_rotary_torch(x, cos, sin)

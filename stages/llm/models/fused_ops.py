@@ -1,0 +1,465 @@
+"""Fused Triton kernels for the elementwise parts of a decoder layer (CUDA only).
+
+Why: under a CUDA graph a batch-1 decode step is bound by kernel count, not by bandwidth. In
+plain torch, RMSNorm is 8 kernels, neox rotary ~10, SiLU-and-multiply 2, and every residual add
+one more; each costs ~2 us even when replayed from a graph. Here each of those is one kernel.
+
+Numerics: every kernel reproduces the rounding steps of the torch code it replaces (the code in
+`layers.py`, which follows transformers): values are widened to float32, each intermediate that
+torch rounds to the model dtype is rounded to it here too, and FMA contraction is disabled so
+`a * b + c` rounds twice as it does in torch. On CUDA tensors `cos`, `sin`, `exp` and `rsqrt`
+come from libdevice, the same implementations CUDA's `cosf`/`expf`/`rsqrtf` (and so torch's
+kernels) use. What can still differ is the order of the float32 sum in RMSNorm's mean of
+squares (a tree here, torch's own reduction order there): at most an ulp or so in the variance,
+which occasionally moves a bf16 output by one ulp.
+
+Dispatch: the public functions run the kernel for CUDA tensors and the original torch code
+otherwise, so CPU numerics (compared bit for bit against transformers in the tests) never
+change. The `*_triton` functions launch the kernel unconditionally; the tests run them on CPU
+tensors under Triton's interpreter (`TRITON_INTERPRET=1`), where libdevice does not exist and
+numpy's `cos`/`exp` stand in.
+
+Every launch has a grid computed from shapes alone and no host synchronisation, so all of them
+can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# ---- kernels -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    residual_out_ptr,
+    num_heads,
+    stride_x_token,
+    stride_x_head,
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per row. A row is (token, head) of a [T, heads, n_cols] view whose last dim
+    # is contiguous; a plain [T, n_cols] input has one head. Outputs are contiguous.
+    row = tl.program_id(0)
+    token = row // num_heads
+    head = row % num_heads
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x_offsets = token.to(tl.int64) * stride_x_token + head * stride_x_head + cols
+    row_offsets = row.to(tl.int64) * n_cols + cols
+    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # torch's `residual + x`: the exact float32 sum rounded once to the model dtype.
+        residual = tl.load(residual_ptr + row_offsets, mask=mask, other=0.0)
+        x = (residual.to(tl.float32) + x.to(tl.float32)).to(x.dtype)
+        tl.store(residual_out_ptr + row_offsets, x, mask=mask)
+    x32 = x.to(tl.float32)
+    variance = tl.sum(x32 * x32, axis=0) / n_cols
+    if USE_LIBDEVICE:  # noqa: SIM108 (a constexpr branch: libdevice exists only on CUDA)
+        inv_rms = libdevice.rsqrt(variance + eps)
+    else:
+        inv_rms = tl.math.rsqrt(variance + eps)
+    # Cast back to the input dtype before the weight multiply, as transformers does; the
+    # product of two values of that dtype is exact in float32, so one rounding to the output
+    # dtype equals torch's half-precision multiply.
+    normed = (x32 * inv_rms).to(x.dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = weight * normed
+    tl.store(out_ptr + row_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate_heads(
+    base_ptr,
+    stride_token,
+    stride_head,
+    token,
+    num_heads,
+    cos,
+    sin,
+    half: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Neox rotate-half of every head of one token, in place:
+    `x1' = x1*cos - x2*sin`, `x2' = x2*cos + x1*sin`, each product rounded to the model dtype
+    before the sum (torch computes `x*cos` and `rotate_half(x)*sin` as separate kernels)."""
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < num_heads) & (dims < half)
+    first = base_ptr + token.to(tl.int64) * stride_token + heads * stride_head + dims
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + half, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    x1_cos = (x1f * cos).to(dtype).to(tl.float32)
+    x2_sin = (x2f * sin).to(dtype).to(tl.float32)
+    x2_cos = (x2f * cos).to(dtype).to(tl.float32)
+    x1_sin = (x1f * sin).to(dtype).to(tl.float32)
+    tl.store(first, (x1_cos - x2_sin).to(dtype), mask=mask)
+    tl.store(first + half, (x2_cos + x1_sin).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_qk_kernel(
+    q_ptr,
+    k_ptr,
+    positions_ptr,
+    inv_freq_ptr,
+    stride_q_token,
+    stride_q_head,
+    stride_k_token,
+    stride_k_head,
+    num_q_heads,
+    num_k_heads,
+    scaling,
+    half: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
+    BLOCK_Q_HEADS: tl.constexpr,
+    BLOCK_K_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    # One program per token: the angles are computed once and applied to all q and k heads.
+    token = tl.program_id(0)
+    dims = tl.arange(0, BLOCK_HALF)
+    inv_freq = tl.load(inv_freq_ptr + dims, mask=dims < half, other=0.0)
+    position = tl.load(positions_ptr + token).to(tl.float32)
+    freqs = position * inv_freq
+    if USE_LIBDEVICE:
+        cos32 = libdevice.cos(freqs)
+        sin32 = libdevice.sin(freqs)
+    else:
+        cos32 = tl.cos(freqs)
+        sin32 = tl.sin(freqs)
+    # The tables torch builds are scaled in float32 and then cast to the model dtype.
+    dtype = q_ptr.dtype.element_ty
+    cos = (cos32 * scaling).to(dtype).to(tl.float32)[None, :]
+    sin = (sin32 * scaling).to(dtype).to(tl.float32)[None, :]
+    _rotate_heads(
+        q_ptr,
+        stride_q_token,
+        stride_q_head,
+        token,
+        num_q_heads,
+        cos,
+        sin,
+        half,
+        BLOCK_Q_HEADS,
+        BLOCK_HALF,
+    )
+    _rotate_heads(
+        k_ptr,
+        stride_k_token,
+        stride_k_head,
+        token,
+        num_k_heads,
+        cos,
+        sin,
+        half,
+        BLOCK_K_HEADS,
+        BLOCK_HALF,
+    )
+
+
+@triton.jit
+def _silu_and_mul_kernel(
+    gate_up_ptr,
+    out_ptr,
+    stride_gate_up_token,
+    intermediate_size,
+    USE_LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < intermediate_size
+    row = gate_up_ptr + token.to(tl.int64) * stride_gate_up_token
+    gate_raw = tl.load(row + cols, mask=mask, other=0.0)
+    up = tl.load(row + intermediate_size + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = gate_raw.dtype
+    gate = gate_raw.to(tl.float32)
+    if USE_LIBDEVICE:  # noqa: SIM108 (a constexpr branch: libdevice exists only on CUDA)
+        exp_neg = libdevice.exp(-gate)
+    else:
+        exp_neg = tl.exp(-gate)
+    # torch's silu is `x / (1 + exp(-x))` with an IEEE division, rounded to the model dtype;
+    # the multiply by `up` is a second kernel there, so a second rounding here.
+    silu = tl.math.div_rn(gate, 1.0 + exp_neg).to(dtype).to(tl.float32)
+    out = (silu * up).to(dtype)
+    tl.store(out_ptr + token.to(tl.int64) * intermediate_size + cols, out, mask=mask)
+
+
+# ---- launch helpers ------------------------------------------------------------------------
+
+# Keep `a * b + c` as two roundings, as in torch's separate kernels (Triton fuses to FMA by
+# default). Ignored by the interpreter, which never fuses.
+_NO_FMA = {"enable_fp_fusion": False}
+
+
+def _num_warps(block: int) -> int:
+    """Enough warps that each thread holds a handful of elements of a row-sized block."""
+    return max(1, min(8, block // 256))
+
+
+def _as_heads(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a [tokens, heads, cols] view (no copy when the layout allows it)."""
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _check_rows(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.shape[-1] != weight.shape[0] or weight.dim() != 1:
+        raise ValueError(
+            f"{name}: weight has shape {tuple(weight.shape)}; it must be "
+            f"[{x.shape[-1]}] (the last dim of the input)"
+        )
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name}: the input's last dim must be contiguous (stride 1)")
+
+
+# ---- RMSNorm -------------------------------------------------------------------------------
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference (transformers' arithmetic): float32 norm, cast back, weight multiply."""
+    input_dtype = x.dtype
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    x32 = x32 * torch.rsqrt(variance + eps)
+    return weight * x32.to(input_dtype)
+
+
+def _launch_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _check_rows("rms_norm", x, weight)
+    heads_view = _as_heads(x)
+    num_rows = heads_view.shape[0] * heads_view.shape[1]
+    n_cols = x.shape[-1]
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    residual_out = None
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"add_rms_norm: residual is {residual.dtype} {tuple(residual.shape)}; it must "
+                f"match the input, {x.dtype} {tuple(x.shape)}"
+            )
+        residual = residual.contiguous()
+        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if num_rows == 0:
+        return out, residual_out
+    block = triton.next_power_of_2(n_cols)
+    _rms_norm_kernel[(num_rows,)](
+        heads_view,
+        residual if residual is not None else heads_view,
+        weight,
+        out,
+        residual_out if residual_out is not None else out,
+        heads_view.shape[1],
+        heads_view.stride(0),
+        heads_view.stride(1),
+        n_cols,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        USE_LIBDEVICE=x.is_cuda,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+        **_NO_FMA,
+    )
+    return out, residual_out
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in one kernel; `x` may be a strided [T, heads, D] view."""
+    out, _ = _launch_rms_norm(x, None, weight, eps)
+    return out
+
+
+def add_rms_norm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`new_residual = residual + x` (in x's dtype) and RMSNorm of it, in one kernel."""
+    out, residual_out = _launch_rms_norm(x, residual, weight, eps)
+    assert residual_out is not None
+    return out, residual_out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: one kernel on CUDA, transformers' torch code elsewhere."""
+    if x.is_cuda:
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(residual + x), residual + x): the pre-norm residual add fused with the next
+    norm on CUDA; on CPU exactly torch's add followed by the reference norm."""
+    if x.is_cuda:
+        return add_rms_norm_triton(x, residual, weight, eps)
+    new_residual = residual + x
+    return rms_norm_torch(new_residual, weight, eps), new_residual
+
+
+# ---- rotary --------------------------------------------------------------------------------
+
+
+def rotary_cos_sin_torch(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, 1, head_dim] in `dtype`, transformers' float32 arithmetic."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * scaling).to(dtype)
+    sin = (emb.sin() * scaling).to(dtype)
+    return cos[:, None, :], sin[:, None, :]
+
+
+def apply_rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [T, heads, head_dim] by the angles whose cos/sin are given ([T, 1, head_dim])."""
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated_half * sin
+
+
+def _check_rotary(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+) -> None:
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(
+            f"rotary_qk_: q and k must be [T, heads, head_dim]; got {tuple(q.shape)} "
+            f"and {tuple(k.shape)}"
+        )
+    num_tokens, head_dim = q.shape[0], q.shape[2]
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim or positions.shape != (num_tokens,):
+        raise ValueError(
+            f"rotary_qk_: q {tuple(q.shape)}, k {tuple(k.shape)} and positions "
+            f"{tuple(positions.shape)} must agree on T and head_dim"
+        )
+    if head_dim % 2 or inv_freq.shape != (head_dim // 2,):
+        raise ValueError(
+            f"rotary_qk_: inv_freq has shape {tuple(inv_freq.shape)}; head_dim {head_dim} "
+            f"needs [{head_dim // 2}] (and must be even)"
+        )
+    if q.dtype != k.dtype or q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("rotary_qk_: q and k need one dtype and a contiguous head_dim")
+    if inv_freq.dtype != torch.float32:
+        raise ValueError(f"rotary_qk_: inv_freq must be float32, got {inv_freq.dtype}")
+
+
+def rotary_qk_triton_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    scaling: float,
+) -> None:
+    """Neox rotary on q [T, Hq, D] and k [T, Hk, D] in place, in one kernel, with the angles
+    `positions x inv_freq` computed in float32 inside it (no per-step cos/sin tensors). q and
+    k may be strided views (e.g. of the fused qkv projection)."""
+    _check_rotary(q, k, positions, inv_freq)
+    num_tokens, num_q_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    half = head_dim // 2
+    block_q_heads = triton.next_power_of_2(num_q_heads)
+    block_half = triton.next_power_of_2(half)
+    _rotary_qk_kernel[(num_tokens,)](
+        q,
+        k,
+        positions,
+        inv_freq,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        num_q_heads,
+        k.shape[1],
+        float(scaling),
+        half=half,
+        USE_LIBDEVICE=q.is_cuda,
+        BLOCK_Q_HEADS=block_q_heads,
+        BLOCK_K_HEADS=triton.next_power_of_2(k.shape[1]),
+        BLOCK_HALF=block_half,
+        num_warps=_num_warps(block_q_heads * block_half),
+        **_NO_FMA,
+    )
+
+
+def rotary_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    scaling: float,
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (q, k). CUDA: in place, one kernel. Elsewhere: the torch code, using `cos_sin`
+    when the caller precomputed it once for all layers."""
+    if q.is_cuda:
+        rotary_qk_triton_(q, k, positions, inv_freq, scaling)
+        return q, k
+    if cos_sin is None:
+        cos_sin = rotary_cos_sin_torch(positions, inv_freq, scaling, q.dtype)
+    cos, sin = cos_sin
+    return apply_rotary_torch(q, cos, sin), apply_rotary_torch(k, cos, sin)
+
+
+# ---- SiLU and multiply ---------------------------------------------------------------------
+
+_SILU_BLOCK = 1024
+
+
+def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` over a fused [T, 2I] tensor (gate first), in one kernel."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
+        raise ValueError(
+            f"silu_and_mul: gate_up must be [T, 2*I] with a contiguous last dim; got shape "
+            f"{tuple(gate_up.shape)}"
+        )
+    num_tokens, width = gate_up.shape
+    intermediate_size = width // 2
+    out = torch.empty(num_tokens, intermediate_size, dtype=gate_up.dtype, device=gate_up.device)
+    if num_tokens == 0:
+        return out
+    block = min(_SILU_BLOCK, triton.next_power_of_2(intermediate_size))
+    _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate_size, block))](
+        gate_up,
+        out,
+        gate_up.stride(0),
+        intermediate_size,
+        USE_LIBDEVICE=gate_up.is_cuda,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+        **_NO_FMA,
+    )
+    return out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation over the fused gate/up output: one kernel on CUDA."""
+    if gate_up.is_cuda:
+        return silu_and_mul_triton(gate_up)
+    return silu_and_mul_torch(gate_up)
