@@ -55,7 +55,7 @@ def test_omni_stage_joins_over_tcp_with_curve_serves_and_leaves(tmp_path: Path) 
             values = [stream.result(timeout=10)[0].tensors["x"].tolist() for stream in streams]
             assert values == [[1, 1], [3, -1], [5, -3], [7, -5], [9, -7]]
 
-            stage.send_signal(signal.SIGTERM)
+            stage.send_signal(signal.SIGINT)  # Ctrl-C takes the same clean path as SIGTERM
             assert stage.wait(timeout=30) == 0
             deadline = time.monotonic() + 5
             while router.replicas("echo") and time.monotonic() < deadline:

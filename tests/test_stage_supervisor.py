@@ -1,4 +1,4 @@
-"""A stage process killed mid-request: fast failure, restart, service again, nothing left over."""
+"""A stage killed or frozen mid-request: fast failure, restart, service again, no leftovers."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from omni.supervision.streams import ReplicaLostError
 from omni.supervision.supervisor import StageSpec, StageSupervisor, SupervisorConfig
 
 
-def test_killed_stage_fails_its_request_restarts_and_serves_again() -> None:
+def test_dead_or_silent_stage_fails_its_request_restarts_and_serves_again() -> None:
     spec = StageSpec(
         role="echo", extra_args=("--shm-threshold-bytes", "1024", "--log-level", "WARNING")
     )
-    with ipc_endpoint() as endpoint, running_router(endpoint) as router:
+    # A 1 s heartbeat timeout: generous for a busy 2-core machine, still well under 5 s.
+    with ipc_endpoint() as endpoint, running_router(endpoint, heartbeat_timeout_s=1.0) as router:
         supervisor = StageSupervisor(router, [spec], SupervisorConfig(restart_delay_s=0.0)).start()
         try:
             assert router.wait_for_replicas("echo", 1, timeout=60)
@@ -56,6 +57,24 @@ def test_killed_stage_fails_its_request_restarts_and_serves_again() -> None:
             assert supervisor.restarts == 1
             assert router.counters.replicas_lost == 1
             del first, reply
+            gc.collect()
+
+            # A stage that is alive but silent (stopped, so no heartbeats) is caught the same way.
+            frozen = info.pid
+            os.kill(frozen, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            with pytest.raises(ReplicaLostError, match=r"echo-0 \(pid \d+\) stopped responding"):
+                router.submit("echo", {"page": page}, request_id="stuck").result(timeout=10)
+            assert time.monotonic() - stopped_at < 5
+            assert router.wait_for_replicas("echo", 1, timeout=60)
+            assert router.replicas("echo")[0].pid not in (victim, frozen)
+            [reply] = router.submit("echo", {"page": page}).result(timeout=10)
+            assert torch.equal(reply.tensors["page"], page * 2 + 1)
+            assert [(e.pid, e.reason) for e in supervisor.events] == [
+                (victim, "was killed by SIGKILL"),
+                (frozen, "was killed by SIGKILL"),  # by the supervisor, once the router gave up
+            ]
+            del reply
             gc.collect()
         finally:
             supervisor.stop()
