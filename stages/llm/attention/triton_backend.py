@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 from omni.stages.llm.attention import triton_kernels
 from omni.stages.llm.attention.metadata import AttentionMetadata
 
@@ -23,6 +22,11 @@ MAX_SPLITS = 64
 
 def _is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
+
+
+def _next_power_of_two(value: int) -> int:
+    # Plain int math: triton.next_power_of_2 is a constexpr function, slow on the host path.
+    return 1 if value <= 1 else 1 << (value - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ def _num_sms(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+@functools.lru_cache(maxsize=512)
 def choose_launch_config(
     *,
     num_heads: int,
@@ -80,7 +85,7 @@ def choose_launch_config(
     long, the context is split across programs and merged afterwards.
     """
     q_per_kv = num_heads // num_kv_heads
-    group_rows = triton.next_power_of_2(q_per_kv)
+    group_rows = _next_power_of_two(q_per_kv)
     if max_query_len <= 1:
         # Measured on an H100 (batch 256, context 640): 64-position tiles, 4 warps, 2 stages.
         block_m = max(MIN_DOT_DIM, group_rows)
@@ -90,7 +95,7 @@ def choose_launch_config(
         # longest chunk needs (a chunk of 3 tokens should not pay for 128 rows).
         # 64 rows with 32-position tiles measured best on an H100 for 256 x 512-token
         # prompts at Qwen2.5-7B geometry (2.6 ms vs 3.4 ms for 128 x 64, 8 warps).
-        wanted_rows = triton.next_power_of_2(max_query_len * q_per_kv)
+        wanted_rows = _next_power_of_two(max_query_len * q_per_kv)
         block_m = min(max(MIN_DOT_DIM, group_rows, wanted_rows), max(64, group_rows))
         tile, num_warps, num_stages = 32, 4, 2
     block_q = max(1, block_m // q_per_kv)
@@ -100,9 +105,9 @@ def choose_launch_config(
     programs = query_tiles * num_kv_heads
     if max_query_len <= block_q and programs < 2 * num_sms:
         # Each split should still stream a few tiles, or the merge costs more than it saves.
-        by_occupancy = triton.next_power_of_2(math.ceil(4 * num_sms / max(programs, 1)))
+        by_occupancy = _next_power_of_two(math.ceil(4 * num_sms / max(programs, 1)))
         by_length = max(1, max_seq_len // (4 * tile))
-        num_splits = min(by_occupancy, triton.next_power_of_2(by_length), MAX_SPLITS)
+        num_splits = min(by_occupancy, _next_power_of_two(by_length), MAX_SPLITS)
         if num_splits > by_length:
             num_splits //= 2
         num_splits = max(1, num_splits)
@@ -139,9 +144,9 @@ def write_kv_cache_triton(
         k_cache.stride(1),
         k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads,
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEADS_PAD=_next_power_of_two(num_kv_heads),
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM_PAD=_next_power_of_two(head_dim),
         BLOCK_SIZE=block_size,
     )
 
@@ -171,7 +176,7 @@ def paged_attention_triton(
             f"block_q {config.block_q} x {q_per_kv} query heads per kv head exceeds "
             f"block_m {config.block_m}"
         )
-    head_dim_pad = max(MIN_DOT_DIM, triton.next_power_of_2(head_dim))
+    head_dim_pad = max(MIN_DOT_DIM, _next_power_of_two(head_dim))
     split = config.num_splits > 1
     # Unsplit, tokens past the last request are never visited; zeros keep them defined.
     # Split, the merge kernel writes every token, padding included.
