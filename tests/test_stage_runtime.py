@@ -5,10 +5,19 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
 import zmq
+from omni.stages.runtime import (
+    StageConfig,
+    StageOutput,
+    StageRuntime,
+    StreamingStageWorker,
+    WorkerOptions,
+    WorkerRequest,
+)
 from omni.transport.messages import (
     Hello,
     StageError,
@@ -269,3 +278,28 @@ def test_async_stream() -> None:
         finally:
             runtime.stop()
             runtime.join(10)
+
+
+class _BrokenBatchWorker(StreamingStageWorker):
+    def handle(self, request: WorkerRequest) -> Iterator[StageOutput]:
+        yield StageOutput(request_id=request.request_id)
+
+    def step(self) -> list[StageOutput]:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+
+def test_a_failing_step_fails_held_requests_and_stops_the_stage() -> None:
+    with ipc_endpoint() as endpoint, running_router(endpoint) as router:
+        config = StageConfig(
+            role="broken", connect=endpoint, heartbeat_interval_s=0.05, replica_id="broken-0"
+        )
+        runtime = StageRuntime(config, _BrokenBatchWorker(WorkerOptions())).start()
+        assert router.wait_for_replicas("broken", 1, timeout=10)
+        with pytest.raises(
+            StageRequestError,
+            match=r"failed request r: the replica shut down "
+            r"\(worker failed: RuntimeError: CUDA out of memory",
+        ):
+            router.submit("broken", request_id="r").result(timeout=5)
+        assert runtime.join(10)
+        assert runtime.failed is True

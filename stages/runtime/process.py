@@ -58,4 +58,4 @@ def run_stage_process(config: StageConfig, worker: StageWorker) -> int:
     )
     runtime.run()
     logger.info("stage %s exited: %s", runtime.replica_id, runtime.exit_reason)
-    return 0
+    return 1 if runtime.failed else 0

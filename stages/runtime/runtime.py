@@ -65,6 +65,7 @@ class StageRuntime:
         self.worker = worker
         self.replica_id = config.effective_replica_id
         self.exit_reason = ""
+        self.failed = False  # the worker raised; the process should exit non-zero
         self.protocol_errors = 0
         self._context = context or zmq.Context.instance()
         self._codec = stage_codec()
@@ -140,8 +141,7 @@ class StageRuntime:
             while not self._stop.is_set():
                 self._take_inbound(push, block=not self.worker.has_work())
                 if self.worker.has_work():
-                    for output in self.worker.step():
-                        self._send_output(push, output)
+                    self._step(push)
             self._shut_down(push)
         finally:
             push.send(_CLOSE)
@@ -152,6 +152,20 @@ class StageRuntime:
             if self._pool is not None:
                 self._pool.close()
             self._reader.close()
+
+    def _step(self, push: zmq.Socket) -> None:
+        try:
+            outputs = self.worker.step()
+        except Exception as exc:
+            # A batch failed as a whole (out of memory, a kernel error): the worker's state can
+            # no longer be trusted, so fail what it held, leave, and let the supervisor restart
+            # a fresh process.
+            logger.exception("worker step failed; the stage exits")
+            self.failed = True
+            self.stop(f"worker failed: {type(exc).__name__}: {exc}")
+            return
+        for output in outputs:
+            self._send_output(push, output)
 
     def _take_inbound(self, push: zmq.Socket, block: bool) -> None:
         try:
