@@ -47,12 +47,18 @@ class ProtocolError(ValueError):
 
 
 class _FrameState(threading.local):
-    """Per-thread frames of the message being encoded or decoded (hooks take no extra args)."""
+    """Per-thread frames of the message being encoded or decoded (hooks take no extra args).
+
+    The msgspec encoder and decoders live here too: the hooks call back into Python, where
+    another thread may run, so no two threads ever share one mid-message.
+    """
 
     def __init__(self) -> None:
         self.outgoing: list[memoryview] | None = None
         self.incoming: Sequence[memoryview] | None = None
         self.used: set[int] = set()
+        self.encoder: msgspec.msgpack.Encoder | None = None
+        self.decoders: dict[int, msgspec.msgpack.Decoder[Any]] = {}
 
 
 def _reject_ext(code: int, data: memoryview) -> Any:
@@ -90,12 +96,22 @@ class MessageCodec:
             raise ValueError(f"inline_threshold is {inline_threshold}; it must be >= 0")
         self.inline_threshold = inline_threshold
         self._kind_of: dict[type, int] = {cls: kind for kind, cls in kinds.items()}
+        self._types = dict(kinds)
         self._state = _FrameState()
-        self._encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
-        self._decoders = {
-            kind: msgspec.msgpack.Decoder(cls, dec_hook=self._dec_hook, ext_hook=_reject_ext)
-            for kind, cls in kinds.items()
-        }
+
+    def _encoder(self) -> msgspec.msgpack.Encoder:
+        if self._state.encoder is None:
+            self._state.encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        return self._state.encoder
+
+    def _decoder(self, kind: int) -> msgspec.msgpack.Decoder[Any] | None:
+        decoder = self._state.decoders.get(kind)
+        if decoder is None and kind in self._types:
+            decoder = msgspec.msgpack.Decoder(
+                self._types[kind], dec_hook=self._dec_hook, ext_hook=_reject_ext
+            )
+            self._state.decoders[kind] = decoder
+        return decoder
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -109,7 +125,7 @@ class MessageCodec:
         try:
             header = bytearray(1)
             header[0] = kind
-            self._encoder.encode_into(message, header, 1)
+            self._encoder().encode_into(message, header, 1)
         finally:
             self._state.outgoing = None
         return [header, *frames]
@@ -146,7 +162,7 @@ class MessageCodec:
         if header.nbytes == 0:
             raise ProtocolError("message has an empty header frame")
         kind = header[0]
-        decoder = self._decoders.get(kind)
+        decoder = self._decoder(kind)
         if decoder is None:
             raise ProtocolError(f"unknown message kind 0x{kind:02x}")
         self._state.incoming = [_frame_buffer(frame) for frame in frames[1:]]

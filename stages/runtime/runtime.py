@@ -272,6 +272,16 @@ class StageRuntime:
         self._io_ready.set()
         try:
             self._io_loop(dealer, pull)
+        except Exception as exc:
+            logger.exception("stage I/O thread failed; the stage exits")
+            self.failed = True
+            self.stop(f"I/O failed: {type(exc).__name__}: {exc}")
+            # Keep taking what the busy loop sends until its close marker, so it never blocks
+            # on a socket nobody reads.
+            while True:
+                frames = pull.recv_multipart(copy=False)
+                if len(frames) == 1 and len(frames[0]) == 0:
+                    break
         finally:
             pull.close(linger=0)
             dealer.close()
