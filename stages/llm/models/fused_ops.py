@@ -204,9 +204,11 @@ def _silu_and_mul_kernel(
 
 # ---- launch helpers ------------------------------------------------------------------------
 
-# Keep `a * b + c` as two roundings, as in torch's separate kernels (Triton fuses to FMA by
-# default). Ignored by the interpreter, which never fuses.
-_NO_FMA = {"enable_fp_fusion": False}
+# Compile options that give torch's floating-point semantics: keep `a * b + c` as two roundings,
+# as in torch's separate kernels (Triton contracts to FMA by default), and link libdevice's
+# IEEE-denormal variants (Triton picks the flush-to-zero ones by default; torch is built
+# without -ftz). The interpreter ignores both; it never fuses and numpy keeps denormals.
+_TORCH_FP_OPTIONS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
 def _num_warps(block: int) -> int:
@@ -280,7 +282,7 @@ def _launch_rms_norm(
         USE_LIBDEVICE=x.is_cuda,
         BLOCK=block,
         num_warps=_num_warps(block),
-        **_NO_FMA,
+        **_TORCH_FP_OPTIONS,
     )
     return out, residual_out
 
@@ -399,7 +401,7 @@ def rotary_qk_triton_(
         BLOCK_K_HEADS=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=block_half,
         num_warps=_num_warps(block_q_heads * block_half),
-        **_NO_FMA,
+        **_TORCH_FP_OPTIONS,
     )
 
 
@@ -453,7 +455,7 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
         USE_LIBDEVICE=gate_up.is_cuda,
         BLOCK=block,
         num_warps=_num_warps(block),
-        **_NO_FMA,
+        **_TORCH_FP_OPTIONS,
     )
     return out
 
