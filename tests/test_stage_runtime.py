@@ -303,3 +303,19 @@ def test_a_failing_step_fails_held_requests_and_stops_the_stage() -> None:
             router.submit("broken", request_id="r").result(timeout=5)
         assert runtime.join(10)
         assert runtime.failed is True
+
+
+def test_single_process_mode_over_inproc() -> None:
+    # The whole pipeline in one process: same code, an inproc:// endpoint, no shared memory.
+    with running_router("inproc://omni-single-process", shared_memory=False) as router:
+        runtime = echo_runtime("inproc://omni-single-process").start()
+        try:
+            assert router.wait_for_replicas("echo", 1, timeout=10)
+            assert router.replicas("echo")[0].shared_memory is False
+            big = torch.arange(8192, dtype=torch.int32)
+            [reply] = router.submit("echo", {"big": big}).result(timeout=10)
+            assert reply.handles == {}  # above the threshold, but shared memory is off
+            assert torch.equal(reply.tensors["big"], big * 2 + 1)
+        finally:
+            runtime.stop()
+            runtime.join(10)
