@@ -49,8 +49,10 @@ class LLM:
         """Generates for every prompt (text, or token ids) and returns outputs in prompt order."""
         batch = _as_batch(prompts)
         params = _broadcast_params(sampling_params, len(batch))
-        ids = [self._add(prompt, p, stream=False) for prompt, p in zip(batch, params, strict=True)]
+        ids: list[str] = []
         try:
+            for prompt, p in zip(batch, params, strict=True):
+                ids.append(self._add(prompt, p, stream=False))
             return self._run_to_completion(ids, use_tqdm)
         except BaseException:
             self.engine.abort_request(ids)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -55,23 +54,9 @@ def test_publish_keeps_the_first_finished_conversion(tmp_path: Path) -> None:
     assert (stale / "config.json").read_text() == "second"
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("omni-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMNI_CACHE_DIR", str(cache))
-        path = Path(default_model.default_model_path())
-        assert path == cache / "models" / "SmolLM2-135M-Instruct"
-        # Converted once: the second call returns the folder at once and leaves no temp dirs.
-        started = time.perf_counter()
-        assert default_model.default_model_path() == str(path)
-        assert time.perf_counter() - started < 0.5
-    assert sorted(p.name for p in path.parent.iterdir()) == ["SmolLM2-135M-Instruct"]
-    return path
-
-
 @pytest.mark.slow
-def test_converted_model_says_paris_in_transformers_and_natively(converted: Path) -> None:
+def test_converted_model_says_paris_in_transformers_and_natively(smollm2_dir: Path) -> None:
+    converted = smollm2_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = json.loads((converted / "config.json").read_text())

@@ -83,6 +83,14 @@ class IncrementalDetokenizer:
                 raise ValueError(f"stop strings must be non-empty strings, got {stop_str!r}")
         self._tokenizer = tokenizer
         self._vocab_size = len(tokenizer)
+        # What decode(skip_special_tokens=True) drops: the named special tokens and every added
+        # token flagged special (chat markers such as <|im_end|>, which transformers 5 leaves
+        # out of all_special_ids and so out of convert_ids_to_tokens' own skipping).
+        self._special_ids = set(tokenizer.all_special_ids) | {
+            token_id
+            for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items()
+            if added.special
+        }
         self._skip_special_tokens = skip_special_tokens
         self._stop = list(stop)
         self._include_stop = include_stop_str_in_output
@@ -147,10 +155,13 @@ class IncrementalDetokenizer:
     def _convert_ids(self, token_ids: list[int]) -> list[str]:
         # Ids past the vocabulary (a model's padded embedding rows) decode to nothing rather
         # than crash the stream.
-        in_vocab = [t for t in token_ids if 0 <= t < self._vocab_size]
-        tokens = self._tokenizer.convert_ids_to_tokens(
-            in_vocab, skip_special_tokens=self._skip_special_tokens
-        )
+        kept = [
+            t
+            for t in token_ids
+            if 0 <= t < self._vocab_size
+            and not (self._skip_special_tokens and t in self._special_ids)
+        ]
+        tokens = self._tokenizer.convert_ids_to_tokens(kept)
         return [token or "" for token in tokens]
 
     def _decode_new_text(self) -> str:
