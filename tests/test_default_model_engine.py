@@ -70,9 +70,22 @@ def test_chat_and_stream_answer_sensibly(llm: LLM) -> None:
 def test_cli_generate_answers(smollm2_dir: Path) -> None:
     env = dict(os.environ, OMNI_CACHE_DIR=str(smollm2_dir.parent.parent))
     result = subprocess.run(
-        [sys.executable, "-m", "omni.cli", "generate", "What is the capital of France?",
-         "--max-tokens", "16", "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "omni.cli",
+            "generate",
+            "What is the capital of France?",
+            "--max-tokens",
+            "16",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout

@@ -61,8 +61,9 @@ def test_bad_sampling_params(kwargs: dict, message: str) -> None:
 
 
 def test_generation_stops_at_the_context_limit(llm: LLM) -> None:
-    [out] = llm.generate([[7] * 60], SamplingParams(temperature=0.0, max_tokens=100),
-                         use_tqdm=False)
+    [out] = llm.generate(
+        [[7] * 60], SamplingParams(temperature=0.0, max_tokens=100), use_tqdm=False
+    )
     assert len(out.outputs[0].token_ids) <= 4
     assert out.outputs[0].finish_reason in ("length", "stop")
 
@@ -93,8 +94,7 @@ def test_unknown_engine_option() -> None:
 
 def test_stream_abandoned_midway_frees_blocks(llm: LLM) -> None:
     free_before = llm.engine.kv_cache.num_free_blocks
-    stream = llm.stream([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=20,
-                                                  ignore_eos=True))
+    stream = llm.stream([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
     next(stream)
     stream.close()  # the client went away
     assert not llm.engine.has_unfinished_requests()
