@@ -19,6 +19,7 @@ from omni.stages.runtime import (
     WorkerRequest,
 )
 from omni.transport.messages import (
+    Abort,
     Hello,
     StageError,
     StageReply,
@@ -319,3 +320,40 @@ def test_single_process_mode_over_inproc() -> None:
         finally:
             runtime.stop()
             runtime.join(10)
+
+
+def test_shared_output_of_an_aborted_request_is_freed() -> None:
+    codec = stage_codec()
+    with (
+        ipc_endpoint() as endpoint,
+        running_router(endpoint) as router,
+        SharedTensorPool(prefix=SHM_PREFIX) as pool,
+    ):
+        dealer: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(endpoint)
+        try:
+            dealer.send_multipart(
+                codec.encode(Hello(replica_id="fake-0", role="fake", capacity=1, pid=1))
+            )
+            assert isinstance(codec.decode(dealer.recv_multipart()), Welcome)
+            stream = router.submit("fake", request_id="gone")
+            assert isinstance(codec.decode(dealer.recv_multipart()), StageRequest)
+            stream.abort()
+            abort = codec.decode(dealer.recv_multipart())
+            assert isinstance(abort, Abort) and abort.request_id == "gone"
+            # The stage had already produced its output: a reply crosses the abort in flight.
+            handle = pool.put(torch.ones(64))
+            assert handle is not None
+            late = StageReply(request_id="gone", shm_outputs={"x": handle}, finished=True)
+            dealer.send_multipart(codec.encode(late))
+            deadline = time.monotonic() + 5
+            reused = None
+            while time.monotonic() < deadline:
+                reused = pool.put(torch.zeros(64))
+                assert reused is not None
+                if reused.segment == handle.segment:
+                    break
+                time.sleep(0.02)
+            assert reused is not None and (reused.segment, reused.generation) == (handle.segment, 2)
+        finally:
+            dealer.close(linger=0)
