@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the elementwise parts of a decoder layer (CUDA only).
+"""Fused elementwise ops of a decoder layer: one Triton kernel each on CUDA (the kernels are in
+`fused_kernels.py`; this module validates, launches and dispatches).
 
 Why: under a CUDA graph a batch-1 decode step is bound by kernel count, not by bandwidth. In
 plain torch, RMSNorm is 8 kernels, neox rotary ~10, SiLU-and-multiply 2, and every residual add
@@ -28,179 +29,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
-from triton.language.extra import libdevice
-
-# ---- kernels -------------------------------------------------------------------------------
-
-
-@triton.jit
-def _rms_norm_kernel(
-    x_ptr,
-    residual_ptr,
-    weight_ptr,
-    out_ptr,
-    residual_out_ptr,
-    num_heads,
-    stride_x_token,
-    stride_x_head,
-    n_cols,
-    eps,
-    HAS_RESIDUAL: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # One program per row. A row is (token, head) of a [T, heads, n_cols] view whose last dim
-    # is contiguous; a plain [T, n_cols] input has one head. Outputs are contiguous.
-    row = tl.program_id(0)
-    token = row // num_heads
-    head = row % num_heads
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x_offsets = token.to(tl.int64) * stride_x_token + head * stride_x_head + cols
-    row_offsets = row.to(tl.int64) * n_cols + cols
-    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        # torch's `residual + x`: the exact float32 sum rounded once to the model dtype.
-        residual = tl.load(residual_ptr + row_offsets, mask=mask, other=0.0)
-        x = (residual.to(tl.float32) + x.to(tl.float32)).to(x.dtype)
-        tl.store(residual_out_ptr + row_offsets, x, mask=mask)
-    x32 = x.to(tl.float32)
-    variance = tl.sum(x32 * x32, axis=0) / n_cols
-    if USE_LIBDEVICE:  # noqa: SIM108 (a constexpr branch: libdevice exists only on CUDA)
-        inv_rms = libdevice.rsqrt(variance + eps)
-    else:
-        inv_rms = tl.math.rsqrt(variance + eps)
-    # Cast back to the input dtype before the weight multiply, as transformers does; the
-    # product of two values of that dtype is exact in float32, so one rounding to the output
-    # dtype equals torch's half-precision multiply.
-    normed = (x32 * inv_rms).to(x.dtype).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    out = weight * normed
-    tl.store(out_ptr + row_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rotate_heads(
-    base_ptr,
-    stride_token,
-    stride_head,
-    token,
-    num_heads,
-    cos,
-    sin,
-    half: tl.constexpr,
-    BLOCK_HEADS: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
-    """Neox rotate-half of every head of one token, in place:
-    `x1' = x1*cos - x2*sin`, `x2' = x2*cos + x1*sin`, each product rounded to the model dtype
-    before the sum (torch computes `x*cos` and `rotate_half(x)*sin` as separate kernels)."""
-    heads = tl.arange(0, BLOCK_HEADS)[:, None]
-    dims = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < num_heads) & (dims < half)
-    first = base_ptr + token.to(tl.int64) * stride_token + heads * stride_head + dims
-    x1 = tl.load(first, mask=mask, other=0.0)
-    x2 = tl.load(first + half, mask=mask, other=0.0)
-    dtype = x1.dtype
-    x1f = x1.to(tl.float32)
-    x2f = x2.to(tl.float32)
-    x1_cos = (x1f * cos).to(dtype).to(tl.float32)
-    x2_sin = (x2f * sin).to(dtype).to(tl.float32)
-    x2_cos = (x2f * cos).to(dtype).to(tl.float32)
-    x1_sin = (x1f * sin).to(dtype).to(tl.float32)
-    tl.store(first, (x1_cos - x2_sin).to(dtype), mask=mask)
-    tl.store(first + half, (x2_cos + x1_sin).to(dtype), mask=mask)
-
-
-@triton.jit
-def _rotary_qk_kernel(
-    q_ptr,
-    k_ptr,
-    positions_ptr,
-    inv_freq_ptr,
-    stride_q_token,
-    stride_q_head,
-    stride_k_token,
-    stride_k_head,
-    num_q_heads,
-    num_k_heads,
-    scaling,
-    half: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
-    BLOCK_Q_HEADS: tl.constexpr,
-    BLOCK_K_HEADS: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
-    # One program per token: the angles are computed once and applied to all q and k heads.
-    token = tl.program_id(0)
-    dims = tl.arange(0, BLOCK_HALF)
-    inv_freq = tl.load(inv_freq_ptr + dims, mask=dims < half, other=0.0)
-    position = tl.load(positions_ptr + token).to(tl.float32)
-    freqs = position * inv_freq
-    if USE_LIBDEVICE:
-        cos32 = libdevice.cos(freqs)
-        sin32 = libdevice.sin(freqs)
-    else:
-        cos32 = tl.cos(freqs)
-        sin32 = tl.sin(freqs)
-    # The tables torch builds are scaled in float32 and then cast to the model dtype.
-    dtype = q_ptr.dtype.element_ty
-    cos = (cos32 * scaling).to(dtype).to(tl.float32)[None, :]
-    sin = (sin32 * scaling).to(dtype).to(tl.float32)[None, :]
-    _rotate_heads(
-        q_ptr,
-        stride_q_token,
-        stride_q_head,
-        token,
-        num_q_heads,
-        cos,
-        sin,
-        half,
-        BLOCK_Q_HEADS,
-        BLOCK_HALF,
-    )
-    _rotate_heads(
-        k_ptr,
-        stride_k_token,
-        stride_k_head,
-        token,
-        num_k_heads,
-        cos,
-        sin,
-        half,
-        BLOCK_K_HEADS,
-        BLOCK_HALF,
-    )
-
-
-@triton.jit
-def _silu_and_mul_kernel(
-    gate_up_ptr,
-    out_ptr,
-    stride_gate_up_token,
-    intermediate_size,
-    USE_LIBDEVICE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    token = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < intermediate_size
-    row = gate_up_ptr + token.to(tl.int64) * stride_gate_up_token
-    gate_raw = tl.load(row + cols, mask=mask, other=0.0)
-    up = tl.load(row + intermediate_size + cols, mask=mask, other=0.0).to(tl.float32)
-    dtype = gate_raw.dtype
-    gate = gate_raw.to(tl.float32)
-    if USE_LIBDEVICE:  # noqa: SIM108 (a constexpr branch: libdevice exists only on CUDA)
-        exp_neg = libdevice.exp(-gate)
-    else:
-        exp_neg = tl.exp(-gate)
-    # torch's silu is `x / (1 + exp(-x))` with an IEEE division, rounded to the model dtype;
-    # the multiply by `up` is a second kernel there, so a second rounding here.
-    silu = tl.math.div_rn(gate, 1.0 + exp_neg).to(dtype).to(tl.float32)
-    out = (silu * up).to(dtype)
-    tl.store(out_ptr + token.to(tl.int64) * intermediate_size + cols, out, mask=mask)
-
+from omni.stages.llm.models.fused_kernels import (
+    rms_norm_kernel,
+    rotary_qk_kernel,
+    silu_and_mul_kernel,
+)
 
 # ---- launch helpers ------------------------------------------------------------------------
 
@@ -267,7 +100,7 @@ def _launch_rms_norm(
     if num_rows == 0:
         return out, residual_out
     block = triton.next_power_of_2(n_cols)
-    _rms_norm_kernel[(num_rows,)](
+    rms_norm_kernel[(num_rows,)](
         heads_view,
         residual if residual is not None else heads_view,
         weight,
@@ -383,7 +216,7 @@ def rotary_qk_triton_(
     half = head_dim // 2
     block_q_heads = triton.next_power_of_2(num_q_heads)
     block_half = triton.next_power_of_2(half)
-    _rotary_qk_kernel[(num_tokens,)](
+    rotary_qk_kernel[(num_tokens,)](
         q,
         k,
         positions,
@@ -447,7 +280,7 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     if num_tokens == 0:
         return out
     block = min(_SILU_BLOCK, triton.next_power_of_2(intermediate_size))
-    _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate_size, block))](
+    silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate_size, block))](
         gate_up,
         out,
         gate_up.stride(0),
