@@ -23,9 +23,14 @@ def test_omni_stage_joins_over_tcp_with_curve_serves_and_leaves(tmp_path: Path) 
     _, secret_file = zmq.auth.create_certificates(str(tmp_path), "stage")
     stage_public, _ = load_curve_keypair(secret_file)
     keys = CurveKeys(server_public, server_secret, authorized_clients=(stage_public,))
-    with running_router(
-        "tcp://127.0.0.1:*", allow_tcp=True, curve=keys, pending_timeout_s=0.5
-    ) as router:
+    # A separate process on a busy machine: allow it a full second between heartbeats.
+    settings = {
+        "allow_tcp": True,
+        "curve": keys,
+        "pending_timeout_s": 0.5,
+        "heartbeat_timeout_s": 1.0,
+    }
+    with running_router("tcp://127.0.0.1:*", **settings) as router:
         command = [
             sys.executable, "-m", "omni.cli", "stage", "echo",
             "--connect", router.endpoint,
