@@ -180,7 +180,7 @@ def test_launch_config_for_prefill_packs_query_tokens() -> None:
         num_heads=28, num_kv_heads=4, max_query_len=512, max_seq_len=512, num_reqs=256,
         num_sms=132,
     )
-    assert (cfg.block_m, cfg.block_q, cfg.tile, cfg.num_splits) == (64, 9, 32, 1)
+    assert (cfg.block_m, cfg.block_q, cfg.tile, cfg.num_splits) == (128, 18, 32, 1)
     short = choose_launch_config(
         num_heads=4, num_kv_heads=4, max_query_len=3, max_seq_len=50, num_reqs=2, num_sms=132
     )
