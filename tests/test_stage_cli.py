@@ -14,6 +14,7 @@ import zmq.auth
 from omni.transport.sockets import CurveKeys, generate_curve_keypair, load_curve_keypair
 from stage_helpers import SHM_PREFIX, running_router
 
+from omni.cli import main
 from omni.commands.stage import add_parser
 from omni.supervision.streams import NoReplicaError
 
@@ -74,6 +75,17 @@ def test_omni_stage_joins_over_tcp_with_curve_serves_and_leaves(tmp_path: Path) 
         finally:
             stage.kill()
             stage.wait()
+
+
+def test_bad_configuration_exits_with_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stage", "nosuchrole", "--connect", "ipc:///tmp/omni-none.sock"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(
+        "omni stage: error: no stage worker for role 'nosuchrole'; known roles: ["
+    )
+    assert "'echo'" in error and error.count("\n") == 1
+    assert main(["stage", "echo", "--connect", "udp://x:1"]) == 2
+    assert "scheme must be ipc, inproc or tcp" in capsys.readouterr().err
 
 
 def test_stage_command_registers_its_subcommand() -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import sys
 from typing import Any
 
 from omni.stages.runtime.config import StageConfig
-from omni.stages.runtime.process import run_stage_process
-from omni.stages.runtime.worker import WorkerOptions, create_worker
+from omni.stages.runtime.process import EXIT_BAD_CONFIG, bind_device, run_stage_process
+from omni.stages.runtime.worker import StageWorker, WorkerOptions, create_worker
 from omni.transport.shm import DEFAULT_PREFIX
 from omni.transport.sockets import CurveKeys, SocketOptions, load_curve_keypair
 
@@ -76,6 +77,16 @@ def _curve(args: argparse.Namespace) -> CurveKeys | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve until told to stop; 2 with a one-line message for a bad flag or unknown role."""
+    try:
+        config, worker = _build(args)
+    except ValueError as exc:
+        print(f"omni stage: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    return run_stage_process(config, worker)
+
+
+def _build(args: argparse.Namespace) -> tuple[StageConfig, StageWorker]:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -96,7 +107,6 @@ def run(args: argparse.Namespace) -> int:
         curve=_curve(args),
         parent_pid=args.parent_pid,
     )
-    worker = create_worker(
-        args.role, WorkerOptions(model=args.model, device=args.device, extra=_options(args.option))
-    )
-    return run_stage_process(config, worker)
+    bind_device(config.device)
+    options = WorkerOptions(model=args.model, device=args.device, extra=_options(args.option))
+    return config, create_worker(args.role, options)

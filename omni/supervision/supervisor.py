@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from omni.stages.runtime.process import EXIT_BAD_CONFIG
 from omni.supervision.replicas import ReplicaInfo
 from omni.supervision.router import StageRouter
 from omni.transport.shm import sweep_dead_owners, sweep_owner
@@ -235,12 +236,16 @@ class StageSupervisor:
         child.deaths.append(now)
         while child.deaths and now - child.deaths[0] > self.config.restart_window_s:
             child.deaths.popleft()
-        restart = self.config.restart and len(child.deaths) <= self.config.max_restarts
+        restart = (
+            self.config.restart
+            and code != EXIT_BAD_CONFIG
+            and len(child.deaths) <= self.config.max_restarts
+        )
         self.events.append(StageEvent(child.replica_id, pid, reason, restart))
         logger.error(
             "stage %s (pid %d) %s; swept %d shared-memory segments; %s",
             child.replica_id, pid, reason, len(swept),
-            "restarting" if restart else "not restarting (restart budget spent)",
+            "restarting" if restart else "not restarting (bad configuration or restarts spent)",
         )  # fmt: skip
         if restart:
             child.start_at = now + self.config.restart_delay_s

@@ -14,6 +14,10 @@ from omni.stages.runtime.worker import StageWorker
 
 logger = logging.getLogger(__name__)
 
+# Exit code of a stage that cannot start as configured (unknown role, missing device, bad flag):
+# restarting it would fail the same way, so the supervisor does not.
+EXIT_BAD_CONFIG = 2
+
 
 def bind_device(device: str) -> torch.device:
     """Make `device` this process's default accelerator; a clear error if it does not exist."""
