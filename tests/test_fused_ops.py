@@ -30,7 +30,7 @@ in_child_only = pytest.mark.skipif(
 NUM_INTERPRETER_TESTS = 12
 triton = pytest.importorskip("triton")
 
-from omni.stages.llm.models import fused_ops  # noqa: E402
+from omni.stages.llm.models import fused_kernels, fused_ops  # noqa: E402
 from omni.stages.llm.models.fused_ops import (  # noqa: E402
     add_rms_norm,
     add_rms_norm_triton,
@@ -305,6 +305,85 @@ def test_rejects_bad_inputs_with_the_limit_named() -> None:
         rotary_qk_triton_(q, k, positions, torch.ones(8, dtype=torch.float64), 1.0)
     with pytest.raises(ValueError, match=r"must be \[T, heads, head_dim\]"):
         rotary_qk_triton_(torch.zeros(3, 16), k, positions, torch.ones(8), 1.0)
+
+
+_HALF_KERNEL_SIGNATURES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
+    "rms_norm": (
+        fused_kernels.rms_norm_kernel,
+        {
+            **dict.fromkeys(
+                ["x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "residual_out_ptr"], "*bf16"
+            ),
+            **dict.fromkeys(["num_heads", "stride_x_token", "stride_x_head", "n_cols"], "i32"),
+            "inv_n_cols": "fp32",
+            "eps": "fp32",
+        },
+        {"HAS_RESIDUAL": True, "BLOCK": 1024},
+    ),
+    "rotary_qk": (
+        fused_kernels.rotary_qk_kernel,
+        {
+            "q_ptr": "*bf16",
+            "k_ptr": "*bf16",
+            "positions_ptr": "*i64",
+            "inv_freq_ptr": "*fp32",
+            **dict.fromkeys(
+                ["stride_q_token", "stride_q_head", "stride_k_token", "stride_k_head"], "i32"
+            ),
+            "num_q_heads": "i32",
+            "num_k_heads": "i32",
+            "scaling": "fp32",
+        },
+        {"half": 64, "BLOCK_Q_HEADS": 32, "BLOCK_K_HEADS": 4, "BLOCK_HALF": 64},
+    ),
+    "silu_and_mul": (
+        fused_kernels.silu_and_mul_kernel,
+        {
+            "gate_up_ptr": "*bf16",
+            "out_ptr": "*bf16",
+            "stride_gate_up_token": "i32",
+            "intermediate_size": "i32",
+        },
+        {"BLOCK": 1024},
+    ),
+}
+
+
+def _compile_for_h100(name: str, dtype: str, options: dict[str, Any]) -> str:
+    """PTX of a kernel compiled for sm_90 on this GPU-less machine (Triton ships ptxas)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, signature, constexprs = _HALF_KERNEL_SIGNATURES[name]
+    signature = {
+        key: ("*" + dtype if value == "*bf16" else value) for key, value in signature.items()
+    }
+    constexprs = {**constexprs, "USE_LIBDEVICE": True}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return str(compiled.asm["ptx"])
+
+
+@pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="compiles for CUDA; the child interprets")
+def test_cuda_compilation_keeps_torch_float_semantics() -> None:
+    # The CUDA-only branches (libdevice, the launch options) never run under the interpreter;
+    # compiling them checks they build and that the PTX has the properties the numerics rely
+    # on: no approximate division, no approximate sin/cos, denormals kept, no FMA contraction.
+    options = dict(fused_ops._TORCH_FP_OPTIONS, num_warps=8)
+    for name in _HALF_KERNEL_SIGNATURES:
+        ptx = _compile_for_h100(name, "bf16", options)
+        assert "div.full" not in ptx and "div.approx" not in ptx, name
+        assert "sin.approx" not in ptx and "cos.approx" not in ptx, name
+        assert "cvt.rn.bf16.f32" in ptx, name  # round to nearest even, as torch rounds
+    rms_ptx = _compile_for_h100("rms_norm", "fp32", options)
+    assert "rsqrt.approx.f32" in rms_ptx and "rsqrt.approx.ftz" not in rms_ptx
+    assert "div.rn.f32" in _compile_for_h100("silu_and_mul", "fp32", options)
+    # In float32 nothing rounds between `x1*cos` and the subtraction: only the option keeps
+    # them two roundings (what remains is libdevice's own cos/sin, identical either way).
+    fused = _compile_for_h100("rotary_qk", "fp32", dict(options, enable_fp_fusion=True))
+    unfused = _compile_for_h100("rotary_qk", "fp32", options)
+    assert unfused.count("fma.rn.f32") < fused.count("fma.rn.f32")
 
 
 def test_launch_widths_follow_the_row_size() -> None:

@@ -25,6 +25,7 @@ def rms_norm_kernel(
     stride_x_token,
     stride_x_head,
     n_cols,
+    inv_n_cols,
     eps,
     HAS_RESIDUAL: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
@@ -46,7 +47,9 @@ def rms_norm_kernel(
         x = (residual.to(tl.float32) + x.to(tl.float32)).to(x.dtype)
         tl.store(residual_out_ptr + row_offsets, x, mask=mask)
     x32 = x.to(tl.float32)
-    variance = tl.sum(x32 * x32, axis=0) / n_cols
+    # torch's CUDA mean multiplies the sum by a float32 1/N (a plain `/` here would also be
+    # Triton's approximate div.full.f32).
+    variance = tl.sum(x32 * x32, axis=0) * inv_n_cols
     if USE_LIBDEVICE:  # noqa: SIM108 (a constexpr branch: libdevice exists only on CUDA)
         inv_rms = libdevice.rsqrt(variance + eps)
     else:

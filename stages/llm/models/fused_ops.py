@@ -26,6 +26,7 @@ can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -47,6 +48,11 @@ _TORCH_FP_OPTIONS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 def _num_warps(block: int) -> int:
     """Enough warps that each thread holds a handful of elements of a row-sized block."""
     return max(1, min(8, block // 256))
+
+
+def _float32_reciprocal(n: int) -> float:
+    """1/n divided in float32, as torch's CUDA mean computes its factor (`float(1) / n`)."""
+    return float(np.float32(1.0) / np.float32(n))
 
 
 def _as_heads(x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +116,7 @@ def _launch_rms_norm(
         heads_view.stride(0),
         heads_view.stride(1),
         n_cols,
+        _float32_reciprocal(n_cols),
         eps,
         HAS_RESIDUAL=residual is not None,
         USE_LIBDEVICE=x.is_cuda,
