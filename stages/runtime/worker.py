@@ -159,6 +159,7 @@ _WORKERS: dict[str, type[StageWorker]] = {}
 # (or pass --worker-module) so `omni stage ROLE` can find them without importing everything.
 BUILTIN_WORKER_MODULES: dict[str, str] = {
     "echo": "omni.stages.runtime.testing",
+    "llm": "omni.stages.llm.worker",
 }
 
 W = TypeVar("W", bound=type[StageWorker])
