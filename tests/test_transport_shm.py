@@ -95,11 +95,13 @@ def test_release_on_gc_waits_for_every_view(
     view = tensor[10:12]
     del tensor
     gc.collect()
+    assert reader.release_deferred() == 0
     other = pool.put(torch.ones(100))
     assert other is not None and other.segment != handle.segment  # view still holds it
     assert view.tolist() == [10, 11]
     del view
     gc.collect()
+    assert reader.release_deferred() == 1
     reused = pool.put(torch.ones(100))
     assert reused is not None and reused.segment == handle.segment
 

@@ -27,7 +27,7 @@ import os
 import secrets
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -245,13 +245,19 @@ class SharedTensorReader:
         self.max_cached = max_cached
         self._cache: OrderedDict[str, Segment] = OrderedDict()
         self._lock = threading.Lock()
+        # Shares whose tensors were garbage-collected, released by `release_deferred`. The
+        # finalizer only appends here: it can fire inside any code of any thread (even while
+        # this reader holds its lock), so it must not take locks itself.
+        self._deferred: deque[SharedTensorHandle] = deque()
 
     def open(self, handle: SharedTensorHandle, release_on_gc: bool = False) -> torch.Tensor:
         """A tensor over the shared bytes of `handle` (no copy).
 
-        With `release_on_gc`, this reader's share is released when the tensor and every view
-        of it are garbage; otherwise call `release(handle)` when done.
+        With `release_on_gc`, this reader's share is released once the tensor and every view
+        of it are garbage, at the next `open`, `release` or `release_deferred` call; otherwise
+        call `release(handle)` when done.
         """
+        self.release_deferred()
         dtype = TORCH_DTYPES.get(handle.dtype)
         if dtype is None:
             raise ValueError(f"shared tensor {handle.segment} has unknown dtype {handle.dtype!r}")
@@ -273,12 +279,22 @@ class SharedTensorReader:
         # what lets a finalizer on `view` mark the end of the consumer's use.
         tensor = torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(dims)
         if release_on_gc:
-            weakref.finalize(view, self._release_quietly, handle)
+            weakref.finalize(view, self._deferred.append, handle)
         return tensor
 
     def release(self, handle: SharedTensorHandle) -> bool:
         """Give back this consumer's share; False if it was already released or is gone."""
+        self.release_deferred()
         return self._update(handle, lambda readers: readers - 1)
+
+    def release_deferred(self) -> int:
+        """Release the shares of garbage-collected tensors; returns how many."""
+        count = 0
+        while self._deferred:
+            handle = self._deferred.popleft()
+            with contextlib.suppress(OSError, ValueError):
+                count += self._update(handle, lambda readers: readers - 1)
+        return count
 
     def discard(self, handle: SharedTensorHandle) -> bool:
         """Free the segment for every consumer at once (the request was aborted)."""
@@ -295,10 +311,6 @@ class SharedTensorReader:
                 return False
             segment.write_header(max(0, change(readers)), generation)
         return True
-
-    def _release_quietly(self, handle: SharedTensorHandle) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.release(handle)
 
     def forget_owner(self, pid: int) -> None:
         """Drop cached mappings of a dead owner's segments so their memory can be returned."""

@@ -277,6 +277,7 @@ class StageRouter:
                             wake.recv(zmq.NOBLOCK)
                 if router in events:
                     self._receive_all(router)
+                self._reader.release_deferred()  # replies whose tensors the caller dropped
                 with self._lock:
                     self._flush_outbox(router)
                     self._state.check_liveness()

@@ -139,6 +139,7 @@ class StageRuntime:
         push.connect(self._out_endpoint)
         try:
             while not self._stop.is_set():
+                self._reader.release_deferred()  # inputs the worker has let go of
                 self._take_inbound(push, block=not self.worker.has_work())
                 if self.worker.has_work():
                     self._step(push)
