@@ -10,9 +10,11 @@ Numerics: every kernel reproduces the rounding steps of the torch code it replac
 torch rounds to the model dtype is rounded to it here too, and FMA contraction is disabled so
 `a * b + c` rounds twice as it does in torch. On CUDA tensors `cos`, `sin`, `exp` and `rsqrt`
 come from libdevice, the same implementations CUDA's `cosf`/`expf`/`rsqrtf` (and so torch's
-kernels) use. What can still differ is the order of the float32 sum in RMSNorm's mean of
-squares (a tree here, torch's own reduction order there): at most an ulp or so in the variance,
-which occasionally moves a bf16 output by one ulp.
+kernels) use, and RMSNorm's mean is the sum times a float32 1/N, as torch's CUDA mean does it.
+What can still differ is the order of the float32 sum of squares (a tree here, torch's own
+reduction order there): an ulp or so in the variance, which occasionally moves a bf16 output by
+one ulp. (The bit-exactness of the other steps is argued from the PTX, which the tests check;
+it has not been measured on a GPU by these tests.)
 
 Dispatch: the public functions run the kernel for CUDA tensors and the original torch code
 otherwise, so CPU numerics (compared bit for bit against transformers in the tests) never
@@ -65,7 +67,7 @@ def _as_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_rows(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.shape[-1] != weight.shape[0] or weight.dim() != 1:
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(
             f"{name}: weight has shape {tuple(weight.shape)}; it must be "
             f"[{x.shape[-1]}] (the last dim of the input)"
