@@ -3,8 +3,8 @@
 The tensor is 2520 x 3584 bfloat16: one document page of Qwen2.5-VL-7B vision embeddings.
 Each method is timed one-way: the producer reads the monotonic clock (shared by all processes
 on a host) just before it starts the handoff, the consumer reads it once it holds a usable
-tensor, then acknowledges so that handoffs never overlap. Reported: the median over the timed
-iterations, after warm-up.
+tensor, then acknowledges so that handoffs never overlap. Reported: the median and the best
+of the timed iterations, after warm-up, each against the same statistic of a memcpy.
 
     python3 benchmarks/transport.py [--iterations 30] [--warmup 5]
 
@@ -64,7 +64,7 @@ def _page() -> torch.Tensor:
     return torch.randn(ROWS, COLS, generator=generator).to(torch.bfloat16)
 
 
-def _memcpy_s(tensor: torch.Tensor, iterations: int, warmup: int) -> float:
+def _memcpy_s(tensor: torch.Tensor, iterations: int, warmup: int) -> list[float]:
     """A plain single-threaded memcpy of the tensor's bytes into a warm buffer."""
     source = tensor.view(-1).view(torch.uint8).numpy()
     target = np.empty_like(source)
@@ -74,7 +74,7 @@ def _memcpy_s(tensor: torch.Tensor, iterations: int, warmup: int) -> float:
         np.copyto(target, source)
         if index >= warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 # -- consumer process ---------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class Producer:
 
 def run_method(
     method: str, tensor: torch.Tensor, iterations: int, warmup: int, folder: str
-) -> float:
+) -> list[float]:
     sock: zmq.Socket = zmq.Context.instance().socket(zmq.PAIR)
     if method == "zmq-tcp":
         sock.bind("tcp://127.0.0.1:*")
@@ -195,7 +195,7 @@ def run_method(
         consumer.kill()
         producer.pool.close()
         sock.close(linger=0)
-    return statistics.median(times)
+    return times
 
 
 def main() -> None:
@@ -212,29 +212,38 @@ def main() -> None:
         return
     tensor = _page()
     nbytes = tensor.numel() * tensor.element_size()
-    memcpy = _memcpy_s(tensor, args.iterations, args.warmup)
-    results = {"memcpy": memcpy}
+    samples = {"memcpy": _memcpy_s(tensor, args.iterations, args.warmup)}
     with tempfile.TemporaryDirectory(prefix="omnibench", dir="/tmp") as folder:
         for method in args.methods:
-            results[method] = run_method(method, tensor, args.iterations, args.warmup, folder)
-    pickle_s = results.get("pickle")
+            samples[method] = run_method(method, tensor, args.iterations, args.warmup, folder)
+    # The median is what a stage sees; the best of N is the cost without interference from
+    # other processes, which on a shared 2-core machine can double the median.
+    median = {key: statistics.median(times) for key, times in samples.items()}
+    best = {key: min(times) for key, times in samples.items()}
     print(
         f"handoff of a {ROWS}x{COLS} bfloat16 tensor ({nbytes / 1e6:.1f} MB), one-way, "
-        f"median of {args.iterations} after {args.warmup} warm-up; {os.cpu_count()} CPUs"
+        f"{args.iterations} timed after {args.warmup} warm-up; {os.cpu_count()} CPUs"
     )
-    print(f"{'method':<26}{'latency ms':>12}{'GB/s':>8}{'x memcpy':>10}{'pickle / this':>15}")
-    for key, seconds in results.items():
+    header = ("method", "median ms", "GB/s", "x memcpy", "best ms", "x memcpy", "pickle/this")
+    print(
+        f"{header[0]:<26}{header[1]:>10}{header[2]:>7}{header[3]:>9}{header[4]:>9}{header[5]:>9}{header[6]:>12}"
+    )
+    for key in samples:
         label = "in-process memcpy" if key == "memcpy" else LABELS[key]
-        vs_pickle = f"{pickle_s / seconds:.1f}x" if pickle_s else "-"
-        gbps = nbytes / seconds / 1e9
+        vs_pickle = f"{median['pickle'] / median[key]:.1f}x" if "pickle" in median else "-"
         print(
-            f"{label:<26}{seconds * 1e3:>12.2f}{gbps:>8.2f}{seconds / memcpy:>10.2f}{vs_pickle:>15}"
+            f"{label:<26}{median[key] * 1e3:>10.2f}{nbytes / median[key] / 1e9:>7.2f}"
+            f"{median[key] / median['memcpy']:>9.2f}{best[key] * 1e3:>9.2f}"
+            f"{best[key] / best['memcpy']:>9.2f}{vs_pickle:>12}"
         )
-    shm = results.get("shm-pool")
-    if shm:
-        print(f"goal: shared memory within 2x memcpy -> {shm / memcpy:.2f}x")
-        if pickle_s:
-            print(f"goal: shared memory >= 3x faster than pickle -> {pickle_s / shm:.1f}x")
+    if "shm-pool" in median:
+        ratio_median = median["shm-pool"] / median["memcpy"]
+        ratio_best = best["shm-pool"] / best["memcpy"]
+        ratios = f"{ratio_median:.2f}x (medians), {ratio_best:.2f}x (best)"
+        print(f"goal: shared memory within 2x memcpy -> {ratios}")
+        if "pickle" in median:
+            speedup = median["pickle"] / median["shm-pool"]
+            print(f"goal: shared memory >= 3x faster than pickle -> {speedup:.1f}x (medians)")
 
 
 if __name__ == "__main__":
