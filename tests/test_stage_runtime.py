@@ -357,3 +357,17 @@ def test_shared_output_of_an_aborted_request_is_freed() -> None:
             assert reused is not None and (reused.segment, reused.generation) == (handle.segment, 2)
         finally:
             dealer.close(linger=0)
+
+
+def test_queue_of_waiting_requests_is_bounded() -> None:
+    with ipc_endpoint() as endpoint, running_router(endpoint, max_pending=2) as router:
+        waiting = [router.submit("vision", {"x": torch.ones(1)}) for _ in range(2)]
+        with pytest.raises(
+            NoReplicaError, match="2 requests already wait for a replica \\(the limit is 2\\)"
+        ):
+            router.submit("vision", {"x": torch.ones(1)}, request_id="third")
+        waiting[0].abort()
+        router.submit("vision", {"x": torch.ones(1)}).abort()  # room again after the abort
+        with pytest.raises(ValueError, match="request id 'dup' is already in flight"):
+            router.submit("audio", request_id="dup")
+            router.submit("audio", request_id="dup")
