@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
+import pytest
 import zmq
+import zmq.auth
 from omni.transport.messages import Hello, Welcome, stage_codec
-from omni.transport.sockets import CurveKeys, connect_dealer, generate_curve_keypair
+from omni.transport.sockets import (
+    CurveKeys,
+    connect_dealer,
+    generate_curve_keypair,
+    load_server_curve_keys,
+)
 from stage_helpers import running_router
 
 from omni.supervision.router import StageRouter
@@ -81,3 +89,16 @@ def test_only_peers_with_the_keys_get_messages_accepted() -> None:
         finally:
             for dealer in peers.values():
                 dealer.close(linger=0)
+
+
+def test_server_keys_load_from_certificate_files(tmp_path: Path) -> None:
+    server_public_file, server_secret_file = zmq.auth.create_certificates(str(tmp_path), "server")
+    (tmp_path / "stages").mkdir()
+    stage_public_file, _ = zmq.auth.create_certificates(str(tmp_path / "stages"), "stage-a")
+    keys = load_server_curve_keys(server_secret_file, tmp_path / "stages")
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    stage_public, _ = zmq.auth.load_certificate(stage_public_file)
+    assert keys.public_key == server_public.decode("ascii")
+    assert keys.authorized_clients == (stage_public.decode("ascii"),)
+    with pytest.raises(ValueError, match="holds no public certificates"):
+        load_server_curve_keys(server_secret_file, tmp_path / "nothing-here")

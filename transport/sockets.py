@@ -87,6 +87,21 @@ def load_curve_keypair(path: str | Path) -> tuple[str, str]:
     return public.decode("ascii"), secret.decode("ascii")
 
 
+def load_server_curve_keys(
+    secret_file: str | Path, authorized_dir: str | Path | None = None
+) -> CurveKeys:
+    """The orchestrator's CURVE keys from its certificate, admitting the stages whose public
+    certificates (`*.key`) lie in `authorized_dir` (None: any stage holding the server key)."""
+    public, secret = load_curve_keypair(secret_file)
+    clients: tuple[str, ...] = ()
+    if authorized_dir is not None:
+        found = zmq.auth.load_certificates(str(authorized_dir))
+        if not found:
+            raise ValueError(f"{authorized_dir} holds no public certificates (*.key)")
+        clients = tuple(sorted(key.decode("ascii") for key in found))
+    return CurveKeys(public_key=public, secret_key=secret, authorized_clients=clients)
+
+
 def check_endpoint(endpoint: str, *, binding: bool, allow_tcp: bool = False) -> str:
     """Validate a ZeroMQ endpoint; tcp binding must be allowed and name a concrete host."""
     scheme, sep, rest = endpoint.partition("://")
