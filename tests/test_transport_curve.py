@@ -100,5 +100,8 @@ def test_server_keys_load_from_certificate_files(tmp_path: Path) -> None:
     stage_public, _ = zmq.auth.load_certificate(stage_public_file)
     assert keys.public_key == server_public.decode("ascii")
     assert keys.authorized_clients == (stage_public.decode("ascii"),)
-    with pytest.raises(ValueError, match="holds no public certificates"):
+    with pytest.raises(ValueError, match="nothing-here is not a directory of stage certificates"):
         load_server_curve_keys(server_secret_file, tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty holds no public certificates"):
+        load_server_curve_keys(server_secret_file, tmp_path / "empty")

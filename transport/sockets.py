@@ -95,6 +95,8 @@ def load_server_curve_keys(
     public, secret = load_curve_keypair(secret_file)
     clients: tuple[str, ...] = ()
     if authorized_dir is not None:
+        if not Path(authorized_dir).is_dir():
+            raise ValueError(f"{authorized_dir} is not a directory of stage certificates")
         found = zmq.auth.load_certificates(str(authorized_dir))
         if not found:
             raise ValueError(f"{authorized_dir} holds no public certificates (*.key)")
