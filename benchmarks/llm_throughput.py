@@ -15,6 +15,8 @@ import argparse
 import gc
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -158,6 +160,18 @@ def run_transformers(
         )
 
     generate(prompts[:2], 4)  # warm-up
+    # Reference greedy tokens for the correctness check of omni's GPU path.
+    ids = torch.tensor(prompts[:CHECK_PROMPTS], device="cuda")
+    reference = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=CHECK_TOKENS,
+        min_new_tokens=CHECK_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+    )[:, ids.shape[1] :].tolist()
+    with open(reference_path(model_dir), "w") as f:
+        json.dump(reference, f)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
@@ -193,6 +207,7 @@ def run_omni(
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
     step_times = time_steps(llm)
+    check = greedy_check(llm, model_dir, prompts, params)
     llm.generate(prompts[:2], params(4), use_tqdm=False)  # warm-up
     # Fresh prompts: the warm-up must not turn the timed run into prefix-cache hits.
     llm.engine.kv_cache.reset_prefix_cache()
@@ -218,7 +233,80 @@ def run_omni(
         "seconds": elapsed,
         "batch1_ms": ms_per_token,
         **phases,
+        **check,
     }
+
+
+CHECK_PROMPTS, CHECK_TOKENS = 8, 32
+
+
+def reference_path(model_dir: str) -> str:
+    return os.path.join(model_dir, "hf_greedy.json")
+
+
+def greedy_check(llm, model_dir: str, prompts, params) -> dict[str, float]:
+    """omni's greedy tokens against transformers' on the same weights: how many prompts
+    match all CHECK_TOKENS, and the mean length of the matching prefix. In bf16 two correct
+    implementations may part at a near-tie, so this is reported, not asserted."""
+    if not os.path.exists(reference_path(model_dir)):
+        return {}
+    with open(reference_path(model_dir)) as f:
+        reference = json.load(f)
+    outputs = llm.generate(prompts[:CHECK_PROMPTS], params(CHECK_TOKENS), use_tqdm=False)
+    llm.engine.kv_cache.reset_prefix_cache()
+    prefixes = []
+    for out, ref in zip(outputs, reference, strict=True):
+        got = out.outputs[0].token_ids
+        prefixes.append(
+            next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), len(ref))
+        )
+    return {
+        "greedy_equal": sum(p == CHECK_TOKENS for p in prefixes),
+        "greedy_checked": len(prefixes),
+        "greedy_mean_prefix": sum(prefixes) / len(prefixes),
+    }
+
+
+VARIANTS = [("omni", {"OMNI_FUSED_OPS": "1"}), ("omni-unfused", {"OMNI_FUSED_OPS": "0"})]
+
+
+def run_omni_child(model_dir: str, args: argparse.Namespace, env: dict[str, str]):
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [
+            sys.executable,
+            __file__,
+            "--omni-child",
+            model_dir,
+            "--json",
+            out.name,
+            "--num-requests",
+            str(args.num_requests),
+            "--prompt-len",
+            str(args.prompt_len),
+            "--output-len",
+            str(args.output_len),
+            "--decode-tokens",
+            str(args.decode_tokens),
+        ]
+        done = subprocess.run(command, env={**os.environ, **env}, check=False)
+        if done.returncode != 0:
+            return None
+        with open(out.name) as f:
+            return json.load(f)
+
+
+def omni_child_main(args: argparse.Namespace) -> None:
+    vocab = QWEN25_7B["vocab_size"]
+    prompts = random_prompts(args.num_requests, args.prompt_len, vocab, seed=0)
+    result = run_omni(
+        args.omni_child,
+        prompts,
+        args.output_len,
+        args.decode_tokens,
+        max_num_seqs=args.num_requests,
+    )
+    with open(args.json, "w") as f:
+        json.dump(result, f)
 
 
 def time_steps(llm) -> list[tuple[bool, float]]:
@@ -268,7 +356,17 @@ def main() -> None:
         "--layers", type=int, default=None, help="override layer count (smoke runs)"
     )
     parser.add_argument("--json", default=None, help="write the results here too")
+    parser.add_argument(
+        "--variants",
+        choices=("fallback", "both"),
+        default="fallback",
+        help="fallback: omni with fused kernels, unfused only if that fails; both: each",
+    )
+    parser.add_argument("--omni-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.omni_child:
+        omni_child_main(args)
+        return
 
     config = dict(QWEN25_7B)
     if args.layers:
@@ -319,10 +417,17 @@ def main() -> None:
                 model_dir, prompts, args.output_len, args.hf_batch, args.decode_tokens
             )
             print("transformers:", results["transformers"], flush=True)
-        results["omni"] = run_omni(
-            model_dir, prompts, args.output_len, args.decode_tokens, max_num_seqs=args.num_requests
-        )
-        print("omni:", results["omni"], flush=True)
+        # omni runs in a child process per variant: a clean GPU each, and a failure of one
+        # variant (say the fused kernels) still leaves the other's figures.
+        for name, env in VARIANTS:
+            result = run_omni_child(model_dir, args, env)
+            if result is None:
+                print(f"{name}: failed", flush=True)
+                continue
+            results[name] = result
+            print(f"{name}:", result, flush=True)
+            if args.variants == "fallback":
+                break
 
     print()
     print(
@@ -336,9 +441,21 @@ def main() -> None:
             f"{name:<14}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / floor_tps:>10.0%}"
             f"{r['batch1_ms']:>12.2f}{r['batch1_ms'] / floor_b1_ms:>9.2f}"
         )
-    if "transformers" in results:
-        ratio = results["omni"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
-        print(f"omni / transformers throughput: {ratio:.1f}x")
+    for name, r in results.items():
+        if "decode_steps_s" in r:
+            print(
+                f"{name}: mixed prefill steps {r['mixed_steps_s']:.2f} s, "
+                f"{r['num_decode_steps']} decode-only steps {r['decode_steps_s']:.2f} s"
+            )
+        if "transformers" in results and name != "transformers":
+            ratio = r["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+            print(f"{name} / transformers throughput: {ratio:.1f}x")
+        if "greedy_checked" in r:
+            print(
+                f"{name}: greedy tokens equal to transformers for {r['greedy_equal']} of "
+                f"{r['greedy_checked']} prompts ({CHECK_TOKENS} tokens each; mean matching "
+                f"prefix {r['greedy_mean_prefix']:.1f})"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

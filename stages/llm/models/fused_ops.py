@@ -28,6 +28,8 @@ can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,16 @@ from omni.stages.llm.models.fused_kernels import (
 # IEEE-denormal variants (Triton picks the flush-to-zero ones by default; torch is built
 # without -ftz). The interpreter ignores both; it never fuses and numpy keeps denormals.
 _TORCH_FP_OPTIONS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
+
+
+# OMNI_FUSED_OPS=0 falls back to the plain torch ops on CUDA too: a switch for bisecting a
+# numerical difference, or for a GPU where these kernels misbehave.
+FUSED_OPS_ENABLED = os.environ.get("OMNI_FUSED_OPS", "1") != "0"
+
+
+def use_fused_kernels(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve this tensor (CUDA, unless switched off)."""
+    return tensor.is_cuda and FUSED_OPS_ENABLED
 
 
 def _num_warps(block: int) -> int:
@@ -146,7 +158,7 @@ def add_rms_norm_triton(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: one kernel on CUDA, transformers' torch code elsewhere."""
-    if x.is_cuda:
+    if use_fused_kernels(x):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
 
@@ -156,7 +168,7 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(residual + x), residual + x): the pre-norm residual add fused with the next
     norm on CUDA; on CPU exactly torch's add followed by the reference norm."""
-    if x.is_cuda:
+    if use_fused_kernels(x):
         return add_rms_norm_triton(x, residual, weight, eps)
     new_residual = residual + x
     return rms_norm_torch(new_residual, weight, eps), new_residual
@@ -257,7 +269,7 @@ def rotary_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated (q, k). CUDA: in place, one kernel. Elsewhere: the torch code, using `cos_sin`
     when the caller precomputed it once for all layers."""
-    if q.is_cuda:
+    if use_fused_kernels(q):
         rotary_qk_triton_(q, k, positions, inv_freq, scaling)
         return q, k
     if cos_sin is None:
@@ -304,6 +316,6 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation over the fused gate/up output: one kernel on CUDA."""
-    if gate_up.is_cuda:
+    if use_fused_kernels(gate_up):
         return silu_and_mul_triton(gate_up)
     return silu_and_mul_torch(gate_up)

@@ -24,6 +24,7 @@ from omni.stages.llm.models.fused_ops import (
     rotary_cos_sin_torch,
     rotary_qk,
     silu_and_mul,
+    use_fused_kernels,
 )
 from torch import nn
 
@@ -204,7 +205,7 @@ class RotaryEmbedding(nn.Module):
         """The rotary inputs for `positions` [T] in a model of `dtype`."""
         cos_sin = (
             None
-            if positions.is_cuda
+            if use_fused_kernels(positions)
             else rotary_cos_sin_torch(positions, self.inv_freq, self.attention_scaling, dtype)
         )
         return RotaryAngles(positions, self.inv_freq, self.attention_scaling, cos_sin)
