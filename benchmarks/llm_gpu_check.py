@@ -1,0 +1,140 @@
+"""Greedy tokens of omni's GPU path (Triton attention, fused kernels, CUDA graphs) against
+transformers on the same random weights, in float32 and bfloat16.
+
+Run on a GPU:
+    python3 benchmarks/llm_gpu_check.py
+
+float32 should match token for token (both sides compute in IEEE float32); bfloat16 with random
+weights has near-ties in the logits, where two correct implementations can part, so its figure
+is reported as the mean length of the matching prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+PROMPTS, PROMPT_LEN, NEW_TOKENS = 8, 64, 32
+CONFIG = dict(
+    model_type="qwen2",
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=4,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=4096,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+
+# (fused kernels, eager) per dtype: the served configuration, the plain-torch elementwise ops,
+# and (float32) the eager path without CUDA graphs.
+VARIANTS = {
+    "float32": [(True, False), (False, False), (True, True)],
+    "bfloat16": [(True, False), (False, False)],
+}
+
+
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, CONFIG["vocab_size"], (PROMPTS, PROMPT_LEN), generator=gen).tolist()
+
+
+def reference(model_dir: str, dtype: torch.dtype) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map="cuda")
+    ids = torch.tensor(prompts(), device="cuda")
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[:, PROMPT_LEN:].tolist()
+
+
+def omni_child(model_dir: str, dtype: str, eager: bool) -> None:
+    from omni import LLM, SamplingParams
+
+    llm = LLM(
+        model_dir,
+        dtype=dtype,
+        skip_tokenizer_init=True,
+        max_model_len=256,
+        max_num_seqs=16,
+        enforce_eager=eager,
+        gpu_memory_utilization=0.5,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate(prompts(), params, use_tqdm=False)
+    print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outputs]))
+
+
+def run_omni(model_dir: str, dtype: str, fused: bool, eager: bool) -> list[list[int]] | None:
+    env = {**os.environ, "OMNI_FUSED_OPS": "1" if fused else "0"}
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", model_dir, dtype, "1" if eager else "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("TOKENS "):
+            return json.loads(line[len("TOKENS ") :])
+    print(done.stderr[-3000:])
+    return None
+
+
+def prefix_lengths(got: list[list[int]], ref: list[list[int]]) -> list[int]:
+    return [
+        next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), len(r))
+        for g, r in zip(got, ref, strict=True)
+    ]
+
+
+def main() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rows = []
+    with tempfile.TemporaryDirectory() as model_dir:
+        config = AutoConfig.for_model(**CONFIG)
+        config.architectures = ["Qwen2ForCausalLM"]
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(model_dir)
+        del model
+        torch.cuda.empty_cache()
+        for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            ref = reference(model_dir, dtype)
+            torch.cuda.empty_cache()
+            for fused, eager in VARIANTS[dtype_name]:
+                got = run_omni(model_dir, dtype_name, fused, eager)
+                label = f"{dtype_name:<9} fused={fused!s:<5} graphs={not eager!s:<5}"
+                if got is None:
+                    rows.append(f"{label} FAILED")
+                    continue
+                lengths = prefix_lengths(got, ref)
+                equal = sum(n == NEW_TOKENS for n in lengths)
+                rows.append(f"{label} equal {equal}/{PROMPTS}  prefixes {lengths}")
+    print(torch.cuda.get_device_name())
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        omni_child(sys.argv[2], sys.argv[3], sys.argv[4] == "1")
+    else:
+        main()
