@@ -12,6 +12,7 @@ device-to-device copy bandwidth. Batch-1 decode is compared with weight bytes ov
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -267,6 +268,34 @@ def greedy_check(llm, model_dir: str, prompts, params) -> dict[str, float]:
     }
 
 
+def omni_batch1_dummy(config: dict, prompts: list[list[int]], decode_tokens: int) -> float:
+    from transformers import AutoConfig
+
+    from omni import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as model_dir:
+        hf_config = AutoConfig.for_model(
+            **{k: v for k, v in config.items() if k not in ("architectures",)}
+        )
+        hf_config.architectures = config["architectures"]
+        hf_config.save_pretrained(model_dir)
+        llm = LLM(
+            model_dir,
+            dtype="bfloat16",
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            max_model_len=2048,
+            max_num_seqs=1,
+        )
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+        def generate_one(n: int) -> None:
+            llm.engine.kv_cache.reset_prefix_cache()
+            llm.generate([prompts[0]], dataclasses.replace(params, max_tokens=n), use_tqdm=False)
+
+        return batch1_decode_ms(generate_one, decode_tokens)
+
+
 VARIANTS = [("omni", {"OMNI_FUSED_OPS": "1"}), ("omni-unfused", {"OMNI_FUSED_OPS": "0"})]
 
 
@@ -362,6 +391,11 @@ def main() -> None:
         default="fallback",
         help="fallback: omni with fused kernels, unfused only if that fails; both: each",
     )
+    parser.add_argument(
+        "--batch1-only",
+        action="store_true",
+        help="only omni's batch-1 decode against its floor, on random (dummy) weights",
+    )
     parser.add_argument("--omni-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.omni_child:
@@ -389,6 +423,14 @@ def main() -> None:
     )
 
     prompts = random_prompts(args.num_requests, args.prompt_len, g.vocab, seed=0)
+    if args.batch1_only:
+        floor_b1_ms = g.weight_bytes / bandwidth * 1e3
+        ms = omni_batch1_dummy(config, prompts, args.decode_tokens)
+        print(
+            f"omni batch-1 decode on {card}: {ms:.2f} ms/token; floor {floor_b1_ms:.2f} ms "
+            f"(weights over copy bandwidth); {ms / floor_b1_ms:.2f}x floor"
+        )
+        return
     floor_s = workload_floor(
         g, args.num_requests, args.prompt_len, args.output_len, flops_rate, bandwidth
     )

@@ -49,6 +49,11 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=i32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros((n, table_width), dtype=i32, device=device)
+        # Pinned staging for the per-step inputs: one asynchronous copy per buffer instead of
+        # a synchronous copy from pageable memory each (the host waits on every one of those).
+        self.host_int64 = torch.zeros((3, n), dtype=i64).pin_memory()
+        self.host_seq_lens = torch.ones(n, dtype=i32).pin_memory()
+        self.host_block_tables = torch.zeros((n, table_width), dtype=i32).pin_memory()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.sizes = capture_sizes(max_num_seqs)
@@ -100,15 +105,23 @@ class DecodeGraphs:
         size = self.padded_size(n)
         assert size is not None and host.is_decode_only
         width = host.block_tables.shape[1]
-        self.token_ids[:n].copy_(torch.from_numpy(host.token_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.from_numpy(host.positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.from_numpy(host.slot_mapping), non_blocking=True)
-        self.seq_lens[:n].copy_(torch.from_numpy(host.seq_lens), non_blocking=True)
-        self.block_tables[:n, :width].copy_(torch.from_numpy(host.block_tables), non_blocking=True)
-        if size > n:
-            self.slot_mapping[n:size].fill_(-1)
-            self.seq_lens[n:size].fill_(1)
-            self.token_ids[n:size].fill_(0)
-            self.positions[n:size].fill_(0)
+        # The staging buffers are free to overwrite: the previous step ended by reading its
+        # sampled tokens back, which waited for every copy queued before it.
+        staged = self.host_int64.numpy()
+        staged[0, :n] = host.token_ids
+        staged[1, :n] = host.positions
+        staged[2, :n] = host.slot_mapping
+        # Padded rows: token 0 at position 0, reading the null block, writing nothing.
+        staged[:2, n:size] = 0
+        staged[2, n:size] = -1
+        seq_lens = self.host_seq_lens.numpy()
+        seq_lens[:n] = host.seq_lens
+        seq_lens[n:size] = 1
+        self.host_block_tables.numpy()[:n, :width] = host.block_tables
+        self.token_ids[:size].copy_(self.host_int64[0, :size], non_blocking=True)
+        self.positions[:size].copy_(self.host_int64[1, :size], non_blocking=True)
+        self.slot_mapping[:size].copy_(self.host_int64[2, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
+        self.block_tables[:n, :width].copy_(self.host_block_tables[:n, :width], non_blocking=True)
         self.graphs[size].replay()
         return self.outputs[size][:n]

@@ -11,6 +11,7 @@ from omni.stages.llm.cuda_graphs import DecodeGraphs
 from omni.stages.llm.kv_cache_sizing import allocate_kv_caches, num_blocks_for_memory
 from omni.stages.llm.models.loader import load_model
 from omni.stages.llm.sampler import Sampler, SamplingBatch
+from omni.stages.llm.sampling_params import SamplingParams
 from omni.stages.llm.scheduler import SchedulerOutput
 from omni.stages.llm.step_inputs import HostStepInputs, build_host_inputs, to_device
 
@@ -101,6 +102,13 @@ class ModelRunner:
             hidden = hidden[torch.tensor(rows, device=hidden.device)]
         logits = self.model.compute_logits(hidden)
         requests = [out.scheduled[i].request for i in rows]
+        if all(_plain_greedy(r.sampling_params) for r in requests):
+            # Nothing to mask, penalise or report: skip building the sampling batch, whose
+            # host-to-device copies are a measurable share of a batch-1 decode step.
+            token_list = logits.argmax(dim=-1).tolist()
+            for j, i in enumerate(rows):
+                tokens[i] = token_list[j]
+            return tokens, None
         batch = SamplingBatch.from_params(
             [r.sampling_params for r in requests],
             [r.generator for r in requests],
@@ -120,3 +128,12 @@ class ModelRunner:
             if logprobs is not None and logprob_list is not None:
                 logprobs[i] = logprob_list[j]
         return tokens, logprobs
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    return (
+        params.is_greedy
+        and params.logprobs is None
+        and not params.has_penalties
+        and params.min_tokens == 0
+    )
