@@ -34,6 +34,7 @@ class DecodeGraphs:
         table_width: int,
         max_model_len: int,
         device: torch.device,
+        position_rows: int = 1,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -44,14 +45,18 @@ class DecodeGraphs:
         i32, i64 = torch.int32, torch.int64
         # Static buffers every graph reads; a replay sees whatever was copied in last.
         self.token_ids = torch.zeros(n, dtype=i64, device=device)
-        self.positions = torch.zeros(n, dtype=i64, device=device)
+        # [n], or [3, n] for M-RoPE models.
+        self.position_rows = position_rows
+        positions_shape = (n,) if position_rows == 1 else (position_rows, n)
+        self.positions = torch.zeros(positions_shape, dtype=i64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
         self.seq_lens = torch.ones(n, dtype=i32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros((n, table_width), dtype=i32, device=device)
         # Pinned staging for the per-step inputs: one asynchronous copy per buffer instead of
         # a synchronous copy from pageable memory each (the host waits on every one of those).
-        self.host_int64 = torch.zeros((3, n), dtype=i64).pin_memory()
+        # Rows: token ids, slots, then the position rows.
+        self.host_int64 = torch.zeros((2 + position_rows, n), dtype=i64).pin_memory()
         self.host_seq_lens = torch.ones(n, dtype=i32).pin_memory()
         self.host_block_tables = torch.zeros((n, table_width), dtype=i32).pin_memory()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -73,7 +78,7 @@ class DecodeGraphs:
     def _forward(self, size: int) -> torch.Tensor:
         hidden: torch.Tensor = self.model(
             self.token_ids[:size],
-            self.positions[:size],
+            self.positions[..., :size],
             self.kv_caches,
             self._meta(size),
             self.attn_backend,
@@ -109,18 +114,22 @@ class DecodeGraphs:
         # sampled tokens back, which waited for every copy queued before it.
         staged = self.host_int64.numpy()
         staged[0, :n] = host.token_ids
-        staged[1, :n] = host.positions
-        staged[2, :n] = host.slot_mapping
+        staged[1, :n] = host.slot_mapping
+        staged[2:, :n] = host.rope_positions if host.rope_positions is not None else host.positions
         # Padded rows: token 0 at position 0, reading the null block, writing nothing.
-        staged[:2, n:size] = 0
-        staged[2, n:size] = -1
+        staged[0, n:size] = 0
+        staged[1, n:size] = -1
+        staged[2:, n:size] = 0
         seq_lens = self.host_seq_lens.numpy()
         seq_lens[:n] = host.seq_lens
         seq_lens[n:size] = 1
         self.host_block_tables.numpy()[:n, :width] = host.block_tables
         self.token_ids[:size].copy_(self.host_int64[0, :size], non_blocking=True)
-        self.positions[:size].copy_(self.host_int64[1, :size], non_blocking=True)
-        self.slot_mapping[:size].copy_(self.host_int64[2, :size], non_blocking=True)
+        self.slot_mapping[:size].copy_(self.host_int64[1, :size], non_blocking=True)
+        positions = self.host_int64[2:, :size]
+        self.positions[..., :size].copy_(
+            positions[0] if self.position_rows == 1 else positions, non_blocking=True
+        )
         self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
         self.block_tables[:n, :width].copy_(self.host_block_tables[:n, :width], non_blocking=True)
         self.graphs[size].replay()

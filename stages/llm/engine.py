@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from omni.cache.block_hash import MultiModalPlaceholder
 from omni.cache.kv_cache_manager import KVCacheManager
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.detokenizer import IncrementalDetokenizer
+from omni.stages.llm.mm_inputs import MultiModalInputs
 from omni.stages.llm.model_runner import ModelRunner
 from omni.stages.llm.models.loader import resolve_model_path
 from omni.stages.llm.outputs import CompletionOutput, RequestOutput
@@ -51,7 +51,7 @@ class LLMEngine:
             )
         self.runner = ModelRunner(config, model_path)
         self.max_model_len = self.runner.max_model_len
-        self.vocab_size = int(self.runner.hf_config.vocab_size)
+        self.vocab_size = int(self.runner.hf_config.get_text_config().vocab_size)
         self.kv_cache = KVCacheManager(
             self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -69,8 +69,7 @@ class LLMEngine:
         prompt: str | Sequence[int],
         params: SamplingParams,
         *,
-        mm_placeholders: Sequence[MultiModalPlaceholder] = (),
-        mm_embeddings: list[torch.Tensor] | None = None,
+        mm: MultiModalInputs | None = None,
         cache_salt: str | None = None,
         stream: bool = True,
     ) -> None:
@@ -84,13 +83,17 @@ class LLMEngine:
         else:
             token_ids = list(prompt)
         self._check_prompt(token_ids)
+        if mm is not None:
+            mm.check(len(token_ids), int(self.runner.hf_config.get_text_config().hidden_size))
         request = Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
             sampling_params=params,
             eos_token_ids=self.eos_token_ids,
-            mm_placeholders=mm_placeholders,
-            mm_embeddings=mm_embeddings,
+            mm_placeholders=() if mm is None else mm.placeholders,
+            mm_embeddings=None if mm is None else list(mm.embeddings),
+            mrope_positions=None if mm is None else mm.mrope_positions,
+            mrope_position_delta=0 if mm is None else mm.mrope_position_delta,
             cache_salt=cache_salt,
         )
         if params.seed is not None:

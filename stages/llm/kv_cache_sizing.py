@@ -36,7 +36,7 @@ def allocate_kv_caches(
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
 
 
-def _profile_inputs(num_tokens: int, block_size: int) -> HostStepInputs:
+def _profile_inputs(num_tokens: int, block_size: int, mrope: bool) -> HostStepInputs:
     """One request prefilling num_tokens tokens: the largest step the scheduler can issue."""
     num_blocks = math.ceil(num_tokens / block_size)
     positions = np.arange(num_tokens, dtype=np.int64)
@@ -50,6 +50,7 @@ def _profile_inputs(num_tokens: int, block_size: int) -> HostStepInputs:
         logits_indices=np.array([num_tokens - 1], np.int64),
         max_query_len=num_tokens,
         max_seq_len=num_tokens,
+        rope_positions=np.broadcast_to(positions, (3, num_tokens)).copy() if mrope else None,
     )
 
 
@@ -61,7 +62,7 @@ def num_blocks_for_memory(runner: ModelRunner) -> int:
         return max(2, int(config.cpu_kv_cache_gib * (1 << 30)) // block_bytes)
 
     num_tokens = min(config.max_num_batched_tokens, runner.max_model_len)
-    host = _profile_inputs(num_tokens, runner.block_size)
+    host = _profile_inputs(num_tokens, runner.block_size, runner.uses_mrope)
     profile_blocks = host.block_tables.shape[1] + 1
     caches = allocate_kv_caches(
         model, profile_blocks, runner.block_size, runner.dtype, runner.device

@@ -47,10 +47,14 @@ class ModelRunner:
         self.attn_backend = config.attention_backend or (
             "triton" if self.device.type == "cuda" else "torch"
         )
-        self.max_model_len = config.max_model_len or int(self.hf_config.max_position_embeddings)
+        self.max_model_len = config.max_model_len or int(
+            self.hf_config.get_text_config().max_position_embeddings
+        )
         self.block_size = config.block_size
         self.table_width = math.ceil(self.max_model_len / self.block_size)
         self.sampler = Sampler()
+        # Qwen2-VL-family models rotate by [3, T] M-RoPE positions instead of [T].
+        self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
 
         num_blocks = config.num_kv_blocks or num_blocks_for_memory(self)
         self.num_kv_blocks = num_blocks
@@ -67,6 +71,7 @@ class ModelRunner:
                 self.table_width,
                 self.max_model_len,
                 self.device,
+                position_rows=3 if self.uses_mrope else 1,
             )
             self.graphs.capture()
             logger.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
@@ -83,8 +88,20 @@ class ModelRunner:
         ):
             return self.graphs.run(host)
         inputs = to_device(host, self.device)
+        inputs_embeds = None
+        if host.mm_splices:
+            inputs_embeds = self.model.embed_tokens(inputs.token_ids)
+            for start, rows in host.mm_splices:
+                inputs_embeds[start : start + rows.shape[0]] = rows.to(
+                    inputs_embeds.device, inputs_embeds.dtype
+                )
         hidden = self.model(
-            inputs.token_ids, inputs.positions, self.kv_caches, inputs.attn, self.attn_backend
+            None if inputs_embeds is not None else inputs.token_ids,
+            inputs.positions,
+            self.kv_caches,
+            inputs.attn,
+            self.attn_backend,
+            inputs_embeds=inputs_embeds,
         )
         return hidden[inputs.logits_indices]
 
@@ -92,7 +109,9 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> tuple[list[int | None], list[float | None] | None]:
         """Runs one step; returns per scheduled request its sampled token (None for a prefill
         chunk that has not reached the last known token) and, if asked for, its logprob."""
-        host = build_host_inputs(out.scheduled, self.block_size, self.table_width)
+        host = build_host_inputs(
+            out.scheduled, self.block_size, self.table_width, mrope=self.uses_mrope
+        )
         hidden = self.forward_hidden(host)
         rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
         tokens: list[int | None] = [None] * len(out.scheduled)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from omni.cache.block_hash import MultiModalPlaceholder
 from omni.stages.llm.sampling_params import SamplingParams
@@ -49,6 +50,10 @@ class Request:
     # Multi-modal embeddings to splice at placeholder positions, one per placeholder, filled
     # in by the encoder stage; None for text-only requests.
     mm_embeddings: list[torch.Tensor] | None = None
+    # M-RoPE models (Qwen2-VL family): the prompt's [3, num_prompt_tokens] positions from the
+    # prompt processor, and the offset that continues them for generated tokens.
+    mrope_positions: np.ndarray | None = None
+    mrope_position_delta: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
 
     status: RequestStatus = RequestStatus.WAITING

@@ -7,7 +7,7 @@ loop would cost more than the decode step it feeds.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +29,12 @@ class HostStepInputs:
     logits_indices: np.ndarray  # int64 [num_reqs]
     max_query_len: int
     max_seq_len: int
+    # int64 [3, num_tokens]: M-RoPE (temporal, height, width) positions, for models whose
+    # rotary takes them (Qwen2-VL family); None for plain 1-D rotary.
+    rope_positions: np.ndarray | None = None
+    # Multi-modal embeddings to write over the token embeddings: (row of the flattened batch
+    # where the run starts, the embedding rows).
+    mm_splices: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     @property
     def num_reqs(self) -> int:
@@ -44,7 +50,10 @@ class HostStepInputs:
 
 
 def build_host_inputs(
-    scheduled: list[ScheduledRequest], block_size: int, table_width: int | None = None
+    scheduled: list[ScheduledRequest],
+    block_size: int,
+    table_width: int | None = None,
+    mrope: bool = False,
 ) -> HostStepInputs:
     query_lens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, len(scheduled))
     starts = np.fromiter(
@@ -74,7 +83,10 @@ def build_host_inputs(
         block_tables[req_of_token, positions // block_size].astype(np.int64) * block_size
         + positions % block_size
     )
+    rope_positions = _mrope_positions(scheduled, starts, query_lens) if mrope else None
     return HostStepInputs(
+        rope_positions=rope_positions,
+        mm_splices=_mm_splices(scheduled, starts, cu),
         token_ids=token_ids,
         positions=positions,
         query_start_loc=cu.astype(np.int32),
@@ -85,6 +97,43 @@ def build_host_inputs(
         max_query_len=int(query_lens.max()),
         max_seq_len=int(seq_lens.max()),
     )
+
+
+def _mrope_positions(
+    scheduled: list[ScheduledRequest], starts: np.ndarray, query_lens: np.ndarray
+) -> np.ndarray:
+    """Prompt tokens take the positions the prompt processor computed; tokens past the prompt
+    (and every token of a text-only request) sit at their index plus the request's delta in
+    all three rows, as transformers' get_rope_index continues them."""
+    rows = []
+    for s, start, length in zip(scheduled, starts.tolist(), query_lens.tolist(), strict=True):
+        request = s.request
+        index = np.arange(start, start + length, dtype=np.int64)
+        positions = np.broadcast_to(index + request.mrope_position_delta, (3, length)).copy()
+        if request.mrope_positions is not None:
+            prompt = request.mrope_positions
+            in_prompt = index < prompt.shape[1]
+            positions[:, in_prompt] = prompt[:, index[in_prompt]]
+        rows.append(positions)
+    return np.concatenate(rows, axis=1)
+
+
+def _mm_splices(
+    scheduled: list[ScheduledRequest], starts: np.ndarray, cu: np.ndarray
+) -> list[tuple[int, torch.Tensor]]:
+    """The parts of each multi-modal item that fall in this step's chunk of its request."""
+    splices: list[tuple[int, torch.Tensor]] = []
+    for row, (s, start) in enumerate(zip(scheduled, starts.tolist(), strict=True)):
+        request = s.request
+        if not request.mm_embeddings:
+            continue
+        end = start + s.num_new_tokens
+        for item, embedding in zip(request.mm_placeholders, request.mm_embeddings, strict=True):
+            lo, hi = max(start, item.offset), min(end, item.offset + item.length)
+            if lo < hi:
+                rows = embedding[lo - item.offset : hi - item.offset]
+                splices.append((int(cu[row]) + lo - start, rows))
+    return splices
 
 
 @dataclass
@@ -113,7 +162,7 @@ def to_device(host: HostStepInputs, device: torch.device) -> DeviceStepInputs:
     )
     return DeviceStepInputs(
         token_ids=move(host.token_ids),
-        positions=move(host.positions),
+        positions=move(host.rope_positions if host.rope_positions is not None else host.positions),
         attn=attn,
         logits_indices=move(host.logits_indices),
     )
