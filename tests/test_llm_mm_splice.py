@@ -100,6 +100,6 @@ def test_bad_multimodal_inputs_are_rejected(checkpoint: Path, hf_model) -> None:
     past_end = MultiModalInputs(
         [MultiModalPlaceholder("c" * 64, 20, 20)], [torch.zeros(20, hidden)]
     )
-    with pytest.raises(ValueError, match="covers tokens 20..39, past the prompt's 29 tokens"):
+    with pytest.raises(ValueError, match=r"covers tokens 20\.\.39, past the prompt's 29 tokens"):
         llm.engine.add_request("b", PROMPT, GREEDY, mm=past_end)
     assert not llm.engine.has_unfinished_requests()
