@@ -18,21 +18,11 @@ import sys
 import tempfile
 
 import torch
+from llm_throughput import QWEN25_7B
 
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 8, 64, 32
-CONFIG = dict(
-    model_type="qwen2",
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=4,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    max_position_embeddings=4096,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+# The throughput benchmark's Qwen2.5-7B geometry, cut to 4 layers so float32 fits easily.
+CONFIG = {**QWEN25_7B, "num_hidden_layers": 4, "max_position_embeddings": 4096}
 
 
 # (fused kernels, eager) per dtype: the served configuration, the plain-torch elementwise ops,
@@ -109,8 +99,10 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as model_dir:
-        config = AutoConfig.for_model(**CONFIG)
-        config.architectures = ["Qwen2ForCausalLM"]
+        config = AutoConfig.for_model(
+            **{k: v for k, v in CONFIG.items() if k != "architectures"}
+        )
+        config.architectures = CONFIG["architectures"]
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
