@@ -7,12 +7,16 @@ from typing import Any
 from omni.stages.llm.models.base import CausalLM
 from omni.stages.llm.models.llama import LlamaForCausalLM
 from omni.stages.llm.models.qwen2 import Qwen2ForCausalLM
+from omni.stages.llm.models.qwen2_vl import Qwen2VLForCausalLM
 from omni.stages.llm.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    # The language model only; the vision tower is the vision encoder stage.
+    "Qwen2VLForConditionalGeneration": Qwen2VLForCausalLM,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2VLForCausalLM,
 }
 
 

@@ -1,0 +1,182 @@
+"""The native Qwen2.5-VL language model (M-RoPE) against transformers on a tiny checkpoint.
+
+Both models get the same `inputs_embeds` (token embeddings with transformers' image features
+spliced in) and the same 3-row positions (transformers' `get_rope_index`); the native one runs
+over a paged cache whose blocks are out of order, with the torch attention backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fixtures_models import PagedRequest, build_meta, new_caches
+from fixtures_vl import (
+    IMAGE_TOKEN_ID,
+    build_vl_processor,
+    load_reference_vl,
+    make_tiny_qwen2_5_vl,
+    noise_image,
+)
+from omni.stages.llm.models import loader
+from omni.stages.llm.models.mrope import MRotaryEmbedding
+from omni.stages.llm.models.qwen2_vl import Qwen2VLForCausalLM
+from omni.stages.llm.models.registry import get_model_class
+from safetensors.torch import load_file, save_file
+
+NUM_DECODE_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def vl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
+
+
+@pytest.fixture(scope="module")
+def reference(vl_folder: Path) -> Any:
+    return load_reference_vl(vl_folder)
+
+
+def _prompt_inputs(folder: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    processor = build_vl_processor(AutoTokenizer.from_pretrained(folder))
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare"},
+                {"type": "image"},
+                {"type": "text", "text": "and"},
+                {"type": "image"},
+                {"type": "text", "text": "briefly."},
+            ],
+        }
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    images = [noise_image(84, 56, seed=1), noise_image(56, 112, seed=2)]
+    return dict(processor(text=[text], images=images, return_tensors="pt"))
+
+
+def test_registry_maps_both_vl_architectures() -> None:
+    for name in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
+        config = type("Config", (), {"architectures": [name]})()
+        assert get_model_class(config) is Qwen2VLForCausalLM
+
+
+def test_mrope_equals_1d_rotary_when_rows_agree(vl_folder: Path) -> None:
+    native, _ = loader.load_model(str(vl_folder), dtype="float32")
+    rotary = native.model.rotary_emb
+    assert isinstance(rotary, MRotaryEmbedding)
+    assert rotary.row_of_freq.tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
+    text_positions = torch.tensor([0, 3, 7, 100])
+    one_row = rotary(text_positions, torch.float32).cos_sin
+    three_rows = rotary(text_positions.expand(3, -1), torch.float32).cos_sin
+    assert one_row is not None and three_rows is not None
+    assert torch.equal(one_row[0], three_rows[0]) and torch.equal(one_row[1], three_rows[1])
+    # Rows that disagree select per section: frequency 0 reads row 0, 2 row 1, 7 row 2.
+    positions = torch.tensor([[5], [11], [13]])
+    cos, _ = rotary(positions, torch.float32).cos_sin
+    inv_freq = rotary.inv_freq
+    expected = [(0, 5), (2, 11), (7, 13)]
+    for freq, pos in expected:
+        assert cos[0, 0, freq].item() == torch.cos(torch.tensor(float(pos)) * inv_freq[freq]).item()
+    with pytest.raises(ValueError, match=r"\[3, T\] or \[T\]"):
+        rotary(torch.zeros(2, 4, dtype=torch.long), torch.float32)
+
+
+def test_prefill_and_decode_logits_match_transformers(vl_folder: Path, reference: Any) -> None:
+    inputs = _prompt_inputs(vl_folder)
+    input_ids = inputs["input_ids"]
+    assert int((input_ids == IMAGE_TOKEN_ID).sum()) == 6 + 8
+    with torch.no_grad():
+        features = reference.model.get_image_features(
+            inputs["pixel_values"], inputs["image_grid_thw"]
+        ).pooler_output
+        embeds = reference.model.get_input_embeddings()(input_ids)
+        mask = (input_ids == IMAGE_TOKEN_ID).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, torch.cat(features))
+        positions, delta = reference.model.get_rope_index(
+            input_ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
+        )
+    prompt_len = input_ids.shape[1]
+    # The images make the 3-row positions differ from 1-D ones (the test would be vacuous else).
+    assert not torch.equal(positions[0, 0], positions[1, 0])
+    assert int(delta) < 0
+
+    native, _ = loader.load_model(str(vl_folder), dtype="float32")
+    assert isinstance(native, Qwen2VLForCausalLM)
+    total = prompt_len + NUM_DECODE_STEPS
+    num_blocks = -(-total // 4)
+    request = PagedRequest(block_ids=list(range(num_blocks, 0, -1)))
+    caches = new_caches(native, num_blocks + 1)
+
+    with torch.no_grad():
+        ref_out = reference(
+            inputs_embeds=embeds, position_ids=positions, use_cache=True, return_dict=True
+        )
+        meta = build_meta([request], [prompt_len])
+        hidden = native(None, positions[:, 0], caches, meta, "torch", inputs_embeds=embeds[0])
+        native_logits = native.compute_logits(hidden)
+        torch.testing.assert_close(native_logits, ref_out.logits[0], rtol=0, atol=2e-5)
+
+        past, last_pos = ref_out.past_key_values, int(positions.max())
+        token = int(ref_out.logits[0, -1].argmax())
+        for step in range(1, NUM_DECODE_STEPS + 1):
+            last_pos += 1
+            step_positions = torch.full((3, 1, 1), last_pos, dtype=torch.long)
+            # Decode positions are the token's text position plus the prompt's M-RoPE delta.
+            assert last_pos == prompt_len - 1 + step + int(delta)
+            step_embeds = reference.model.get_input_embeddings()(torch.tensor([[token]]))
+            ref_out = reference(
+                inputs_embeds=step_embeds,
+                position_ids=step_positions,
+                past_key_values=past,
+                use_cache=True,
+                return_dict=True,
+            )
+            past = ref_out.past_key_values
+            meta = build_meta([request], [1])
+            hidden = native(torch.tensor([token]), step_positions[:, 0], caches, meta, "torch")
+            torch.testing.assert_close(
+                native.compute_logits(hidden), ref_out.logits[0], rtol=0, atol=2e-5
+            )
+            token = int(ref_out.logits[0, -1].argmax())
+
+
+def test_loader_skips_vision_tensors_but_reports_missing_language_ones(
+    vl_folder: Path, tmp_path: Path
+) -> None:
+    tensors = load_file(str(vl_folder / "model.safetensors"))
+    assert any(name.startswith("visual.") for name in tensors)
+    # transformers 5 module names (model.language_model.*, model.visual.*) load the same.
+    renamed = {
+        name.replace("model.", "model.language_model.", 1)
+        if name.startswith("model.")
+        else "model." + name
+        if name.startswith("visual.")
+        else name: tensor
+        for name, tensor in tensors.items()
+    }
+    for file in vl_folder.iterdir():
+        if file.suffix == ".json":
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    original, _ = loader.load_model(str(vl_folder), dtype="float32")
+    renamed_model, _ = loader.load_model(str(tmp_path), dtype="float32")
+    for (name, a), (_, b) in zip(
+        original.named_parameters(), renamed_model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+    # Missing language-model tensors still fail the load (the vision ones are never needed).
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    tensors = {name: t for name, t in tensors.items() if not name.startswith("visual.blocks.1")}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(
+        ValueError,
+        match=r"missing 1 tensor\(s\) the model needs: model\.layers\.1\.self_attn\.k_proj",
+    ):
+        loader.load_model(str(tmp_path), dtype="float32")
