@@ -1,0 +1,129 @@
+"""Audio intake: bytes to float32 mono samples at the model's rate, with limits checked first.
+
+`soundfile.info` reads only the header, so the length, rate and channel count are checked
+before anything is decoded. MP3 headers may estimate the length, so the decode itself also
+stops one frame past the limit rather than trusting the header.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import soundfile
+
+from omni.media.errors import MediaError
+from omni.media.limits import MediaLimits, check_num_bytes
+
+# libsndfile's names for the containers accepted from requests (WAVEX is WAV with the
+# extensible header). It reads many more (AIFF, CAF, MAT5, ...); each is attack surface.
+AUDIO_FORMATS = frozenset({"WAV", "WAVEX", "FLAC", "OGG", "MP3"})
+_FORMAT_NAMES = "a WAV, FLAC, OGG or MP3 audio file"
+
+# Decoding goes in blocks, each mixed to mono at once, so a multi-channel file never holds
+# all its channels in memory at the same time.
+_BLOCK_FRAMES = 1 << 16
+
+_SOUNDFILE_ERRORS = (soundfile.SoundFileError, RuntimeError, TypeError, ValueError, EOFError)
+
+
+def load_audio(data: bytes, *, name: str, sampling_rate: int, limits: MediaLimits) -> np.ndarray:
+    """Decode one audio file to float32 mono at `sampling_rate` Hz.
+
+    Channels are averaged; the rate is converted with `torchaudio.functional.resample`.
+    Refuses the item (MediaError naming `name`) past `limits`.
+    """
+    if sampling_rate < 1:
+        raise ValueError(f"sampling_rate is {sampling_rate}; it must be positive")
+    check_num_bytes(len(data), limits.max_audio_bytes, "max_audio_bytes", name=name)
+    info = _read_header(data, name=name)
+    _check_header(info, name=name, limits=limits)
+    max_frames = math.floor(limits.max_audio_seconds * info.samplerate)
+    samples = _decode_mono(data, max_frames=max_frames, name=name)
+    if samples.size == 0:
+        raise MediaError(f"{name} has no audio samples", item=name)
+    if samples.size > max_frames:
+        # The header understated the length (possible for MP3).
+        raise MediaError(
+            f"{name} is longer than {limits.max_audio_seconds:g} seconds; "
+            f"the limit is {limits.max_audio_seconds:g} seconds",
+            item=name,
+            limit="max_audio_seconds",
+        )
+    return resample(samples, info.samplerate, sampling_rate)
+
+
+def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """float32 mono `samples` converted from `source_rate` to `target_rate` Hz."""
+    if source_rate == target_rate:
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    # Imported here: torchaudio costs ~2 s to import, which image-only servers need not pay.
+    import torch
+    import torchaudio.functional
+
+    converted = torchaudio.functional.resample(
+        torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)),
+        source_rate,
+        target_rate,
+    )
+    return converted.numpy()
+
+
+def _read_header(data: bytes, *, name: str) -> soundfile._SoundFileInfo:
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except _SOUNDFILE_ERRORS as error:
+        raise MediaError(f"{name} is not {_FORMAT_NAMES}", item=name) from error
+    if info.format not in AUDIO_FORMATS:
+        raise MediaError(f"{name} is not {_FORMAT_NAMES}", item=name)
+    return info
+
+
+def _check_header(info: soundfile._SoundFileInfo, *, name: str, limits: MediaLimits) -> None:
+    if info.channels > limits.max_audio_channels:
+        raise MediaError(
+            f"{name} has {info.channels} channels; the limit is {limits.max_audio_channels}",
+            item=name,
+            limit="max_audio_channels",
+        )
+    if info.samplerate > limits.max_audio_sampling_rate:
+        raise MediaError(
+            f"{name} is sampled at {info.samplerate} Hz; "
+            f"the limit is {limits.max_audio_sampling_rate} Hz",
+            item=name,
+            limit="max_audio_sampling_rate",
+        )
+    if info.frames == 0:
+        raise MediaError(f"{name} has no audio samples", item=name)
+    seconds = info.frames / info.samplerate
+    if seconds > limits.max_audio_seconds:
+        raise MediaError(
+            f"{name} is {seconds:.2f} seconds long; "
+            f"the limit is {limits.max_audio_seconds:g} seconds",
+            item=name,
+            limit="max_audio_seconds",
+        )
+
+
+def _decode_mono(data: bytes, *, max_frames: int, name: str) -> np.ndarray:
+    """Up to `max_frames + 1` frames mixed to mono (one more than allowed shows an overrun)."""
+    blocks: list[np.ndarray] = []
+    remaining = max_frames + 1
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as audio_file:
+            while remaining > 0:
+                block = audio_file.read(
+                    min(_BLOCK_FRAMES, remaining), dtype="float32", always_2d=True
+                )
+                if block.shape[0] == 0:
+                    break
+                blocks.append(block.mean(axis=1, dtype=np.float32))
+                remaining -= block.shape[0]
+    except _SOUNDFILE_ERRORS as error:
+        raise MediaError(
+            f"{name} could not be decoded: the file is truncated or corrupt", item=name
+        ) from error
+    if not blocks:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(blocks)
