@@ -80,6 +80,28 @@ class KVCacheManager:
         """The request's block ids in logical order ([] if it holds none)."""
         return [block.block_id for block in self._req_blocks.get(request_id, ())]
 
+    def probe_prefix(
+        self,
+        token_ids: Sequence[int],
+        mm_placeholders: Sequence[MultiModalPlaceholder] = (),
+        cache_salt: str | None = None,
+    ) -> int:
+        """Tokens of a would-be request's prefix that the cache holds right now (the count
+        get_computed_blocks would give), touching neither state nor statistics. The orchestrator
+        asks this before encoding: an item wholly inside the hit needs no encoder pass."""
+        if not self.enable_prefix_caching:
+            return 0
+        max_hit_tokens = max(len(token_ids) - 1, 0) // self.block_size * self.block_size
+        hashes = request_block_hashes(
+            list(token_ids[:max_hit_tokens]), self.block_size, mm_placeholders, cache_salt, []
+        )
+        hits = 0
+        for block_hash in hashes:
+            if self.pool.get_cached_block(block_hash) is None:
+                break
+            hits += 1
+        return hits * self.block_size
+
     def get_computed_blocks(self, request: KVCacheRequest) -> tuple[list[KVBlock], int]:
         """Longest prefix of the request's full blocks found in the cache, and its token count.
 

@@ -103,3 +103,51 @@ def test_bad_multimodal_inputs_are_rejected(checkpoint: Path, hf_model) -> None:
     with pytest.raises(ValueError, match=r"covers tokens 20\.\.39, past the prompt's 29 tokens"):
         llm.engine.add_request("b", PROMPT, GREEDY, mm=past_end)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_item_inside_a_prefix_hit_needs_no_embedding(checkpoint: Path, hf_model) -> None:
+    embedding = item_embedding(hf_model, 1)
+    prompt = [*PROMPT, *range(20, 30)]  # 39 tokens: the hit can cover all 25 through the item
+    embeds = hf_model.get_input_embeddings()(torch.tensor([prompt])).detach().clone()
+    embeds[0, ITEM.offset : ITEM.offset + ITEM.length] = embedding
+    hf_model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = hf_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, -NEW_TOKENS:].tolist()
+
+    llm = LLM(str(checkpoint), device="cpu", num_kv_blocks=64, block_size=8)
+    engine = llm.engine
+    assert engine.cached_prefix_tokens(prompt, [ITEM]) == 0
+    engine.add_request("first", prompt, GREEDY, mm=mm(embedding), stream=False)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert [o.outputs[0].token_ids for o in outputs] == [expected]
+    # The probe changes no statistics, and another item's hash gets no hit past block 0's start.
+    queries = engine.kv_cache.prefix_cache_queries
+    assert engine.cached_prefix_tokens(prompt, [ITEM]) == 32
+    assert engine.cached_prefix_tokens(prompt, [MultiModalPlaceholder("b" * 64, 5, 20)]) == 0
+    assert engine.kv_cache.prefix_cache_queries == queries
+
+    skipped = MultiModalInputs(placeholders=[ITEM], embeddings=[None])
+    engine.add_request("second", prompt, GREEDY, mm=skipped, stream=False)
+    done = [o for _ in range(NEW_TOKENS + 1) for o in engine.step()]
+    assert [o.outputs[0].token_ids for o in done] == [expected]
+    assert done[0].num_cached_tokens == 32
+
+    # Evicted meanwhile: the request fails with a clear error instead of reading garbage.
+    engine.kv_cache.reset_prefix_cache()
+    engine.add_request("third", prompt, GREEDY, mm=skipped, stream=False)
+    [failed] = engine.step()
+    assert failed.finished and failed.outputs[0].finish_reason == "abort"
+    assert failed.error == (
+        "multi-modal item 0 was sent without its embedding, but the prefix cache no longer "
+        "holds it; send the request again with it"
+    )
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_cache.num_free_blocks == 63

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from omni.cache.block_hash import MultiModalPlaceholder
 from omni.cache.kv_cache_manager import KVCacheManager
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.detokenizer import IncrementalDetokenizer
@@ -140,11 +141,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one forward pass; returns an output for every request that gained tokens."""
         out = self.scheduler.schedule()
+        outputs = [self._failed_output(request) for request in out.failed]
         if out.is_empty:
-            return []
+            return outputs
         tokens, logprobs = self.runner.execute(out)
         self.scheduler.update_from_output(out, tokens, logprobs)
-        outputs = []
         for sched, token in zip(out.scheduled, tokens, strict=True):
             if token is None:
                 continue
@@ -152,6 +153,29 @@ class LLMEngine:
             if output is not None:
                 outputs.append(output)
         return outputs
+
+    def cached_prefix_tokens(
+        self,
+        prompt_token_ids: Sequence[int],
+        mm_placeholders: Sequence[MultiModalPlaceholder] = (),
+        cache_salt: str | None = None,
+    ) -> int:
+        """How many of the prompt's tokens the prefix cache would serve if it were admitted
+        now: an item ending within them need not be encoded (pass None as its embedding)."""
+        return self.kv_cache.probe_prefix(prompt_token_ids, mm_placeholders, cache_salt)
+
+    def _failed_output(self, request: Request) -> RequestOutput:
+        state = self._outputs.pop(request.request_id)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[
+                CompletionOutput(index=0, text="", token_ids=[], finish_reason="abort")
+            ],
+            finished=True,
+            error=request.error,
+        )
 
     def _advance(self, request: Request, token: int) -> RequestOutput | None:
         """Feeds the new token to the request's text (which may hit a stop string) and builds

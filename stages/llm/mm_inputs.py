@@ -21,7 +21,9 @@ class MultiModalInputs:
     """
 
     placeholders: Sequence[MultiModalPlaceholder]
-    embeddings: Sequence[torch.Tensor]
+    # None for an item the orchestrator found inside a prefix-cache hit (see
+    # LLMEngine.cached_prefix_tokens): its encoder pass was skipped.
+    embeddings: Sequence[torch.Tensor | None]
     # int64 [3, num_prompt_tokens] and the offset that continues them for generated tokens.
     mrope_positions: np.ndarray | None = None
     mrope_position_delta: int = 0
@@ -45,7 +47,10 @@ class MultiModalInputs:
             if item.offset < previous_end:
                 raise ValueError(f"multi-modal item {index} overlaps the item before it")
             previous_end = end
-            shape = tuple(self.embeddings[index].shape)
+            embedding = self.embeddings[index]
+            if embedding is None:
+                continue
+            shape = tuple(embedding.shape)
             if shape != (item.length, hidden_size):
                 raise ValueError(
                     f"multi-modal item {index} has embeddings of shape {shape}; its placeholder "

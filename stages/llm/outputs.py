@@ -34,3 +34,5 @@ class RequestOutput:
     finished: bool
     # Prompt tokens served from the prefix cache.
     num_cached_tokens: int = 0
+    # Set when the engine gave up on the request (finish_reason "abort").
+    error: str | None = None

@@ -48,8 +48,9 @@ class Request:
     mm_placeholders: Sequence[MultiModalPlaceholder] = ()
     cache_salt: str | None = None
     # Multi-modal embeddings to splice at placeholder positions, one per placeholder, filled
-    # in by the encoder stage; None for text-only requests.
-    mm_embeddings: list[torch.Tensor] | None = None
+    # in by the encoder stage; None for text-only requests. An entry may be None when the
+    # orchestrator found the item inside a prefix-cache hit and skipped its encoder pass.
+    mm_embeddings: list[torch.Tensor | None] | None = None
     # M-RoPE models (Qwen2-VL family): the prompt's [3, num_prompt_tokens] positions from the
     # prompt processor, and the offset that continues them for generated tokens.
     mrope_positions: np.ndarray | None = None
@@ -68,6 +69,8 @@ class Request:
     # The token that stopped the request, or the stop string (set by the engine).
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # Why the engine gave up on the request (finish_reason "abort"), for the client.
+    error: str | None = None
     # The request's own random stream when it set a seed (made by the engine on the device
     # that samples), so its tokens do not depend on what else shares the batch.
     generator: torch.Generator | None = None
@@ -92,6 +95,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def missing_embedding(self, num_cached_tokens: int) -> int | None:
+        """The first item whose embedding was skipped but is needed after all: the prefix
+        hit at admission ended before the item did (its blocks were evicted meanwhile)."""
+        for index, embedding in enumerate(self.mm_embeddings or ()):
+            item = self.mm_placeholders[index]
+            if embedding is None and item.offset + item.length > num_cached_tokens:
+                return index
+        return None
 
     def append_output_token(self, token_id: int, logprob: float | None) -> None:
         self.output_token_ids.append(token_id)

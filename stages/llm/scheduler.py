@@ -38,6 +38,8 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    # Requests ended at admission (request.error says why); already freed.
+    failed: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -131,6 +133,15 @@ class Scheduler:
         ):
             request = self.waiting[0]
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+            missing = request.missing_embedding(num_cached)
+            if missing is not None:
+                request.error = (
+                    f"multi-modal item {missing} was sent without its embedding, but the "
+                    "prefix cache no longer holds it; send the request again with it"
+                )
+                self.finish_requests([request.request_id], RequestStatus.FINISHED_ABORTED)
+                out.failed.append(request)
+                continue
             num_new = min(request.num_tokens - num_cached, budget)
             new_blocks = self.kv_cache.allocate_slots(request, num_new, computed_blocks, num_cached)
             if new_blocks is None:

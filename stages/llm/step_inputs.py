@@ -131,6 +131,8 @@ def _mm_splices(
         for item, embedding in zip(request.mm_placeholders, request.mm_embeddings, strict=True):
             lo, hi = max(start, item.offset), min(end, item.offset + item.length)
             if lo < hi:
+                # Admission fails a request whose skipped item is not inside its prefix hit.
+                assert embedding is not None, f"no embedding for item at {item.offset}"
                 rows = embedding[lo - item.offset : hi - item.offset]
                 splices.append((int(cu[row]) + lo - start, rows))
     return splices

@@ -137,4 +137,6 @@ def _to_stage_output(output: RequestOutput) -> StageOutput:
         )
         if completion.logprobs is not None:
             data["logprobs"] = completion.logprobs
-    return StageOutput(request_id=output.request_id, data=data, finished=output.finished)
+    return StageOutput(
+        request_id=output.request_id, data=data, finished=output.finished, error=output.error
+    )
