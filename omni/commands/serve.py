@@ -1,0 +1,100 @@
+"""`omni serve [MODEL]`: the OpenAI-compatible server over a pipeline of stages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from omni.config_file import load_config_file
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Start the pipeline's stages and serve /v1/chat/completions, "
+        "/v1/completions and /v1/models. Flags override --config.",
+    )
+    # Every default is None so that a flag left out does not override the config file;
+    # ServeConfig holds the real defaults.
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: SmolLM2)")
+    p.add_argument("--config", default=None, help="YAML file with the same settings")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--llm-replicas", type=int, default=None)
+    p.add_argument("--devices", default=None, help="per-role devices, for example llm=0,1")
+    p.add_argument(
+        "--single-process",
+        action="store_true",
+        default=None,
+        help="run every stage inside the API process",
+    )
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-body-bytes", type=int, default=None)
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="LLM engine option"
+    )
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=run)
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """The ServeConfig from the config file (if any) overridden by the flags given."""
+    from omni.server.config import ServeConfig, parse_devices
+
+    settings = load_config_file(args.config) if args.config else {}
+    options = dict(settings.pop("options", {}))
+    for pair in args.option:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {pair!r} must be KEY=VALUE")
+        options[key] = value
+    for name in (
+        "model", "served_model_name", "host", "port", "llm_replicas", "devices",
+        "single_process", "api_key", "max_model_len", "max_num_seqs", "max_body_bytes",
+    ):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    if "devices" in settings:
+        settings["devices"] = parse_devices(str(settings["devices"]))
+    try:
+        return ServeConfig(engine_options=options, **settings)
+    except TypeError as exc:  # a wrongly typed value from the YAML file
+        raise ValueError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = serve_config(args)
+    except ValueError as exc:
+        print(f"omni serve: error: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from omni.server.app import AppSettings, build_app
+    from omni.server.pipeline import Pipeline
+
+    try:
+        pipeline = Pipeline(config).start()
+    except (ValueError, RuntimeError) as exc:
+        print(f"omni serve: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        app = build_app(
+            pipeline.orchestrator,
+            AppSettings(api_key=config.api_key, max_body_bytes=config.max_body_bytes),
+        )
+        uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower())
+    finally:
+        pipeline.close()
+    return 0

@@ -1,0 +1,88 @@
+"""Pipeline settings from a YAML file (`omni serve --config pipeline.yaml`).
+
+The file holds the same settings as the flags, under the flags' names (dashes or
+underscores), for example:
+
+    model: /models/qwen2.5-7b
+    llm-replicas: 2
+    devices: {llm: [0, 1]}
+    max-model-len: 8192
+    options: {enable_prefix_caching: true}
+
+Flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Settings a file may hold, by their canonical (underscore) names.
+KNOWN_KEYS = frozenset(
+    {
+        "model",
+        "served_model_name",
+        "host",
+        "port",
+        "llm_replicas",
+        "devices",
+        "single_process",
+        "api_key",
+        "max_model_len",
+        "max_num_seqs",
+        "options",
+        "max_body_bytes",
+        "startup_timeout_s",
+    }
+)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The file's settings with canonical names; `devices` as `role=a,b;...` text and
+    `options` as {key: text}. ValueError names the file and the bad entry."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)  # safe_load: plain values only, never objects
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings")
+    settings: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in KNOWN_KEYS:
+            raise ValueError(f"config file {path}: unknown setting {raw_key!r}")
+        settings[key] = value
+    if "devices" in settings:
+        settings["devices"] = _devices_text(path, settings["devices"])
+    if "options" in settings:
+        options = settings["options"]
+        if not isinstance(options, dict):
+            raise ValueError(f"config file {path}: options must be a mapping of key: value")
+        settings["options"] = {str(k): _option_text(v) for k, v in options.items()}
+    return settings
+
+
+def _devices_text(path: str | Path, devices: Any) -> str:
+    if isinstance(devices, str):
+        return devices
+    if not isinstance(devices, dict):
+        raise ValueError(f"config file {path}: devices must be a mapping like {{llm: [0, 1]}}")
+    parts = []
+    for role, names in devices.items():
+        items = names if isinstance(names, list) else [names]
+        parts.append(f"{role}=" + ",".join(str(name) for name in items))
+    return ";".join(parts)
+
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value is None else str(value)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: request models, the orchestrator over stages, the app."""

@@ -1,0 +1,152 @@
+"""The FastAPI app: OpenAI-compatible routes over an `Orchestrator`, plus health and metrics.
+
+Bodies are read by hand rather than by FastAPI's parameter binding so that every failure
+(too large, not JSON, wrong types) comes back as OpenAI's error JSON with its own status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+import omni
+from omni.server import completions, metrics
+from omni.server.auth import check_api_key
+from omni.server.orchestrator import LLM_ROLE, Orchestrator
+from omni.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    error_body,
+)
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    # None leaves the /v1 routes open (the server binds loopback by default).
+    api_key: str | None = None
+    # Text requests are small; this bounds what a client can make the server buffer. Media
+    # uploads will want more, per route.
+    max_body_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes is {self.max_body_bytes}; it must be >= 1")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key is empty; leave it unset to serve without a key")
+
+
+def build_app(
+    orchestrator: Orchestrator,
+    settings: AppSettings | None = None,
+    healthy: Callable[[], bool] | None = None,
+) -> FastAPI:
+    """The app for one served model. `healthy` defaults to "an LLM replica is live"."""
+    settings = settings or AppSettings()
+    app = FastAPI(title="omni", version=omni.__version__)
+    app.state.orchestrator = orchestrator
+
+    def is_healthy() -> bool:
+        if healthy is not None:
+            return healthy()
+        return bool(orchestrator.router.replicas(LLM_ROLE))
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request to %s failed", request.url.path)
+        return JSONResponse(
+            error_body(f"internal error: {type(exc).__name__}", "internal_error"), status_code=500
+        )
+
+    async def parse(request: Request, model: type[M]) -> M:
+        check_api_key(settings.api_key, request.headers.get("authorization"))
+        payload = await _read_json(request, settings.max_body_bytes)
+        try:
+            parsed = model.model_validate(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+        requested = getattr(parsed, "model", orchestrator.model_name)
+        if requested != orchestrator.model_name:
+            raise APIError(
+                404,
+                f"The model {requested!r} does not exist; this server serves "
+                f"{orchestrator.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return parsed
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await completions.chat_completion(
+            orchestrator, await parse(request, ChatCompletionRequest)
+        )
+
+    @app.post("/v1/completions")
+    async def complete(request: Request) -> Response:
+        return await completions.completion(orchestrator, await parse(request, CompletionRequest))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_api_key(settings.api_key, request.headers.get("authorization"))
+        card = ModelCard(id=orchestrator.model_name)
+        return {"object": "list", "data": [card.model_dump()]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if is_healthy():
+            return Response(status_code=200)
+        return JSONResponse(
+            error_body("no live LLM stage replica", "service_unavailable"), status_code=503
+        )
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": omni.__version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(orchestrator.metrics.render(), media_type=metrics.CONTENT_TYPE)
+
+    return app
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(len(body), limit)
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(
+        413,
+        f"request body is {size} bytes (or more); the limit is {limit} bytes",
+        code="request_too_large",
+    )

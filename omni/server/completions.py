@@ -1,0 +1,255 @@
+"""The two generation endpoints' bodies: chat completions and text completions, whole or as
+server-sent events in OpenAI's chunk format."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from omni.server import sse
+from omni.server.orchestrator import Orchestrator, TokenDelta
+from omni.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    completion_id,
+    usage,
+)
+
+
+async def chat_completion(orch: Orchestrator, request: ChatCompletionRequest) -> Response:
+    prompt_ids = orch.prompt_for_chat(request.messages)
+    if request.top_logprobs:
+        raise APIError(400, "top_logprobs > 0 is not supported yet", param="top_logprobs")
+    if request.logprobs and request.stream:
+        raise APIError(400, "logprobs with stream=true is not supported yet", param="logprobs")
+    params = orch.sampling_params(
+        len(prompt_ids),
+        max_tokens=request.max_completion_tokens or request.max_tokens,
+        **_shared_sampling(request),
+        logprobs=0 if request.logprobs else None,
+    )
+    header = _Header("chatcmpl", "chat.completion", orch.model_name)
+    deltas = orch.generate(prompt_ids, params)
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        first = await _first(deltas)
+        return _sse(_chat_chunks(header, first, deltas, include_usage))
+    text, token_ids, last = await _collect(deltas)
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": _chat_logprobs(orch, token_ids, last) if request.logprobs else None,
+        "finish_reason": last.finish_reason,
+    }
+    return JSONResponse(
+        header.body(choices=[choice], usage=usage(last.prompt_tokens, last.completion_tokens))
+    )
+
+
+async def completion(orch: Orchestrator, request: CompletionRequest) -> Response:
+    prompt_ids = orch.prompt_for_completion(request.prompt)
+    if request.logprobs:
+        raise APIError(400, "logprobs > 0 (alternatives) is not supported yet", param="logprobs")
+    if request.logprobs is not None and request.stream:
+        raise APIError(400, "logprobs with stream=true is not supported yet", param="logprobs")
+    params = orch.sampling_params(
+        len(prompt_ids),
+        max_tokens=request.max_tokens,
+        **_shared_sampling(request),
+        logprobs=request.logprobs,
+    )
+    header = _Header("cmpl", "text_completion", orch.model_name)
+    echo = ""
+    if request.echo:
+        echo = (
+            request.prompt
+            if isinstance(request.prompt, str)
+            else orch.tokenizer.decode(request.prompt)
+        )
+    deltas = orch.generate(prompt_ids, params)
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        first = await _first(deltas)
+        return _sse(_completion_chunks(header, echo, first, deltas, include_usage))
+    text, token_ids, last = await _collect(deltas)
+    logprobs = None
+    if request.logprobs is not None:
+        tokens = [orch.tokenizer.decode([t]) for t in token_ids]
+        logprobs = {
+            "tokens": tokens,
+            "token_logprobs": last.logprobs or [],
+            "top_logprobs": None,
+            "text_offset": _offsets(tokens, len(echo)),
+        }
+    choice = {
+        "index": 0,
+        "text": echo + text,
+        "logprobs": logprobs,
+        "finish_reason": last.finish_reason,
+    }
+    return JSONResponse(
+        header.body(choices=[choice], usage=usage(last.prompt_tokens, last.completion_tokens))
+    )
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+class _Header:
+    """id, object, created and model: the same on every chunk of one response."""
+
+    def __init__(self, prefix: str, kind: str, model: str) -> None:
+        self.id = completion_id(prefix)
+        self.kind = kind
+        self.created = int(time.time())
+        self.model = model
+
+    def body(self, kind: str | None = None, **fields: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": kind or self.kind,
+            "created": self.created,
+            "model": self.model,
+            **fields,
+        }
+
+
+def _shared_sampling(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    return {
+        "n": request.n,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "seed": request.seed,
+        "stop": request.stop,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+    }
+
+
+async def _first(deltas: AsyncIterator[TokenDelta]) -> TokenDelta | None:
+    """The first delta, fetched before the response starts so that an error the stage reports
+    at admission still gets its 4xx status instead of an error event inside a 200 stream."""
+    try:
+        return await deltas.__anext__()
+    except StopAsyncIteration:
+        return None
+    except BaseException:
+        await deltas.aclose()  # type: ignore[attr-defined]
+        raise
+
+
+async def _collect(deltas: AsyncIterator[TokenDelta]) -> tuple[str, list[int], TokenDelta]:
+    parts: list[str] = []
+    token_ids: list[int] = []
+    last = TokenDelta(text="", token_ids=[])
+    async with contextlib.aclosing(deltas):  # type: ignore[type-var]
+        async for delta in deltas:
+            parts.append(delta.text)
+            token_ids += delta.token_ids
+            last = delta
+    return "".join(parts), token_ids, last
+
+
+def _sse(chunks: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        chunks, media_type=sse.MEDIA_TYPE, headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def _with_first(
+    first: TokenDelta | None, deltas: AsyncIterator[TokenDelta]
+) -> AsyncIterator[TokenDelta]:
+    # Closing this generator (a client that left) closes `deltas`, which aborts the request.
+    async with contextlib.aclosing(deltas):  # type: ignore[type-var]
+        if first is not None:
+            yield first
+        async for delta in deltas:
+            yield delta
+
+
+async def _chat_chunks(
+    header: _Header,
+    first: TokenDelta | None,
+    deltas: AsyncIterator[TokenDelta],
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    kind = "chat.completion.chunk"
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return sse.event(header.body(kind, choices=[choice]))
+
+    yield chunk({"role": "assistant", "content": ""})
+    last: TokenDelta | None = None
+    try:
+        async for delta in _with_first(first, deltas):
+            last = delta
+            if delta.text:
+                yield chunk({"content": delta.text})
+    except APIError as exc:  # the stage failed after the stream began: tell the client
+        yield sse.event(exc.body())
+        yield sse.DONE
+        return
+    if last is not None:
+        yield chunk({}, last.finish_reason)
+        if include_usage:
+            body = usage(last.prompt_tokens, last.completion_tokens)
+            yield sse.event(header.body(kind, choices=[], usage=body))
+    yield sse.DONE
+
+
+async def _completion_chunks(
+    header: _Header,
+    echo: str,
+    first: TokenDelta | None,
+    deltas: AsyncIterator[TokenDelta],
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    def chunk(text: str, finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return sse.event(header.body(choices=[choice]))
+
+    if echo:
+        yield chunk(echo)
+    last: TokenDelta | None = None
+    try:
+        async for delta in _with_first(first, deltas):
+            last = delta
+            if delta.text or delta.finish_reason:
+                yield chunk(delta.text, delta.finish_reason)
+    except APIError as exc:
+        yield sse.event(exc.body())
+        yield sse.DONE
+        return
+    if last is not None and include_usage:
+        body = usage(last.prompt_tokens, last.completion_tokens)
+        yield sse.event(header.body(choices=[], usage=body))
+    yield sse.DONE
+
+
+def _chat_logprobs(orch: Orchestrator, token_ids: list[int], last: TokenDelta) -> dict[str, Any]:
+    content = []
+    for token_id, logprob in zip(token_ids, last.logprobs or [], strict=False):
+        token = orch.tokenizer.decode([token_id])
+        content.append(
+            {
+                "token": token,
+                "logprob": logprob,
+                "bytes": list(token.encode()),
+                "top_logprobs": [],
+            }
+        )
+    return {"content": content}
+
+
+def _offsets(tokens: list[str], start: int) -> list[int]:
+    offsets = []
+    for token in tokens:
+        offsets.append(start)
+        start += len(token)
+    return offsets

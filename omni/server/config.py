@@ -1,0 +1,98 @@
+"""`omni serve` settings: one frozen dataclass whose fields are the launch flags."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+
+def parse_devices(text: str) -> dict[str, tuple[str, ...]]:
+    """`llm=0,1;vision=cpu` or `llm=0,1,vision=2` to {role: devices}; a bare number is a
+    CUDA index."""
+    devices: dict[str, list[str]] = {}
+    role = ""
+    for item in text.replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" in item:
+            role, _, item = item.partition("=")
+            role = role.strip()
+            if not role:
+                raise ValueError(f"--devices {text!r}: a role name is missing before '='")
+        if not role:
+            raise ValueError(f"--devices {text!r} must look like llm=0,1")
+        devices.setdefault(role, []).append(_device_name(item.strip()))
+    return {role: tuple(names) for role, names in devices.items()}
+
+
+def _device_name(item: str) -> str:
+    if item.isdigit():
+        return f"cuda:{item}"
+    if item == "cpu" or item.startswith("cuda"):
+        return item
+    raise ValueError(f"device {item!r} must be a GPU index, cuda:N or cpu")
+
+
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    # Model folder or hub id; None serves the embedded default (SmolLM2-135M-Instruct).
+    model: str | None = None
+    # The name clients put in "model"; defaults to the model argument (or the default's name).
+    served_model_name: str | None = None
+    # Loopback by default: exposing the server is a decision, not an accident.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    llm_replicas: int = 1
+    # Replica i of a role runs on devices[role][i % len]; unnamed roles use default_device().
+    devices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Every stage inside the API process (threads over inproc://): tests and small demos.
+    single_process: bool = False
+    api_key: str | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    # More LLM engine options, as `--option key=value` (EngineConfig fields).
+    engine_options: Mapping[str, str] = field(default_factory=dict)
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Seconds to wait for every stage replica to say HELLO (model loading included).
+    startup_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port is {self.port}; it must be in [0, 65535]")
+        if self.llm_replicas < 1:
+            raise ValueError(f"llm_replicas is {self.llm_replicas}; it must be >= 1")
+        for name in ("max_model_len", "max_num_seqs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} is {value}; it must be >= 1")
+        reserved = {"model", "device", "max_model_len", "max_num_seqs"} & set(self.engine_options)
+        if reserved:
+            raise ValueError(f"set {sorted(reserved)} with their own flags, not --option")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key is empty; leave it unset to serve without a key")
+        if self.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s is {self.startup_timeout_s}; it must be > 0")
+
+    def stage_devices(self, role: str) -> tuple[str, ...]:
+        return tuple(self.devices.get(role, ())) or (default_device(),)
+
+    def llm_options(self) -> dict[str, str]:
+        """The LLM stage's worker options (strings, as on its command line)."""
+        options = dict(self.engine_options)
+        if self.max_model_len is not None:
+            options["max_model_len"] = str(self.max_model_len)
+        if self.max_num_seqs is not None:
+            options["max_num_seqs"] = str(self.max_num_seqs)
+        return options
+
+    @property
+    def llm_capacity(self) -> int:
+        # The router should never hold back a request that the engine could batch.
+        return self.max_num_seqs or 256

@@ -1,0 +1,209 @@
+"""Routes one request through the stages it needs and streams its tokens back.
+
+Text requests need one stage: the chat template and the tokenizer run here, in the API
+process, and the LLM stage gets token ids. Media (images, audio, PDF) will add an encoder hop
+before the LLM one; `prompt_for_chat` is where their parts will be expanded into placeholders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from omni.server.metrics import ServerMetrics
+from omni.server.protocol import APIError, ChatMessage
+from omni.stages.llm.sampling_params import SamplingParams
+from omni.supervision.router import StageRouter
+from omni.supervision.streams import (
+    NoReplicaError,
+    ReplicaLostError,
+    StageFailure,
+    StageRequestError,
+)
+
+LLM_ROLE = "llm"
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """What one LLM reply added, plus the totals once it is the last."""
+
+    text: str
+    token_ids: list[int]
+    # Log-probabilities of `token_ids`, when the request asked for them (the last delta
+    # carries all of them: the LLM stage reports logprobs once, at the end).
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Orchestrator:
+    """Prompt building, context checks and the LLM hop for one served model."""
+
+    def __init__(
+        self,
+        router: StageRouter,
+        tokenizer: Any,
+        model_name: str,
+        max_model_len: int,
+        metrics: ServerMetrics,
+    ) -> None:
+        self.router = router
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.metrics = metrics
+
+    # ---- prompts ----------------------------------------------------------------------------
+
+    def prompt_for_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Token ids of the conversation after the model's chat template."""
+        if not messages:
+            raise APIError(400, "messages is empty: send at least one message", param="messages")
+        conversation = [
+            {"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(messages)
+        ]
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise APIError(
+                400, f"model {self.model_name!r} has no chat template; use /v1/completions"
+            )
+        text = self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        # The template already wrote the special tokens (BOS, role markers).
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt_for_completion(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "prompt is empty", param="prompt")
+            return list(self.tokenizer.encode(prompt))
+        if not prompt:
+            raise APIError(400, "prompt is an empty list of token ids", param="prompt")
+        vocab = len(self.tokenizer)
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token id {bad} is outside [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    def sampling_params(self, prompt_len: int, **fields: Any) -> SamplingParams:
+        """Validated sampling settings; the context limit is checked against `max_tokens`."""
+        if prompt_len >= self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens; the "
+                f"prompt has {prompt_len} tokens, leaving no room for a generated token",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        max_tokens = fields.get("max_tokens")
+        if max_tokens is not None and prompt_len + max_tokens > self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens; you "
+                f"asked for {prompt_len + max_tokens} ({prompt_len} in the prompt, "
+                f"{max_tokens} to generate)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        given = {k: v for k, v in fields.items() if v is not None}
+        try:
+            return SamplingParams(**{"max_tokens": None, **given})
+        except ValueError as exc:
+            param = str(exc).split("=", 1)[0].split(" ", 1)[0]
+            raise APIError(400, str(exc), param=param) from None
+
+    # ---- generation -------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenDelta]:
+        """Stream the LLM stage's replies. Closing the iterator early (a client that left)
+        aborts the request, which frees its KV blocks in the stage."""
+        sampling = {
+            f.name: getattr(params, f.name)
+            for f in dataclasses.fields(params)
+            if getattr(params, f.name) != f.default
+        }
+        started = time.monotonic()
+        try:
+            stream = self.router.submit_async(
+                LLM_ROLE,
+                inputs={"prompt_token_ids": torch.tensor(prompt_token_ids, dtype=torch.int64)},
+                params={"sampling": sampling},
+            )
+        except NoReplicaError as exc:
+            raise APIError(503, str(exc), "service_unavailable") from None
+        finish_reason = "abort"
+        completion_tokens = 0
+        self.metrics.requests_running.inc()
+        try:
+            async for reply in stream:
+                data = reply.data
+                delta_ids = list(data.get("token_ids_delta", []))
+                if completion_tokens == 0 and delta_ids:
+                    self.metrics.time_to_first_token.observe(time.monotonic() - started)
+                completion_tokens += len(delta_ids)
+                self.metrics.generation_tokens.inc(len(delta_ids))
+                delta = TokenDelta(text=data.get("text_delta", ""), token_ids=delta_ids)
+                if reply.finished:
+                    finish_reason = data.get("finish_reason") or "stop"
+                    prompt_tokens = int(data.get("prompt_tokens", len(prompt_token_ids)))
+                    self.metrics.prompt_tokens.inc(prompt_tokens)
+                    self.metrics.e2e_latency.observe(time.monotonic() - started)
+                    delta = dataclasses.replace(
+                        delta,
+                        logprobs=data.get("logprobs"),
+                        finish_reason=finish_reason,
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=int(data.get("completion_tokens", completion_tokens)),
+                    )
+                yield delta
+        except StageFailure as exc:
+            finish_reason = "error"
+            raise _api_error(exc) from None
+        finally:
+            # Runs on normal end, error, and cancellation or aclose() from a client that left.
+            if not stream.done:
+                stream.abort()
+            self.metrics.requests_running.dec()
+            self.metrics.requests_finished.labels(finish_reason=finish_reason).inc()
+
+
+def _api_error(exc: StageFailure) -> APIError:
+    if isinstance(exc, StageRequestError):
+        # The LLM stage refuses only what it cannot serve (bad prompt or sampling values).
+        return APIError(400, str(exc))
+    if isinstance(exc, (ReplicaLostError, NoReplicaError)):
+        return APIError(503, str(exc), "service_unavailable")
+    return APIError(500, str(exc), "internal_error")
+
+
+def _message_text(message: ChatMessage, index: int) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.type != "text":
+            raise APIError(
+                400,
+                f"messages[{index}]: content part type {part.type!r} is not supported yet; "
+                "only 'text' parts are",
+                param=f"messages[{index}].content",
+                code="unsupported_content",
+            )
+        if part.text is None:
+            raise APIError(
+                400, f"messages[{index}]: a text part needs 'text'", param=f"messages[{index}]"
+            )
+        texts.append(part.text)
+    return "".join(texts)

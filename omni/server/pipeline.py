@@ -1,0 +1,170 @@
+"""The running pipeline behind the server: the router, its stage replicas, the orchestrator.
+
+Two ways to run the stages, one code path for requests:
+
+* stage processes (the default): a `StageSupervisor` starts each LLM replica as
+  `omni stage llm --connect ipc://...`, restarts it if it dies, and the router routes to it;
+* `single_process`: each replica's `StageRuntime` runs on threads of this process and connects
+  over `inproc://` (no shared memory, no child processes; tests and demos).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import uuid
+
+from omni.server.config import ServeConfig
+from omni.server.metrics import ServerMetrics
+from omni.server.orchestrator import LLM_ROLE, Orchestrator
+from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, create_worker
+from omni.supervision.router import RouterConfig, StageRouter
+from omni.supervision.supervisor import StageSpec, StageSupervisor
+
+logger = logging.getLogger(__name__)
+
+
+def served_model(config: ServeConfig) -> tuple[str, str]:
+    """(local model folder, name clients use) for the configured model."""
+    from omni.stages.llm.models.loader import resolve_model_path
+
+    if config.model is None:
+        from omni.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+        return default_model_path(), config.served_model_name or DEFAULT_MODEL_NAME
+    path = resolve_model_path(config.model, include_weights=config.single_process)
+    return path, config.served_model_name or config.model
+
+
+def context_length(model_path: str, configured: int | None) -> int:
+    """The context the LLM stage will use: the flag, else the model's position limit (the
+    same rule as the stage's model runner)."""
+    if configured is not None:
+        return configured
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
+
+
+class Pipeline:
+    """Start with `start()`, stop with `close()`; `orchestrator` serves requests between."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.router: StageRouter | None = None
+        self.supervisor: StageSupervisor | None = None
+        # In-process replicas (single_process); their workers can be inspected by tests.
+        self.runtimes: list[StageRuntime] = []
+        self._ipc_dir: str | None = None
+        self._orchestrator: Orchestrator | None = None
+
+    @property
+    def orchestrator(self) -> Orchestrator:
+        if self._orchestrator is None:
+            raise RuntimeError("the pipeline is not started")
+        return self._orchestrator
+
+    def start(self) -> Pipeline:
+        from transformers import AutoTokenizer
+
+        config = self.config
+        model_path, model_name = served_model(config)
+        # Tokenizer and context length first: a bad model fails here, before any stage starts.
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        max_model_len = context_length(model_path, config.max_model_len)
+        try:
+            router = self._start_router()
+            if config.single_process:
+                self._start_in_process(router, model_path)
+            else:
+                self._start_processes(router, model_path)
+            if not router.wait_for_replicas(
+                LLM_ROLE, config.llm_replicas, timeout=config.startup_timeout_s
+            ):
+                live = len(router.replicas(LLM_ROLE))
+                raise RuntimeError(
+                    f"only {live} of {config.llm_replicas} LLM replicas started within "
+                    f"{config.startup_timeout_s} s (see the stage logs above)"
+                )
+        except BaseException:
+            self.close()
+            raise
+        supervisor = self.supervisor
+        metrics = ServerMetrics(
+            lambda: router.counters, lambda: supervisor.restarts if supervisor else 0
+        )
+        self._orchestrator = Orchestrator(router, tokenizer, model_name, max_model_len, metrics)
+        return self
+
+    def close(self) -> None:
+        # Stages first (they say GOODBYE to a router that still listens), then the router.
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
+        for runtime in self.runtimes:
+            runtime.stop("server shutting down")
+        for runtime in self.runtimes:
+            runtime.join(10)
+        self.runtimes = []
+        if self.router is not None:
+            self.router.close()
+            self.router = None
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+            self._ipc_dir = None
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _start_router(self) -> StageRouter:
+        if self.config.single_process:
+            endpoint = f"inproc://omni-serve-{uuid.uuid4().hex}"
+        else:
+            # ipc paths are limited to ~100 bytes: a short folder of our own under /tmp.
+            self._ipc_dir = tempfile.mkdtemp(prefix="omni-", dir="/tmp")
+            endpoint = f"ipc://{self._ipc_dir}/router.sock"
+        router_config = RouterConfig(
+            endpoint=endpoint, shared_memory=not self.config.single_process
+        )
+        self.router = StageRouter(router_config).start()
+        return self.router
+
+    def _start_in_process(self, router: StageRouter, model_path: str) -> None:
+        config = self.config
+        devices = config.stage_devices(LLM_ROLE)
+        for index in range(config.llm_replicas):
+            device = devices[index % len(devices)]
+            options = WorkerOptions(model=model_path, device=device, extra=config.llm_options())
+            stage = StageConfig(
+                role=LLM_ROLE,
+                connect=router.endpoint,
+                model=model_path,
+                device=device,
+                capacity=config.llm_capacity,
+                replica_id=f"{LLM_ROLE}-{index}",
+                heartbeat_interval_s=router.config.heartbeat_interval_s,
+            )
+            runtime = StageRuntime(stage, create_worker(LLM_ROLE, options))
+            self.runtimes.append(runtime)
+            runtime.start()
+
+    def _start_processes(self, router: StageRouter, model_path: str) -> None:
+        config = self.config
+        extra: list[str] = []
+        for key, value in config.llm_options().items():
+            extra += ["--option", f"{key}={value}"]
+        spec = StageSpec(
+            role=LLM_ROLE,
+            replicas=config.llm_replicas,
+            devices=config.stage_devices(LLM_ROLE),
+            model=model_path,
+            capacity=config.llm_capacity,
+            extra_args=tuple(extra),
+        )
+        self.supervisor = StageSupervisor(router, [spec]).start()

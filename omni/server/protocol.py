@@ -1,0 +1,125 @@
+"""OpenAI request and response shapes for chat completions and completions, and the error JSON.
+
+Request models reject unknown types loudly (pydantic validation becomes a 400 in OpenAI's error
+format); fields that OpenAI accepts but omni does not act on yet are accepted and ignored only
+where ignoring them cannot change the answer (`user`, `metadata`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An error the client caused (or must hear about), rendered as OpenAI's error JSON."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        error_type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.error_type = error_type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # Unknown fields are ignored (OpenAI clients send extras such as `user`), but every declared
+    # field is type-checked without coercion from strings.
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    # A string, or content parts; only `text` parts are served for now (the orchestrator
+    # refuses the rest with a 400 that names the part type).
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+
+class _SamplingFields(_Strict):
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    # A string or a list of token ids; batches of prompts are not served (n=1, one prompt).
+    prompt: str | list[int]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "omni"
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
