@@ -57,6 +57,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self._req_blocks: dict[str, list[KVBlock]] = {}
+        # The same blocks' ids, kept alongside so the scheduler's per-step lookup for every
+        # running request costs nothing.
+        self._req_block_ids: dict[str, list[int]] = {}
         # Hash chain of each request's full blocks, extended as tokens arrive; dropped on free.
         self._req_hashes: dict[str, list[BlockHash]] = {}
         # How many of a request's leading blocks are registered in the prefix cache.
@@ -77,8 +80,9 @@ class KVCacheManager:
         return self.pool.reset_prefix_cache()
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        """The request's block ids in logical order ([] if it holds none)."""
-        return [block.block_id for block in self._req_blocks.get(request_id, ())]
+        """The request's block ids in logical order ([] if it holds none). The manager's own
+        list, which grows as blocks are added: read it, do not change it."""
+        return self._req_block_ids.get(request_id, [])
 
     def probe_prefix(
         self,
@@ -162,6 +166,9 @@ class KVCacheManager:
             self._req_num_cached[request_id] = len(computed)
         blocks.extend(computed)
         blocks.extend(new_blocks)
+        self._req_block_ids.setdefault(request_id, []).extend(
+            block.block_id for block in (*computed, *new_blocks)
+        )
 
         if self.enable_prefix_caching:
             # Cache every block that is full once this step's tokens are computed; tokens not
@@ -200,6 +207,7 @@ class KVCacheManager:
         """
         request_id = request.request_id
         blocks = self._req_blocks.pop(request_id, [])
+        self._req_block_ids.pop(request_id, None)
         self._req_hashes.pop(request_id, None)
         self._req_num_cached.pop(request_id, None)
         self.pool.free_blocks(reversed(blocks))
