@@ -46,8 +46,8 @@ def load_audio(data: bytes, *, name: str, sampling_rate: int, limits: MediaLimit
     if samples.size > max_frames:
         # The header understated the length (possible for MP3).
         raise MediaError(
-            f"{name} is longer than {limits.max_audio_seconds:g} seconds; "
-            f"the limit is {limits.max_audio_seconds:g} seconds",
+            f"{name} decodes to more than {limits.max_audio_seconds:g} seconds though its "
+            f"header claims fewer; the limit is {limits.max_audio_seconds:g} seconds",
             item=name,
             limit="max_audio_seconds",
         )
