@@ -18,6 +18,7 @@ import uuid
 from omni.server.config import ServeConfig
 from omni.server.metrics import ServerMetrics
 from omni.server.orchestrator import LLM_ROLE, Orchestrator
+from omni.stages.llm.worker import engine_config
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, create_worker
 from omni.supervision.router import RouterConfig, StageRouter
 from omni.supervision.supervisor import StageSpec, StageSupervisor
@@ -70,7 +71,15 @@ class Pipeline:
 
         config = self.config
         model_path, model_name = served_model(config)
-        # Tokenizer and context length first: a bad model fails here, before any stage starts.
+        # Options, tokenizer and context length first: a bad option or model fails here, with
+        # one clear error, rather than as a stage process that dies on every restart.
+        engine_config(
+            WorkerOptions(
+                model=model_path,
+                device=config.stage_devices(LLM_ROLE)[0],
+                extra=config.llm_options(),
+            )
+        )
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         max_model_len = context_length(model_path, config.max_model_len)
         try:
