@@ -1,0 +1,264 @@
+"""Prompt processing for Qwen2-VL / Qwen2.5-VL requests: one request in, engine inputs out.
+
+Entry point (what the engine calls for each multimodal request):
+
+    processor = Qwen2VLPromptProcessor.from_pretrained(model_folder)
+    prompt = prepare_qwen2_vl_prompt(processor, messages=[...])          # chat messages, or
+    prompt = prepare_qwen2_vl_prompt(processor, prompt=text, images=[...])
+
+`messages` are chat messages whose `content` is a string or a list of items
+`{"type": "text", "text": ...}` / `{"type": "image", "image": <PIL image>}` (images already
+decoded and bounded by media intake). A text `prompt` marks each image with Qwen's
+`<|vision_start|><|image_pad|><|vision_end|>` (one `<|image_pad|>` per image, in order).
+
+The result, a `Qwen2VLPrompt`, carries
+  * `prompt_token_ids`: each image's single `<|image_pad|>` expanded to its run of
+    `grid_t * grid_h * grid_w / merge_size**2` tokens (as transformers' processor does);
+  * per image: `pixel_values` `[patches, C*T*P*P]`, `grid_thw`, and the
+    `MultiModalPlaceholder(item_hash, offset, length)` of its run (block hashing's extra key);
+  * `pixel_values` / `image_grid_thw`: all images concatenated, the vision encoder's inputs;
+  * `mrope_positions` int64 `[3, P]` and `mrope_position_delta` (see `omni.multimodal.mrope`):
+    prompt token i uses column i; a generated token at sequence index p uses p + delta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from PIL import Image
+
+from omni.cache import MultiModalPlaceholder
+from omni.multimodal.hashing import image_item_hash
+from omni.multimodal.mrope import ImageSpan, mrope_positions
+
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+# Qwen's smart_resize rejects aspect ratios beyond this; checked up front for a clear error.
+MAX_ASPECT_RATIO = 200
+DEFAULT_MAX_IMAGES = 16
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One image as the vision encoder takes it, with its content hash."""
+
+    pixel_values: torch.Tensor  # float32 [grid_t * grid_h * grid_w, C * T * P * P]
+    grid_thw: tuple[int, int, int]
+    item_hash: str
+
+
+@dataclass(frozen=True)
+class Qwen2VLPrompt:
+    """Everything the engine needs for one Qwen2(.5)-VL prompt (see the module docstring)."""
+
+    prompt_token_ids: list[int]
+    images: tuple[ProcessedImage, ...]
+    placeholders: tuple[MultiModalPlaceholder, ...]
+    mrope_positions: torch.Tensor  # int64 [3, len(prompt_token_ids)]
+    mrope_position_delta: int
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.placeholders):
+            raise ValueError(f"{len(self.images)} images but {len(self.placeholders)} placeholders")
+        if tuple(self.mrope_positions.shape) != (3, len(self.prompt_token_ids)):
+            raise ValueError(
+                f"mrope_positions has shape {tuple(self.mrope_positions.shape)}; expected "
+                f"(3, {len(self.prompt_token_ids)})"
+            )
+
+    @cached_property
+    def pixel_values(self) -> torch.Tensor | None:
+        """All images' patches concatenated in prompt order (None for a text-only prompt)."""
+        if not self.images:
+            return None
+        return torch.cat([image.pixel_values for image in self.images])
+
+    @cached_property
+    def image_grid_thw(self) -> torch.Tensor | None:
+        """int64 [num_images, 3], rows in prompt order (None for a text-only prompt)."""
+        if not self.images:
+            return None
+        return torch.tensor([image.grid_thw for image in self.images], dtype=torch.int64)
+
+
+class Qwen2VLPromptProcessor:
+    """Tokenizer plus image processor for one Qwen2(.5)-VL checkpoint."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: Any,
+        max_images: int = DEFAULT_MAX_IMAGES,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
+        if max_images < 0:
+            raise ValueError(f"max_images is {max_images}; it must be >= 0")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.max_images = max_images
+        self.max_prompt_tokens = max_prompt_tokens
+        self.merge_size = int(image_processor.merge_size)
+        self.image_token_id = self._special_token_id(IMAGE_PAD)
+        # Everything in the image processor's settings shapes the pixels the tower sees.
+        self.processor_settings: Mapping[str, Any] = image_processor.to_dict()
+
+    @classmethod
+    def from_pretrained(cls, folder: str, **limits: Any) -> Qwen2VLPromptProcessor:
+        """From a checkpoint folder holding the tokenizer and `preprocessor_config.json` /
+        `processor_config.json` (no network)."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+        return cls(tokenizer, image_processor, **limits)
+
+    def _special_token_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token} token; is this a Qwen2-VL model?")
+        return int(token_id)
+
+    # ---- the one entry point ----------------------------------------------------------------
+
+    def prepare(
+        self,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        prompt: str | None = None,
+        images: Sequence[Image.Image] = (),
+        add_generation_prompt: bool = True,
+    ) -> Qwen2VLPrompt:
+        """Process one request: `messages` (images inside them) or `prompt` plus `images`."""
+        if (messages is None) == (prompt is None):
+            raise ValueError("pass exactly one of messages or prompt")
+        if messages is not None:
+            if images:
+                raise ValueError("with messages, images go inside the message content")
+            prompt, images = self._render_messages(messages, add_generation_prompt)
+        assert prompt is not None
+        self._check_prompt(prompt, images)
+
+        processed = [self._process_image(index, image) for index, image in enumerate(images)]
+        text_ids = list(self.tokenizer(prompt)["input_ids"])
+        token_ids, placeholders, spans = self._expand_image_pads(text_ids, processed)
+        if self.max_prompt_tokens is not None and len(token_ids) > self.max_prompt_tokens:
+            raise ValueError(
+                f"prompt is {len(token_ids)} tokens with its images expanded; the limit is "
+                f"{self.max_prompt_tokens}"
+            )
+        positions, delta = mrope_positions(len(token_ids), spans, self.merge_size)
+        return Qwen2VLPrompt(token_ids, tuple(processed), tuple(placeholders), positions, delta)
+
+    # ---- steps ------------------------------------------------------------------------------
+
+    def _render_messages(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool
+    ) -> tuple[str, list[Image.Image]]:
+        """Chat-template text with one image marker per image item, and the images in order.
+        Image objects are taken out before rendering: the template only sees `{"type": ...}`."""
+        images: list[Image.Image] = []
+        rendered: list[dict[str, Any]] = []
+        for m_index, message in enumerate(messages):
+            content = message.get("content")
+            if isinstance(content, str):
+                rendered.append(dict(message))
+                continue
+            if not isinstance(content, Sequence):
+                raise ValueError(
+                    f"message {m_index} content must be a string or a list of items, "
+                    f"got {type(content).__name__}"
+                )
+            items = []
+            for i_index, item in enumerate(content):
+                kind = item.get("type")
+                if kind == "text":
+                    items.append({"type": "text", "text": str(item.get("text", ""))})
+                elif kind == "image":
+                    image = item.get("image")
+                    if not isinstance(image, Image.Image):
+                        raise ValueError(
+                            f"message {m_index} item {i_index}: an image item needs a decoded "
+                            f"PIL image under 'image', got {type(image).__name__}"
+                        )
+                    images.append(image)
+                    items.append({"type": "image"})
+                else:
+                    raise ValueError(
+                        f"message {m_index} item {i_index} has type {kind!r}; supported: "
+                        "'text', 'image'"
+                    )
+            rendered.append({**message, "content": items})
+        text = self.tokenizer.apply_chat_template(
+            rendered, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return str(text), images
+
+    def _check_prompt(self, prompt: str, images: Sequence[Image.Image]) -> None:
+        if VIDEO_PAD in prompt:
+            raise ValueError(f"the prompt contains {VIDEO_PAD}; video input is not supported")
+        if len(images) > self.max_images:
+            raise ValueError(f"request has {len(images)} images; the limit is {self.max_images}")
+        markers = prompt.count(IMAGE_PAD)
+        if markers != len(images):
+            raise ValueError(
+                f"the prompt has {markers} {IMAGE_PAD} markers for {len(images)} images; "
+                "each image needs exactly one"
+            )
+
+    def _process_image(self, index: int, image: Image.Image) -> ProcessedImage:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ValueError(f"image {index} is {width}x{height} pixels; it is empty")
+        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            raise ValueError(
+                f"image {index} is {width}x{height} pixels; the aspect ratio limit is "
+                f"{MAX_ASPECT_RATIO}"
+            )
+        out = self.image_processor(images=[image], return_tensors="pt")
+        t, h, w = (int(v) for v in out["image_grid_thw"][0])
+        return ProcessedImage(
+            pixel_values=out["pixel_values"],
+            grid_thw=(t, h, w),
+            item_hash=image_item_hash(image, self.processor_settings),
+        )
+
+    def _expand_image_pads(
+        self, text_ids: list[int], images: Sequence[ProcessedImage]
+    ) -> tuple[list[int], list[MultiModalPlaceholder], list[ImageSpan]]:
+        """Replace the i-th `<|image_pad|>` id with image i's run; record where each run is."""
+        token_ids: list[int] = []
+        placeholders: list[MultiModalPlaceholder] = []
+        spans: list[ImageSpan] = []
+        next_image = 0
+        for token_id in text_ids:
+            if token_id != self.image_token_id:
+                token_ids.append(token_id)
+                continue
+            image = images[next_image]
+            span = ImageSpan(offset=len(token_ids), grid_thw=image.grid_thw)
+            length = span.num_tokens(self.merge_size)
+            placeholders.append(MultiModalPlaceholder(image.item_hash, span.offset, length))
+            spans.append(span)
+            token_ids.extend([self.image_token_id] * length)
+            next_image += 1
+        if next_image != len(images):
+            # The text had the markers, but the tokenizer did not keep them atomic.
+            raise ValueError(
+                f"tokenized prompt has {next_image} {IMAGE_PAD} tokens for {len(images)} images"
+            )
+        return token_ids, placeholders, spans
+
+
+def prepare_qwen2_vl_prompt(
+    processor: Qwen2VLPromptProcessor,
+    *,
+    messages: Sequence[Mapping[str, Any]] | None = None,
+    prompt: str | None = None,
+    images: Sequence[Image.Image] = (),
+    add_generation_prompt: bool = True,
+) -> Qwen2VLPrompt:
+    """Token ids, image inputs, placeholders and M-RoPE positions for one request."""
+    return processor.prepare(messages, prompt, images, add_generation_prompt)
