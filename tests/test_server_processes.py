@@ -4,15 +4,19 @@ settings (config file and flags)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from server_fixtures import ENGINE_OPTIONS, MESSAGES, tiny_chat_model
+from fixtures_models import build_tokenizer
+from server_fixtures import ENGINE_OPTIONS, MESSAGES, free_port, tiny_chat_model
 
 from omni import LLM, SamplingParams
 from omni.cli import build_parser
@@ -140,3 +144,39 @@ def test_unknown_engine_option_fails_before_any_stage_starts(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="unknown LLM stage option 'max_num_sequences'"):
         pipeline.start()
     assert pipeline.router is None and pipeline.supervisor is None
+
+
+def test_omni_serve_command_with_the_example_client(tmp_path: Path) -> None:
+    model = tiny_chat_model(tmp_path / "model")
+    port = free_port()
+    command = [
+        sys.executable, "-m", "omni.cli", "serve", str(model), "--single-process",
+        "--port", str(port), "--served-model-name", "tiny", "--devices", "llm=cpu",
+        "--option", "num_kv_blocks=64", "--log-level", "WARNING",
+    ]  # fmt: skip
+    server = subprocess.Popen(command)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, "omni serve exited early"
+            assert time.monotonic() < deadline, "omni serve did not come up"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        example = Path(__file__).parent.parent / "examples" / "openai_chat.py"
+        answer = subprocess.run(
+            [sys.executable, str(example), "Hello", "--max-tokens", "5",
+             "--base-url", f"http://127.0.0.1:{port}/v1"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        tokenizer = build_tokenizer()
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True
+        )
+        prompt_tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
+        assert answer.stdout.endswith(f"[{prompt_tokens} prompt + 5 completion tokens]\n")
+    finally:
+        server.send_signal(signal.SIGINT)
+        code = server.wait(30)
+    assert code == 0
