@@ -1,0 +1,125 @@
+"""In-process speech recognition with a transformers Whisper checkpoint (greedy decoding).
+
+Whisper reads exactly 30 s of audio per pass, so a clip is cut into 30 s windows; every window
+of every clip in a batch goes through the encoder and the greedy decoder together, and each
+clip's text is its windows' texts joined in order. Fixed windows can split a word that straddles
+a boundary; Whisper's timestamp-driven long-form decoding avoids that at the cost of decoding
+sequentially, which the spoken questions this serves (a few seconds each) never need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16_000
+WINDOW_SECONDS = 30
+WINDOW_SAMPLES = SAMPLE_RATE * WINDOW_SECONDS
+
+
+@dataclass(frozen=True)
+class TranscriberConfig:
+    """Limits of one `Transcriber`."""
+
+    # Windows encoded and decoded in one pass; bounds the memory of a batch.
+    max_batch_windows: int = 8
+    # The longest clip accepted (the intake layer bounds audio too; this guards direct callers).
+    max_audio_seconds: float = 600.0
+    # Tokens generated per 30 s window; Whisper's decoder holds 448 positions.
+    max_new_tokens: int = 440
+    # Windows whose loudest sample is below this are silence and read as "" without a model
+    # pass: Whisper, given nothing to hear, makes words up ("you", "Thank you.").
+    silence_peak: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.max_batch_windows < 1:
+            raise ValueError(f"max_batch_windows is {self.max_batch_windows}; it must be >= 1")
+        if not self.max_audio_seconds > 0:
+            raise ValueError(f"max_audio_seconds is {self.max_audio_seconds}; it must be > 0")
+        if not 1 <= self.max_new_tokens <= 440:
+            raise ValueError(f"max_new_tokens is {self.max_new_tokens}; it must be in [1, 440]")
+        if not 0 <= self.silence_peak < 1:
+            raise ValueError(f"silence_peak is {self.silence_peak}; it must be in [0, 1)")
+
+
+class Transcriber:
+    """Turns 16 kHz mono float32 samples into text with a Whisper checkpoint folder."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "cpu",
+        config: TranscriberConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        # Imported here: transformers is slow to import and a stage process imports this first.
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        self.config = config or TranscriberConfig()
+        self.device = torch.device(device)
+        self.processor: Any = WhisperProcessor.from_pretrained(model_dir)
+        model: Any = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+        self.model = model.to(self.device).eval()
+        self.dtype = dtype
+
+    def transcribe(self, samples: np.ndarray) -> str:
+        """The text spoken in `samples` (float32, mono, 16 kHz); "" for silence."""
+        return self.transcribe_batch([samples])[0]
+
+    def transcribe_batch(self, clips: Sequence[np.ndarray]) -> list[str]:
+        """One text per clip, in order; the clips' windows share encoder and decoder passes."""
+        for index, samples in enumerate(clips):
+            check_audio(samples, f"audio clip {index}", self.config.max_audio_seconds)
+        windows: list[np.ndarray] = []
+        owners: list[int] = []
+        for index, samples in enumerate(clips):
+            for start in range(0, len(samples), WINDOW_SAMPLES):
+                window = samples[start : start + WINDOW_SAMPLES]
+                if float(np.abs(window).max()) >= self.config.silence_peak:
+                    windows.append(window)
+                    owners.append(index)
+        texts: list[list[str]] = [[] for _ in clips]
+        step = self.config.max_batch_windows
+        for first in range(0, len(windows), step):
+            decoded = self._decode_windows(windows[first : first + step])
+            for owner, text in zip(owners[first : first + step], decoded, strict=True):
+                if text:
+                    texts[owner].append(text)
+        return [" ".join(parts) for parts in texts]
+
+    @torch.inference_mode()
+    def _decode_windows(self, windows: list[np.ndarray]) -> list[str]:
+        # The feature extractor pads every window to 30 s, so the batch needs no attention mask.
+        features = self.processor.feature_extractor(
+            windows, sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        ).input_features
+        token_ids = self.model.generate(
+            features.to(self.device, self.dtype),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=self.config.max_new_tokens,
+        )
+        texts = self.processor.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+
+def check_audio(samples: object, what: str, max_seconds: float) -> None:
+    """ValueError naming `what` unless `samples` is a non-empty, finite, 1-D float32 array of at
+    most `max_seconds` at 16 kHz."""
+    if not isinstance(samples, np.ndarray):
+        raise ValueError(f"{what} must be a numpy array, got {type(samples).__name__}")
+    if samples.dtype != np.float32:
+        raise ValueError(f"{what} has dtype {samples.dtype}; float32 samples are expected")
+    if samples.ndim != 1:
+        raise ValueError(f"{what} has shape {samples.shape}; mono (1-D) samples are expected")
+    if samples.size == 0:
+        raise ValueError(f"{what} is empty")
+    seconds = samples.size / SAMPLE_RATE
+    if seconds > max_seconds:
+        raise ValueError(f"{what} is {seconds:.1f} s long; the limit is {max_seconds:g} s")
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{what} contains NaN or infinite samples")
