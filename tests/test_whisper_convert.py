@@ -7,6 +7,7 @@ import json
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -275,7 +276,8 @@ def test_every_parameter_is_filled_with_the_exact_shape() -> None:
     from transformers import WhisperForConditionalGeneration
 
     folder = converted_whisper_dir()
-    model, info = WhisperForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    loaded: Any = WhisperForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    model, info = loaded
     assert {k: list(v) for k, v in info.items() if v} == {}  # nothing missing or unexpected
     config = model.config
     assert (config.d_model, config.encoder_layers, config.decoder_layers) == (384, 4, 4)
