@@ -160,6 +160,7 @@ _WORKERS: dict[str, type[StageWorker]] = {}
 BUILTIN_WORKER_MODULES: dict[str, str] = {
     "echo": "omni.stages.runtime.testing",
     "llm": "omni.stages.llm.worker",
+    "vision": "omni.stages.encoders.vision",
 }
 
 W = TypeVar("W", bound=type[StageWorker])

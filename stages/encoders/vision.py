@@ -1,0 +1,281 @@
+"""The vision encoder stage: Qwen2-VL / Qwen2.5-VL's vision tower, batched across requests.
+
+In process:
+
+    encoder = VisionEncoder.from_pretrained(model_folder, device="cuda:0", dtype="auto")
+    per_request = encoder.encode_batch([(pixel_values, image_grid_thw), ...])
+
+where `pixel_values` `[patches, C*T*P*P]` and `image_grid_thw` int `[num_images, 3]` are one
+request's images concatenated (`Qwen2VLPrompt.pixel_values` / `.image_grid_thw` from
+`omni.multimodal.qwen2_vl`), and each result is that request's embeddings
+`[num_image_tokens, hidden]`, the images in order: the rows to write over the request's image
+placeholder tokens. They equal transformers' `get_image_features` on the same inputs.
+
+As a stage (role "vision", `omni stage vision --model FOLDER`): a request carries the same two
+tensors as inputs `pixel_values` and `image_grid_thw`; the reply is one finished output with
+the tensor `embeddings`. Requests queued together run in one forward (patches concatenated,
+grid rows stacked; the tower attends within each image, so batching changes nothing), bounded
+by the `max_batch_patches` option.
+
+The tower is transformers' own module (`Qwen2_5_VisionTransformerPretrainedModel` or
+`Qwen2VisionTransformerPretrainedModel`) built from `config.vision_config`, with only the
+checkpoint's `visual.*` (or `model.visual.*`) tensors read, through safetensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omni.stages.llm.models.loader import resolve_dtype, resolve_model_path, safetensors_files
+from omni.stages.runtime.worker import (
+    StageOutput,
+    StageWorker,
+    WorkerOptions,
+    WorkerRequest,
+    register_worker,
+)
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint prefixes of the vision tower: released Qwen checkpoints and transformers'
+# save_pretrained write `visual.*`; transformers 5's module layout is `model.visual.*`.
+VISION_PREFIXES = ("model.visual.", "visual.")
+DEFAULT_MAX_BATCH_PATCHES = 16384
+
+
+def _vision_tower_class(model_type: str) -> type[nn.Module]:
+    if model_type == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel,
+        )
+
+        return Qwen2_5_VisionTransformerPretrainedModel
+    if model_type == "qwen2_vl":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+            Qwen2VisionTransformerPretrainedModel,
+        )
+
+        return Qwen2VisionTransformerPretrainedModel
+    raise ValueError(
+        f"model_type {model_type!r} has no supported vision tower; supported: qwen2_vl, qwen2_5_vl"
+    )
+
+
+def load_vision_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    """The tower's tensors from the checkpoint's safetensors, prefixes removed; nothing else
+    is read from disk."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(folder):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                prefix = next((p for p in VISION_PREFIXES if name.startswith(p)), None)
+                if prefix is not None:
+                    state[name.removeprefix(prefix)] = handle.get_tensor(name)
+    if not state:
+        raise ValueError(f"checkpoint {folder!r} has no vision tower tensors ({VISION_PREFIXES})")
+    return state
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    """What input validation needs from the vision config."""
+
+    patch_dim: int  # in_channels * temporal_patch_size * patch_size**2
+    spatial_merge_size: int
+
+    @classmethod
+    def from_config(cls, vision_config: Any) -> VisionGeometry:
+        patch_dim = (
+            int(vision_config.in_channels)
+            * int(vision_config.temporal_patch_size)
+            * int(vision_config.patch_size) ** 2
+        )
+        return cls(patch_dim, int(vision_config.spatial_merge_size))
+
+
+class VisionEncoder:
+    """Qwen2(.5)-VL vision tower: pixel patches in, merged image embeddings out."""
+
+    def __init__(self, tower: nn.Module, geometry: VisionGeometry) -> None:
+        self.tower = tower
+        self.geometry = geometry
+        parameter = next(tower.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto"
+    ) -> VisionEncoder:
+        from transformers import AutoConfig
+
+        folder = resolve_model_path(model)
+        config = AutoConfig.from_pretrained(folder)
+        vision_config = getattr(config, "vision_config", None)
+        if vision_config is None:
+            raise ValueError(f"{model!r} has no vision_config; it is not a vision-language model")
+        tower_class = _vision_tower_class(str(config.model_type))
+        torch_dtype = resolve_dtype(dtype, config)
+        with torch.device(device):
+            tower = tower_class._from_config(vision_config, dtype=torch_dtype)  # type: ignore[attr-defined]
+        missing, unexpected = tower.load_state_dict(load_vision_state_dict(folder), strict=False)
+        # Non-persistent buffers (rotary inv_freq) are built from the config, never stored.
+        missing = [name for name in missing if "inv_freq" not in name]
+        if missing or unexpected:
+            raise ValueError(
+                f"vision tower tensors of {model!r} do not match the config: missing "
+                f"{sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+            )
+        tower.requires_grad_(False)
+        tower.eval()
+        logger.info("loaded %s from %s (%s, %s)", tower_class.__name__, folder, torch_dtype, device)
+        return cls(tower, VisionGeometry.from_config(vision_config))
+
+    def check_inputs(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> None:
+        """ValueError naming what is wrong with one request's inputs."""
+        patch_dim, merge = self.geometry.patch_dim, self.geometry.spatial_merge_size
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != patch_dim:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; "
+                f"expected [patches, {patch_dim}]"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+        if (
+            image_grid_thw.dim() != 2
+            or image_grid_thw.shape[1] != 3
+            or image_grid_thw.shape[0] < 1
+            or image_grid_thw.is_floating_point()
+        ):
+            raise ValueError(
+                f"image_grid_thw must be integer [num_images, 3], got "
+                f"{image_grid_thw.dtype} {tuple(image_grid_thw.shape)}"
+            )
+        for index, (t, h, w) in enumerate(image_grid_thw.tolist()):
+            if min(t, h, w) < 1 or h % merge or w % merge:
+                raise ValueError(
+                    f"image {index} has grid {(t, h, w)}; t, h and w must be positive and h, w "
+                    f"multiples of the merge size {merge}"
+                )
+        expected = int(image_grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != expected:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} patches; image_grid_thw needs {expected}"
+            )
+
+    def num_image_tokens(self, image_grid_thw: torch.Tensor) -> int:
+        return int(image_grid_thw.prod(-1).sum()) // self.geometry.spatial_merge_size**2
+
+    @torch.no_grad()
+    def encode_batch(
+        self, requests: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Embeddings `[num_image_tokens, hidden]` per request, from one forward over all of
+        them. Inputs must have passed `check_inputs`."""
+        if not requests:
+            return []
+        pixel_values = torch.cat([pixels for pixels, _ in requests]).to(self.device, self.dtype)
+        grid_thw = torch.cat([grid for _, grid in requests]).to(self.device, torch.int64)
+        embeddings = self.tower(pixel_values, grid_thw=grid_thw).pooler_output
+        sizes = [self.num_image_tokens(grid) for _, grid in requests]
+        return list(torch.split(embeddings, sizes))
+
+    def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """One request's embeddings (see `encode_batch`)."""
+        self.check_inputs(pixel_values, image_grid_thw)
+        return self.encode_batch([(pixel_values, image_grid_thw)])[0]
+
+
+@dataclass(frozen=True)
+class _QueuedImages:
+    request_id: str
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+@register_worker("vision")
+class VisionWorker(StageWorker):
+    """The vision encoder behind the stage runtime. Options: `dtype` (auto, float32,
+    bfloat16, float16) and `max_batch_patches` (patches per forward; a larger single request
+    still runs, alone)."""
+
+    OPTIONS = ("dtype", "max_batch_patches")
+
+    def __init__(self, options: WorkerOptions) -> None:
+        super().__init__(options)
+        unknown = sorted(set(options.extra) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown vision stage options {unknown}; known: {list(self.OPTIONS)}")
+        if not options.model:
+            raise ValueError("the vision stage needs --model (a Qwen2-VL or Qwen2.5-VL folder)")
+        self.dtype = options.extra.get("dtype", "auto")
+        text = options.extra.get("max_batch_patches", str(DEFAULT_MAX_BATCH_PATCHES))
+        try:
+            self.max_batch_patches = int(text)
+        except ValueError:
+            raise ValueError(f"option max_batch_patches must be an int, got {text!r}") from None
+        if self.max_batch_patches < 1:
+            raise ValueError(f"max_batch_patches is {self.max_batch_patches}; it must be >= 1")
+        self.encoder: VisionEncoder | None = None
+        self._queue: deque[_QueuedImages] = deque()
+
+    def load(self) -> None:
+        self.encoder = VisionEncoder.from_pretrained(
+            self.options.model, self.options.device, self.dtype
+        )
+
+    def add_request(self, request: WorkerRequest) -> None:
+        if self.encoder is None:
+            raise RuntimeError("the vision worker was not loaded")
+        missing = [
+            name for name in ("pixel_values", "image_grid_thw") if name not in request.inputs
+        ]
+        if missing:
+            raise ValueError(f"request {request.request_id!r} lacks input tensors {missing}")
+        if any(queued.request_id == request.request_id for queued in self._queue):
+            raise ValueError(f"request {request.request_id!r} is already active")
+        pixel_values, grid = request.inputs["pixel_values"], request.inputs["image_grid_thw"]
+        self.encoder.check_inputs(pixel_values, grid)
+        self._queue.append(_QueuedImages(request.request_id, pixel_values, grid))
+
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def step(self) -> list[StageOutput]:
+        """One forward over the queued requests that fit in `max_batch_patches` (at least one)."""
+        assert self.encoder is not None
+        batch = [self._queue.popleft()]
+        patches = batch[0].num_patches
+        while self._queue and patches + self._queue[0].num_patches <= self.max_batch_patches:
+            patches += self._queue[0].num_patches
+            batch.append(self._queue.popleft())
+        embeddings = self.encoder.encode_batch(
+            [(item.pixel_values, item.image_grid_thw) for item in batch]
+        )
+        return [
+            StageOutput(
+                request_id=item.request_id,
+                tensors={"embeddings": embeds.contiguous()},
+                data={"num_image_tokens": int(embeds.shape[0])},
+                finished=True,
+            )
+            for item, embeds in zip(batch, embeddings, strict=True)
+        ]
+
+    def abort(self, request_id: str) -> None:
+        self._queue = deque(item for item in self._queue if item.request_id != request_id)
+
+    def close(self) -> None:
+        self._queue.clear()
+        self.encoder = None
