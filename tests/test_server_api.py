@@ -294,7 +294,24 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(
         time.sleep(0.02)
     assert engine_idle(pipeline)
     assert pipeline.orchestrator.router.replicas("llm")[0].load == 0
+    assert _metrics(base_url)['omni:request_finished_total{finish_reason="abort"}'] >= 1
     assert httpx.get(f"{base_url}/health").status_code == 200
+
+
+def test_client_that_leaves_before_a_whole_answer_aborts_it(
+    base_url: str, pipeline: Pipeline
+) -> None:
+    assert engine_idle(pipeline)
+    aborted = _metrics(base_url).get('omni:request_finished_total{finish_reason="abort"}', 0.0)
+    body = chat_body(max_tokens=1900)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while not engine_idle(pipeline) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine_idle(pipeline)
+    after = _metrics(base_url)['omni:request_finished_total{finish_reason="abort"}']
+    assert after == aborted + 1
 
 
 def test_metrics_count_requests_and_tokens(base_url: str) -> None:
@@ -322,7 +339,7 @@ def _metrics(base_url: str) -> dict[str, float]:
     text = httpx.get(f"{base_url}/metrics").text
     values: dict[str, float] = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
+        if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values

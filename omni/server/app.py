@@ -31,6 +31,8 @@ from omni.server.protocol import (
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+# nginx's status for "the client closed the connection"; nobody reads it, but logs do.
+CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass(frozen=True)
@@ -96,13 +98,19 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await completions.chat_completion(
-            orchestrator, await parse(request, ChatCompletionRequest)
-        )
+        parsed = await parse(request, ChatCompletionRequest)
+        try:
+            return await completions.chat_completion(orchestrator, parsed, request)
+        except completions.ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.post("/v1/completions")
     async def complete(request: Request) -> Response:
-        return await completions.completion(orchestrator, await parse(request, CompletionRequest))
+        parsed = await parse(request, CompletionRequest)
+        try:
+            return await completions.completion(orchestrator, parsed, request)
+        except completions.ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

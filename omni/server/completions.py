@@ -3,11 +3,13 @@ server-sent events in OpenAI's chunk format."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from omni.server import sse
@@ -21,7 +23,13 @@ from omni.server.protocol import (
 )
 
 
-async def chat_completion(orch: Orchestrator, request: ChatCompletionRequest) -> Response:
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def chat_completion(
+    orch: Orchestrator, request: ChatCompletionRequest, http: Request
+) -> Response:
     prompt_ids = orch.prompt_for_chat(request.messages)
     if request.top_logprobs:
         raise APIError(400, "top_logprobs > 0 is not supported yet", param="top_logprobs")
@@ -39,7 +47,7 @@ async def chat_completion(orch: Orchestrator, request: ChatCompletionRequest) ->
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         first = await _first(deltas)
         return _sse(_chat_chunks(header, first, deltas, include_usage))
-    text, token_ids, last = await _collect(deltas)
+    text, token_ids, last = await _collect_while_connected(http, deltas)
     choice: dict[str, Any] = {
         "index": 0,
         "message": {"role": "assistant", "content": text},
@@ -51,7 +59,7 @@ async def chat_completion(orch: Orchestrator, request: ChatCompletionRequest) ->
     )
 
 
-async def completion(orch: Orchestrator, request: CompletionRequest) -> Response:
+async def completion(orch: Orchestrator, request: CompletionRequest, http: Request) -> Response:
     prompt_ids = orch.prompt_for_completion(request.prompt)
     if request.logprobs:
         raise APIError(400, "logprobs > 0 (alternatives) is not supported yet", param="logprobs")
@@ -76,7 +84,7 @@ async def completion(orch: Orchestrator, request: CompletionRequest) -> Response
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         first = await _first(deltas)
         return _sse(_completion_chunks(header, echo, first, deltas, include_usage))
-    text, token_ids, last = await _collect(deltas)
+    text, token_ids, last = await _collect_while_connected(http, deltas)
     logprobs = None
     if request.logprobs is not None:
         tokens = [orch.tokenizer.decode([t]) for t in token_ids]
@@ -153,6 +161,31 @@ async def _collect(deltas: AsyncIterator[TokenDelta]) -> tuple[str, list[int], T
             token_ids += delta.token_ids
             last = delta
     return "".join(parts), token_ids, last
+
+
+async def _collect_while_connected(
+    http: Request, deltas: AsyncIterator[TokenDelta]
+) -> tuple[str, list[int], TokenDelta]:
+    """`_collect`, unless the client leaves first: then the generation is cancelled, which
+    aborts the request in the LLM stage, instead of running to its end for nobody."""
+    collecting = asyncio.ensure_future(_collect(deltas))
+    watching = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+    if collecting.done():
+        return collecting.result()
+    collecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await collecting
+    raise ClientGone
+
+
+async def _disconnected(http: Request) -> None:
+    # The body has been read, so the next ASGI message can only be the disconnect.
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(chunks: AsyncIterator[bytes]) -> StreamingResponse:
