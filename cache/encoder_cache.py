@@ -113,6 +113,7 @@ class EncoderCache:
         # Unreferenced entries only, least recently used first: eviction pops from the front.
         self._evictable: OrderedDict[str, None] = OrderedDict()
         self._num_bytes = 0
+        self._num_referenced_bytes = 0
         self.hits = 0
         self.queries = 0
         # The scheduler and the I/O threads that receive encoder outputs may both touch it.
@@ -126,8 +127,7 @@ class EncoderCache:
     @property
     def num_referenced_bytes(self) -> int:
         """Bytes held by entries that cannot be evicted now."""
-        with self._lock:
-            return sum(e.num_bytes for e in self._entries.values() if e.ref_count > 0)
+        return self._num_referenced_bytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -194,8 +194,10 @@ class EncoderCache:
             entry = self._entries.get(item_hash)
             if entry is None:
                 raise KeyError(f"encoder output {item_hash} is not cached")
+            if entry.ref_count == 0:
+                self._num_referenced_bytes += entry.num_bytes
+                del self._evictable[item_hash]
             entry.ref_count += 1
-            self._evictable.pop(item_hash, None)
 
     def release(self, item_hash: str) -> None:
         """Undo one `acquire`; at zero the entry becomes the most recently used evictable."""
@@ -205,6 +207,7 @@ class EncoderCache:
                 raise ValueError(f"encoder output {item_hash} is not acquired")
             entry.ref_count -= 1
             if entry.ref_count == 0:
+                self._num_referenced_bytes -= entry.num_bytes
                 self._evictable[item_hash] = None
 
     def evict(self, num_bytes: int) -> list[str]:
@@ -232,6 +235,7 @@ class EncoderCache:
             for item_hash in list(self._entries):
                 self._remove(item_hash)
             self._evictable.clear()
+            self._num_referenced_bytes = 0
             self.storage.close()
 
     def __enter__(self) -> EncoderCache:
@@ -264,6 +268,7 @@ class SharedMemoryStorage(EncoderStorage):
     Segments are named and headed like the transport's (`omni_<pid>_<hex>`, readers and
     generation in the header), so `SharedTensorReader.open(handle)` maps an entry in another
     process and the supervisor's `sweep_dead_owners` removes them if this process dies.
+    Entries come back on the CPU whatever device they were put from.
     Unlike the transport's pool, a segment is not reused: cache entries live long, so the
     first-touch cost of a fresh segment is paid once per entry, not once per request.
     """

@@ -83,8 +83,9 @@ def test_ref_counts_nest():
     cache.release("a")
     assert cache.ref_count("a") == 1
     assert cache.evict(100) == []
+    assert cache.num_referenced_bytes == 16
     cache.release("a")
-    assert cache.ref_count("a") == 0
+    assert (cache.ref_count("a"), cache.num_referenced_bytes) == (0, 0)
     assert cache.evict(100) == ["a"]
     with pytest.raises(KeyError, match=r"encoder output a is not cached"):
         cache.acquire("a")
@@ -104,7 +105,10 @@ def test_budget_refusals():
     cache.put("a", output(1.0))
     cache.put("b", output(2.0))
     cache.acquire("a")
+    assert cache.num_referenced_bytes == 16
     cache.acquire("b")
+    cache.acquire("b")
+    assert cache.num_referenced_bytes == 32
     assert not cache.can_put(16)
     assert cache.can_put(8)
     with pytest.raises(

@@ -162,6 +162,13 @@ def test_text_and_unaccepted_containers():
     )
 
 
+def test_non_finite_samples():
+    samples = np.zeros((8, 1), dtype=np.float32)
+    samples[3] = np.nan
+    error = refusal(encode(samples, "WAV", subtype="FLOAT"))
+    assert str(error) == "audio 1 has samples that are NaN or infinite"
+
+
 def test_bad_sampling_rate_argument():
     with pytest.raises(ValueError, match=r"^sampling_rate is 0; it must be positive$"):
         load_audio(encode(stereo(), "WAV"), name="a", sampling_rate=0, limits=LIMITS)

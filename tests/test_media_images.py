@@ -75,10 +75,13 @@ def test_jpeg_decodes_to_rgb_of_the_right_size():
     assert np.abs(np.asarray(image).astype(int) - [128, 64, 32]).max() <= 1
 
 
-def test_gif_gives_its_first_frame():
+@pytest.mark.parametrize("image_format", ["GIF", "WEBP"])
+def test_animations_give_their_first_frame(image_format):
     frames = [Image.new("RGB", (3, 2), colour) for colour in [(255, 0, 0), (0, 0, 255)]]
     buffer = io.BytesIO()
-    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    frames[0].save(
+        buffer, format=image_format, save_all=True, append_images=frames[1:], lossless=True
+    )
     image = load_image(buffer.getvalue(), name="image 0", limits=LIMITS)
     assert np.asarray(image).tolist() == [[[255, 0, 0]] * 3] * 2
 
@@ -159,6 +162,8 @@ def test_limits_are_validated():
         MediaLimits(max_image_pixels=0)
     with pytest.raises(ValueError, match=r"^max_items_per_request is 2.5; it must be an integer$"):
         MediaLimits(max_items_per_request=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^max_audio_seconds is inf; it must be finite$"):
+        MediaLimits(max_audio_seconds=float("inf"))
     with pytest.raises(ValueError, match=r"^max_audio_seconds is '9'; it must be a number$"):
         MediaLimits(max_audio_seconds="9")  # type: ignore[arg-type]
     assert MediaLimits(max_audio_seconds=1).max_audio_seconds == 1

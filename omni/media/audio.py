@@ -43,6 +43,9 @@ def load_audio(data: bytes, *, name: str, sampling_rate: int, limits: MediaLimit
     samples = _decode_mono(data, max_frames=max_frames, name=name)
     if samples.size == 0:
         raise MediaError(f"{name} has no audio samples", item=name)
+    if not np.isfinite(samples).all():
+        # Float WAV can carry NaN or infinity, which would poison the whole embedding.
+        raise MediaError(f"{name} has samples that are NaN or infinite", item=name)
     if samples.size > max_frames:
         # The header understated the length (possible for MP3).
         raise MediaError(

@@ -32,8 +32,8 @@ _BACKGROUND = (255, 255, 255)
 def load_image(data: bytes, *, name: str, limits: MediaLimits) -> Image.Image:
     """Decode one image to RGB, refusing it (MediaError naming `name`) past `limits`.
 
-    GIF and animated WebP give their first frame. The result is fully loaded: it holds no
-    reference to `data` and raises nothing later.
+    GIF and animated WebP give their first frame. The result is fully decoded, so using it
+    raises nothing later.
     """
     check_num_bytes(len(data), limits.max_image_bytes, "max_image_bytes", name=name)
     image = _open_header(data, name=name, limits=limits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from omni.media.errors import MediaError
@@ -34,6 +35,8 @@ class MediaLimits:
                 raise ValueError(f"{field.name} is {value!r}; it must be a number")
             if not value > 0:
                 raise ValueError(f"{field.name} is {value}; it must be positive")
+            if not math.isfinite(value):
+                raise ValueError(f"{field.name} is {value}; it must be finite")
             if field.type == "int" and not isinstance(value, int):
                 raise ValueError(f"{field.name} is {value!r}; it must be an integer")
 
