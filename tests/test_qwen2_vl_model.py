@@ -20,11 +20,14 @@ from fixtures_vl import (
     make_tiny_qwen2_5_vl,
     noise_image,
 )
+from omni.stages.encoders.vision import VisionEncoder
 from omni.stages.llm.models import loader
 from omni.stages.llm.models.mrope import MRotaryEmbedding
 from omni.stages.llm.models.qwen2_vl import Qwen2VLForCausalLM
 from omni.stages.llm.models.registry import get_model_class
 from safetensors.torch import load_file, save_file
+
+from omni.multimodal import Qwen2VLPromptProcessor, decode_mrope_positions, prepare_qwen2_vl_prompt
 
 NUM_DECODE_STEPS = 3
 
@@ -180,3 +183,73 @@ def test_loader_skips_vision_tensors_but_reports_missing_language_ones(
         match=r"missing 1 tensor\(s\) the model needs: model\.layers\.1\.self_attn\.k_proj",
     ):
         loader.load_model(str(tmp_path), dtype="float32")
+
+
+def test_pipeline_greedy_tokens_match_transformers_generate(
+    vl_folder: Path, reference: Any
+) -> None:
+    """Prompt processing, the vision encoder and the native model together, with the prompt
+    prefilled in two chunks split inside an image, give transformers' greedy tokens."""
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare"},
+                {"type": "image", "image": noise_image(84, 56, seed=1)},
+                {"type": "text", "text": "and"},
+                {"type": "image", "image": noise_image(56, 112, seed=2)},
+                {"type": "text", "text": "briefly."},
+            ],
+        }
+    ]
+    with torch.no_grad():
+        expected = reference.generate(
+            **_prompt_inputs(vl_folder), max_new_tokens=8, do_sample=False
+        )[0].tolist()
+
+    prompt = prepare_qwen2_vl_prompt(
+        Qwen2VLPromptProcessor.from_pretrained(str(vl_folder)), messages=messages
+    )
+    prompt_len = len(prompt.prompt_token_ids)
+    assert expected[:prompt_len] == prompt.prompt_token_ids
+    expected_new = expected[prompt_len:]
+    assert prompt.pixel_values is not None and prompt.image_grid_thw is not None
+    image_embeds = VisionEncoder.from_pretrained(str(vl_folder)).encode(
+        prompt.pixel_values, prompt.image_grid_thw
+    )
+
+    native, _ = loader.load_model(str(vl_folder), dtype="float32")
+    with torch.no_grad():
+        embeds = native.embed_tokens(torch.tensor(prompt.prompt_token_ids))
+        row = 0
+        for placeholder in prompt.placeholders:
+            embeds[placeholder.offset : placeholder.end] = image_embeds[
+                row : row + placeholder.length
+            ]
+            row += placeholder.length
+        assert row == image_embeds.shape[0]
+
+        total = prompt_len + len(expected_new)
+        num_blocks = -(-total // 4)
+        request = PagedRequest(block_ids=list(range(num_blocks, 0, -1)))
+        caches = new_caches(native, num_blocks + 1)
+        split = prompt.placeholders[0].offset + 3  # inside the first image's run
+        for start, end in ((0, split), (split, prompt_len)):
+            meta = build_meta([request], [end - start])
+            hidden = native(
+                None,
+                prompt.mrope_positions[:, start:end],
+                caches,
+                meta,
+                "torch",
+                inputs_embeds=embeds[start:end],
+            )
+        tokens = [int(native.compute_logits(hidden[-1:])[0].argmax())]
+        while len(tokens) < len(expected_new):
+            index = prompt_len + len(tokens) - 1
+            positions = decode_mrope_positions(index, 1, prompt.mrope_position_delta)
+            meta = build_meta([request], [1])
+            hidden = native(torch.tensor(tokens[-1:]), positions, caches, meta, "torch")
+            tokens.append(int(native.compute_logits(hidden)[0].argmax()))
+    assert len(expected_new) == 8
+    assert tokens == expected_new
