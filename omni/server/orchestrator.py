@@ -116,6 +116,8 @@ class Orchestrator:
         try:
             return SamplingParams(**{"max_tokens": None, **given})
         except ValueError as exc:
+            # SamplingParams messages start with the field ("top_p=0.0 must be in (0, 1]",
+            # "temperature must be a number, ..."), which OpenAI reports as `param`.
             param = str(exc).split("=", 1)[0].split(" ", 1)[0]
             raise APIError(400, str(exc), param=param) from None
 

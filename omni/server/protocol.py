@@ -45,22 +45,22 @@ def error_body(
 # ---- requests -------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    # Unknown fields are ignored (OpenAI clients send extras such as `user`), but every declared
-    # field is type-checked without coercion from strings.
-    model_config = ConfigDict(extra="ignore", strict=False)
+class _OpenAIModel(BaseModel):
+    # Unknown fields are ignored: OpenAI clients send extras (`user`, `metadata`) that cannot
+    # change the answer. Declared fields are type-checked; a mismatch becomes a 400.
+    model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(_Strict):
+class StreamOptions(_OpenAIModel):
     include_usage: bool = False
 
 
-class TextContentPart(_Strict):
+class TextContentPart(_OpenAIModel):
     type: str
     text: str | None = None
 
 
-class ChatMessage(_Strict):
+class ChatMessage(_OpenAIModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     # A string, or content parts; only `text` parts are served for now (the orchestrator
     # refuses the rest with a 400 that names the part type).
@@ -68,7 +68,7 @@ class ChatMessage(_Strict):
     name: str | None = None
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_OpenAIModel):
     model: str
     temperature: float | None = None
     top_p: float | None = None
@@ -98,12 +98,6 @@ class CompletionRequest(_SamplingFields):
 
 
 # ---- responses ------------------------------------------------------------------------------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class ModelCard(BaseModel):
