@@ -20,6 +20,7 @@ from fixtures_vl import (
 from omni.cache import MultiModalPlaceholder
 from PIL import Image
 
+from omni.media import hash_image
 from omni.multimodal import (
     ImageSpan,
     Qwen2VLPromptProcessor,
@@ -28,6 +29,7 @@ from omni.multimodal import (
     mrope_positions,
     prepare_qwen2_vl_prompt,
 )
+from omni.multimodal.hashing import plain_settings
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +196,10 @@ def test_item_hash_follows_pixels_and_settings(processor: Qwen2VLPromptProcessor
     other_bounds = {**settings, "size": {"shortest_edge": 3136, "longest_edge": 3136 * 4}}
     assert image_item_hash(IMG_A, other_bounds) != base
     assert image_item_hash(IMG_A.convert("L"), settings) != base
+    # The hash is media intake's, over the processor settings in plain form.
+    assert base == hash_image(IMG_A, plain_settings(settings))
+    palette = IMG_A.convert("P")
+    assert image_item_hash(palette, settings) == image_item_hash(palette.convert("RGBA"), settings)
 
 
 def test_bad_requests_name_the_item_and_limit(processor: Qwen2VLPromptProcessor) -> None:

@@ -1,10 +1,10 @@
-"""Content hashes of multi-modal items: the key of the encoder-output cache and the extra key
+"""The content hash of one image item: the key of the encoder-output cache and the extra key
 folded into prefix-cache block hashes.
 
-A stand-in until the media-intake module lands: it hashes the decoded pixels (mode, size and
-raw bytes) together with the processor settings that change the embedding, so the same image
-under different resize bounds or normalisation gets a different key. Swap this one function
-when the media module provides its own hash.
+Media intake's `hash_image` (blake3 over modality, mode, shape, dtype, pixels and the
+processor settings) does the hashing; this module only brings the image processor's settings
+into the plain form it accepts, so the same image under different resize bounds or
+normalisation gets a different key.
 """
 
 from __future__ import annotations
@@ -13,17 +13,23 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from blake3 import blake3
 from PIL import Image
+
+from omni.media import hash_image
+
+# Palette images carry indices, not colours; media's hash refuses them. Expanding the palette
+# keeps every pixel's colour (and the alpha channel, which RGB would drop).
+_PALETTE_MODES = frozenset({"P", "PA"})
+
+
+def plain_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` as JSON types only (tuples to lists, enums and paths to strings)."""
+    plain: dict[str, Any] = json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
+    return plain
 
 
 def image_item_hash(image: Image.Image, processor_settings: Mapping[str, Any]) -> str:
-    """Hex blake3 of b"image", the pixel mode and size, the raw pixels and the settings."""
-    settings = json.dumps(dict(processor_settings), sort_keys=True, default=str)
-    hasher = blake3()
-    hasher.update(b"image\0")
-    hasher.update(f"{image.mode}\0{image.width}x{image.height}\0".encode())
-    hasher.update(settings.encode())
-    hasher.update(b"\0")
-    hasher.update(image.tobytes())
-    return hasher.hexdigest()
+    """Hex blake3 content hash of `image` as processed under `processor_settings`."""
+    if image.mode in _PALETTE_MODES:
+        image = image.convert("RGBA")
+    return hash_image(image, plain_settings(processor_settings))
