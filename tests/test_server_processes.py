@@ -180,3 +180,12 @@ def test_omni_serve_command_with_the_example_client(tmp_path: Path) -> None:
         server.send_signal(signal.SIGINT)
         code = server.wait(30)
     assert code == 0
+
+
+def test_api_key_from_the_environment_unless_a_flag_names_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OMNI_API_KEY", "from-env")
+    assert serve_config(build_parser().parse_args(["serve"])).api_key == "from-env"
+    flagged = build_parser().parse_args(["serve", "--api-key", "from-flag"])
+    assert serve_config(flagged).api_key == "from-flag"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
 from omni.config_file import load_config_file
+
+API_KEY_ENV = "OMNI_API_KEY"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -32,7 +35,11 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="run every stage inside the API process",
     )
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' (or set ${API_KEY_ENV})",
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-body-bytes", type=int, default=None)
@@ -61,6 +68,9 @@ def serve_config(args: argparse.Namespace) -> Any:
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
+    # The environment keeps the key out of `ps` listings; a flag or the file still wins.
+    if "api_key" not in settings and os.environ.get(API_KEY_ENV):
+        settings["api_key"] = os.environ[API_KEY_ENV]
     if "devices" in settings:
         settings["devices"] = parse_devices(str(settings["devices"]))
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 import uuid
 
 from omni.server.config import ServeConfig
@@ -88,14 +89,7 @@ class Pipeline:
                 self._start_in_process(router, model_path)
             else:
                 self._start_processes(router, model_path)
-            if not router.wait_for_replicas(
-                LLM_ROLE, config.llm_replicas, timeout=config.startup_timeout_s
-            ):
-                live = len(router.replicas(LLM_ROLE))
-                raise RuntimeError(
-                    f"only {live} of {config.llm_replicas} LLM replicas started within "
-                    f"{config.startup_timeout_s} s (see the stage logs above)"
-                )
+            self._wait_for_replicas(router)
         except BaseException:
             self.close()
             raise
@@ -130,6 +124,29 @@ class Pipeline:
         self.close()
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _wait_for_replicas(self, router: StageRouter) -> None:
+        """Until every LLM replica said HELLO; fails early when the supervisor gave up on one
+        (bad configuration, or it died on every restart) instead of at the timeout."""
+        wanted = self.config.llm_replicas
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while len(router.replicas(LLM_ROLE)) < wanted:
+            abandoned = [
+                e for e in (self.supervisor.events if self.supervisor else []) if not e.restarted
+            ]
+            if abandoned:
+                event = abandoned[0]
+                raise RuntimeError(
+                    f"stage {event.replica_id} {event.reason} and was not restarted "
+                    "(see its log above)"
+                )
+            if time.monotonic() > deadline:
+                live = len(router.replicas(LLM_ROLE))
+                raise RuntimeError(
+                    f"only {live} of {wanted} LLM replicas started within "
+                    f"{self.config.startup_timeout_s} s (see the stage logs above)"
+                )
+            time.sleep(0.05)
 
     def _start_router(self) -> StageRouter:
         if self.config.single_process:
