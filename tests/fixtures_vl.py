@@ -81,10 +81,10 @@ def build_vl_tokenizer() -> Any:
     return fast
 
 
-def tiny_vl_config(
-    vocab_size: int, architecture: str = "Qwen2_5_VLForConditionalGeneration"
-) -> Any:
-    from transformers import Qwen2_5_VLConfig
+def tiny_vl_config(vocab_size: int, family: str = "qwen2_5_vl") -> Any:
+    """The tiny config of `family`: "qwen2_5_vl" (windowed vision attention, SwiGLU tower)
+    or "qwen2_vl" (full vision attention, quick-GELU tower)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     text = {
         "vocab_size": vocab_size,
@@ -118,15 +118,37 @@ def tiny_vl_config(
         "fullatt_block_indexes": [1],
         "tokens_per_second": 2,
     }
+    tokens: dict[str, Any] = {
+        "image_token_id": IMAGE_TOKEN_ID,
+        "video_token_id": VIDEO_TOKEN_ID,
+        "vision_start_token_id": VISION_START_ID,
+        "vision_end_token_id": VISION_END_ID,
+        "tie_word_embeddings": False,
+    }
+    if family == "qwen2_vl":
+        qwen2_vision = {
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "mlp_ratio": 2,
+            "num_heads": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
+        return Qwen2VLConfig(
+            text_config=text,
+            vision_config=qwen2_vision,
+            architectures=["Qwen2VLForConditionalGeneration"],
+            **tokens,
+        )
+    if family != "qwen2_5_vl":
+        raise ValueError(f"unknown VL family {family!r}; choose qwen2_5_vl or qwen2_vl")
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
-        tie_word_embeddings=False,
-        architectures=[architecture],
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
+        **tokens,
     )
 
 
@@ -145,20 +167,21 @@ def build_vl_processor(tokenizer: Any) -> Any:
     )
 
 
-def make_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
+def make_tiny_qwen2_5_vl(path: str | Path, seed: int = 0, family: str = "qwen2_5_vl") -> Path:
     """Write the tiny checkpoint, tokenizer and processor into `path`; returns the folder.
 
     Every parameter is random (norms near 1, the rest scaled noise), so a mis-mapped norm,
-    bias or tower weight shows up in the comparisons.
+    bias or tower weight shows up in the comparisons. `family="qwen2_vl"` writes a Qwen2-VL
+    checkpoint instead.
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_vl_tokenizer()
-    config = tiny_vl_config(len(tokenizer))
+    config = tiny_vl_config(len(tokenizer), family)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = AutoModelForImageTextToText.from_config(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -176,9 +199,9 @@ def make_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
 
 def load_reference_vl(folder: str | Path) -> Any:
     """transformers' model on the same folder, fp32, eager attention, eval mode."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="eager"
     )
     return model.eval()

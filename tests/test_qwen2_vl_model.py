@@ -253,3 +253,56 @@ def test_pipeline_greedy_tokens_match_transformers_generate(
             tokens.append(int(native.compute_logits(hidden)[0].argmax()))
     assert len(expected_new) == 8
     assert tokens == expected_new
+
+
+def test_qwen2_vl_checkpoint_logits_and_image_embeddings(tmp_path: Path) -> None:
+    """Qwen2-VL (full-attention quick-GELU tower, the same M-RoPE language model): vision
+    embeddings, M-RoPE positions and prefill logits equal transformers'."""
+    folder = make_tiny_qwen2_5_vl(tmp_path, family="qwen2_vl")
+    reference = load_reference_vl(folder)
+    assert type(reference).__name__ == "Qwen2VLForConditionalGeneration"
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": noise_image(140, 84, seed=3)},
+                {"type": "text", "text": "Describe this image."},
+            ],
+        }
+    ]
+    prompt = prepare_qwen2_vl_prompt(
+        Qwen2VLPromptProcessor.from_pretrained(str(folder)), messages=messages
+    )
+    assert prompt.pixel_values is not None and prompt.image_grid_thw is not None
+    ids = torch.tensor([prompt.prompt_token_ids])
+    with torch.no_grad():
+        expected_embeds = torch.cat(
+            reference.model.get_image_features(
+                prompt.pixel_values, prompt.image_grid_thw
+            ).pooler_output
+        )
+        ref_positions, ref_delta = reference.model.get_rope_index(
+            ids, (ids == IMAGE_TOKEN_ID).int(), image_grid_thw=prompt.image_grid_thw
+        )
+    image_embeds = VisionEncoder.from_pretrained(str(folder)).encode(
+        prompt.pixel_values, prompt.image_grid_thw
+    )
+    assert image_embeds.shape == (15, 64)
+    torch.testing.assert_close(image_embeds, expected_embeds, rtol=0, atol=1e-5)
+    assert torch.equal(prompt.mrope_positions, ref_positions[:, 0])
+    assert prompt.mrope_position_delta == int(ref_delta)
+
+    native, _ = loader.load_model(str(folder), dtype="float32")
+    assert isinstance(native, Qwen2VLForCausalLM)
+    with torch.no_grad():
+        embeds = native.embed_tokens(ids[0])
+        (placeholder,) = prompt.placeholders
+        embeds[placeholder.offset : placeholder.end] = image_embeds
+        request = PagedRequest(block_ids=list(range(1, 1 + -(-ids.shape[1] // 4))))
+        caches = new_caches(native, len(request.block_ids) + 1)
+        meta = build_meta([request], [ids.shape[1]])
+        hidden = native(None, prompt.mrope_positions, caches, meta, "torch", inputs_embeds=embeds)
+        expected = reference(
+            inputs_embeds=embeds[None], position_ids=ref_positions, return_dict=True
+        ).logits[0]
+    torch.testing.assert_close(native.compute_logits(hidden), expected, rtol=0, atol=2e-5)
