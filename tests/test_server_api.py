@@ -34,7 +34,19 @@ def offline(model_dir: Path) -> dict[str, Any]:
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0)
     [chat] = llm.chat(MESSAGES, greedy, use_tqdm=False)
     [text] = llm.generate("Hello, world!", greedy, use_tqdm=False)
-    return {"chat": chat, "completion": text}
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=MAX_TOKENS)
+    [seeded] = llm.chat(MESSAGES, sampling, use_tqdm=False)
+    stop = chat.outputs[0].text[4:6]
+    [stopped] = llm.chat(
+        MESSAGES, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[stop]), use_tqdm=False
+    )
+    return {
+        "chat": chat,
+        "completion": text,
+        "seeded": seeded,
+        "stop": stop,
+        "stopped": stopped,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +127,19 @@ def test_chat_logprobs_are_the_chosen_tokens(
     assert [entry["logprob"] for entry in content] == pytest.approx(expected.logprobs, abs=1e-5)
     decode = pipeline.orchestrator.tokenizer.decode
     assert [entry["token"] for entry in content] == [decode([t]) for t in expected.token_ids]
+
+
+def test_seed_and_stop_match_offline(base_url: str, offline: dict[str, Any]) -> None:
+    url = f"{base_url}/v1/chat/completions"
+    seeded = chat_body(temperature=0.8, top_p=0.9, seed=7)
+    answers = [httpx.post(url, json=seeded, timeout=30).json() for _ in range(2)]
+    texts = [a["choices"][0]["message"]["content"] for a in answers]
+    assert texts == [offline["seeded"].outputs[0].text] * 2
+    stopped = httpx.post(url, json=chat_body(stop=offline["stop"]), timeout=30).json()
+    [choice] = stopped["choices"]
+    assert choice["message"]["content"] == offline["stopped"].outputs[0].text
+    assert choice["message"]["content"] == offline["chat"].outputs[0].text[:4]
+    assert choice["finish_reason"] == "stop"
 
 
 def test_streaming_chunks_concatenate_and_end_with_usage(
