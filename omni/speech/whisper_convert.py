@@ -14,8 +14,11 @@ import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from omni.default_model import cache_root, publish
 from omni.speech.ctranslate2_reader import read_ctranslate2_model
@@ -97,6 +100,7 @@ def convert_ctranslate2_whisper(source_dir: Path, out_dir: Path) -> None:
     ct2 = read_ctranslate2_model(source_dir / "model.bin")
     if ct2.spec_name != "WhisperSpec":
         raise ValueError(f"{source_dir}/model.bin holds a {ct2.spec_name}, not a WhisperSpec")
+    check_architecture(ct2.variables, TINY_EN_SHAPE)
     ct2_config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
 
     config = WhisperConfig(
@@ -127,6 +131,36 @@ def convert_ctranslate2_whisper(source_dir: Path, out_dir: Path) -> None:
     _save_tokenizer(source_dir / "tokenizer.json", out_dir)
     if not (out_dir / _COMPLETE_MARKER).is_file():
         raise RuntimeError(f"converting {source_dir} wrote no {_COMPLETE_MARKER} into {out_dir}")
+
+
+# CTranslate2's ActivationType enum value for exact (erf) GELU, the one Whisper uses.
+_CT2_GELU = 3
+# Scalars CTranslate2 stores that must hold for transformers' Whisper to compute the same thing:
+# pre-norm layers, unscaled embeddings, absolute positions from index 0, no ALiBi.
+_EXPECTED_FLAGS = {
+    "decoder/activation": _CT2_GELU,
+    "decoder/pre_norm": 1,
+    "decoder/scale_embeddings": 0,
+    "decoder/start_from_zero_embedding": 0,
+    "decoder/alibi": 0,
+}
+
+
+def check_architecture(variables: Mapping[str, np.ndarray], shape: Mapping[str, Any]) -> None:
+    """ValueError unless the CTranslate2 model's stored settings match `shape` (head counts)
+    and the computation transformers' Whisper does (activation, norm placement, embeddings)."""
+    expected = {
+        **_EXPECTED_FLAGS,
+        "encoder/num_heads": shape["encoder_attention_heads"],
+        "decoder/num_heads": shape["decoder_attention_heads"],
+    }
+    for name, value in expected.items():
+        if name not in variables:
+            raise ValueError(f"the CTranslate2 model has no variable {name!r}")
+        if int(variables[name]) != value:
+            raise ValueError(
+                f"CTranslate2 variable {name} is {int(variables[name])}; Whisper needs {value}"
+            )
 
 
 def _english_only_generation_config(config: Any, ct2_config: dict[str, Any]) -> Any:
