@@ -67,6 +67,12 @@ def test_registry_maps_both_vl_architectures() -> None:
     for name in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
         config = type("Config", (), {"architectures": [name]})()
         assert get_model_class(config) is Qwen2VLForCausalLM
+    assert Qwen2VLForCausalLM.uses_mrope
+    assert not getattr(
+        get_model_class(type("C", (), {"architectures": ["Qwen2ForCausalLM"]})()),
+        "uses_mrope",
+        False,
+    )
 
 
 def test_mrope_equals_1d_rotary_when_rows_agree(vl_folder: Path) -> None:

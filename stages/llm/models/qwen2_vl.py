@@ -48,6 +48,8 @@ def text_config_of(config: Any) -> Any:
 class Qwen2VLForCausalLM(CausalLM):
     """Qwen2(.5)-VL's language model over a paged KV cache, rotating with M-RoPE."""
 
+    # Tells the model runner to build [3, T] positions (and 3-row CUDA-graph inputs).
+    uses_mrope: ClassVar[bool] = True
     # Checkpoint tensors that belong to other stages (the vision tower) and are not loaded.
     IGNORED_CHECKPOINT_PREFIXES: ClassVar[tuple[str, ...]] = ("visual.", "model.visual.")
 
