@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,18 @@ def test_from_pretrained_folder(hf_processor: Any, tmp_path: Path) -> None:
     b = prepare_qwen2_vl_prompt(direct, messages=messages)
     assert a.prompt_token_ids == b.prompt_token_ids
     assert a.placeholders == b.placeholders
+
+    # A released-style folder: the template only in chat_template.json, not in the tokenizer.
+    template = (tmp_path / "chat_template.jinja").read_text()
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    released = Qwen2VLPromptProcessor.from_pretrained(str(tmp_path))
+    c = prepare_qwen2_vl_prompt(released, messages=messages)
+    assert c.prompt_token_ids == b.prompt_token_ids
+    (tmp_path / "chat_template.json").unlink()
+    bare = Qwen2VLPromptProcessor.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="no chat template; pass a text prompt instead"):
+        prepare_qwen2_vl_prompt(bare, messages=messages)
 
 
 def test_mrope_positions_exact_values() -> None:

@@ -23,9 +23,11 @@ The result, a `Qwen2VLPrompt`, carries
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,6 +115,9 @@ class Qwen2VLPromptProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        if getattr(tokenizer, "chat_template", None) is None:
+            # Released Qwen-VL folders keep the template beside the processor config.
+            tokenizer.chat_template = processor_chat_template(folder)
         image_processor = AutoImageProcessor.from_pretrained(folder)
         return cls(tokenizer, image_processor, **limits)
 
@@ -191,6 +196,8 @@ class Qwen2VLPromptProcessor:
                         "'text', 'image'"
                     )
             rendered.append({**message, "content": items})
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("the model has no chat template; pass a text prompt instead")
         text = self.tokenizer.apply_chat_template(
             rendered, tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -250,6 +257,22 @@ class Qwen2VLPromptProcessor:
                 f"tokenized prompt has {next_image} {IMAGE_PAD} tokens for {len(images)} images"
             )
         return token_ids, placeholders, spans
+
+
+def processor_chat_template(folder: str) -> str | None:
+    """The chat template a processor folder holds (`chat_template.jinja`, or the
+    `chat_template` entry of `chat_template.json` / `processor_config.json`), if any."""
+    path = Path(folder)
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    for name in ("chat_template.json", "processor_config.json"):
+        file = path / name
+        if file.is_file():
+            template = json.loads(file.read_text()).get("chat_template")
+            if isinstance(template, str):
+                return template
+    return None
 
 
 def prepare_qwen2_vl_prompt(
