@@ -68,8 +68,18 @@ class LLM:
     ) -> list[RequestOutput]:
         """Applies the tokenizer's chat template to each conversation, then generates."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
+        prompts = [self.chat_prompt_ids(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def chat_prompt_ids(
+        self, messages: ChatMessages, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """The conversation's prompt token ids. The template already writes any BOS token as
+        text, so the tokenizer must not add its special tokens again (as in vLLM and the
+        HTTP server)."""
+        assert self.tokenizer is not None
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def apply_chat_template(
         self, messages: ChatMessages, add_generation_prompt: bool = True

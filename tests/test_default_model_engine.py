@@ -58,7 +58,7 @@ def test_chat_and_stream_answer_sensibly(llm: LLM) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=16)
     [answer] = llm.chat([{"role": "user", "content": QUESTIONS[0]}], params, use_tqdm=False)
     assert "Paris" in answer.outputs[0].text
-    prompt = llm.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}])
+    prompt = llm.chat_prompt_ids([{"role": "user", "content": QUESTIONS[0]}])
     deltas = [o.outputs[0].text_delta for o in llm.stream(prompt, params)]
     assert len(deltas) > 1
     assert "".join(deltas) == answer.outputs[0].text

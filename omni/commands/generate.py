@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         llm = LLM(args.model, device=args.device, dtype=args.dtype)
         prompt = args.prompt
         if not args.raw and getattr(llm.tokenizer, "chat_template", None):
-            prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
+            prompt = llm.chat_prompt_ids([{"role": "user", "content": prompt}])
         if args.no_stream:
             print(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].text)
             return 0
