@@ -7,6 +7,9 @@ over a paged cache whose blocks are out of order, with the torch attention backe
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,9 @@ from fixtures_vl import (
     noise_image,
 )
 from omni.stages.encoders.vision import VisionEncoder
-from omni.stages.llm.models import loader
-from omni.stages.llm.models.mrope import MRotaryEmbedding
+from omni.stages.llm.models import loader, mrope
+from omni.stages.llm.models.fused_ops import apply_rotary_torch
+from omni.stages.llm.models.mrope import MRotaryEmbedding, mrope_qk_triton_
 from omni.stages.llm.models.qwen2_vl import Qwen2VLForCausalLM
 from omni.stages.llm.models.registry import get_model_class
 from safetensors.torch import load_file, save_file
@@ -30,6 +34,13 @@ from safetensors.torch import load_file, save_file
 from omni.multimodal import Qwen2VLPromptProcessor, decode_mrope_positions, prepare_qwen2_vl_prompt
 
 NUM_DECODE_STEPS = 3
+# The Triton M-RoPE kernel runs on the CPU under Triton's interpreter, which must be switched on
+# before triton is first imported: those tests (test_interpreter_*) run in a child pytest.
+IN_INTERPRETER_CHILD = os.environ.get("OMNI_TRITON_INTERPRETER_CHILD") == "1"
+in_child_only = pytest.mark.skipif(
+    not IN_INTERPRETER_CHILD, reason="runs in the TRITON_INTERPRET=1 child process"
+)
+NUM_INTERPRETER_TESTS = 3
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +323,152 @@ def test_qwen2_vl_checkpoint_logits_and_image_embeddings(tmp_path: Path) -> None
             inputs_embeds=embeds[None], position_ids=ref_positions, return_dict=True
         ).logits[0]
     torch.testing.assert_close(native.compute_logits(hidden), expected, rtol=0, atol=2e-5)
+
+
+# ---- the fused M-RoPE kernel --------------------------------------------------------------
+
+
+@pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="this is the launcher")
+def test_mrope_kernel_in_interpreter_child() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMNI_TRITON_INTERPRETER_CHILD="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command += ["-k", "interpreter_", __file__]
+    child = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
+    assert f"{NUM_INTERPRETER_TESTS} passed" in child.stdout, child.stdout[-2000:]
+
+
+def _qwen2_5_vl_7b_rotary() -> MRotaryEmbedding:
+    """Qwen2.5-VL-7B's text rotary: head_dim 128, mrope_section [16, 24, 24]."""
+    config = type(
+        "TextConfig",
+        (),
+        {
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [16, 24, 24],
+            }
+        },
+    )()
+    return MRotaryEmbedding(config, 128)
+
+
+# Image-like positions: rows differ, large values included (long-context range reduction).
+MROPE_POSITIONS = torch.tensor(
+    [[0, 5, 5, 5, 9, 30000], [0, 5, 6, 7, 9, 30000], [0, 5, 8, 6, 9, 131071]], dtype=torch.int64
+)
+
+
+@in_child_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreter_mrope_kernel_strided_views_in_place(dtype: torch.dtype) -> None:
+    rotary = _qwen2_5_vl_7b_rotary()
+    num_tokens, q_heads, kv_heads, head_dim = MROPE_POSITIONS.shape[1], 28, 4, 128
+    q_size, kv_size = q_heads * head_dim, kv_heads * head_dim
+    generator = torch.Generator().manual_seed(7)
+    qkv = torch.randn((num_tokens, q_size + 2 * kv_size), generator=generator).to(dtype)
+    original = qkv.clone()
+    q = qkv[:, :q_size].view(num_tokens, q_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, kv_heads, head_dim)
+    cos, sin = rotary._cos_sin(MROPE_POSITIONS, dtype)
+    expected_q = apply_rotary_torch(q.clone(), cos, sin)
+    expected_k = apply_rotary_torch(k.clone(), cos, sin)
+
+    mrope_qk_triton_(q, k, MROPE_POSITIONS, rotary.row_of_freq, rotary.inv_freq, 1.0)
+
+    assert torch.equal(qkv[:, q_size + kv_size :], original[:, q_size + kv_size :])
+    assert torch.equal(qkv[0], original[0])  # position 0 in every row: the identity
+    for actual, expected in ((q, expected_q), (k, expected_k)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+        else:
+            torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3)
+            exact = float((actual == expected).float().mean())
+            assert exact >= 0.99, f"only {exact:.4f} of the elements are bit-exact"
+
+
+@in_child_only
+def test_interpreter_model_forward_wired_to_the_mrope_kernel(
+    vl_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    native, _ = loader.load_model(str(vl_folder), dtype="float32")
+    positions = torch.tensor([[0, 1, 2, 2, 2, 2, 5], [0, 1, 2, 2, 3, 3, 5], [0, 1, 2, 3, 2, 3, 5]])
+    ids = torch.tensor([1, 9, 5, 5, 5, 5, 20])
+
+    def run() -> torch.Tensor:
+        request = PagedRequest(block_ids=[2, 1])
+        meta = build_meta([request], [ids.shape[0]])
+        with torch.no_grad():
+            return native(ids, positions, new_caches(native, 3), meta, "torch")
+
+    expected = run()
+    launches: list[int] = []
+    kernel = mrope.mrope_qk_triton_
+
+    def counting_kernel(*args: Any) -> None:
+        launches.append(1)
+        kernel(*args)
+
+    monkeypatch.setattr(mrope, "use_fused_kernels", lambda tensor: True)
+    monkeypatch.setattr(mrope, "mrope_qk_triton_", counting_kernel)
+    actual = run()
+    assert len(launches) == native.num_layers
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mrope_kernel_rejects_bad_inputs() -> None:
+    rotary = _qwen2_5_vl_7b_rotary()
+    q, k = torch.zeros(6, 4, 128), torch.zeros(6, 2, 128)
+    with pytest.raises(ValueError, match=r"positions has shape \(6,\); expected \(3, 6\)"):
+        mrope_qk_triton_(q, k, MROPE_POSITIONS[0], rotary.row_of_freq, rotary.inv_freq, 1.0)
+    with pytest.raises(ValueError, match=r"must be \[64\] for head_dim 128"):
+        mrope_qk_triton_(q, k, MROPE_POSITIONS, rotary.row_of_freq[:8], rotary.inv_freq, 1.0)
+    with pytest.raises(ValueError, match="positions int64"):
+        mrope_qk_triton_(q, k, MROPE_POSITIONS.int(), rotary.row_of_freq, rotary.inv_freq, 1.0)
+
+
+@pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="compiles for CUDA; the child interprets")
+def test_mrope_kernel_compiles_for_h100_with_torch_float_semantics() -> None:
+    import triton
+    from omni.stages.llm.models.fused_ops import _TORCH_FP_OPTIONS
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {
+        "q_ptr": "*bf16",
+        "k_ptr": "*bf16",
+        "positions_ptr": "*i64",
+        "row_of_freq_ptr": "*i64",
+        "inv_freq_ptr": "*fp32",
+        **dict.fromkeys(
+            [
+                "stride_positions_row",
+                "stride_positions_token",
+                "stride_q_token",
+                "stride_q_head",
+                "stride_k_token",
+                "stride_k_head",
+                "num_q_heads",
+                "num_k_heads",
+            ],
+            "i32",
+        ),
+        "scaling": "fp32",
+    }
+    constexprs = {
+        "half": 64,
+        "USE_LIBDEVICE": True,
+        "BLOCK_Q_HEADS": 32,
+        "BLOCK_K_HEADS": 4,
+        "BLOCK_HALF": 64,
+    }
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(fn=mrope.mrope_qk_kernel, signature=signature, constexprs=constexprs)
+    options = dict(_TORCH_FP_OPTIONS, num_warps=8)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = str(compiled.asm["ptx"])
+    assert "sin.approx" not in ptx and "cos.approx" not in ptx
+    assert "cvt.rn.bf16.f32" in ptx
