@@ -202,11 +202,17 @@ def test_loader_skips_vision_tensors_but_reports_missing_language_ones(
         loader.load_model(str(tmp_path), dtype="float32")
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_pipeline_greedy_tokens_match_transformers_generate(
-    vl_folder: Path, reference: Any
+    vl_folder: Path, reference: Any, device: str
 ) -> None:
     """Prompt processing, the vision encoder and the native model together, with the prompt
-    prefilled in two chunks split inside an image, give transformers' greedy tokens."""
+    prefilled in two chunks split inside an image, give transformers' greedy tokens. On a GPU
+    (skipped elsewhere) this runs the fused kernels (M-RoPE included) and Triton attention
+    against transformers on the same GPU, in float32."""
     messages = [
         {
             "role": "user",
@@ -219,10 +225,10 @@ def test_pipeline_greedy_tokens_match_transformers_generate(
             ],
         }
     ]
+    hf_model = reference if device == "cpu" else load_reference_vl(vl_folder).to(device)
     with torch.no_grad():
-        expected = reference.generate(
-            **_prompt_inputs(vl_folder), max_new_tokens=8, do_sample=False
-        )[0].tolist()
+        hf_inputs = {name: t.to(device) for name, t in _prompt_inputs(vl_folder).items()}
+        expected = hf_model.generate(**hf_inputs, max_new_tokens=8, do_sample=False)[0].tolist()
 
     prompt = prepare_qwen2_vl_prompt(
         Qwen2VLPromptProcessor.from_pretrained(str(vl_folder)), messages=messages
@@ -231,13 +237,14 @@ def test_pipeline_greedy_tokens_match_transformers_generate(
     assert expected[:prompt_len] == prompt.prompt_token_ids
     expected_new = expected[prompt_len:]
     assert prompt.pixel_values is not None and prompt.image_grid_thw is not None
-    image_embeds = VisionEncoder.from_pretrained(str(vl_folder)).encode(
+    image_embeds = VisionEncoder.from_pretrained(str(vl_folder), device=device).encode(
         prompt.pixel_values, prompt.image_grid_thw
     )
 
-    native, _ = loader.load_model(str(vl_folder), dtype="float32")
+    native, _ = loader.load_model(str(vl_folder), dtype="float32", device=device)
+    backend = "torch" if device == "cpu" else "triton"
     with torch.no_grad():
-        embeds = native.embed_tokens(torch.tensor(prompt.prompt_token_ids))
+        embeds = native.embed_tokens(torch.tensor(prompt.prompt_token_ids, device=device))
         row = 0
         for placeholder in prompt.placeholders:
             embeds[placeholder.offset : placeholder.end] = image_embeds[
@@ -252,24 +259,51 @@ def test_pipeline_greedy_tokens_match_transformers_generate(
         caches = new_caches(native, num_blocks + 1)
         split = prompt.placeholders[0].offset + 3  # inside the first image's run
         for start, end in ((0, split), (split, prompt_len)):
-            meta = build_meta([request], [end - start])
+            meta = build_meta([request], [end - start], device)
             hidden = native(
                 None,
-                prompt.mrope_positions[:, start:end],
+                prompt.mrope_positions[:, start:end].to(device),
                 caches,
                 meta,
-                "torch",
+                backend,
                 inputs_embeds=embeds[start:end],
             )
         tokens = [int(native.compute_logits(hidden[-1:])[0].argmax())]
         while len(tokens) < len(expected_new):
             index = prompt_len + len(tokens) - 1
             positions = decode_mrope_positions(index, 1, prompt.mrope_position_delta)
-            meta = build_meta([request], [1])
-            hidden = native(torch.tensor(tokens[-1:]), positions, caches, meta, "torch")
+            meta = build_meta([request], [1], device)
+            step_ids = torch.tensor(tokens[-1:], device=device)
+            hidden = native(step_ids, positions.to(device), caches, meta, backend)
             tokens.append(int(native.compute_logits(hidden)[0].argmax()))
     assert len(expected_new) == 8
     assert tokens == expected_new
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_mrope_kernel_matches_the_torch_path(dtype: torch.dtype) -> None:
+    """On a GPU (skipped elsewhere): the compiled kernel against the torch code on the same
+    GPU, strided q/k views of a fused qkv output."""
+    rotary = _qwen2_5_vl_7b_rotary().to("cuda")
+    positions = MROPE_POSITIONS.to("cuda")
+    num_tokens, q_heads, kv_heads, head_dim = positions.shape[1], 28, 4, 128
+    q_size, kv_size = q_heads * head_dim, kv_heads * head_dim
+    generator = torch.Generator().manual_seed(7)
+    qkv = torch.randn((num_tokens, q_size + 2 * kv_size), generator=generator).to("cuda", dtype)
+    q = qkv[:, :q_size].view(num_tokens, q_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, kv_heads, head_dim)
+    cos, sin = rotary._cos_sin(positions, dtype)
+    expected_q = apply_rotary_torch(q.clone(), cos, sin)
+    expected_k = apply_rotary_torch(k.clone(), cos, sin)
+    mrope_qk_triton_(q, k, positions, rotary.row_of_freq, rotary.inv_freq, 1.0)
+    for actual, expected in ((q, expected_q), (k, expected_k)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+        else:
+            torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)
+            exact = float((actual == expected).float().mean())
+            assert exact >= 0.99, f"only {exact:.4f} of the elements are bit-exact"
 
 
 def test_qwen2_vl_checkpoint_logits_and_image_embeddings(tmp_path: Path) -> None:
