@@ -240,3 +240,28 @@ def test_bad_requests_name_the_item_and_limit(processor: Qwen2VLPromptProcessor)
     ):
         prepare_qwen2_vl_prompt(limited, prompt="ab <|image_pad|>", images=[IMG_A])
     assert MultiModalPlaceholder("h", 0, 1).end == 1
+
+
+def test_encoder_inputs_and_engine_inputs(processor: Qwen2VLPromptProcessor) -> None:
+    prompt = prepare_qwen2_vl_prompt(processor, messages=LAYOUTS["two_images_different_sizes"])
+    pixels, grid = prompt.encoder_inputs([1])  # only image C (image B cached, say)
+    assert torch.equal(pixels, prompt.images[1].pixel_values)
+    assert grid.tolist() == [[1, 6, 10]]
+    all_pixels, all_grid = prompt.encoder_inputs()
+    assert prompt.pixel_values is not None and torch.equal(all_pixels, prompt.pixel_values)
+    assert torch.equal(all_grid, torch.tensor([[1, 8, 4], [1, 6, 10]]))
+    with pytest.raises(ValueError, match="no images selected"):
+        prompt.encoder_inputs([])
+
+    rows = torch.arange(23 * 4, dtype=torch.float32).view(23, 4)
+    first, second = prompt.split_embeddings(rows)
+    assert torch.equal(first, rows[:8]) and torch.equal(second, rows[8:])
+    with pytest.raises(ValueError, match="embeddings have 22 rows; the prompt's images need 23"):
+        prompt.split_embeddings(rows[:22])
+
+    inputs = prompt.to_multimodal_inputs([None, second])
+    inputs.check(len(prompt.prompt_token_ids), hidden_size=4)
+    assert list(inputs.placeholders) == list(prompt.placeholders)
+    assert inputs.mrope_positions is not None
+    assert inputs.mrope_positions.tolist() == prompt.mrope_positions.tolist()
+    assert inputs.mrope_position_delta == prompt.mrope_position_delta == -14

@@ -506,3 +506,67 @@ def test_mrope_kernel_compiles_for_h100_with_torch_float_semantics() -> None:
     ptx = str(compiled.asm["ptx"])
     assert "sin.approx" not in ptx and "cos.approx" not in ptx
     assert "cvt.rn.bf16.f32" in ptx
+
+
+@pytest.mark.parametrize("token_budget", [4096, 9])
+def test_engine_serves_vl_requests_like_transformers(
+    vl_folder: Path, reference: Any, token_budget: int
+) -> None:
+    """The whole path through the LLM engine: prompt processing, the vision encoder, the
+    engine's splicing and M-RoPE positions (chunked when the budget is 9 tokens), and the
+    prefix cache for a repeated image, against transformers' greedy generate."""
+    from transformers import GenerationConfig
+
+    from omni import LLM, SamplingParams
+
+    new_tokens = 6
+    with torch.no_grad():
+        greedy = GenerationConfig(
+            max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        expected = reference.generate(**_prompt_inputs(vl_folder), generation_config=greedy)
+    prompt = prepare_qwen2_vl_prompt(
+        Qwen2VLPromptProcessor.from_pretrained(str(vl_folder)),
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Compare"},
+                    {"type": "image", "image": noise_image(84, 56, seed=1)},
+                    {"type": "text", "text": "and"},
+                    {"type": "image", "image": noise_image(56, 112, seed=2)},
+                    {"type": "text", "text": "briefly."},
+                ],
+            }
+        ],
+    )
+    expected_new = expected[0, len(prompt.prompt_token_ids) :].tolist()
+    assert len(expected_new) == new_tokens
+    encoder = VisionEncoder.from_pretrained(str(vl_folder))
+    per_image = prompt.split_embeddings(encoder.encode(*prompt.encoder_inputs()))
+
+    llm = LLM(
+        str(vl_folder),
+        device="cpu",
+        num_kv_blocks=64,
+        block_size=8,
+        max_num_batched_tokens=token_budget,
+    )
+    sampling = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+
+    def run(request_id: str) -> tuple[list[int], int]:
+        inputs = prompt.to_multimodal_inputs(per_image)
+        llm.engine.add_request(
+            request_id, prompt.prompt_token_ids, sampling, mm=inputs, stream=False
+        )
+        while llm.engine.has_unfinished_requests():
+            for output in llm.engine.step():
+                if output.request_id == request_id and output.finished:
+                    return output.outputs[0].token_ids, output.num_cached_tokens
+        raise AssertionError("request did not finish")
+
+    assert run("first") == (expected_new, 0)
+    tokens, cached = run("again")
+    assert tokens == expected_new
+    # Every full block before the last prompt token comes from the prefix cache.
+    assert cached == (len(prompt.prompt_token_ids) - 1) // 8 * 8

@@ -36,6 +36,7 @@ from PIL import Image
 from omni.cache import MultiModalPlaceholder
 from omni.multimodal.hashing import image_item_hash
 from omni.multimodal.mrope import ImageSpan, mrope_positions
+from omni.stages.llm.mm_inputs import MultiModalInputs
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -71,6 +72,39 @@ class Qwen2VLPrompt:
                 f"mrope_positions has shape {tuple(self.mrope_positions.shape)}; expected "
                 f"(3, {len(self.prompt_token_ids)})"
             )
+
+    def encoder_inputs(
+        self, item_indices: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel_values, image_grid_thw) of the given images (all by default), in that order:
+        the vision encoder's inputs when some items need no encoding (cached)."""
+        indices = range(len(self.images)) if item_indices is None else item_indices
+        chosen = [self.images[i] for i in indices]
+        if not chosen:
+            raise ValueError("no images selected for encoding")
+        pixels = torch.cat([image.pixel_values for image in chosen])
+        grid = torch.tensor([image.grid_thw for image in chosen], dtype=torch.int64)
+        return pixels, grid
+
+    def split_embeddings(self, embeddings: torch.Tensor) -> list[torch.Tensor]:
+        """All images' encoder output `[sum of lengths, hidden]` as one tensor per image."""
+        lengths = [placeholder.length for placeholder in self.placeholders]
+        if embeddings.shape[0] != sum(lengths):
+            raise ValueError(
+                f"embeddings have {embeddings.shape[0]} rows; the prompt's images need "
+                f"{sum(lengths)}"
+            )
+        return list(torch.split(embeddings, lengths))
+
+    def to_multimodal_inputs(self, embeddings: Sequence[torch.Tensor | None]) -> MultiModalInputs:
+        """The LLM engine's `mm=` argument: per image its embeddings (None for an item the
+        orchestrator skipped as prefix-cached), plus this prompt's M-RoPE positions."""
+        return MultiModalInputs(
+            placeholders=list(self.placeholders),
+            embeddings=list(embeddings),
+            mrope_positions=self.mrope_positions.numpy(),
+            mrope_position_delta=self.mrope_position_delta,
+        )
 
     @cached_property
     def pixel_values(self) -> torch.Tensor | None:
