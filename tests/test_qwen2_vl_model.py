@@ -22,6 +22,7 @@ from fixtures_vl import (
     load_reference_vl,
     make_tiny_qwen2_5_vl,
     noise_image,
+    tiny_vl_config,
 )
 from omni.stages.encoders.vision import VisionEncoder
 from omni.stages.llm.models import loader, mrope
@@ -570,3 +571,18 @@ def test_engine_serves_vl_requests_like_transformers(
     assert tokens == expected_new
     # Every full block before the last prompt token comes from the prefix cache.
     assert cached == (len(prompt.prompt_token_ids) - 1) // 8 * 8
+
+
+def test_tied_embeddings_follow_the_top_level_config() -> None:
+    """Qwen2.5-VL-3B ties lm_head to the embeddings in the top-level config only."""
+    from omni.stages.llm.models.qwen2_vl import text_config_of
+
+    config = tiny_vl_config(320)
+    config.tie_word_embeddings = True
+    text = text_config_of(config)
+    assert text.tie_word_embeddings is True and text.hidden_size == 64
+    assert text is not config.text_config  # the checkpoint's own config is left alone
+    with torch.device("cpu"):
+        model = Qwen2VLForCausalLM(config, torch.float32)
+    assert model.lm_head is None
+    assert "lm_head.weight" not in dict(model.named_parameters())
