@@ -19,6 +19,15 @@ The result, a `Qwen2VLPrompt`, carries
   * `pixel_values` / `image_grid_thw`: all images concatenated, the vision encoder's inputs;
   * `mrope_positions` int64 `[3, P]` and `mrope_position_delta` (see `omni.multimodal.mrope`):
     prompt token i uses column i; a generated token at sequence index p uses p + delta.
+
+Then, with the vision encoder (`omni.stages.encoders.vision`):
+
+    per_image = prompt.split_embeddings(encoder.encode(*prompt.encoder_inputs()))
+    engine.add_request(request_id, prompt.prompt_token_ids, sampling,
+                       mm=prompt.to_multimodal_inputs(per_image))
+
+(`encoder_inputs([i, ...])` selects the images that still need encoding; pass None in
+`to_multimodal_inputs` for an image skipped as prefix-cached.)
 """
 
 from __future__ import annotations
