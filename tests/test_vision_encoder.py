@@ -131,7 +131,7 @@ def test_worker_batches_queued_requests_within_the_patch_budget(
     assert [o.request_id for o in first] == ["r0", "r1", "r2"]
     second = worker.step()
     assert [o.request_id for o in second] == ["r3"]
-    assert not worker.has_work()
+    assert not worker.has_work() and worker.step() == []
     for output in first + second:
         pixels, grid = image_inputs[int(output.request_id[1:])]
         assert output.finished and output.error is None

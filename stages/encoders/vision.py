@@ -255,6 +255,8 @@ class VisionWorker(StageWorker):
     def step(self) -> list[StageOutput]:
         """One forward over the queued requests that fit in `max_batch_patches` (at least one)."""
         assert self.encoder is not None
+        if not self._queue:
+            return []
         batch = [self._queue.popleft()]
         patches = batch[0].num_patches
         while self._queue and patches + self._queue[0].num_patches <= self.max_batch_patches:
