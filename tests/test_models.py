@@ -274,7 +274,13 @@ def test_registry_rejects_unknown_architecture() -> None:
         get_model_class(config)
     for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         assert name in str(info.value)
-    assert supported_architectures() == ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+    assert supported_architectures() == [
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3ForCausalLM",
+    ]
 
 
 def test_rope_tables_match_transformers() -> None:
