@@ -1,9 +1,9 @@
 """The LLM core as a stage: the engine behind the stage runtime's worker interface.
 
-A request carries its prompt as `params["prompt"]` (text) or an int tensor input
-`prompt_token_ids`, and its sampling settings as `params["sampling"]` (SamplingParams fields).
-Each step returns one reply per request that gained tokens: `data` holds `text_delta`,
-`token_ids_delta`, and on the last reply `finish_reason`, `stop_reason` and usage counts.
+Requests are in the format of `omni.stages.llm.wire` (prompt, sampling settings, multi-modal
+embeddings and M-RoPE positions, or a prefix probe). Each step returns one reply per request
+that gained tokens: `data` holds `text_delta`, `token_ids_delta`, and on the last reply
+`finish_reason`, `stop_reason` and usage counts; a probe's reply holds `cached_tokens`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.engine import LLMEngine
 from omni.stages.llm.outputs import RequestOutput
-from omni.stages.llm.sampling_params import SamplingParams
+from omni.stages.llm.wire import decode_llm_request
 from omni.stages.runtime.worker import (
     StageOutput,
     StageWorker,
@@ -24,7 +24,6 @@ from omni.stages.runtime.worker import (
 )
 
 _ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def engine_config(options: WorkerOptions) -> EngineConfig:
@@ -62,21 +61,13 @@ def _parse_option(key: str, text: str, default: Any) -> Any:
     return text
 
 
-def sampling_params(params: dict[str, Any]) -> SamplingParams:
-    fields = params.get("sampling") or {}
-    unknown = sorted(set(fields) - _SAMPLING_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown sampling parameters {unknown}")
-    return SamplingParams(**fields)
-
-
 @register_worker("llm")
 class LLMWorker(StageWorker):
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__(options)
         self.engine: LLMEngine | None = None
-        # Requests refused at admission: answered with an error on the next step.
-        self._refused: list[StageOutput] = []
+        # Answers ready without the engine (refusals, prefix probes), sent on the next step.
+        self._immediate: list[StageOutput] = []
 
     def load(self) -> None:
         self.engine = LLMEngine(engine_config(self.options))
@@ -89,35 +80,39 @@ class LLMWorker(StageWorker):
     def add_request(self, request: WorkerRequest) -> None:
         engine = self._engine()
         try:
-            params = dict(request.params)
-            if "prompt_token_ids" in request.inputs:
-                prompt: str | list[int] = request.inputs["prompt_token_ids"].flatten().tolist()
-            elif isinstance(params.get("prompt"), str):
-                prompt = params["prompt"]
-            else:
-                raise ValueError("a request needs params['prompt'] (text) or prompt_token_ids")
+            spec = decode_llm_request(request.inputs, request.params)
+            if spec.probe:
+                # The orchestrator asks before encoding: items inside the hit need no encoder.
+                prompt_ids = spec.prompt if isinstance(spec.prompt, list) else []
+                placeholders = spec.mm.placeholders if spec.mm is not None else ()
+                cached = engine.cached_prefix_tokens(prompt_ids, placeholders, spec.cache_salt)
+                self._immediate.append(
+                    StageOutput(request.request_id, data={"cached_tokens": cached}, finished=True)
+                )
+                return
             engine.add_request(
                 request.request_id,
-                prompt,
-                sampling_params(params),
-                cache_salt=params.get("cache_salt"),
+                spec.prompt,
+                spec.sampling_params,
+                mm=spec.mm,
+                cache_salt=spec.cache_salt,
             )
         except (ValueError, TypeError) as exc:
-            self._refused.append(
+            self._immediate.append(
                 StageOutput(request_id=request.request_id, finished=True, error=str(exc))
             )
 
     def step(self) -> list[StageOutput]:
-        refused, self._refused = self._refused, []
+        immediate, self._immediate = self._immediate, []
         engine = self._engine()
         outputs = engine.step() if engine.has_unfinished_requests() else []
-        return refused + [_to_stage_output(o) for o in outputs]
+        return immediate + [_to_stage_output(o) for o in outputs]
 
     def has_work(self) -> bool:
-        return bool(self._refused) or self._engine().has_unfinished_requests()
+        return bool(self._immediate) or self._engine().has_unfinished_requests()
 
     def abort(self, request_id: str) -> None:
-        self._refused = [o for o in self._refused if o.request_id != request_id]
+        self._immediate = [o for o in self._immediate if o.request_id != request_id]
         self._engine().abort_request(request_id)
 
 

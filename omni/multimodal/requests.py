@@ -1,0 +1,66 @@
+"""Routing one Qwen2-VL request through the stages: probe, encode what is missing, generate.
+
+1. Ask the LLM stage how many prompt tokens its prefix cache holds for this prompt and these
+   item hashes (a probe touches nothing).
+2. Send only the images whose placeholders end past that hit to a vision replica.
+3. Send the prompt, the embeddings (None for the skipped items) and the M-RoPE positions to the
+   LLM stage, and return its reply stream.
+
+With several LLM replicas the probe and the request may land on different replicas; then a
+skipped item whose prefix the second replica lacks fails with a clear error (the engine checks
+at admission) rather than producing wrong output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from omni.multimodal.qwen2_vl import Qwen2VLPrompt
+from omni.stages.llm.wire import encode_llm_request
+from omni.supervision.router import StageRouter
+from omni.supervision.streams import ReplyStream
+
+
+def items_to_encode(prompt: Qwen2VLPrompt, cached_tokens: int) -> list[int]:
+    """Indices of the images whose placeholders are not wholly inside the cached prefix."""
+    return [
+        index
+        for index, item in enumerate(prompt.placeholders)
+        if item.offset + item.length > cached_tokens
+    ]
+
+
+def submit_vl_request(
+    router: StageRouter,
+    prompt: Qwen2VLPrompt,
+    sampling: Mapping[str, Any],
+    *,
+    timeout: float = 60.0,
+    request_id: str | None = None,
+) -> ReplyStream:
+    no_embeddings: list[torch.Tensor | None] = [None] * len(prompt.images)
+    tensors, params = encode_llm_request(
+        prompt.prompt_token_ids, sampling, prompt.to_multimodal_inputs(no_embeddings), probe=True
+    )
+    [probe] = router.submit("llm", tensors, params).result(timeout=timeout)
+    needed = items_to_encode(prompt, int(probe.data["cached_tokens"]))
+
+    embeddings = list(no_embeddings)
+    if needed:
+        pixel_values, grid_thw = prompt.encoder_inputs(needed)
+        [reply] = router.submit(
+            "vision", {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
+        ).result(timeout=timeout)
+        lengths = [prompt.placeholders[i].length for i in needed]
+        for index, rows in zip(
+            needed, torch.split(reply.tensors["embeddings"], lengths), strict=True
+        ):
+            # The reply may map shared memory that is released once the stream is done.
+            embeddings[index] = rows.clone()
+    tensors, params = encode_llm_request(
+        prompt.prompt_token_ids, sampling, prompt.to_multimodal_inputs(embeddings)
+    )
+    return router.submit("llm", tensors, params, request_id=request_id)
