@@ -42,6 +42,16 @@ class KVCacheRequest(Protocol):
     @property
     def cache_salt(self) -> str | None: ...
 
+    @property
+    def num_pending_tokens(self) -> int:
+        """Placeholder tokens at the tail of all_token_ids (asynchronous scheduling): their
+        ids are not known yet, so the blocks holding them cannot be hashed."""
+        ...
+
+
+def _num_known_tokens(request: KVCacheRequest) -> int:
+    return len(request.all_token_ids) - request.num_pending_tokens
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -173,7 +183,7 @@ class KVCacheManager:
         if self.enable_prefix_caching:
             # Cache every block that is full once this step's tokens are computed; tokens not
             # yet known (beyond all_token_ids) cannot be hashed.
-            num_known_tokens = min(num_total_tokens, len(request.all_token_ids))
+            num_known_tokens = min(num_total_tokens, _num_known_tokens(request))
             num_full_blocks = num_known_tokens // self.block_size
             hashes = self._block_hashes(request, num_known_tokens)
             num_cached = self._req_num_cached.get(request_id, 0)
@@ -194,7 +204,7 @@ class KVCacheManager:
             return False
         if not self.enable_prefix_caching:
             return True
-        num_known_tokens = min(num_total_tokens, len(request.all_token_ids))
+        num_known_tokens = min(num_total_tokens, _num_known_tokens(request))
         return num_known_tokens // self.block_size <= self._req_num_cached.get(
             request.request_id, 0
         )

@@ -17,6 +17,7 @@ class FakeRequest:
     mm_placeholders: Sequence[MultiModalPlaceholder] = ()
     cache_salt: str | None = None
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0
     num_prompt_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -305,3 +306,24 @@ def test_preempted_request_resumes_from_its_cached_prompt_and_output() -> None:
     assert num_computed == 8
     assert manager.allocate_slots(request, 1, computed, num_computed) == [3]
     assert manager.get_block_ids("a") == [1, 2, 3]
+
+
+def test_a_pending_tail_token_is_never_hashed() -> None:
+    # Asynchronous scheduling: the token a launched step samples is a placeholder at the tail
+    # until it is read back, so the block it completes stays unhashed until then.
+    manager = KVCacheManager(num_blocks=8, block_size=4)
+    request = FakeRequest("r", list(range(1, 8)))  # 7 prompt tokens
+    admit(manager, request)
+    request.num_computed_tokens = 7
+    request.all_token_ids.append(-1)
+    request.num_pending_tokens = 1
+    assert manager.allocate_slots(request, 1) == []
+    probe = FakeRequest("probe", [*range(1, 8), 42, 99])
+    assert manager.get_computed_blocks(probe)[1] == 4  # only the first, all-known block
+    request.all_token_ids[-1] = 42
+    request.num_pending_tokens = 0
+    request.num_computed_tokens = 8
+    request.all_token_ids.append(-1)
+    request.num_pending_tokens = 1
+    manager.allocate_slots(request, 1)  # now block 2 (tokens 5..8) is known and hashed
+    assert manager.get_computed_blocks(probe)[1] == 8

@@ -43,6 +43,11 @@ class EngineConfig:
     enforce_eager: bool = False
     # None picks "triton" on CUDA and "torch" elsewhere.
     attention_backend: str | None = None
+    # Schedule and launch step N+1 before step N's sampled tokens reach the host (they are fed
+    # to N+1 on the device), hiding the host's per-step work behind the GPU's. Steps fall back
+    # to synchronous while a running request uses penalties or min_tokens, which read the
+    # output tokens on the host.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -8,9 +8,14 @@ padded rows read the null block (id 0) and write no KV (slot -1).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from omni.stages.llm.attention.metadata import AttentionMetadata
 from omni.stages.llm.step_inputs import HostStepInputs
+
+if TYPE_CHECKING:
+    from omni.stages.llm.model_runner import TokenFeed
 from torch import nn
 
 
@@ -104,7 +109,7 @@ class DecodeGraphs:
                 return size
         return None
 
-    def run(self, host: HostStepInputs) -> torch.Tensor:
+    def run(self, host: HostStepInputs, feed: TokenFeed | None = None) -> torch.Tensor:
         """Replays the graph for a decode-only step; returns hidden states [num_reqs, hidden]."""
         n = host.num_reqs
         size = self.padded_size(n)
@@ -132,5 +137,7 @@ class DecodeGraphs:
         )
         self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
         self.block_tables[:n, :width].copy_(self.host_block_tables[:n, :width], non_blocking=True)
+        if feed is not None:
+            feed.apply(self.token_ids)
         self.graphs[size].replay()
         return self.outputs[size][:n]

@@ -15,12 +15,12 @@ from omni.cache.kv_cache_manager import KVCacheManager
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.detokenizer import IncrementalDetokenizer
 from omni.stages.llm.mm_inputs import MultiModalInputs
-from omni.stages.llm.model_runner import ModelRunner
+from omni.stages.llm.model_runner import LaunchedStep, ModelRunner, TokenFeed
 from omni.stages.llm.models.loader import resolve_model_path
 from omni.stages.llm.outputs import CompletionOutput, RequestOutput
 from omni.stages.llm.request import Request, RequestStatus
 from omni.stages.llm.sampling_params import SamplingParams
-from omni.stages.llm.scheduler import Scheduler
+from omni.stages.llm.scheduler import Scheduler, SchedulerOutput
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
@@ -61,6 +61,8 @@ class LLMEngine:
         )
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
         self._outputs: dict[str, _OutputState] = {}
+        # Asynchronous scheduling: the launched step whose tokens are not read yet.
+        self._inflight: _InFlightStep | None = None
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -134,12 +136,16 @@ class LLMEngine:
             self._outputs.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or (
+            self._inflight is not None and not self._inflight.all_finished
+        )
 
     # ---- stepping -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Runs one forward pass; returns an output for every request that gained tokens."""
+        if self.config.async_scheduling:
+            return self._step_async()
         out = self.scheduler.schedule()
         outputs = [self._failed_output(request) for request in out.failed]
         if out.is_empty:
@@ -150,6 +156,51 @@ class LLMEngine:
             if token is None:
                 continue
             output = self._advance(sched.request, token)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedules and launches the next step while the previous one runs, then reads the
+        previous step's tokens: the host's work overlaps the device's."""
+        outputs: list[RequestOutput] = []
+        previous = self._inflight
+        if previous is not None and self._needs_output_history():
+            outputs += self._resolve(previous)
+            previous = self._inflight = None
+        out = self.scheduler.schedule()
+        outputs += [self._failed_output(request) for request in out.failed]
+        launched = None
+        if not out.is_empty:
+            feed = None if previous is None else previous.feed_for(out)
+            step = self.runner.launch(out, feed)
+            launched = _InFlightStep(step, [out.scheduled[i].request for i in step.rows])
+            self.scheduler.advance(out)
+        if previous is not None:
+            outputs += self._resolve(previous)
+        # A step whose requests all finished meanwhile has nothing left to report; the device
+        # finishes it before anything launched later, so its results can simply be dropped.
+        self._inflight = None if launched is None or launched.all_finished else launched
+        return outputs
+
+    def _needs_output_history(self) -> bool:
+        return any(
+            r.sampling_params.has_penalties or r.sampling_params.min_tokens
+            for r in self.scheduler.running
+        )
+
+    def _resolve(self, inflight: _InFlightStep) -> list[RequestOutput]:
+        tokens, logprobs = inflight.step.result()
+        rows = inflight.step.rows
+        sampled = [tokens[i] for i in rows]
+        sampled_logprobs = None if logprobs is None else [logprobs[i] for i in rows]
+        live = [
+            (r, t) for r, t in zip(inflight.requests, sampled, strict=True) if not r.is_finished
+        ]
+        self.scheduler.resolve(inflight.requests, sampled, sampled_logprobs)
+        outputs = []
+        for request, token in live:
+            output = self._advance(request, token)
             if output is not None:
                 outputs.append(output)
         return outputs
@@ -170,9 +221,7 @@ class LLMEngine:
             request_id=request.request_id,
             prompt=state.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            outputs=[
-                CompletionOutput(index=0, text="", token_ids=[], finish_reason="abort")
-            ],
+            outputs=[CompletionOutput(index=0, text="", token_ids=[], finish_reason="abort")],
             finished=True,
             error=request.error,
         )
@@ -188,6 +237,7 @@ class LLMEngine:
             if detok.stopped_by is not None:
                 request.stop_reason = detok.stopped_by
                 if not request.is_finished:
+                    request.drop_pending_tokens()
                     self.scheduler.finish_requests(
                         [request.request_id], RequestStatus.FINISHED_STOPPED
                     )
@@ -203,7 +253,7 @@ class LLMEngine:
         completion = CompletionOutput(
             index=0,
             text=detok.output_text if detok is not None else "",
-            token_ids=list(request.output_token_ids),
+            token_ids=request.output_token_ids[: request.num_resolved_output_tokens],
             text_delta=delta,
             token_ids_delta=[token],
             logprobs=list(request.output_logprobs) if wants_logprobs else None,
@@ -218,6 +268,37 @@ class LLMEngine:
             finished=request.is_finished,
             num_cached_tokens=max(request.num_cached_tokens, 0),
         )
+
+
+@dataclass
+class _InFlightStep:
+    """A launched step and, per sampled row, the request it samples for."""
+
+    step: LaunchedStep
+    requests: list[Request]
+
+    @property
+    def all_finished(self) -> bool:
+        return all(request.is_finished for request in self.requests)
+
+    def feed_for(self, out: SchedulerOutput) -> TokenFeed | None:
+        """Where the next step's inputs need this step's tokens: each request's pending token
+        from this step sits at the tail of its known tokens."""
+        row_of = {request.request_id: j for j, request in enumerate(self.requests)}
+        dst, src = [], []
+        flat = 0
+        for sched in out.scheduled:
+            request = sched.request
+            pending_at = request.num_tokens - request.num_pending_tokens
+            start = request.num_computed_tokens
+            if request.num_pending_tokens and start <= pending_at < start + sched.num_new_tokens:
+                dst.append(flat + pending_at - start)
+                src.append(row_of[request.request_id])
+            flat += sched.num_new_tokens
+        if not dst:
+            return None
+        assert self.step.tokens is not None
+        return TokenFeed(dst, src, self.step.tokens)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from omni.stages.llm.config import EngineConfig
@@ -79,15 +80,17 @@ class ModelRunner:
     # ---- one step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward_hidden(self, host: HostStepInputs) -> torch.Tensor:
+    def forward_hidden(self, host: HostStepInputs, feed: TokenFeed | None = None) -> torch.Tensor:
         """Hidden states at each request's last new token: [num_reqs, hidden]."""
         if (
             self.graphs is not None
             and host.is_decode_only
             and self.graphs.padded_size(host.num_reqs) is not None
         ):
-            return self.graphs.run(host)
+            return self.graphs.run(host, feed)
         inputs = to_device(host, self.device)
+        if feed is not None:
+            feed.apply(inputs.token_ids)
         inputs_embeds = None
         if host.mm_splices:
             inputs_embeds = self.model.embed_tokens(inputs.token_ids)
@@ -109,14 +112,20 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> tuple[list[int | None], list[float | None] | None]:
         """Runs one step; returns per scheduled request its sampled token (None for a prefill
         chunk that has not reached the last known token) and, if asked for, its logprob."""
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, feed: TokenFeed | None = None) -> LaunchedStep:
+        """Queues one step on the device and returns without waiting for it. `feed` supplies
+        input tokens that an earlier, still unread step sampled (asynchronous scheduling)."""
         host = build_host_inputs(
             out.scheduled, self.block_size, self.table_width, mrope=self.uses_mrope
         )
-        hidden = self.forward_hidden(host)
+        hidden = self.forward_hidden(host, feed)
         rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
-        tokens: list[int | None] = [None] * len(out.scheduled)
+        step = LaunchedStep(num_scheduled=len(out.scheduled), rows=rows)
         if not rows:
-            return tokens, None
+            return step
         if len(rows) != len(out.scheduled):
             hidden = hidden[torch.tensor(rows, device=hidden.device)]
         logits = self.model.compute_logits(hidden)
@@ -124,10 +133,8 @@ class ModelRunner:
         if all(_plain_greedy(r.sampling_params) for r in requests):
             # Nothing to mask, penalise or report: skip building the sampling batch, whose
             # host-to-device copies are a measurable share of a batch-1 decode step.
-            token_list = logits.argmax(dim=-1).tolist()
-            for j, i in enumerate(rows):
-                tokens[i] = token_list[j]
-            return tokens, None
+            step.set_tokens(logits.argmax(dim=-1))
+            return step
         batch = SamplingBatch.from_params(
             [r.sampling_params for r in requests],
             [r.generator for r in requests],
@@ -137,15 +144,61 @@ class ModelRunner:
             eos_token_ids=[r.eos_token_ids for r in requests],
         )
         sampled = self.sampler(logits, batch)
-        token_list = sampled.token_ids.tolist()
-        logprob_list = sampled.logprobs.tolist() if sampled.logprobs is not None else None
-        logprobs: list[float | None] | None = None
-        if logprob_list is not None:
-            logprobs = [None] * len(out.scheduled)
-        for j, i in enumerate(rows):
+        step.set_tokens(sampled.token_ids, sampled.logprobs)
+        return step
+
+
+@dataclass
+class TokenFeed:
+    """Input tokens still on the device: row `dst[i]` of the step's flattened batch takes the
+    token that an earlier step sampled in its row `src_rows[i]` (of `tokens`)."""
+
+    dst: list[int]
+    src_rows: list[int]
+    tokens: torch.Tensor
+
+    def apply(self, token_ids: torch.Tensor) -> None:
+        device = token_ids.device
+        src = self.tokens[torch.tensor(self.src_rows, device=device)]
+        token_ids.index_copy_(0, torch.tensor(self.dst, device=device), src)
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. Its sampled tokens are copied to the host without blocking;
+    `result()` waits for them."""
+
+    num_scheduled: int
+    rows: list[int]  # indices into the step's scheduled requests that sampled a token
+    tokens: torch.Tensor | None = None  # int64 [len(rows)] on the device
+    logprobs: torch.Tensor | None = None
+    _host_tokens: torch.Tensor | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def set_tokens(self, tokens: torch.Tensor, logprobs: torch.Tensor | None = None) -> None:
+        self.tokens, self.logprobs = tokens, logprobs
+        if tokens.is_cuda:
+            self._host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host_tokens.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def result(self) -> tuple[list[int | None], list[float | None] | None]:
+        tokens: list[int | None] = [None] * self.num_scheduled
+        if self.tokens is None:
+            return tokens, None
+        if self._ready is not None and self._host_tokens is not None:
+            self._ready.synchronize()
+            token_list = self._host_tokens.tolist()
+        else:
+            token_list = self.tokens.tolist()
+        for j, i in enumerate(self.rows):
             tokens[i] = token_list[j]
-            if logprobs is not None and logprob_list is not None:
-                logprobs[i] = logprob_list[j]
+        if self.logprobs is None:
+            return tokens, None
+        logprobs: list[float | None] = [None] * self.num_scheduled
+        for j, value in enumerate(self.logprobs.tolist()):
+            logprobs[self.rows[j]] = value
         return tokens, logprobs
 
 

@@ -12,6 +12,9 @@ import torch
 from omni.cache.block_hash import MultiModalPlaceholder
 from omni.stages.llm.sampling_params import SamplingParams
 
+# Stands for a sampled token still on the device; never a real token id.
+PENDING_TOKEN = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -69,6 +72,8 @@ class Request:
     # The token that stopped the request, or the stop string (set by the engine).
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # Placeholder tokens at the tail of the token lists (asynchronous scheduling only).
+    num_pending_tokens: int = 0
     # Why the engine gave up on the request (finish_reason "abort"), for the client.
     error: str | None = None
     # The request's own random stream when it set a seed (made by the engine on the device
@@ -95,6 +100,35 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    # ---- asynchronous scheduling: tokens sampled by a step still on the device ----------------
+
+    def append_pending_token(self) -> None:
+        """Holds the place of a token a launched step is sampling, so the next step can be
+        scheduled (and its input fed from the device) before the token reaches the host."""
+        self.output_token_ids.append(PENDING_TOKEN)
+        self.all_token_ids.append(PENDING_TOKEN)
+        self.num_pending_tokens += 1
+
+    def resolve_pending_token(self, token_id: int, logprob: float | None) -> None:
+        """Writes the oldest pending token's real id (pending tokens are always the tail)."""
+        index = len(self.output_token_ids) - self.num_pending_tokens
+        self.output_token_ids[index] = token_id
+        self.all_token_ids[self.num_prompt_tokens + index] = token_id
+        self.num_pending_tokens -= 1
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
+
+    def drop_pending_tokens(self) -> None:
+        """Forgets tokens of steps launched after the request finished."""
+        if self.num_pending_tokens:
+            del self.output_token_ids[-self.num_pending_tokens :]
+            del self.all_token_ids[-self.num_pending_tokens :]
+            self.num_pending_tokens = 0
+
+    @property
+    def num_resolved_output_tokens(self) -> int:
+        return len(self.output_token_ids) - self.num_pending_tokens
 
     def missing_embedding(self, num_cached_tokens: int) -> int | None:
         """The first item whose embedding was skipped but is needed after all: the prefix

@@ -103,6 +103,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.num_pending_tokens and self._at_limit(request):
+                # Asynchronous scheduling: its pending token is its last; it finishes when that
+                # token is resolved, so it needs no further step.
+                index += 1
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while self.kv_cache.allocate_slots(request, num_new) is None:
                 # Out of blocks: recompute preemption of the newest running request. If that is
@@ -186,27 +191,67 @@ class Scheduler:
             if token is None:
                 continue
             request.append_output_token(token, logprobs[i] if logprobs is not None else None)
-            status = self._stop_status(request, token)
-            if status is not None:
-                # As in vLLM, stop_reason names an explicit stop token; EOS leaves it None.
-                if token not in request.eos_token_ids or request.sampling_params.ignore_eos:
-                    request.stop_reason = (
-                        token if status == RequestStatus.FINISHED_STOPPED else None
-                    )
-                self.finish_requests([request.request_id], status)
+            if self._finish_if_stopped(request, token):
                 finished.append(request)
         return finished
 
+    def _finish_if_stopped(self, request: Request, token: int) -> bool:
+        status = self._stop_status(request, token)
+        if status is None:
+            return False
+        # As in vLLM, stop_reason names an explicit stop token; EOS leaves it None.
+        if token not in request.eos_token_ids or request.sampling_params.ignore_eos:
+            request.stop_reason = token if status == RequestStatus.FINISHED_STOPPED else None
+        request.drop_pending_tokens()
+        self.finish_requests([request.request_id], status)
+        return True
+
+    # ---- asynchronous scheduling ----------------------------------------------------------------
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """After a step is launched: count its tokens as computed and hold a pending token for
+        every request it samples, so the next step can be scheduled before the tokens arrive."""
+        for sched in out.scheduled:
+            samples = sched.completes_known_tokens
+            sched.request.num_computed_tokens += sched.num_new_tokens
+            if samples:
+                sched.request.append_pending_token()
+
+    def resolve(
+        self,
+        requests: list[Request],
+        tokens: list[int],
+        logprobs: list[float | None] | None,
+    ) -> list[Request]:
+        """A launched step's sampled tokens arrived: fill each request's oldest pending token
+        and apply the stop rules. Returns the requests that finished (already freed)."""
+        finished = []
+        for i, (request, token) in enumerate(zip(requests, tokens, strict=True)):
+            if request.is_finished:
+                continue  # aborted or stopped while the step ran
+            request.resolve_pending_token(token, logprobs[i] if logprobs is not None else None)
+            if self._finish_if_stopped(request, token):
+                finished.append(request)
+        return finished
+
+    def _at_limit(self, request: Request) -> bool:
+        """Whether the request's tokens, pending ones included, already reach a length limit."""
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and request.num_output_tokens >= max_tokens:
+            return True
+        return request.num_tokens >= self.max_model_len
+
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
-        if request.num_output_tokens < params.min_tokens:
+        num_output = request.num_resolved_output_tokens
+        if num_output < params.min_tokens:
             return None
         if not params.ignore_eos and token in request.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
         if params.stop_token_ids and token in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+        if params.max_tokens is not None and num_output >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.max_model_len:
+        if request.num_tokens - request.num_pending_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
