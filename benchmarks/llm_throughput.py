@@ -2,6 +2,8 @@
 
 Run on a GPU:
     python3 benchmarks/llm_throughput.py            # Qwen2.5-7B geometry, random bf16 weights
+    python3 benchmarks/llm_throughput.py --variants async      # also asynchronous scheduling
+    OMNI_BENCH_ASYNC=1 python3 benchmarks/llm_throughput.py --batch1-only
 
 Both engines serve the same random weights on the same GPU in one run. The workload's floor is
 prefill FLOPs over the measured bf16 matmul rate, plus, for each decode step, the larger of its
@@ -202,6 +204,7 @@ def run_omni(
         max_model_len=2048,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=8192,
+        async_scheduling=ASYNC_SCHEDULING,
     )
 
     def params(n: int) -> SamplingParams:
@@ -286,6 +289,7 @@ def omni_batch1_dummy(config: dict, prompts: list[list[int]], decode_tokens: int
             skip_tokenizer_init=True,
             max_model_len=2048,
             max_num_seqs=1,
+            async_scheduling=ASYNC_SCHEDULING,
         )
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
@@ -296,7 +300,15 @@ def omni_batch1_dummy(config: dict, prompts: list[list[int]], decode_tokens: int
         return batch1_decode_ms(generate_one, decode_tokens)
 
 
-VARIANTS = [("omni", {"OMNI_FUSED_OPS": "1"}), ("omni-unfused", {"OMNI_FUSED_OPS": "0"})]
+# Child-process environments per variant set: "fallback" runs the fused kernels and, only if
+# that fails, the plain torch ops; "both" runs each; "async" compares synchronous stepping with
+# asynchronous scheduling.
+VARIANTS = {
+    "fallback": [("omni", {"OMNI_FUSED_OPS": "1"}), ("omni-unfused", {"OMNI_FUSED_OPS": "0"})],
+    "both": [("omni", {"OMNI_FUSED_OPS": "1"}), ("omni-unfused", {"OMNI_FUSED_OPS": "0"})],
+    "async": [("omni", {"OMNI_BENCH_ASYNC": "0"}), ("omni-async", {"OMNI_BENCH_ASYNC": "1"})],
+}
+ASYNC_SCHEDULING = os.environ.get("OMNI_BENCH_ASYNC", "0") == "1"
 
 
 def run_omni_child(model_dir: str, args: argparse.Namespace, env: dict[str, str]):
@@ -387,9 +399,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here too")
     parser.add_argument(
         "--variants",
-        choices=("fallback", "both"),
+        choices=tuple(VARIANTS),
         default="fallback",
-        help="fallback: omni with fused kernels, unfused only if that fails; both: each",
+        help="fallback: fused kernels, unfused only if that fails; both: each; "
+        "async: synchronous stepping and asynchronous scheduling",
     )
     parser.add_argument(
         "--batch1-only",
@@ -461,7 +474,7 @@ def main() -> None:
             print("transformers:", results["transformers"], flush=True)
         # omni runs in a child process per variant: a clean GPU each, and a failure of one
         # variant (say the fused kernels) still leaves the other's figures.
-        for name, env in VARIANTS:
+        for name, env in VARIANTS[args.variants]:
             result = run_omni_child(model_dir, args, env)
             if result is None:
                 print(f"{name}: failed", flush=True)
