@@ -60,10 +60,10 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((n, table_width), dtype=i32, device=device)
         # Pinned staging for the per-step inputs: one asynchronous copy per buffer instead of
         # a synchronous copy from pageable memory each (the host waits on every one of those).
-        # Rows: token ids, slots, then the position rows.
-        self.host_int64 = torch.zeros((2 + position_rows, n), dtype=i64).pin_memory()
-        self.host_seq_lens = torch.ones(n, dtype=i32).pin_memory()
-        self.host_block_tables = torch.zeros((n, table_width), dtype=i32).pin_memory()
+        # Two sets, used in turn: with asynchronous scheduling the host fills the next step's
+        # inputs while the device may not yet have copied the previous step's.
+        self.staging = [_Staging(position_rows, n, table_width) for _ in range(2)]
+        self.turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.sizes = capture_sizes(max_num_seqs)
@@ -115,9 +115,11 @@ class DecodeGraphs:
         size = self.padded_size(n)
         assert size is not None and host.is_decode_only
         width = host.block_tables.shape[1]
-        # The staging buffers are free to overwrite: the previous step ended by reading its
-        # sampled tokens back, which waited for every copy queued before it.
-        staged = self.host_int64.numpy()
+        stage = self.staging[self.turn]
+        self.turn ^= 1
+        # Its last copies, queued two steps ago, must be done before it is overwritten.
+        stage.copied.synchronize()
+        staged = stage.int64.numpy()
         staged[0, :n] = host.token_ids
         staged[1, :n] = host.slot_mapping
         staged[2:, :n] = host.rope_positions if host.rope_positions is not None else host.positions
@@ -125,19 +127,32 @@ class DecodeGraphs:
         staged[0, n:size] = 0
         staged[1, n:size] = -1
         staged[2:, n:size] = 0
-        seq_lens = self.host_seq_lens.numpy()
+        seq_lens = stage.seq_lens.numpy()
         seq_lens[:n] = host.seq_lens
         seq_lens[n:size] = 1
-        self.host_block_tables.numpy()[:n, :width] = host.block_tables
-        self.token_ids[:size].copy_(self.host_int64[0, :size], non_blocking=True)
-        self.slot_mapping[:size].copy_(self.host_int64[1, :size], non_blocking=True)
-        positions = self.host_int64[2:, :size]
+        stage.block_tables.numpy()[:n, :width] = host.block_tables
+        self.token_ids[:size].copy_(stage.int64[0, :size], non_blocking=True)
+        self.slot_mapping[:size].copy_(stage.int64[1, :size], non_blocking=True)
+        positions = stage.int64[2:, :size]
         self.positions[..., :size].copy_(
             positions[0] if self.position_rows == 1 else positions, non_blocking=True
         )
-        self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
-        self.block_tables[:n, :width].copy_(self.host_block_tables[:n, :width], non_blocking=True)
+        self.seq_lens[:size].copy_(stage.seq_lens[:size], non_blocking=True)
+        self.block_tables[:n, :width].copy_(stage.block_tables[:n, :width], non_blocking=True)
+        stage.copied.record()
         if feed is not None:
             feed.apply(self.token_ids)
         self.graphs[size].replay()
         return self.outputs[size][:n]
+
+
+class _Staging:
+    """One set of pinned host buffers for a step's inputs. Rows of `int64`: token ids, slots,
+    then the position rows."""
+
+    def __init__(self, position_rows: int, n: int, table_width: int) -> None:
+        self.int64 = torch.zeros((2 + position_rows, n), dtype=torch.int64).pin_memory()
+        self.seq_lens = torch.ones(n, dtype=torch.int32).pin_memory()
+        self.block_tables = torch.zeros((n, table_width), dtype=torch.int32).pin_memory()
+        # Recorded after the copies out of these buffers are queued.
+        self.copied = torch.cuda.Event()

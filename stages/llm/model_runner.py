@@ -127,7 +127,7 @@ class ModelRunner:
         if not rows:
             return step
         if len(rows) != len(out.scheduled):
-            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+            hidden = hidden[index_tensor(rows, hidden.device)]
         logits = self.model.compute_logits(hidden)
         requests = [out.scheduled[i].request for i in rows]
         if all(_plain_greedy(r.sampling_params) for r in requests):
@@ -159,8 +159,17 @@ class TokenFeed:
 
     def apply(self, token_ids: torch.Tensor) -> None:
         device = token_ids.device
-        src = self.tokens[torch.tensor(self.src_rows, device=device)]
-        token_ids.index_copy_(0, torch.tensor(self.dst, device=device), src)
+        src = self.tokens[index_tensor(self.src_rows, device)]
+        token_ids.index_copy_(0, index_tensor(self.dst, device), src)
+
+
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 indices on `device` without waiting for the device: a copy from pageable host
+    memory would block until the stream drains, undoing asynchronous scheduling."""
+    tensor = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
