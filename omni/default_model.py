@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,18 @@ def default_model_path() -> str:
     that. Safe when several processes race: each converts into its own temp folder and the
     first rename wins.
     """
-    target = default_model_dir()
+    return convert_once(default_model_dir(), lambda staging: convert_gguf(gguf_path(), staging))
+
+
+def convert_once(target: Path, convert: Callable[[Path], None]) -> str:
+    """`target` as a string once a finished conversion is there; otherwise run
+    `convert(staging)` into a temporary folder beside it and publish that atomically."""
     if (target / _COMPLETE_MARKER).is_file():
         return str(target)
-    source = gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        convert_gguf(source, staging)
+        convert(staging)
         publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from omni.default_model import cache_root, publish
+from omni.default_model import cache_root, convert_once
 from omni.speech.ctranslate2_reader import read_ctranslate2_model
 from omni.speech.whisper_weights import ctranslate2_to_hf_whisper
 
@@ -76,18 +74,10 @@ def convert_whisper_tiny_en() -> str:
     """A local folder holding Whisper tiny.en as a transformers checkpoint; converts on first use
     (a few seconds). Safe when processes race: each converts into its own temp folder and the
     first rename wins."""
-    target = whisper_tiny_en_dir()
-    if (target / _COMPLETE_MARKER).is_file():
-        return str(target)
-    source = ctranslate2_source_dir()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{WHISPER_TINY_EN_NAME}-", dir=target.parent))
-    try:
-        convert_ctranslate2_whisper(source, staging)
-        publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+    return convert_once(
+        whisper_tiny_en_dir(),
+        lambda staging: convert_ctranslate2_whisper(ctranslate2_source_dir(), staging),
+    )
 
 
 def convert_ctranslate2_whisper(source_dir: Path, out_dir: Path) -> None:
