@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 import torch
-from llm_throughput import QWEN25_7B
+from llm_throughput import QWEN25_7B, save_random_checkpoint
 
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 8, 64, 32
 # The throughput benchmark's Qwen2.5-7B geometry, cut to 4 layers so float32 fits easily.
@@ -95,20 +95,9 @@ def prefix_lengths(got: list[list[int]], ref: list[list[int]]) -> list[int]:
 
 
 def main() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     rows = []
     with tempfile.TemporaryDirectory() as model_dir:
-        config = AutoConfig.for_model(
-            **{k: v for k, v in CONFIG.items() if k != "architectures"}
-        )
-        config.architectures = CONFIG["architectures"]
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(model_dir)
-        del model
-        torch.cuda.empty_cache()
+        save_random_checkpoint(CONFIG, model_dir, torch.float32)
         for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             ref = reference(model_dir, dtype)
             torch.cuda.empty_cache()

@@ -137,6 +137,27 @@ def workload_floor(
 # ---- the two engines ----------------------------------------------------------------------------
 
 
+def hf_config_of(config: dict):
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
+    hf_config.architectures = config["architectures"]
+    return hf_config
+
+
+def save_random_checkpoint(config: dict, folder: str, dtype: torch.dtype) -> None:
+    """transformers' own random initialisation of `config`, built on the GPU and saved."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(hf_config_of(config), dtype=dtype)
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, length), generator=gen).tolist()
@@ -272,16 +293,10 @@ def greedy_check(llm, model_dir: str, prompts, params) -> dict[str, float]:
 
 
 def omni_batch1_dummy(config: dict, prompts: list[list[int]], decode_tokens: int) -> float:
-    from transformers import AutoConfig
-
     from omni import LLM, SamplingParams
 
     with tempfile.TemporaryDirectory() as model_dir:
-        hf_config = AutoConfig.for_model(
-            **{k: v for k, v in config.items() if k not in ("architectures",)}
-        )
-        hf_config.architectures = config["architectures"]
-        hf_config.save_pretrained(model_dir)
+        hf_config_of(config).save_pretrained(model_dir)
         llm = LLM(
             model_dir,
             dtype="bfloat16",
@@ -452,19 +467,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as model_dir:
         # One set of random weights, saved once, read by both engines.
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        hf_config = AutoConfig.for_model(
-            **{k: v for k, v in config.items() if k not in ("architectures",)}
-        )
-        hf_config.architectures = config["architectures"]
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-        model.save_pretrained(model_dir)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+        save_random_checkpoint(config, model_dir, torch.bfloat16)
 
         results: dict[str, dict[str, float]] = {}
         if not args.skip_transformers:
