@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import torch
-from llm_throughput import Geometry, measure_copy_bandwidth, measure_matmul_tflops
+from ceilings import Geometry, measure_copy_bandwidth, measure_matmul_tflops
 from PIL import Image
 
 IMAGE_SIDE, TEXT_TOKENS, OUTPUT_TOKENS = 448, 64, 128
