@@ -395,3 +395,77 @@ def test_official_openai_client(base_url: str, offline: dict[str, Any]) -> None:
     assert chunks[-1].usage.completion_tokens == len(offline["chat"].outputs[0].token_ids)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=MESSAGES)
+
+
+def test_vllm_extension_fields_reach_the_engine(base_url: str, model_dir: Path) -> None:
+    # ignore_eos and min_tokens as vLLM accepts them: exactly max_tokens tokens come back.
+    llm = LLM(str(model_dir), device="cpu", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, top_k=3)
+    [expected] = llm.chat(MESSAGES, params, use_tqdm=False)
+    body = chat_body(max_tokens=40, ignore_eos=True, top_k=3)
+    reply = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 40
+    assert reply.json()["choices"][0]["message"]["content"] == expected.outputs[0].text
+
+
+def test_bench_serve_reports_every_request(base_url: str, tmp_path: Path) -> None:
+    from omni.cli import main
+
+    report_path = tmp_path / "report.json"
+    code = main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            base_url,
+            "--model",
+            MODEL_NAME,
+            "--num-prompts",
+            "6",
+            "--input-words",
+            "8",
+            "--output-tokens",
+            "5",
+            "--concurrency",
+            "3",
+            "--json",
+            str(report_path),
+        ]
+    )
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert (report["completed"], report["failed"]) == (6, 0)
+    assert report["total_output_tokens"] == 30  # ignore_eos: exactly 5 tokens each
+    assert 0 < report["median_ttft_ms"] <= report["p99_e2el_ms"]
+    assert report["output_throughput"] == pytest.approx(30 / report["duration_s"])
+
+
+def test_bench_dataset_builds_media_parts() -> None:
+    import base64
+
+    from omni.bench.dataset import DatasetSpec, build_requests
+
+    spec = DatasetSpec(
+        num_prompts=2,
+        input_words=4,
+        num_images=1,
+        image_size=(32, 16),
+        num_audio=1,
+        audio_seconds=0.5,
+        pdf_pages=2,
+    )
+    first, second = build_requests(spec)
+    assert [p["type"] for p in first.content] == ["image_url", "input_audio", "file", "text"]
+    assert first.media == ["image", "audio", "pdf"]
+    assert len(first.content[3]["text"].split()) == 4
+    png = base64.b64decode(first.content[0]["image_url"]["url"].split(",", 1)[1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pdf = base64.b64decode(first.content[2]["file"]["file_data"].split(",", 1)[1])
+    assert pdf.startswith(b"%PDF")
+    assert pdf.count(b"/Type /Page") - pdf.count(b"/Type /Pages") == 2  # two pages
+    # Different requests carry different images (distinct content hashes downstream).
+    assert first.content[0] != second.content[0]
+    assert build_requests(spec)[0].content == first.content  # deterministic
+    with pytest.raises(ValueError, match="num_prompts must be at least 1, got 0"):
+        DatasetSpec(num_prompts=0)

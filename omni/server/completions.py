@@ -136,6 +136,12 @@ def _shared_sampling(request: ChatCompletionRequest | CompletionRequest) -> dict
         "stop": request.stop,
         "presence_penalty": request.presence_penalty,
         "frequency_penalty": request.frequency_penalty,
+        "top_k": request.top_k,
+        "min_p": request.min_p,
+        "repetition_penalty": request.repetition_penalty,
+        "min_tokens": request.min_tokens,
+        "ignore_eos": request.ignore_eos,
+        "stop_token_ids": request.stop_token_ids,
     }
 
 

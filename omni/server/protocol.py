@@ -79,6 +79,14 @@ class _SamplingFields(_OpenAIModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # vLLM's extensions to the OpenAI fields, which load clients such as `vllm bench serve`
+    # and `omni bench serve` send.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):

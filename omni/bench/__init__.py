@@ -1,0 +1,1 @@
+"""`omni bench serve`: a load client for any OpenAI-compatible server."""
