@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 import torch
-from llm_throughput import QWEN25_7B, save_random_checkpoint
+from llm_throughput import QWEN25_7B, hf_greedy, save_random_checkpoint
 
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 8, 64, 32
 # The throughput benchmark's Qwen2.5-7B geometry, cut to 4 layers so float32 fits easily.
@@ -42,16 +42,7 @@ def reference(model_dir: str, dtype: torch.dtype) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map="cuda")
-    ids = torch.tensor(prompts(), device="cuda")
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        pad_token_id=0,
-    )
-    return out[:, PROMPT_LEN:].tolist()
+    return hf_greedy(model, prompts(), NEW_TOKENS)
 
 
 def omni_child(model_dir: str, dtype: str, eager: bool) -> None:

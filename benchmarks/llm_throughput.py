@@ -65,6 +65,20 @@ def save_random_checkpoint(config: dict, folder: str, dtype: torch.dtype) -> Non
     torch.cuda.empty_cache()
 
 
+def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of equal-length prompts, exactly new_tokens each."""
+    ids = torch.tensor(prompts, device="cuda")
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[:, ids.shape[1] :].tolist()
+
+
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, length), generator=gen).tolist()
@@ -92,15 +106,7 @@ def run_transformers(
 
     generate(prompts[:2], 4)  # warm-up
     # Reference greedy tokens for the correctness check of omni's GPU path.
-    ids = torch.tensor(prompts[:CHECK_PROMPTS], device="cuda")
-    reference = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=CHECK_TOKENS,
-        min_new_tokens=CHECK_TOKENS,
-        do_sample=False,
-        pad_token_id=0,
-    )[:, ids.shape[1] :].tolist()
+    reference = hf_greedy(model, prompts[:CHECK_PROMPTS], CHECK_TOKENS)
     with open(reference_path(model_dir), "w") as f:
         json.dump(reference, f)
     torch.cuda.synchronize()

@@ -42,8 +42,14 @@ BLOCK_SIZE = 4
 NUM_BLOCKS = 16
 
 
-def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Any:
-    """A byte-level BPE fast tokenizer with ChatML special tokens and chat template."""
+def build_tokenizer(
+    vocab_size: int = TOKENIZER_VOCAB_SIZE,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    chat_template: str = CHAT_TEMPLATE,
+    corpus: list[str] | None = None,
+) -> Any:
+    """A byte-level BPE fast tokenizer trained offline on a small corpus, with ChatML special
+    tokens (ids 0, 1, ... in the order given) and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,17 +58,17 @@ def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Any:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    tokenizer.train_from_iterator(corpus or _CORPUS, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<|endoftext|>",
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fixtures_models import build_tokenizer
 from PIL import Image
 
 # Qwen's special tokens; the BPE trainer numbers them first, in this order.
@@ -56,26 +57,7 @@ MAX_PIXELS = 28 * 28 * 64
 
 
 def build_vl_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VL_VOCAB_SIZE,
-        special_tokens=VL_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=VL_CHAT_TEMPLATE,
-    )
+    fast = build_tokenizer(VL_VOCAB_SIZE, VL_SPECIAL_TOKENS, VL_CHAT_TEMPLATE, corpus=_CORPUS)
     ids = fast.convert_tokens_to_ids(VL_SPECIAL_TOKENS)
     assert ids == list(range(len(VL_SPECIAL_TOKENS))), ids
     return fast

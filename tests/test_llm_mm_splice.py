@@ -41,14 +41,14 @@ def item_embedding(hf_model, seed: int) -> torch.Tensor:
     return torch.randn(ITEM.length, hidden, generator=gen) * 0.5
 
 
-def reference(hf_model, embedding: torch.Tensor) -> list[int]:
-    embeds = hf_model.get_input_embeddings()(torch.tensor([PROMPT])).detach().clone()
+def reference(hf_model, embedding: torch.Tensor, prompt: list[int] = PROMPT) -> list[int]:
+    embeds = hf_model.get_input_embeddings()(torch.tensor([prompt])).detach().clone()
     embeds[0, ITEM.offset : ITEM.offset + ITEM.length] = embedding
     hf_model.generation_config.eos_token_id = None
     with torch.no_grad():
         out = hf_model.generate(
             inputs_embeds=embeds,
-            attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=NEW_TOKENS,
             do_sample=False,
             pad_token_id=0,
@@ -108,17 +108,7 @@ def test_bad_multimodal_inputs_are_rejected(checkpoint: Path, hf_model) -> None:
 def test_item_inside_a_prefix_hit_needs_no_embedding(checkpoint: Path, hf_model) -> None:
     embedding = item_embedding(hf_model, 1)
     prompt = [*PROMPT, *range(20, 30)]  # 39 tokens: the hit can cover all 25 through the item
-    embeds = hf_model.get_input_embeddings()(torch.tensor([prompt])).detach().clone()
-    embeds[0, ITEM.offset : ITEM.offset + ITEM.length] = embedding
-    hf_model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        expected = hf_model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-        )[0, -NEW_TOKENS:].tolist()
+    expected = reference(hf_model, embedding, prompt)
 
     llm = LLM(str(checkpoint), device="cpu", num_kv_blocks=64, block_size=8)
     engine = llm.engine
