@@ -60,7 +60,10 @@ def host_ms(fn: Callable[[], object], calls: int = 50) -> float:
 
 
 def capture_attend_graph(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Capture one decode step (cache write + attention) the way the engine will."""
@@ -118,14 +121,26 @@ def make_uniform_batch(
 def check_correctness(device: torch.device) -> list[Row]:
     """Mixed batches (decode + prefix chunks + fresh prompts), triton vs torch backend."""
     rows = []
-    shapes = [RequestShape(700, 1), RequestShape(3000, 1), RequestShape(0, 300),
-              RequestShape(129, 64), RequestShape(16, 1), RequestShape(1000, 200)]
+    shapes = [
+        RequestShape(700, 1),
+        RequestShape(3000, 1),
+        RequestShape(0, 300),
+        RequestShape(129, 64),
+        RequestShape(16, 1),
+        RequestShape(1000, 200),
+    ]
     decode_only = [RequestShape(n, 1) for n in (5, 640, 4095, 17)]
     for name, reqs in (("mixed", shapes), ("decode", decode_only)):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             b = build_paged_batch(
-                reqs, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                block_size=BLOCK_SIZE, dtype=dtype, device=device, num_padding_tokens=3,
+                reqs,
+                num_heads=NUM_HEADS,
+                num_kv_heads=NUM_KV_HEADS,
+                head_dim=HEAD_DIM,
+                block_size=BLOCK_SIZE,
+                dtype=dtype,
+                device=device,
+                num_padding_tokens=3,
             )
             cache_t, cache_r = b.kv_cache.clone(), b.kv_cache.clone()
             out_t = attend(b.query, b.key, b.value, cache_t, b.meta, SCALE, "triton")
@@ -134,10 +149,18 @@ def check_correctness(device: torch.device) -> list[Row]:
             err = rel_error(out_t, out_r)
             same_cache = torch.equal(cache_t, cache_r)
             ok = err < (1e-5 if dtype == torch.float32 else 1e-2) and same_cache
-            print(f"correctness {name:6s} {dtype!s:15s} rel_err={err:.2e} "
-                  f"cache_equal={same_cache} {'OK' if ok else 'FAIL'}")
-            rows.append(Row(f"check {name} {dtype}".replace("torch.", ""), "triton vs torch",
-                            0.0, f"rel {err:.1e} {'OK' if ok else 'FAIL'}"))
+            print(
+                f"correctness {name:6s} {dtype!s:15s} rel_err={err:.2e} "
+                f"cache_equal={same_cache} {'OK' if ok else 'FAIL'}"
+            )
+            rows.append(
+                Row(
+                    f"check {name} {dtype}".replace("torch.", ""),
+                    "triton vs torch",
+                    0.0,
+                    f"rel {err:.1e} {'OK' if ok else 'FAIL'}",
+                )
+            )
     return rows
 
 
@@ -164,10 +187,22 @@ def bench_decode(device: torch.device, batch: int, context: int) -> list[Row]:
     torch.cuda.synchronize()
     same = torch.equal(graph_out, eager_out)
     ms = bench(graph.replay)
-    rows.append(Row(case, "triton attend, CUDA graph", ms,
-                    gbps(ms) + ("" if same else "  FAIL graph != eager")))
-    rows.append(Row(case, "host time per eager attend", host_ms(
-        lambda: attend(query, key, value, kv_cache, meta, SCALE, "triton")), "(launch cost)"))
+    rows.append(
+        Row(
+            case,
+            "triton attend, CUDA graph",
+            ms,
+            gbps(ms) + ("" if same else "  FAIL graph != eager"),
+        )
+    )
+    rows.append(
+        Row(
+            case,
+            "host time per eager attend",
+            host_ms(lambda: attend(query, key, value, kv_cache, meta, SCALE, "triton")),
+            "(launch cost)",
+        )
+    )
     # Dense SDPA over contiguous per-request K/V: what an unpaged layout would cost.
     dense_k = torch.randn(batch, NUM_KV_HEADS, context, HEAD_DIM, device=device, dtype=DTYPE)
     dense_v = torch.randn_like(dense_k)
@@ -203,8 +238,9 @@ def bench_prefill(device: torch.device, batch: int, prompt: int) -> list[Row]:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            ms = bench(lambda: F.scaled_dot_product_attention(
-                q4, k4, v4, is_causal=True, enable_gqa=True))
+            ms = bench(
+                lambda: F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=True)
+            )
         rows.append(Row(case, "torch SDPA flash (dense)", ms, tflops(ms)))
     except RuntimeError as exc:
         print(f"SDPA flash unavailable: {exc}", file=sys.stderr)
@@ -212,8 +248,11 @@ def bench_prefill(device: torch.device, batch: int, prompt: int) -> list[Row]:
         from torch.nn.attention.varlen import varlen_attn
 
         cu = meta.query_start_loc
-        ms = bench(lambda: varlen_attn(query, key, value, cu, cu, prompt, prompt,
-                                       window_size=(-1, 0), scale=SCALE))
+        ms = bench(
+            lambda: varlen_attn(
+                query, key, value, cu, cu, prompt, prompt, window_size=(-1, 0), scale=SCALE
+            )
+        )
         rows.append(Row(case, "torch varlen_attn", ms, tflops(ms)))
     except (ImportError, RuntimeError) as exc:
         print(f"varlen_attn unavailable: {exc}", file=sys.stderr)
@@ -237,8 +276,9 @@ def _sweep_configs(case: str) -> list[dict[str, int]]:
             for tile in (32, 64, 128):
                 for warps in (4, 8):
                     for stages in (1, 2, 3):
-                        grid.append(dict(block_m=block_m, tile=tile, num_warps=warps,
-                                         num_stages=stages))
+                        grid.append(
+                            dict(block_m=block_m, tile=tile, num_warps=warps, num_stages=stages)
+                        )
     return grid
 
 
@@ -249,8 +289,12 @@ def sweep(device: torch.device) -> None:
         paged_attention_triton,
     )
 
-    cases = [("decode b=256 ctx=640", 256, 640, 1), ("decode b=1 ctx=4096", 1, 4096, 1),
-             ("decode b=64 ctx=4096", 64, 4096, 1), ("prefill 256x512", 256, 512, 512)]
+    cases = [
+        ("decode b=256 ctx=640", 256, 640, 1),
+        ("decode b=1 ctx=4096", 1, 4096, 1),
+        ("decode b=64 ctx=4096", 64, 4096, 1),
+        ("prefill 256x512", 256, 512, 512),
+    ]
     q_per_kv = NUM_HEADS // NUM_KV_HEADS
     for name, batch, context, qlen in cases:
         query, key, value, kv_cache, meta = make_uniform_batch(batch, context, qlen, device)
@@ -258,8 +302,13 @@ def sweep(device: torch.device) -> None:
         results = []
         for params in _sweep_configs(name):
             cfg = AttentionLaunchConfig(block_q=params["block_m"] // q_per_kv, **params)
-            def run(c: AttentionLaunchConfig = cfg, q: torch.Tensor = query,
-                    cache: torch.Tensor = kv_cache, m: AttentionMetadata = meta) -> object:
+
+            def run(
+                c: AttentionLaunchConfig = cfg,
+                q: torch.Tensor = query,
+                cache: torch.Tensor = kv_cache,
+                m: AttentionMetadata = meta,
+            ) -> object:
                 return paged_attention_triton(q, cache, m, SCALE, c)
 
             try:
