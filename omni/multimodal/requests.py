@@ -21,7 +21,7 @@ import torch
 from omni.multimodal.qwen2_vl import Qwen2VLPrompt
 from omni.stages.llm.wire import encode_llm_request
 from omni.supervision.router import StageRouter
-from omni.supervision.streams import ReplyStream
+from omni.supervision.streams import AsyncReplyStream, ReplyStream
 
 
 def items_to_encode(prompt: Qwen2VLPrompt, cached_tokens: int) -> list[int]:
@@ -33,6 +33,40 @@ def items_to_encode(prompt: Qwen2VLPrompt, cached_tokens: int) -> list[int]:
     ]
 
 
+def probe_request(
+    prompt: Qwen2VLPrompt, sampling: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    no_embeddings: list[torch.Tensor | None] = [None] * len(prompt.images)
+    return encode_llm_request(
+        prompt.prompt_token_ids, sampling, prompt.to_multimodal_inputs(no_embeddings), probe=True
+    )
+
+
+def vision_request(prompt: Qwen2VLPrompt, needed: list[int]) -> dict[str, torch.Tensor]:
+    pixel_values, grid_thw = prompt.encoder_inputs(needed)
+    return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
+
+
+def generation_request(
+    prompt: Qwen2VLPrompt,
+    sampling: Mapping[str, Any],
+    needed: list[int],
+    encoded: torch.Tensor | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The LLM request with the vision reply's rows split over the encoded images (None for
+    the images inside the cached prefix)."""
+    embeddings: list[torch.Tensor | None] = [None] * len(prompt.images)
+    if needed:
+        assert encoded is not None
+        lengths = [prompt.placeholders[i].length for i in needed]
+        for index, rows in zip(needed, torch.split(encoded, lengths), strict=True):
+            # The reply may map shared memory that is released once its stream is done.
+            embeddings[index] = rows.clone()
+    return encode_llm_request(
+        prompt.prompt_token_ids, sampling, prompt.to_multimodal_inputs(embeddings)
+    )
+
+
 def submit_vl_request(
     router: StageRouter,
     prompt: Qwen2VLPrompt,
@@ -41,26 +75,31 @@ def submit_vl_request(
     timeout: float = 60.0,
     request_id: str | None = None,
 ) -> ReplyStream:
-    no_embeddings: list[torch.Tensor | None] = [None] * len(prompt.images)
-    tensors, params = encode_llm_request(
-        prompt.prompt_token_ids, sampling, prompt.to_multimodal_inputs(no_embeddings), probe=True
-    )
-    [probe] = router.submit("llm", tensors, params).result(timeout=timeout)
+    [probe] = router.submit("llm", *probe_request(prompt, sampling)).result(timeout=timeout)
     needed = items_to_encode(prompt, int(probe.data["cached_tokens"]))
-
-    embeddings = list(no_embeddings)
+    encoded = None
     if needed:
-        pixel_values, grid_thw = prompt.encoder_inputs(needed)
-        [reply] = router.submit(
-            "vision", {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
-        ).result(timeout=timeout)
-        lengths = [prompt.placeholders[i].length for i in needed]
-        for index, rows in zip(
-            needed, torch.split(reply.tensors["embeddings"], lengths), strict=True
-        ):
-            # The reply may map shared memory that is released once the stream is done.
-            embeddings[index] = rows.clone()
-    tensors, params = encode_llm_request(
-        prompt.prompt_token_ids, sampling, prompt.to_multimodal_inputs(embeddings)
-    )
+        [reply] = router.submit("vision", vision_request(prompt, needed)).result(timeout=timeout)
+        encoded = reply.tensors["embeddings"]
+    tensors, params = generation_request(prompt, sampling, needed, encoded)
     return router.submit("llm", tensors, params, request_id=request_id)
+
+
+async def submit_vl_request_async(
+    router: StageRouter,
+    prompt: Qwen2VLPrompt,
+    sampling: Mapping[str, Any],
+    *,
+    timeout: float = 60.0,
+) -> AsyncReplyStream:
+    """`submit_vl_request` for asyncio callers (the HTTP server)."""
+    probe_stream = router.submit_async("llm", *probe_request(prompt, sampling))
+    [probe] = await probe_stream.result(timeout=timeout)
+    needed = items_to_encode(prompt, int(probe.data["cached_tokens"]))
+    encoded = None
+    if needed:
+        vision_stream = router.submit_async("vision", vision_request(prompt, needed))
+        [reply] = await vision_stream.result(timeout=timeout)
+        encoded = reply.tensors["embeddings"]
+    tensors, params = generation_request(prompt, sampling, needed, encoded)
+    return router.submit_async("llm", tensors, params)

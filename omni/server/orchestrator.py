@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from omni.media import MediaError, MediaLimits, decode_data_url, load_image
+from omni.multimodal.qwen2_vl import Qwen2VLPrompt
+from omni.multimodal.requests import submit_vl_request_async
 from omni.server.metrics import ServerMetrics
 from omni.server.protocol import APIError, ChatMessage
 from omni.stages.llm.sampling_params import SamplingParams
@@ -27,6 +30,7 @@ from omni.supervision.streams import (
 )
 
 LLM_ROLE = "llm"
+VISION_ROLE = "vision"
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,12 @@ class Orchestrator:
         model_name: str,
         max_model_len: int,
         metrics: ServerMetrics,
+        vl_processor: Any = None,
+        media_limits: MediaLimits | None = None,
     ) -> None:
+        # The Qwen2-VL prompt processor when the model takes images (None: text only).
+        self.vl_processor = vl_processor
+        self.media_limits = media_limits or MediaLimits()
         self.router = router
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -78,6 +87,54 @@ class Orchestrator:
         )
         # The template already wrote the special tokens (BOS, role markers).
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt_for_chat_with_media(
+        self, messages: Sequence[ChatMessage]
+    ) -> tuple[list[int], Qwen2VLPrompt | None]:
+        """Token ids of the conversation, and its images' processed inputs when it has any."""
+        with_images = [i for i, m in enumerate(messages) if _has_images(m)]
+        if not with_images:
+            return self.prompt_for_chat(messages), None
+        if self.vl_processor is None:
+            raise APIError(
+                400,
+                f"messages[{with_images[0]}]: model {self.model_name!r} does not take images",
+                param=f"messages[{with_images[0]}].content",
+                code="unsupported_content",
+            )
+        conversation = [self._vl_message(m, i) for i, m in enumerate(messages)]
+        try:
+            prompt = self.vl_processor.prepare(messages=conversation)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        return prompt.prompt_token_ids, prompt
+
+    def _vl_message(self, message: ChatMessage, index: int) -> dict[str, Any]:
+        if message.content is None or isinstance(message.content, str):
+            return {"role": message.role, "content": message.content or ""}
+        items: list[dict[str, Any]] = []
+        for k, part in enumerate(message.content):
+            name = f"messages[{index}].content[{k}]"
+            if part.type == "text":
+                items.append({"type": "text", "text": part.text or ""})
+            elif part.type == "image_url" and part.image_url is not None:
+                try:
+                    _, data = decode_data_url(
+                        part.image_url.url, name=name, limits=self.media_limits
+                    )
+                    image = load_image(data, name=name, limits=self.media_limits)
+                except MediaError as exc:
+                    raise APIError(400, str(exc), param=name, code="invalid_media") from None
+                items.append({"type": "image", "image": image})
+            else:
+                raise APIError(
+                    400,
+                    f"{name}: content part type {part.type!r} is not supported yet; "
+                    "'text' and 'image_url' (data: URLs) are",
+                    param=name,
+                    code="unsupported_content",
+                )
+        return {"role": message.role, "content": items}
 
     def prompt_for_completion(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -124,7 +181,10 @@ class Orchestrator:
     # ---- generation -------------------------------------------------------------------------
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        vl_prompt: Qwen2VLPrompt | None = None,
     ) -> AsyncIterator[TokenDelta]:
         """Stream the LLM stage's replies. Closing the iterator early (a client that left)
         aborts the request, which frees its KV blocks in the stage."""
@@ -135,11 +195,15 @@ class Orchestrator:
         }
         started = time.monotonic()
         try:
-            stream = self.router.submit_async(
-                LLM_ROLE,
-                inputs={"prompt_token_ids": torch.tensor(prompt_token_ids, dtype=torch.int64)},
-                params={"sampling": sampling},
-            )
+            if vl_prompt is not None:
+                # Probe the prefix cache, encode only the uncached images, then generate.
+                stream = await submit_vl_request_async(self.router, vl_prompt, sampling)
+            else:
+                stream = self.router.submit_async(
+                    LLM_ROLE,
+                    inputs={"prompt_token_ids": torch.tensor(prompt_token_ids, dtype=torch.int64)},
+                    params={"sampling": sampling},
+                )
         except NoReplicaError as exc:
             raise APIError(503, str(exc), "service_unavailable") from None
         finish_reason = "abort"
@@ -185,6 +249,11 @@ def _api_error(exc: StageFailure) -> APIError:
     if isinstance(exc, (ReplicaLostError, NoReplicaError)):
         return APIError(503, str(exc), "service_unavailable")
     return APIError(500, str(exc), "internal_error")
+
+
+def _has_images(message: ChatMessage) -> bool:
+    content = message.content
+    return isinstance(content, list) and any(part.type == "image_url" for part in content)
 
 
 def _message_text(message: ChatMessage, index: int) -> str:

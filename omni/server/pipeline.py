@@ -15,10 +15,11 @@ import shutil
 import tempfile
 import time
 import uuid
+from typing import Any
 
 from omni.server.config import ServeConfig
 from omni.server.metrics import ServerMetrics
-from omni.server.orchestrator import LLM_ROLE, Orchestrator
+from omni.server.orchestrator import LLM_ROLE, VISION_ROLE, Orchestrator
 from omni.stages.llm.worker import engine_config
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, create_worker
 from omni.supervision.router import RouterConfig, StageRouter
@@ -46,7 +47,7 @@ def context_length(model_path: str, configured: int | None) -> int:
         return configured
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
+    return int(AutoConfig.from_pretrained(model_path).get_text_config().max_position_embeddings)
 
 
 class Pipeline:
@@ -83,13 +84,19 @@ class Pipeline:
         )
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         max_model_len = context_length(model_path, config.max_model_len)
+        vl_processor = vision_prompt_processor(model_path)
+        roles = [(LLM_ROLE, config.llm_replicas)]
+        if vl_processor is not None:
+            # A vision-language model: its vision tower runs as a stage of its own.
+            roles.append((VISION_ROLE, 1))
         try:
             router = self._start_router()
             if config.single_process:
-                self._start_in_process(router, model_path)
+                self._start_in_process(router, model_path, roles)
             else:
-                self._start_processes(router, model_path)
-            self._wait_for_replicas(router)
+                self._start_processes(router, model_path, roles)
+            for role, count in roles:
+                self._wait_for_replicas(router, role, count)
         except BaseException:
             self.close()
             raise
@@ -97,7 +104,9 @@ class Pipeline:
         metrics = ServerMetrics(
             lambda: router.counters, lambda: supervisor.restarts if supervisor else 0
         )
-        self._orchestrator = Orchestrator(router, tokenizer, model_name, max_model_len, metrics)
+        self._orchestrator = Orchestrator(
+            router, tokenizer, model_name, max_model_len, metrics, vl_processor=vl_processor
+        )
         return self
 
     def close(self) -> None:
@@ -125,12 +134,11 @@ class Pipeline:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _wait_for_replicas(self, router: StageRouter) -> None:
-        """Until every LLM replica said HELLO; fails early when the supervisor gave up on one
-        (bad configuration, or it died on every restart) instead of at the timeout."""
-        wanted = self.config.llm_replicas
+    def _wait_for_replicas(self, router: StageRouter, role: str, wanted: int) -> None:
+        """Until every replica of `role` said HELLO; fails early when the supervisor gave up
+        on one (bad configuration, or it died on every restart) instead of at the timeout."""
         deadline = time.monotonic() + self.config.startup_timeout_s
-        while len(router.replicas(LLM_ROLE)) < wanted:
+        while len(router.replicas(role)) < wanted:
             abandoned = [
                 e for e in (self.supervisor.events if self.supervisor else []) if not e.restarted
             ]
@@ -141,9 +149,9 @@ class Pipeline:
                     "(see its log above)"
                 )
             if time.monotonic() > deadline:
-                live = len(router.replicas(LLM_ROLE))
+                live = len(router.replicas(role))
                 raise RuntimeError(
-                    f"only {live} of {wanted} LLM replicas started within "
+                    f"only {live} of {wanted} {role} replicas started within "
                     f"{self.config.startup_timeout_s} s (see the stage logs above)"
                 )
             time.sleep(0.05)
@@ -161,36 +169,58 @@ class Pipeline:
         self.router = StageRouter(router_config).start()
         return self.router
 
-    def _start_in_process(self, router: StageRouter, model_path: str) -> None:
+    def _start_in_process(
+        self, router: StageRouter, model_path: str, roles: list[tuple[str, int]]
+    ) -> None:
         config = self.config
-        devices = config.stage_devices(LLM_ROLE)
-        for index in range(config.llm_replicas):
-            device = devices[index % len(devices)]
-            options = WorkerOptions(model=model_path, device=device, extra=config.llm_options())
-            stage = StageConfig(
-                role=LLM_ROLE,
-                connect=router.endpoint,
-                model=model_path,
-                device=device,
-                capacity=config.llm_capacity,
-                replica_id=f"{LLM_ROLE}-{index}",
-                heartbeat_interval_s=router.config.heartbeat_interval_s,
-            )
-            runtime = StageRuntime(stage, create_worker(LLM_ROLE, options))
-            self.runtimes.append(runtime)
-            runtime.start()
+        for role, count in roles:
+            devices = config.stage_devices(role)
+            extra = config.llm_options() if role == LLM_ROLE else {}
+            for index in range(count):
+                device = devices[index % len(devices)]
+                options = WorkerOptions(model=model_path, device=device, extra=extra)
+                stage = StageConfig(
+                    role=role,
+                    connect=router.endpoint,
+                    model=model_path,
+                    device=device,
+                    capacity=config.llm_capacity,
+                    replica_id=f"{role}-{index}",
+                    heartbeat_interval_s=router.config.heartbeat_interval_s,
+                )
+                runtime = StageRuntime(stage, create_worker(role, options))
+                self.runtimes.append(runtime)
+                runtime.start()
 
-    def _start_processes(self, router: StageRouter, model_path: str) -> None:
+    def _start_processes(
+        self, router: StageRouter, model_path: str, roles: list[tuple[str, int]]
+    ) -> None:
         config = self.config
-        extra: list[str] = []
-        for key, value in config.llm_options().items():
-            extra += ["--option", f"{key}={value}"]
-        spec = StageSpec(
-            role=LLM_ROLE,
-            replicas=config.llm_replicas,
-            devices=config.stage_devices(LLM_ROLE),
-            model=model_path,
-            capacity=config.llm_capacity,
-            extra_args=tuple(extra),
-        )
-        self.supervisor = StageSupervisor(router, [spec]).start()
+        specs = []
+        for role, count in roles:
+            extra: list[str] = []
+            if role == LLM_ROLE:
+                for key, value in config.llm_options().items():
+                    extra += ["--option", f"{key}={value}"]
+            specs.append(
+                StageSpec(
+                    role=role,
+                    replicas=count,
+                    devices=config.stage_devices(role),
+                    model=model_path,
+                    capacity=config.llm_capacity,
+                    extra_args=tuple(extra),
+                )
+            )
+        self.supervisor = StageSupervisor(router, specs).start()
+
+
+def vision_prompt_processor(model_path: str) -> Any:
+    """The Qwen2-VL prompt processor when the model has a vision tower, else None."""
+    from transformers import AutoConfig
+
+    if getattr(AutoConfig.from_pretrained(model_path), "vision_config", None) is None:
+        return None
+    from omni.multimodal import Qwen2VLPromptProcessor
+
+    return Qwen2VLPromptProcessor.from_pretrained(model_path)

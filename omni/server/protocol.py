@@ -55,9 +55,15 @@ class StreamOptions(_OpenAIModel):
     include_usage: bool = False
 
 
+class ImageURL(_OpenAIModel):
+    url: str
+
+
 class TextContentPart(_OpenAIModel):
+    # Any part type parses; the orchestrator serves `text` and `image_url` and names the rest.
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(_OpenAIModel):
