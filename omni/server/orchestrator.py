@@ -13,14 +13,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from omni.media import MediaError, MediaLimits, decode_data_url, load_image
 from omni.multimodal.qwen2_vl import Qwen2VLPrompt
 from omni.multimodal.requests import submit_vl_request_async
 from omni.server.metrics import ServerMetrics
 from omni.server.protocol import APIError, ChatMessage
 from omni.stages.llm.sampling_params import SamplingParams
+from omni.stages.llm.wire import encode_llm_request
 from omni.supervision.router import StageRouter
 from omni.supervision.streams import (
     NoReplicaError,
@@ -200,9 +199,7 @@ class Orchestrator:
                 stream = await submit_vl_request_async(self.router, vl_prompt, sampling)
             else:
                 stream = self.router.submit_async(
-                    LLM_ROLE,
-                    inputs={"prompt_token_ids": torch.tensor(prompt_token_ids, dtype=torch.int64)},
-                    params={"sampling": sampling},
+                    LLM_ROLE, *encode_llm_request(prompt_token_ids, sampling)
                 )
         except NoReplicaError as exc:
             raise APIError(503, str(exc), "service_unavailable") from None
