@@ -25,11 +25,17 @@ PROMPTS, PROMPT_LEN, NEW_TOKENS = 8, 64, 32
 CONFIG = {**QWEN25_7B, "num_hidden_layers": 4, "max_position_embeddings": 4096}
 
 
-# (fused kernels, eager) per dtype: the served configuration, the plain-torch elementwise ops,
-# and (float32) the eager path without CUDA graphs.
+# (fused kernels, eager, async scheduling) per dtype: the served configuration, the plain-torch
+# elementwise ops, (float32) the eager path without CUDA graphs, and asynchronous scheduling,
+# whose device-side token feed and pinned staging only run on a GPU.
 VARIANTS = {
-    "float32": [(True, False), (False, False), (True, True)],
-    "bfloat16": [(True, False), (False, False)],
+    "float32": [
+        (True, False, False),
+        (False, False, False),
+        (True, True, False),
+        (True, False, True),
+    ],
+    "bfloat16": [(True, False, False), (False, False, False), (True, False, True)],
 }
 
 
@@ -45,7 +51,7 @@ def reference(model_dir: str, dtype: torch.dtype) -> list[list[int]]:
     return hf_greedy(model, prompts(), NEW_TOKENS)
 
 
-def omni_child(model_dir: str, dtype: str, eager: bool) -> None:
+def omni_child(model_dir: str, dtype: str, eager: bool, async_scheduling: bool) -> None:
     from omni import LLM, SamplingParams
 
     llm = LLM(
@@ -55,6 +61,7 @@ def omni_child(model_dir: str, dtype: str, eager: bool) -> None:
         max_model_len=256,
         max_num_seqs=16,
         enforce_eager=eager,
+        async_scheduling=async_scheduling,
         gpu_memory_utilization=0.5,
     )
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -62,10 +69,13 @@ def omni_child(model_dir: str, dtype: str, eager: bool) -> None:
     print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outputs]))
 
 
-def run_omni(model_dir: str, dtype: str, fused: bool, eager: bool) -> list[list[int]] | None:
+def run_omni(
+    model_dir: str, dtype: str, fused: bool, eager: bool, async_scheduling: bool
+) -> list[list[int]] | None:
     env = {**os.environ, "OMNI_FUSED_OPS": "1" if fused else "0"}
+    flags = ["1" if eager else "0", "1" if async_scheduling else "0"]
     done = subprocess.run(
-        [sys.executable, __file__, "--child", model_dir, dtype, "1" if eager else "0"],
+        [sys.executable, __file__, "--child", model_dir, dtype, *flags],
         env=env,
         capture_output=True,
         text=True,
@@ -92,9 +102,12 @@ def main() -> None:
         for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             ref = reference(model_dir, dtype)
             torch.cuda.empty_cache()
-            for fused, eager in VARIANTS[dtype_name]:
-                got = run_omni(model_dir, dtype_name, fused, eager)
-                label = f"{dtype_name:<9} fused={fused!s:<5} graphs={not eager!s:<5}"
+            for fused, eager, async_scheduling in VARIANTS[dtype_name]:
+                got = run_omni(model_dir, dtype_name, fused, eager, async_scheduling)
+                label = (
+                    f"{dtype_name:<9} fused={fused!s:<5} graphs={not eager!s:<5}"
+                    f" async={async_scheduling!s:<5}"
+                )
                 if got is None:
                     rows.append(f"{label} FAILED")
                     continue
@@ -107,6 +120,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        omni_child(sys.argv[2], sys.argv[3], sys.argv[4] == "1")
+        omni_child(sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[5] == "1")
     else:
         main()
