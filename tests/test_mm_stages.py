@@ -12,7 +12,7 @@ from stage_helpers import SHM_PREFIX, ipc_endpoint, our_segments, running_router
 from test_vl_engine import CASES, NEW_TOKENS, reference
 
 from omni.multimodal import Qwen2VLPromptProcessor, prepare_qwen2_vl_prompt
-from omni.multimodal.requests import items_to_encode, submit_vl_request
+from omni.multimodal.requests import items_to_encode, submit_mm_request
 from omni.supervision.supervisor import StageSpec, StageSupervisor, SupervisorConfig
 
 SAMPLING = {"temperature": 0.0, "max_tokens": NEW_TOKENS, "ignore_eos": True}
@@ -53,7 +53,7 @@ def test_image_request_through_vision_and_llm_stage_processes(folder: Path) -> N
                 return submit(role, *args, **kwargs)
 
             router.submit = counting_submit  # type: ignore[method-assign]
-            replies = submit_vl_request(router, prompt, SAMPLING).result(timeout=120)
+            replies = submit_mm_request(router, prompt, SAMPLING).result(timeout=120)
             assert [t for r in replies for t in r.data["token_ids_delta"]] == expected
             assert replies[-1].data["cached_tokens"] == 0
             assert vision_calls == ["vision"]
@@ -61,7 +61,7 @@ def test_image_request_through_vision_and_llm_stage_processes(folder: Path) -> N
             # The same image again: the prefix cache covers both images, so no encoder pass.
             cached = (len(prompt.prompt_token_ids) - 1) // 8 * 8
             assert items_to_encode(prompt, cached) == []
-            replies = submit_vl_request(router, prompt, SAMPLING).result(timeout=120)
+            replies = submit_mm_request(router, prompt, SAMPLING).result(timeout=120)
             assert [t for r in replies for t in r.data["token_ids_delta"]] == expected
             assert replies[-1].data["cached_tokens"] == cached
             assert vision_calls == ["vision"]

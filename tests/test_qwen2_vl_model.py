@@ -575,7 +575,7 @@ def test_engine_serves_vl_requests_like_transformers(
 
 def test_tied_embeddings_follow_the_top_level_config() -> None:
     """Qwen2.5-VL-3B ties lm_head to the embeddings in the top-level config only."""
-    from omni.stages.llm.models.qwen2_vl import text_config_of
+    from omni.stages.llm.models.multimodal_lm import text_config_of
 
     config = tiny_vl_config(320)
     config.tie_word_embeddings = True

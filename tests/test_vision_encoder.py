@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 from fixtures_vl import load_reference_vl, make_tiny_qwen2_5_vl, noise_image
-from omni.stages.encoders.vision import VisionEncoder, VisionWorker, load_vision_state_dict
+from omni.stages.encoders.checkpoint import load_prefixed_state_dict
+from omni.stages.encoders.vision import VISION_PREFIXES, VisionEncoder, VisionWorker
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, worker_class
 from omni.stages.runtime.worker import WorkerRequest
 from stage_helpers import SHM_PREFIX, running_router
@@ -58,7 +59,7 @@ def _request_inputs(pixels: torch.Tensor, grid: torch.Tensor) -> dict[str, torch
 
 
 def test_tower_weights_equal_the_checkpoint(encoder: VisionEncoder, vl_folder: Path) -> None:
-    state = load_vision_state_dict(str(vl_folder))
+    state = load_prefixed_state_dict(str(vl_folder), VISION_PREFIXES, "vision tower")
     tower_state = encoder.tower.state_dict()
     assert sorted(state) == sorted(tower_state)
     for name, tensor in state.items():

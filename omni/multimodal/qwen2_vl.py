@@ -32,19 +32,19 @@ Then, with the vision encoder (`omni.stages.encoders.vision`):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
 from omni.cache import MultiModalPlaceholder
+from omni.multimodal.chat import MediaKind, load_tokenizer_with_template, render_chat
 from omni.multimodal.hashing import image_item_hash
 from omni.multimodal.mrope import ImageSpan, mrope_positions
+from omni.multimodal.prompt import MultiModalPrompt, expand_placeholders
 from omni.stages.llm.mm_inputs import MultiModalInputs
 
 IMAGE_PAD = "<|image_pad|>"
@@ -52,6 +52,7 @@ VIDEO_PAD = "<|video_pad|>"
 # Qwen's smart_resize rejects aspect ratios beyond this; checked up front for a clear error.
 MAX_ASPECT_RATIO = 200
 DEFAULT_MAX_IMAGES = 16
+IMAGE_ITEMS = MediaKind("image", Image.Image, "a decoded PIL image")
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,11 @@ class ProcessedImage:
 
 
 @dataclass(frozen=True)
-class Qwen2VLPrompt:
+class Qwen2VLPrompt(MultiModalPrompt):
     """Everything the engine needs for one Qwen2(.5)-VL prompt (see the module docstring)."""
+
+    ENCODER_ROLE: ClassVar[str] = "vision"
+    ITEM_NOUN: ClassVar[str] = "images"
 
     prompt_token_ids: list[int]
     images: tuple[ProcessedImage, ...]
@@ -87,23 +91,14 @@ class Qwen2VLPrompt:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel_values, image_grid_thw) of the given images (all by default), in that order:
         the vision encoder's inputs when some items need no encoding (cached)."""
-        indices = range(len(self.images)) if item_indices is None else item_indices
-        chosen = [self.images[i] for i in indices]
-        if not chosen:
-            raise ValueError("no images selected for encoding")
+        chosen = [self.images[i] for i in self.selected_items(item_indices)]
         pixels = torch.cat([image.pixel_values for image in chosen])
         grid = torch.tensor([image.grid_thw for image in chosen], dtype=torch.int64)
         return pixels, grid
 
-    def split_embeddings(self, embeddings: torch.Tensor) -> list[torch.Tensor]:
-        """All images' encoder output `[sum of lengths, hidden]` as one tensor per image."""
-        lengths = [placeholder.length for placeholder in self.placeholders]
-        if embeddings.shape[0] != sum(lengths):
-            raise ValueError(
-                f"embeddings have {embeddings.shape[0]} rows; the prompt's images need "
-                f"{sum(lengths)}"
-            )
-        return list(torch.split(embeddings, lengths))
+    def encoder_request(self, item_indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        pixel_values, grid_thw = self.encoder_inputs(item_indices)
+        return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
 
     def to_multimodal_inputs(self, embeddings: Sequence[torch.Tensor | None]) -> MultiModalInputs:
         """The LLM engine's `mm=` argument: per image its embeddings (None for an item the
@@ -155,14 +150,10 @@ class Qwen2VLPromptProcessor:
     def from_pretrained(cls, folder: str, **limits: Any) -> Qwen2VLPromptProcessor:
         """From a checkpoint folder holding the tokenizer and `preprocessor_config.json` /
         `processor_config.json` (no network)."""
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        if getattr(tokenizer, "chat_template", None) is None:
-            # Released Qwen-VL folders keep the template beside the processor config.
-            tokenizer.chat_template = processor_chat_template(folder)
         image_processor = AutoImageProcessor.from_pretrained(folder)
-        return cls(tokenizer, image_processor, **limits)
+        return cls(load_tokenizer_with_template(folder), image_processor, **limits)
 
     def _special_token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -185,7 +176,9 @@ class Qwen2VLPromptProcessor:
         if messages is not None:
             if images:
                 raise ValueError("with messages, images go inside the message content")
-            prompt, images = self._render_messages(messages, add_generation_prompt)
+            prompt, images = render_chat(
+                self.tokenizer, messages, IMAGE_ITEMS, add_generation_prompt
+            )
         assert prompt is not None
         self._check_prompt(prompt, images)
 
@@ -201,50 +194,6 @@ class Qwen2VLPromptProcessor:
         return Qwen2VLPrompt(token_ids, tuple(processed), tuple(placeholders), positions, delta)
 
     # ---- steps ------------------------------------------------------------------------------
-
-    def _render_messages(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool
-    ) -> tuple[str, list[Image.Image]]:
-        """Chat-template text with one image marker per image item, and the images in order.
-        Image objects are taken out before rendering: the template only sees `{"type": ...}`."""
-        images: list[Image.Image] = []
-        rendered: list[dict[str, Any]] = []
-        for m_index, message in enumerate(messages):
-            content = message.get("content")
-            if isinstance(content, str):
-                rendered.append(dict(message))
-                continue
-            if not isinstance(content, Sequence):
-                raise ValueError(
-                    f"message {m_index} content must be a string or a list of items, "
-                    f"got {type(content).__name__}"
-                )
-            items = []
-            for i_index, item in enumerate(content):
-                kind = item.get("type")
-                if kind == "text":
-                    items.append({"type": "text", "text": str(item.get("text", ""))})
-                elif kind == "image":
-                    image = item.get("image")
-                    if not isinstance(image, Image.Image):
-                        raise ValueError(
-                            f"message {m_index} item {i_index}: an image item needs a decoded "
-                            f"PIL image under 'image', got {type(image).__name__}"
-                        )
-                    images.append(image)
-                    items.append({"type": "image"})
-                else:
-                    raise ValueError(
-                        f"message {m_index} item {i_index} has type {kind!r}; supported: "
-                        "'text', 'image'"
-                    )
-            rendered.append({**message, "content": items})
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("the model has no chat template; pass a text prompt instead")
-        text = self.tokenizer.apply_chat_template(
-            rendered, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return str(text), images
 
     def _check_prompt(self, prompt: str, images: Sequence[Image.Image]) -> None:
         if VIDEO_PAD in prompt:
@@ -279,43 +228,15 @@ class Qwen2VLPromptProcessor:
         self, text_ids: list[int], images: Sequence[ProcessedImage]
     ) -> tuple[list[int], list[MultiModalPlaceholder], list[ImageSpan]]:
         """Replace the i-th `<|image_pad|>` id with image i's run; record where each run is."""
-        token_ids: list[int] = []
-        placeholders: list[MultiModalPlaceholder] = []
-        spans: list[ImageSpan] = []
-        next_image = 0
-        for token_id in text_ids:
-            if token_id != self.image_token_id:
-                token_ids.append(token_id)
-                continue
-            image = images[next_image]
-            span = ImageSpan(offset=len(token_ids), grid_thw=image.grid_thw)
-            length = span.num_tokens(self.merge_size)
-            placeholders.append(MultiModalPlaceholder(image.item_hash, span.offset, length))
-            spans.append(span)
-            token_ids.extend([self.image_token_id] * length)
-            next_image += 1
-        if next_image != len(images):
-            # The text had the markers, but the tokenizer did not keep them atomic.
-            raise ValueError(
-                f"tokenized prompt has {next_image} {IMAGE_PAD} tokens for {len(images)} images"
-            )
+        lengths = [ImageSpan(0, image.grid_thw).num_tokens(self.merge_size) for image in images]
+        token_ids, placeholders = expand_placeholders(
+            text_ids, self.image_token_id, lengths, [image.item_hash for image in images], IMAGE_PAD
+        )
+        spans = [
+            ImageSpan(item.offset, image.grid_thw)
+            for item, image in zip(placeholders, images, strict=True)
+        ]
         return token_ids, placeholders, spans
-
-
-def processor_chat_template(folder: str) -> str | None:
-    """The chat template a processor folder holds (`chat_template.jinja`, or the
-    `chat_template` entry of `chat_template.json` / `processor_config.json`), if any."""
-    path = Path(folder)
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    for name in ("chat_template.json", "processor_config.json"):
-        file = path / name
-        if file.is_file():
-            template = json.loads(file.read_text()).get("chat_template")
-            if isinstance(template, str):
-                return template
-    return None
 
 
 def prepare_qwen2_vl_prompt(

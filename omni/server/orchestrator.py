@@ -15,7 +15,7 @@ from typing import Any
 
 from omni.media import MediaError, MediaLimits, decode_data_url, load_image
 from omni.multimodal.qwen2_vl import Qwen2VLPrompt
-from omni.multimodal.requests import submit_vl_request_async
+from omni.multimodal.requests import submit_mm_request_async
 from omni.server.metrics import ServerMetrics
 from omni.server.protocol import APIError, ChatMessage
 from omni.stages.llm.sampling_params import SamplingParams
@@ -196,7 +196,7 @@ class Orchestrator:
         try:
             if vl_prompt is not None:
                 # Probe the prefix cache, encode only the uncached images, then generate.
-                stream = await submit_vl_request_async(self.router, vl_prompt, sampling)
+                stream = await submit_mm_request_async(self.router, vl_prompt, sampling)
             else:
                 stream = self.router.submit_async(
                     LLM_ROLE, *encode_llm_request(prompt_token_ids, sampling)

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omni.stages.llm.models.loader import resolve_dtype, resolve_model_path, safetensors_files
+from omni.stages.encoders.checkpoint import load_module
+from omni.stages.llm.models.loader import resolve_dtype, resolve_model_path
 from omni.stages.runtime.worker import (
     StageOutput,
     StageWorker,
@@ -65,23 +66,6 @@ def _vision_tower_class(model_type: str) -> type[nn.Module]:
     raise ValueError(
         f"model_type {model_type!r} has no supported vision tower; supported: qwen2_vl, qwen2_5_vl"
     )
-
-
-def load_vision_state_dict(folder: str) -> dict[str, torch.Tensor]:
-    """The tower's tensors from the checkpoint's safetensors, prefixes removed; nothing else
-    is read from disk."""
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    for path in safetensors_files(folder):
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                prefix = next((p for p in VISION_PREFIXES if name.startswith(p)), None)
-                if prefix is not None:
-                    state[name.removeprefix(prefix)] = handle.get_tensor(name)
-    if not state:
-        raise ValueError(f"checkpoint {folder!r} has no vision tower tensors ({VISION_PREFIXES})")
-    return state
 
 
 @dataclass(frozen=True)
@@ -125,16 +109,7 @@ class VisionEncoder:
         torch_dtype = resolve_dtype(dtype, config)
         with torch.device(device):
             tower = tower_class._from_config(vision_config, dtype=torch_dtype)  # type: ignore[attr-defined]
-        missing, unexpected = tower.load_state_dict(load_vision_state_dict(folder), strict=False)
-        # Non-persistent buffers (rotary inv_freq) are built from the config, never stored.
-        missing = [name for name in missing if "inv_freq" not in name]
-        if missing or unexpected:
-            raise ValueError(
-                f"vision tower tensors of {model!r} do not match the config: missing "
-                f"{sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
-            )
-        tower.requires_grad_(False)
-        tower.eval()
+        load_module(tower, folder, VISION_PREFIXES, "vision tower")
         logger.info("loaded %s from %s (%s, %s)", tower_class.__name__, folder, torch_dtype, device)
         return cls(tower, VisionGeometry.from_config(vision_config))
 
