@@ -162,6 +162,7 @@ BUILTIN_WORKER_MODULES: dict[str, str] = {
     "llm": "omni.stages.llm.worker",
     "vision": "omni.stages.encoders.vision",
     "asr": "omni.stages.encoders.audio_asr",
+    "image": "omni.stages.generators.image",
     "speech": "omni.stages.generators.speech",
 }
 

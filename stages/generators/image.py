@@ -1,0 +1,329 @@
+"""The image generator stage ("image"): prompts in, PNG or JPEG files out, requests batched.
+
+A request carries no tensors; its `params` are `ImageParams.to_wire()` (prompt, size, steps,
+guidance scale, negative prompt, seed, number of images, output format). Its one reply is
+finished and holds the tensors `image_0` ... `image_{n-1}`, each the bytes of one encoded file
+(uint8, so they ride the transport as raw frames or shared memory, never pickled), and
+`data={"format", "width", "height", "steps", "guidance_scale", "seeds"}`; image k was drawn
+with `seeds[k]`. A refused request gets an error naming the field and the limit.
+
+Batching: each `step` takes the oldest queued request plus every queued request of the same
+`BatchShape` (size, steps, guidance scale, negative prompt or not), up to `max_batch_pixels`,
+and draws all their images in one pipeline call, so every denoising step is one UNet forward
+for the whole batch (with classifier-free guidance, diffusers already runs both halves in that
+one forward). Each image keeps its own seeded generator, so a batched request gives the same
+image as the same request alone. A burst of requests reaches the stage over a few
+milliseconds; `batch_wait_ms` holds a batch that is not yet full that long, a rounding error
+next to one pipeline call. The finished pixels are encoded on a thread pool (PIL releases the
+GIL) while the next batch denoises.
+
+Options (`--option key=value`): `dtype` (auto, float32, bfloat16, float16), `channels_last`
+and `fuse_qkv` (auto, true, false: auto is on for CUDA), `max_batch_pixels`, `batch_wait_ms`,
+`encode_threads`, `png_compress_level`, and the `ImageLimits` fields (`max_pixels`,
+`max_steps`, `max_images`, `max_prompt_chars`, `max_guidance_scale`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omni.stages.generators.image_encode import DEFAULT_PNG_COMPRESS_LEVEL, encode_image
+from omni.stages.generators.image_params import (
+    MAX_SEED,
+    ImageLimits,
+    ImageParamError,
+    ImageParams,
+)
+from omni.stages.generators.image_pipeline import BatchShape, DiffusionImageGenerator, ImageJob
+from omni.stages.runtime.worker import (
+    StageOutput,
+    StageWorker,
+    WorkerOptions,
+    WorkerRequest,
+    register_worker,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_ROLE = "image"
+# How long `step` waits on pending encodes when there is nothing else to do: bounds how late
+# the runtime notices new requests and aborts.
+_ENCODE_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class ImageStageSettings:
+    """The image stage's `--option`s, parsed."""
+
+    dtype: str = "auto"
+    channels_last: bool | None = None
+    fuse_qkv: bool | None = None
+    # Pixels drawn in one pipeline call (images times width times height): bounds activation
+    # and VAE-decode memory. 32 images of 512x512, or 8 of 1024x1024. A larger single request
+    # still runs, alone.
+    max_batch_pixels: int = 32 * 512 * 512
+    batch_wait_ms: float = 5.0
+    encode_threads: int = 4
+    png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL
+    limits: ImageLimits = dataclasses.field(default_factory=ImageLimits)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_pixels < 1:
+            raise ValueError(f"max_batch_pixels is {self.max_batch_pixels}; it must be >= 1")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms is {self.batch_wait_ms}; it must be >= 0")
+        if self.encode_threads < 1:
+            raise ValueError(f"encode_threads is {self.encode_threads}; it must be >= 1")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ValueError(f"png_compress_level is {self.png_compress_level}; it must be 0-9")
+
+    @classmethod
+    def from_options(cls, extra: Mapping[str, str]) -> ImageStageSettings:
+        own = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "limits"}
+        limit_fields = {f.name: f.type for f in dataclasses.fields(ImageLimits)}
+        settings: dict[str, Any] = {}
+        limits: dict[str, Any] = {}
+        for key, text in extra.items():
+            if key in own:
+                settings[key] = _parse_option(key, text, str(own[key]))
+            elif key in limit_fields:
+                limits[key] = _parse_option(key, text, str(limit_fields[key]))
+            else:
+                known = sorted([*own, *limit_fields])
+                raise ValueError(f"unknown image stage option {key!r}; known: {known}")
+        return cls(**settings, limits=ImageLimits(**limits))
+
+
+def _parse_option(key: str, text: str, kind: str) -> Any:
+    if kind == "str":
+        return text
+    if kind == "bool | None":
+        lowered = text.lower()
+        if lowered in ("auto", "true", "false"):
+            return None if lowered == "auto" else lowered == "true"
+        raise ValueError(f"option {key} must be auto, true or false, got {text!r}")
+    try:
+        return int(text) if kind == "int" else float(text)
+    except ValueError:
+        raise ValueError(f"option {key} must be a number, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class _Queued:
+    request_id: str
+    params: ImageParams  # defaults resolved, checked
+    shape: BatchShape
+    seeds: tuple[int, ...]
+    arrived: float
+
+    @property
+    def pixels(self) -> int:
+        return self.shape.width * self.shape.height * len(self.seeds)
+
+
+@register_worker(IMAGE_ROLE)
+class ImageWorker(StageWorker):
+    """Diffusers text-to-image behind the stage runtime; see the module docstring."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        super().__init__(options)
+        if not options.model:
+            raise ValueError("the image stage needs --model (a diffusers folder or hub id)")
+        self.settings = ImageStageSettings.from_options(options.extra)
+        self.limits = self.settings.limits
+        self.generator: DiffusionImageGenerator | None = None
+        self._queue: OrderedDict[str, _Queued] = OrderedDict()
+        self._refused: list[StageOutput] = []
+        # Requests whose pixels are being encoded, in the order their batches finished.
+        self._encoding: OrderedDict[str, concurrent.futures.Future[StageOutput]] = OrderedDict()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def load(self) -> None:
+        settings = self.settings
+        self.generator = DiffusionImageGenerator.from_pretrained(
+            self.options.model,
+            self.options.device,
+            settings.dtype,
+            channels_last=settings.channels_last,
+            fuse_qkv=settings.fuse_qkv,
+        )
+        multiple = max(self.limits.size_multiple, self.generator.size_multiple)
+        self.limits = dataclasses.replace(self.limits, size_multiple=multiple)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            settings.encode_threads, thread_name_prefix="image-encode"
+        )
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def add_request(self, request: WorkerRequest) -> None:
+        request_id = request.request_id
+        if request_id in self._queue or request_id in self._encoding:
+            raise ValueError(f"request {request_id!r} is already active")
+        if request.inputs:
+            names = sorted(request.inputs)
+            raise ValueError(f"an image request takes no input tensors; got {names}")
+        try:
+            params = self._generator().resolve(ImageParams.from_wire(request.params))
+            params.check(self.limits)
+        except ImageParamError as exc:
+            # Answered on the next step with exactly this message (the runtime would prefix
+            # the exception type to a raised one).
+            self._refused.append(StageOutput(request_id, finished=True, error=str(exc)))
+            return
+        first = secrets.randbelow(MAX_SEED + 1) if params.seed is None else params.seed
+        self._queue[request_id] = _Queued(
+            request_id,
+            params,
+            BatchShape.of(params),
+            tuple(first + k for k in range(params.n)),
+            time.monotonic(),
+        )
+
+    def has_work(self) -> bool:
+        return bool(self._queue or self._refused or self._encoding)
+
+    def abort(self, request_id: str) -> None:
+        self._queue.pop(request_id, None)
+        self._refused = [o for o in self._refused if o.request_id != request_id]
+        future = self._encoding.pop(request_id, None)
+        if future is not None:
+            future.cancel()  # a running encode finishes, and its result is dropped
+
+    # -- work ---------------------------------------------------------------------------------
+
+    def step(self) -> list[StageOutput]:
+        outputs, self._refused = self._refused, []
+        batch = self._next_batch()
+        if batch:
+            self._draw(batch)
+        outputs += self._encoded(wait=not batch and not self._queue and not outputs)
+        return outputs
+
+    def _next_batch(self) -> list[_Queued]:
+        """The oldest request and the queued ones that can share its call; empty while a
+        batch that is not full waits out `batch_wait_ms`."""
+        if not self._queue:
+            return []
+        first = next(iter(self._queue.values()))
+        batch, pixels = [first], first.pixels
+        for queued in list(self._queue.values())[1:]:
+            if queued.shape == first.shape:
+                if pixels + queued.pixels > self.settings.max_batch_pixels:
+                    break
+                batch.append(queued)
+                pixels += queued.pixels
+        full = pixels + first.shape.width * first.shape.height > self.settings.max_batch_pixels
+        waited = time.monotonic() - first.arrived
+        remaining = self.settings.batch_wait_ms / 1000 - waited
+        if not full and remaining > 0:
+            # Returning empty-handed lets the runtime take what arrived meanwhile.
+            time.sleep(remaining)
+            return []
+        for queued in batch:
+            del self._queue[queued.request_id]
+        return batch
+
+    def _draw(self, batch: list[_Queued]) -> None:
+        jobs = [
+            ImageJob(queued.params.prompt, queued.params.negative_prompt, seed)
+            for queued in batch
+            for seed in queued.seeds
+        ]
+        try:
+            pixels = self._generator().generate(batch[0].shape, jobs)
+        except Exception as exc:  # a failing batch (out of memory) fails its requests only
+            logger.exception("image batch of %d requests failed", len(batch))
+            error = f"image generation failed: {type(exc).__name__}: {exc}"
+            for queued in batch:
+                self._encoding[queued.request_id] = _done(
+                    StageOutput(queued.request_id, finished=True, error=error)
+                )
+            return
+        assert self._executor is not None
+        start = 0
+        for queued in batch:
+            count = len(queued.seeds)
+            images = pixels[start : start + count]
+            start += count
+            self._encoding[queued.request_id] = self._executor.submit(self._encode, queued, images)
+
+    def _encode(self, queued: _Queued, images: torch.Tensor) -> StageOutput:
+        params = queued.params
+        files = {
+            f"image_{k}": torch.frombuffer(
+                bytearray(
+                    encode_image(
+                        image.numpy(),
+                        params.output_format,
+                        params.quality,
+                        self.settings.png_compress_level,
+                    )
+                ),
+                dtype=torch.uint8,
+            )
+            for k, image in enumerate(images)
+        }
+        return StageOutput(
+            queued.request_id,
+            tensors=files,
+            data={
+                "format": params.output_format,
+                "width": queued.shape.width,
+                "height": queued.shape.height,
+                "steps": queued.shape.steps,
+                "guidance_scale": queued.shape.guidance_scale,
+                "seeds": list(queued.seeds),
+            },
+            finished=True,
+        )
+
+    def _encoded(self, wait: bool) -> list[StageOutput]:
+        """Outputs of finished encodes; waits briefly for one when `wait` (nothing else to do,
+        so the runtime would otherwise spin on `step`)."""
+        if wait and self._encoding:
+            concurrent.futures.wait(
+                list(self._encoding.values()),
+                timeout=_ENCODE_POLL_S,
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
+        outputs = []
+        for request_id, future in list(self._encoding.items()):
+            if not future.done():
+                continue
+            del self._encoding[request_id]
+            try:
+                outputs.append(future.result())
+            except Exception as exc:
+                logger.exception("encoding the images of %s failed", request_id)
+                outputs.append(
+                    StageOutput(request_id, finished=True, error=f"encoding failed: {exc}")
+                )
+        return outputs
+
+    def _generator(self) -> DiffusionImageGenerator:
+        if self.generator is None:
+            raise RuntimeError("the image worker was used before load()")
+        return self.generator
+
+    def close(self) -> None:
+        self._queue.clear()
+        self._encoding.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self.generator = None
+
+
+def _done(output: StageOutput) -> concurrent.futures.Future[StageOutput]:
+    future: concurrent.futures.Future[StageOutput] = concurrent.futures.Future()
+    future.set_result(output)
+    return future
