@@ -131,6 +131,7 @@ def test_a_batch_of_seeds_equals_each_request_alone(worker: ImageWorker, plain: 
     finally:
         del worker.generator.generate  # type: ignore[union-attr]
     assert sorted(sizes) == [1, 1, 4]  # fox, owl and both of two's images in one call
+    assert [outputs[r].data["batch_images"] for r in ("fox", "owl", "two", "neg")] == [4, 4, 4, 1]
     assert outputs["two"].data["seeds"] == [3, 4]
     cases = {
         ("fox", 0): reference(plain, 1),
@@ -188,7 +189,7 @@ def test_bad_parameters_are_refused_naming_the_field(
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="unknown image stage option 'max_batch'"):
         ImageWorker(WorkerOptions(model="x", extra={"max_batch": "4"}))
-    with pytest.raises(ValueError, match="option fuse_qkv must be auto, true or false"):
+    with pytest.raises(ValueError, match="option fuse_qkv must be true, false, auto"):
         ImageWorker(WorkerOptions(model="x", extra={"fuse_qkv": "yes"}))
     with pytest.raises(ValueError, match="max_pixels is 0; it must be > 0"):
         ImageWorker(WorkerOptions(model="x", extra={"max_pixels": "0"}))

@@ -4,8 +4,9 @@ A request carries no tensors; its `params` are `ImageParams.to_wire()` (prompt, 
 guidance scale, negative prompt, seed, number of images, output format). Its one reply is
 finished and holds the tensors `image_0` ... `image_{n-1}`, each the bytes of one encoded file
 (uint8, so they ride the transport as raw frames or shared memory, never pickled), and
-`data={"format", "width", "height", "steps", "guidance_scale", "seeds"}`; image k was drawn
-with `seeds[k]`. A refused request gets an error naming the field and the limit.
+`data={"format", "width", "height", "steps", "guidance_scale", "seeds", "batch_images"}`;
+image k was drawn with `seeds[k]`, in a pipeline call of `batch_images` images. A refused
+request gets an error naming the field and the limit.
 
 Batching: each `step` takes the oldest queued request plus every queued request of the same
 `BatchShape` (size, steps, guidance scale, negative prompt or not), up to `max_batch_pixels`,
@@ -17,8 +18,9 @@ milliseconds; `batch_wait_ms` holds a batch that is not yet full that long, a ro
 next to one pipeline call. The finished pixels are encoded on a thread pool (PIL releases the
 GIL) while the next batch denoises.
 
-Options (`--option key=value`): `dtype` (auto, float32, bfloat16, float16), `channels_last`
-and `fuse_qkv` (auto, true, false: auto is on for CUDA), `max_batch_pixels`, `batch_wait_ms`,
+Options (`--option key=value`): `dtype` (auto, float32, bfloat16, float16), `fuse_qkv`
+(auto, true, false: auto is on for CUDA), `channels_last` (true, false; off by default, see
+`DiffusionImageGenerator.from_pretrained`), `max_batch_pixels`, `batch_wait_ms`,
 `encode_threads`, `png_compress_level`, and the `ImageLimits` fields (`max_pixels`,
 `max_steps`, `max_images`, `max_prompt_chars`, `max_guidance_scale`).
 """
@@ -65,7 +67,7 @@ class ImageStageSettings:
     """The image stage's `--option`s, parsed."""
 
     dtype: str = "auto"
-    channels_last: bool | None = None
+    channels_last: bool = False
     fuse_qkv: bool | None = None
     # Pixels drawn in one pipeline call (images times width times height): bounds activation
     # and VAE-decode memory. 32 images of 512x512, or 8 of 1024x1024. A larger single request
@@ -106,11 +108,12 @@ class ImageStageSettings:
 def _parse_option(key: str, text: str, kind: str) -> Any:
     if kind == "str":
         return text
-    if kind == "bool | None":
+    if kind in ("bool", "bool | None"):
         lowered = text.lower()
-        if lowered in ("auto", "true", "false"):
+        choices = ("true", "false", "auto") if kind == "bool | None" else ("true", "false")
+        if lowered in choices:
             return None if lowered == "auto" else lowered == "true"
-        raise ValueError(f"option {key} must be auto, true or false, got {text!r}")
+        raise ValueError(f"option {key} must be {', '.join(choices)}, got {text!r}")
     try:
         return int(text) if kind == "int" else float(text)
     except ValueError:
@@ -254,9 +257,11 @@ class ImageWorker(StageWorker):
             count = len(queued.seeds)
             images = pixels[start : start + count]
             start += count
-            self._encoding[queued.request_id] = self._executor.submit(self._encode, queued, images)
+            self._encoding[queued.request_id] = self._executor.submit(
+                self._encode, queued, images, len(jobs)
+            )
 
-    def _encode(self, queued: _Queued, images: torch.Tensor) -> StageOutput:
+    def _encode(self, queued: _Queued, images: torch.Tensor, batch_images: int) -> StageOutput:
         params = queued.params
         files = {
             f"image_{k}": torch.frombuffer(
@@ -282,6 +287,7 @@ class ImageWorker(StageWorker):
                 "steps": queued.shape.steps,
                 "guidance_scale": queued.shape.guidance_scale,
                 "seeds": list(queued.seeds),
+                "batch_images": batch_images,
             },
             finished=True,
         )
