@@ -276,6 +276,7 @@ def test_registry_rejects_unknown_architecture() -> None:
         assert name in str(info.value)
     assert supported_architectures() == [
         "LlamaForCausalLM",
+        "Qwen2AudioForConditionalGeneration",
         "Qwen2ForCausalLM",
         "Qwen2VLForConditionalGeneration",
         "Qwen2_5_VLForConditionalGeneration",

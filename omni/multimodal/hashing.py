@@ -1,10 +1,10 @@
-"""The content hash of one image item: the key of the encoder-output cache and the extra key
+"""The content hash of one media item: the key of the encoder-output cache and the extra key
 folded into prefix-cache block hashes.
 
-Media intake's `hash_image` (blake3 over modality, mode, shape, dtype, pixels and the
-processor settings) does the hashing; this module only brings the image processor's settings
-into the plain form it accepts, so the same image under different resize bounds or
-normalisation gets a different key.
+Media intake's `hash_image` / `hash_audio` (blake3 over modality, mode, shape, dtype, bytes
+and the processor settings) do the hashing; this module only brings the processor's settings
+into the plain form they accept, so the same image under different resize bounds or the same
+clip under different mel settings gets a different key.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
-from omni.media import hash_image
+from omni.media import hash_audio, hash_image
 
 # Palette images carry indices, not colours; media's hash refuses them. Expanding the palette
 # keeps every pixel's colour (and the alpha channel, which RGB would drop).
@@ -33,3 +34,11 @@ def image_item_hash(image: Image.Image, processor_settings: Mapping[str, Any]) -
     if image.mode in _PALETTE_MODES:
         image = image.convert("RGBA")
     return hash_image(image, plain_settings(processor_settings))
+
+
+def audio_item_hash(
+    samples: np.ndarray, sampling_rate: int, processor_settings: Mapping[str, Any]
+) -> str:
+    """Hex blake3 content hash of mono `samples` at `sampling_rate` Hz as processed under
+    `processor_settings`."""
+    return hash_audio(samples, sampling_rate, plain_settings(processor_settings))

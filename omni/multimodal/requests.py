@@ -2,8 +2,9 @@
 
 1. Ask the LLM stage how many prompt tokens its prefix cache holds for this prompt and these
    item hashes (a probe touches nothing).
-2. Send only the items whose placeholders end past that hit to a replica of the prompt's
-   encoder role (`vision` for Qwen2-VL images, `audio` for Qwen2-Audio clips).
+2. Send only the items whose placeholders end past that hit, and that the encoder-output
+   cache (when one is given) does not hold, to a replica of the prompt's encoder role
+   (`vision` for Qwen2-VL images, `audio` for Qwen2-Audio clips); see `encoding.py`.
 3. Send the prompt, the embeddings (None for the skipped items) and, for M-RoPE models, the
    rotary positions to the LLM stage, and return its reply stream.
 
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 
+from omni.cache.encoder_cache import EncoderCache
+from omni.multimodal.encoding import complete_encoding, plan_encoding
 from omni.multimodal.prompt import MultiModalPrompt
 from omni.stages.llm.wire import encode_llm_request
 from omni.supervision.router import StageRouter
@@ -39,41 +42,24 @@ def probe_request(
     )
 
 
-def generation_request(
-    prompt: MultiModalPrompt,
-    sampling: Mapping[str, Any],
-    needed: list[int],
-    encoded: torch.Tensor | None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The LLM request with the encoder reply's rows split over the encoded items (None for
-    the items inside the cached prefix)."""
-    embeddings: list[torch.Tensor | None] = [None] * len(prompt.placeholders)
-    if needed:
-        assert encoded is not None
-        for index, rows in zip(needed, prompt.split_embeddings(encoded, needed), strict=True):
-            # The reply may map shared memory that is released once its stream is done.
-            embeddings[index] = rows.clone()
-    return encode_llm_request(
-        prompt.prompt_token_ids, sampling, prompt.to_multimodal_inputs(embeddings)
-    )
-
-
 def submit_mm_request(
     router: StageRouter,
     prompt: MultiModalPrompt,
     sampling: Mapping[str, Any],
     *,
+    encoder_cache: EncoderCache | None = None,
     timeout: float = 60.0,
     request_id: str | None = None,
 ) -> ReplyStream:
     [probe] = router.submit("llm", *probe_request(prompt, sampling)).result(timeout=timeout)
-    needed = items_to_encode(prompt, int(probe.data["cached_tokens"]))
+    plan = plan_encoding(prompt, int(probe.data["cached_tokens"]), encoder_cache)
     encoded = None
-    if needed:
-        role, inputs = prompt.ENCODER_ROLE, prompt.encoder_request(needed)
-        [reply] = router.submit(role, inputs).result(timeout=timeout)
+    if plan.to_encode:
+        inputs = prompt.encoder_request(plan.to_encode)
+        [reply] = router.submit(prompt.ENCODER_ROLE, inputs).result(timeout=timeout)
         encoded = reply.tensors["embeddings"]
-    tensors, params = generation_request(prompt, sampling, needed, encoded)
+    embeddings = complete_encoding(prompt, plan, encoded, encoder_cache)
+    tensors, params = generation_request(prompt, sampling, embeddings)
     return router.submit("llm", tensors, params, request_id=request_id)
 
 
@@ -82,16 +68,29 @@ async def submit_mm_request_async(
     prompt: MultiModalPrompt,
     sampling: Mapping[str, Any],
     *,
+    encoder_cache: EncoderCache | None = None,
     timeout: float = 60.0,
 ) -> AsyncReplyStream:
     """`submit_mm_request` for asyncio callers (the HTTP server)."""
     probe_stream = router.submit_async("llm", *probe_request(prompt, sampling))
     [probe] = await probe_stream.result(timeout=timeout)
-    needed = items_to_encode(prompt, int(probe.data["cached_tokens"]))
+    plan = plan_encoding(prompt, int(probe.data["cached_tokens"]), encoder_cache)
     encoded = None
-    if needed:
-        role, inputs = prompt.ENCODER_ROLE, prompt.encoder_request(needed)
-        [reply] = await router.submit_async(role, inputs).result(timeout=timeout)
+    if plan.to_encode:
+        inputs = prompt.encoder_request(plan.to_encode)
+        [reply] = await router.submit_async(prompt.ENCODER_ROLE, inputs).result(timeout=timeout)
         encoded = reply.tensors["embeddings"]
-    tensors, params = generation_request(prompt, sampling, needed, encoded)
+    embeddings = complete_encoding(prompt, plan, encoded, encoder_cache)
+    tensors, params = generation_request(prompt, sampling, embeddings)
     return router.submit_async("llm", tensors, params)
+
+
+def generation_request(
+    prompt: MultiModalPrompt,
+    sampling: Mapping[str, Any],
+    embeddings: list[torch.Tensor | None],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The LLM request with each item's embeddings (None for prefix-cached items)."""
+    return encode_llm_request(
+        prompt.prompt_token_ids, sampling, prompt.to_multimodal_inputs(embeddings)
+    )

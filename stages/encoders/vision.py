@@ -25,21 +25,15 @@ checkpoint's `visual.*` (or `model.visual.*`) tensors read, through safetensors.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omni.stages.encoders.batching import BatchingEncoderWorker, Inputs
 from omni.stages.encoders.checkpoint import load_module
 from omni.stages.llm.models.loader import resolve_dtype, resolve_model_path
-from omni.stages.runtime.worker import (
-    StageOutput,
-    StageWorker,
-    WorkerOptions,
-    WorkerRequest,
-    register_worker,
-)
+from omni.stages.runtime.worker import register_worker
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -168,91 +162,33 @@ class VisionEncoder:
         return self.encode_batch([(pixel_values, image_grid_thw)])[0]
 
 
-@dataclass(frozen=True)
-class _QueuedImages:
-    request_id: str
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
-
-    @property
-    def num_patches(self) -> int:
-        return int(self.pixel_values.shape[0])
-
-
 @register_worker("vision")
-class VisionWorker(StageWorker):
+class VisionWorker(BatchingEncoderWorker):
     """The vision encoder behind the stage runtime. Options: `dtype` (auto, float32,
     bfloat16, float16) and `max_batch_patches` (patches per forward; a larger single request
     still runs, alone)."""
 
-    OPTIONS = ("dtype", "max_batch_patches")
+    ROLE = "vision"
+    MODEL_KIND = "a Qwen2-VL or Qwen2.5-VL folder"
+    INPUT_NAMES = ("pixel_values", "image_grid_thw")
+    BUDGET_OPTION = "max_batch_patches"
+    DEFAULT_BUDGET = DEFAULT_MAX_BATCH_PATCHES
+    TOKENS_KEY = "num_image_tokens"
 
-    def __init__(self, options: WorkerOptions) -> None:
-        super().__init__(options)
-        unknown = sorted(set(options.extra) - set(self.OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown vision stage options {unknown}; known: {list(self.OPTIONS)}")
-        if not options.model:
-            raise ValueError("the vision stage needs --model (a Qwen2-VL or Qwen2.5-VL folder)")
-        self.dtype = options.extra.get("dtype", "auto")
-        text = options.extra.get("max_batch_patches", str(DEFAULT_MAX_BATCH_PATCHES))
-        try:
-            self.max_batch_patches = int(text)
-        except ValueError:
-            raise ValueError(f"option max_batch_patches must be an int, got {text!r}") from None
-        if self.max_batch_patches < 1:
-            raise ValueError(f"max_batch_patches is {self.max_batch_patches}; it must be >= 1")
-        self.encoder: VisionEncoder | None = None
-        self._queue: deque[_QueuedImages] = deque()
+    encoder: VisionEncoder
 
-    def load(self) -> None:
+    def load_encoder(self) -> None:
         self.encoder = VisionEncoder.from_pretrained(
             self.options.model, self.options.device, self.dtype
         )
 
-    def add_request(self, request: WorkerRequest) -> None:
-        if self.encoder is None:
-            raise RuntimeError("the vision worker was not loaded")
-        missing = [
-            name for name in ("pixel_values", "image_grid_thw") if name not in request.inputs
-        ]
-        if missing:
-            raise ValueError(f"request {request.request_id!r} lacks input tensors {missing}")
-        if any(queued.request_id == request.request_id for queued in self._queue):
-            raise ValueError(f"request {request.request_id!r} is already active")
-        pixel_values, grid = request.inputs["pixel_values"], request.inputs["image_grid_thw"]
-        self.encoder.check_inputs(pixel_values, grid)
-        self._queue.append(_QueuedImages(request.request_id, pixel_values, grid))
+    def check_inputs(self, inputs: Inputs) -> None:
+        self.encoder.check_inputs(inputs["pixel_values"], inputs["image_grid_thw"])
 
-    def has_work(self) -> bool:
-        return bool(self._queue)
+    def cost(self, inputs: Inputs) -> int:
+        return int(inputs["pixel_values"].shape[0])
 
-    def step(self) -> list[StageOutput]:
-        """One forward over the queued requests that fit in `max_batch_patches` (at least one)."""
-        assert self.encoder is not None
-        if not self._queue:
-            return []
-        batch = [self._queue.popleft()]
-        patches = batch[0].num_patches
-        while self._queue and patches + self._queue[0].num_patches <= self.max_batch_patches:
-            patches += self._queue[0].num_patches
-            batch.append(self._queue.popleft())
-        embeddings = self.encoder.encode_batch(
-            [(item.pixel_values, item.image_grid_thw) for item in batch]
+    def encode_batch(self, batch: Sequence[Inputs]) -> list[torch.Tensor]:
+        return self.encoder.encode_batch(
+            [(inputs["pixel_values"], inputs["image_grid_thw"]) for inputs in batch]
         )
-        return [
-            StageOutput(
-                request_id=item.request_id,
-                tensors={"embeddings": embeds.contiguous()},
-                data={"num_image_tokens": int(embeds.shape[0])},
-                finished=True,
-            )
-            for item, embeds in zip(batch, embeddings, strict=True)
-        ]
-
-    def abort(self, request_id: str) -> None:
-        self._queue = deque(item for item in self._queue if item.request_id != request_id)
-
-    def close(self) -> None:
-        self._queue.clear()
-        self.encoder = None

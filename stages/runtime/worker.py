@@ -161,6 +161,7 @@ BUILTIN_WORKER_MODULES: dict[str, str] = {
     "echo": "omni.stages.runtime.testing",
     "llm": "omni.stages.llm.worker",
     "vision": "omni.stages.encoders.vision",
+    "audio": "omni.stages.encoders.audio",
     "asr": "omni.stages.encoders.audio_asr",
     "image": "omni.stages.generators.image",
     "speech": "omni.stages.generators.speech",

@@ -7,6 +7,7 @@ from typing import Any
 from omni.stages.llm.models.base import CausalLM
 from omni.stages.llm.models.llama import LlamaForCausalLM
 from omni.stages.llm.models.qwen2 import Qwen2ForCausalLM
+from omni.stages.llm.models.qwen2_audio import Qwen2AudioForCausalLM
 from omni.stages.llm.models.qwen2_vl import Qwen2VLForCausalLM
 from omni.stages.llm.models.qwen3 import Qwen3ForCausalLM
 
@@ -17,6 +18,8 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     # The language model only; the vision tower is the vision encoder stage.
     "Qwen2VLForConditionalGeneration": Qwen2VLForCausalLM,
     "Qwen2_5_VLForConditionalGeneration": Qwen2VLForCausalLM,
+    # The language model only; the audio tower and projector are the audio encoder stage.
+    "Qwen2AudioForConditionalGeneration": Qwen2AudioForCausalLM,
 }
 
 
