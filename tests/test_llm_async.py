@@ -65,7 +65,7 @@ def outputs_of(llm: LLM, params: list[SamplingParams]) -> list[tuple]:
     ],
 )
 def test_async_equals_sync(checkpoint: Path, engine_options: dict) -> None:
-    sync = LLM(str(checkpoint), device="cpu", **engine_options)
+    sync = LLM(str(checkpoint), device="cpu", async_scheduling=False, **engine_options)
     params = mixed_params(sync)
     expected = outputs_of(sync, params)
     assert expected[3][2] == "stop" and isinstance(expected[3][3], str)  # the stop string fired
@@ -86,7 +86,7 @@ def test_penalties_fall_back_to_synchronous_steps(checkpoint: Path) -> None:
     params = SamplingParams(
         temperature=0.0, max_tokens=10, repetition_penalty=1.3, min_tokens=4, ignore_eos=True
     )
-    sync = LLM(str(checkpoint), device="cpu", num_kv_blocks=64)
+    sync = LLM(str(checkpoint), device="cpu", num_kv_blocks=64, async_scheduling=False)
     llm = LLM(str(checkpoint), device="cpu", num_kv_blocks=64, async_scheduling=True)
     assert outputs_of(llm, [params] * 6) == outputs_of(sync, [params] * 6)
 
