@@ -28,6 +28,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--llm-replicas", type=int, default=None)
+    p.add_argument(
+        "--image-model",
+        default=None,
+        help="diffusers pipeline (folder or hub id) for /v1/images/generations",
+    )
+    p.add_argument("--image-replicas", type=int, default=None)
     p.add_argument("--devices", default=None, help="per-role devices, for example llm=0,1")
     p.add_argument(
         "--single-process",
@@ -64,6 +70,7 @@ def serve_config(args: argparse.Namespace) -> Any:
     for name in (
         "model", "served_model_name", "host", "port", "llm_replicas", "devices",
         "single_process", "api_key", "max_model_len", "max_num_seqs", "max_body_bytes",
+        "image_model", "image_replicas",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -92,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from omni.server.app import AppSettings, build_app
+    from omni.server.images import add_image_routes
     from omni.server.pipeline import Pipeline
 
     try:
@@ -100,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"omni serve: error: {exc}", file=sys.stderr)
         return 2
     try:
-        app = build_app(
-            pipeline.orchestrator,
-            AppSettings(api_key=config.api_key, max_body_bytes=config.max_body_bytes),
-        )
+        settings = AppSettings(api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+        app = build_app(pipeline.orchestrator, settings)
+        if pipeline.image_service is not None:
+            add_image_routes(app, pipeline.image_service, settings)
         uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower())
     finally:
         pipeline.close()

@@ -62,12 +62,20 @@ class ServeConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     # Seconds to wait for every stage replica to say HELLO (model loading included).
     startup_timeout_s: float = 300.0
+    # A diffusers pipeline (folder or hub id) to serve /v1/images/generations with; None: no
+    # image stage. Its name in requests' "model" is this string.
+    image_model: str | None = None
+    image_replicas: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port is {self.port}; it must be in [0, 65535]")
         if self.llm_replicas < 1:
             raise ValueError(f"llm_replicas is {self.llm_replicas}; it must be >= 1")
+        if self.image_replicas < 1:
+            raise ValueError(f"image_replicas is {self.image_replicas}; it must be >= 1")
+        if self.image_model is not None and not self.image_model:
+            raise ValueError("image_model is empty; leave it unset to serve no images")
         for name in ("max_model_len", "max_num_seqs"):
             value = getattr(self, name)
             if value is not None and value < 1:

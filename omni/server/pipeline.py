@@ -18,8 +18,10 @@ import uuid
 from typing import Any
 
 from omni.server.config import ServeConfig
+from omni.server.images import ImageService
 from omni.server.metrics import ServerMetrics
 from omni.server.orchestrator import LLM_ROLE, VISION_ROLE, Orchestrator
+from omni.stages.generators.image import IMAGE_ROLE
 from omni.stages.llm.worker import engine_config
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, create_worker
 from omni.supervision.router import RouterConfig, StageRouter
@@ -61,6 +63,8 @@ class Pipeline:
         self.runtimes: list[StageRuntime] = []
         self._ipc_dir: str | None = None
         self._orchestrator: Orchestrator | None = None
+        # Serves /v1/images/generations when the config names an image model.
+        self.image_service: ImageService | None = None
 
     @property
     def orchestrator(self) -> Orchestrator:
@@ -89,6 +93,8 @@ class Pipeline:
         if vl_processor is not None:
             # A vision-language model: its vision tower runs as a stage of its own.
             roles.append((VISION_ROLE, 1))
+        if config.image_model is not None:
+            roles.append((IMAGE_ROLE, config.image_replicas))
         try:
             router = self._start_router()
             if config.single_process:
@@ -107,6 +113,8 @@ class Pipeline:
         self._orchestrator = Orchestrator(
             router, tokenizer, model_name, max_model_len, metrics, vl_processor=vl_processor
         )
+        if config.image_model is not None:
+            self.image_service = ImageService(router, config.image_model)
         return self
 
     def close(self) -> None:
@@ -169,6 +177,11 @@ class Pipeline:
         self.router = StageRouter(router_config).start()
         return self.router
 
+    def _stage_model(self, role: str, model_path: str) -> str:
+        """The image stage serves its own diffusers pipeline; every other stage the model."""
+        image_model = self.config.image_model
+        return image_model if role == IMAGE_ROLE and image_model is not None else model_path
+
     def _start_in_process(
         self, router: StageRouter, model_path: str, roles: list[tuple[str, int]]
     ) -> None:
@@ -178,11 +191,12 @@ class Pipeline:
             extra = config.llm_options() if role == LLM_ROLE else {}
             for index in range(count):
                 device = devices[index % len(devices)]
-                options = WorkerOptions(model=model_path, device=device, extra=extra)
+                model = self._stage_model(role, model_path)
+                options = WorkerOptions(model=model, device=device, extra=extra)
                 stage = StageConfig(
                     role=role,
                     connect=router.endpoint,
-                    model=model_path,
+                    model=model,
                     device=device,
                     capacity=config.llm_capacity,
                     replica_id=f"{role}-{index}",
@@ -207,7 +221,7 @@ class Pipeline:
                     role=role,
                     replicas=count,
                     devices=config.stage_devices(role),
-                    model=model_path,
+                    model=self._stage_model(role, model_path),
                     capacity=config.llm_capacity,
                     extra_args=tuple(extra),
                 )

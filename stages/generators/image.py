@@ -57,6 +57,9 @@ from omni.stages.runtime.worker import (
 logger = logging.getLogger(__name__)
 
 IMAGE_ROLE = "image"
+# Starts the error of a request whose batch failed (out of memory, a kernel error): the
+# server's fault, where every other refusal is about the request's parameters.
+GENERATION_FAILED = "image generation failed"
 # How long `step` waits on pending encodes when there is nothing else to do: bounds how late
 # the runtime notices new requests and aborts.
 _ENCODE_POLL_S = 0.05
@@ -245,7 +248,7 @@ class ImageWorker(StageWorker):
             pixels = self._generator().generate(batch[0].shape, jobs)
         except Exception as exc:  # a failing batch (out of memory) fails its requests only
             logger.exception("image batch of %d requests failed", len(batch))
-            error = f"image generation failed: {type(exc).__name__}: {exc}"
+            error = f"{GENERATION_FAILED}: {type(exc).__name__}: {exc}"
             for queued in batch:
                 self._encoding[queued.request_id] = _done(
                     StageOutput(queued.request_id, finished=True, error=error)
@@ -269,7 +272,7 @@ class ImageWorker(StageWorker):
                     encode_image(
                         image.numpy(),
                         params.output_format,
-                        params.quality,
+                        params.output_compression,
                         self.settings.png_compress_level,
                     )
                 ),

@@ -71,8 +71,8 @@ class ImageParams:
     # reports it, so the image can be made again).
     seed: int | None = None
     output_format: str = "png"
-    # JPEG quality (OpenAI's `output_compression`), 0-100; None: the encoder's default.
-    quality: int | None = None
+    # JPEG quality 0-100 (OpenAI's name for it); None: the encoder's default. PNG ignores it.
+    output_compression: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The stage request's `params`: plain values, fields left at None omitted."""
@@ -128,7 +128,7 @@ class ImageParams:
         _check_range("steps", self.steps, 1, limits.max_steps)
         _check_range("n", self.n, 1, limits.max_images)
         _check_range("seed", self.seed, 0, MAX_SEED)
-        _check_range("quality", self.quality, 0, 100)
+        _check_range("output_compression", self.output_compression, 0, 100)
         guidance = self.guidance_scale
         if guidance is not None and not (
             math.isfinite(guidance) and 0 <= guidance <= limits.max_guidance_scale
@@ -156,7 +156,7 @@ _WIRE_TYPES: dict[str, type] = {
     "n": int,
     "seed": int,
     "output_format": str,
-    "quality": int,
+    "output_compression": int,
 }
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number"}
 
