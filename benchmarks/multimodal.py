@@ -30,6 +30,9 @@ from ceilings import Geometry, measure_copy_bandwidth, measure_matmul_tflops
 from PIL import Image
 
 IMAGE_SIDE, TEXT_TOKENS, OUTPUT_TOKENS = 448, 64, 128
+# --smoke runs the whole script on the CPU with a tiny model of the same shape of architecture,
+# so a broken import or signature shows here rather than on a leased GPU.
+DEVICE = "cuda"
 VISION_START, IMAGE_PAD, VISION_END = 151652, 151655, 151653
 
 TEXT = dict(
@@ -77,12 +80,22 @@ def build_checkpoint(folder: str) -> None:
         architectures=["Qwen2_5_VLForConditionalGeneration"],
     )
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    empty_cache()
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        synchronize()
+
+
+def empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def images(n: int, seed: int) -> list[Image.Image]:
@@ -121,10 +134,11 @@ class OmniPipeline:
 
         from omni import LLM
 
-        self.encoder = VisionEncoder.from_pretrained(folder, device="cuda", dtype="bfloat16")
+        self.encoder = VisionEncoder.from_pretrained(folder, device=DEVICE, dtype="bfloat16")
         self.llm = LLM(
             folder,
             dtype="bfloat16",
+            device=DEVICE,
             skip_tokenizer_init=True,
             max_model_len=1024,
             max_num_seqs=256,
@@ -183,7 +197,7 @@ class OmniPipeline:
         engine = self.llm.engine
         while engine.has_unfinished_requests():
             engine.step()
-        torch.cuda.synchronize()
+        synchronize()
         return time.perf_counter() - start
 
     def time_to_first_token(self, image: Image.Image, text: list[int]) -> float:
@@ -207,20 +221,20 @@ def run_transformers(folder: str, pil_images, texts, batch: int) -> float:
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(
-        folder, dtype=torch.bfloat16, device_map="cuda"
+        folder, dtype=torch.bfloat16, device_map=DEVICE
     ).eval()
     processor = image_processor()
 
     def generate(chunk_images, chunk_texts, new_tokens: int) -> None:
         out = processor(images=chunk_images, return_tensors="pt")
         per_image = int(out["image_grid_thw"][0].prod()) // 4
-        ids = torch.tensor([prompt_ids(per_image, t) for t in chunk_texts], device="cuda")
+        ids = torch.tensor([prompt_ids(per_image, t) for t in chunk_texts], device=DEVICE)
         model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             mm_token_type_ids=(ids == IMAGE_PAD).int(),
-            pixel_values=out["pixel_values"].to("cuda", torch.bfloat16),
-            image_grid_thw=out["image_grid_thw"].to("cuda"),
+            pixel_values=out["pixel_values"].to(DEVICE, torch.bfloat16),
+            image_grid_thw=out["image_grid_thw"].to(DEVICE),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
@@ -228,15 +242,15 @@ def run_transformers(folder: str, pil_images, texts, batch: int) -> float:
         )
 
     generate(pil_images[:2], texts[:2], 2)  # warm-up
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     for i in range(0, len(pil_images), batch):
         generate(pil_images[i : i + batch], texts[i : i + batch], OUTPUT_TOKENS)
-    torch.cuda.synchronize()
+    synchronize()
     elapsed = time.perf_counter() - start
     model.to("meta")
     gc.collect()
-    torch.cuda.empty_cache()
+    empty_cache()
     return elapsed
 
 
@@ -273,17 +287,34 @@ def floor_seconds(n: int, prompt_len: int, flops_rate: float, bandwidth: float) 
     return seconds
 
 
+def shrink_for_smoke() -> None:
+    global DEVICE, IMAGE_SIDE, OUTPUT_TOKENS
+    DEVICE, IMAGE_SIDE, OUTPUT_TOKENS = "cpu", 56, 4
+    TEXT.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    TEXT.update(num_attention_heads=4, num_key_value_heads=2)
+    TEXT["rope_parameters"] = {**TEXT["rope_parameters"], "mrope_section": [2, 3, 3]}
+    VISION.update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    VISION.update(fullatt_block_indexes=[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     args = parser.parse_args()
 
-    flops_rate = measure_matmul_tflops() * 1e12
-    bandwidth = measure_copy_bandwidth()
-    card = torch.cuda.get_device_name()
+    if args.smoke:
+        shrink_for_smoke()
+        flops_rate, bandwidth, card = 1e12, 1e11, "cpu (smoke run: figures mean nothing)"
+        args.num_requests = min(args.num_requests, 6)
+        args.hf_batch = min(args.hf_batch, 3)
+    else:
+        flops_rate = measure_matmul_tflops() * 1e12
+        bandwidth = measure_copy_bandwidth()
+        card = torch.cuda.get_device_name()
     n = args.num_requests
     pil_images, texts = images(n, seed=0), text_ids(n, seed=0)
     prompt_len = 1 + (IMAGE_SIDE // 28) ** 2 + 1 + TEXT_TOKENS
