@@ -5,13 +5,13 @@ encoded again, whether the prefix cache or the encoder-output cache covers it.""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_qwen2_audio import make_tiny_qwen2_audio
+from fixtures_qwen2_audio import load_reference_audio, make_tiny_qwen2_audio
 from fixtures_vl import make_tiny_qwen2_5_vl
 from omni.cache.encoder_cache import EncoderCache
 from stage_helpers import SHM_PREFIX, ipc_endpoint, our_segments, running_router
@@ -21,13 +21,14 @@ from test_vl_engine import CASES, NEW_TOKENS, reference
 
 from omni.multimodal import Qwen2VLPromptProcessor, prepare_qwen2_vl_prompt
 from omni.multimodal.prompt import MultiModalPrompt
-from omni.multimodal.qwen2_audio import Qwen2AudioPromptProcessor
+from omni.multimodal.qwen2_audio import Qwen2AudioPrompt, Qwen2AudioPromptProcessor
 from omni.multimodal.requests import items_to_encode, submit_mm_request
 from omni.supervision.router import StageRouter
 from omni.supervision.supervisor import StageSpec, StageSupervisor, SupervisorConfig
 
 SAMPLING = {"temperature": 0.0, "max_tokens": NEW_TOKENS, "ignore_eos": True}
 BLOCK = 8
+LLM_BLOCK_OPTION = ("--option", f"block_size={BLOCK}")
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +112,12 @@ def test_image_request_through_vision_and_llm_stage_processes(vl_folder: Path) -
 
 
 def test_audio_request_through_audio_and_llm_stage_processes(audio_folder: Path) -> None:
-    from fixtures_qwen2_audio import load_reference_audio
-
     model = load_reference_audio(audio_folder)
     model.generation_config.eos_token_id = None
-    expect: Callable[[Any], list[int]] = lambda p: reference_tokens(model, p)  # noqa: E731
+
+    def expect(prompt: Qwen2AudioPrompt) -> list[int]:
+        return reference_tokens(model, prompt)
+
     processor = Qwen2AudioPromptProcessor.from_pretrained(str(audio_folder))
     prompt = processor.prepare(messages=AUDIO_CASES["two clips of different lengths"])
     clip = AUDIO_CASES["one clip"][0]["content"][0]
@@ -123,7 +125,7 @@ def test_audio_request_through_audio_and_llm_stage_processes(audio_folder: Path)
     moved = processor.prepare(messages=user(text("First listen."), clip, text("What is it?")))
     fresh = processor.prepare(messages=user(audio(0.5, 880.0, 50), text("And this?")))
     with encoder_and_llm_stages(audio_folder, "audio") as (router, calls):
-        check_repeat_skips_the_encoder(router, prompt, expect(prompt), calls)
+        check_repeat_skips_the_encoder(router, calls, prompt, expect(prompt))
 
         cache = EncoderCache(max_bytes=1 << 20)
         one_clip = processor.prepare(messages=AUDIO_CASES["one clip"])
