@@ -90,7 +90,7 @@ def build_checkpoint(folder: str) -> None:
 
 def synchronize() -> None:
     if DEVICE == "cuda":
-        synchronize()
+        torch.cuda.synchronize()
 
 
 def empty_cache() -> None:
