@@ -147,6 +147,29 @@ def test_a_batch_of_seeds_equals_each_request_alone(worker: ImageWorker, plain: 
     assert pixels(outputs["big"]).shape == (SIDE, 48, 3)
 
 
+def test_a_batch_waits_while_requests_keep_arriving(folder: Path) -> None:
+    worker = ImageWorker(
+        WorkerOptions(model=str(folder), extra={"batch_wait_ms": "60000", "arrival_gap_ms": "0"})
+    )
+    worker.load()
+    try:
+        sizes = count_calls(worker)
+        worker.add_request(WorkerRequest("a", {}, params(seed=1)))
+        assert worker.step() == [] and sizes == []  # a request just arrived: wait for more
+        worker.add_request(WorkerRequest("b", {}, params(seed=2)))
+        assert worker.step() == [] and sizes == []
+        worker.step()  # nothing arrived since the last step: the burst is over
+        assert sizes == [2]
+        while worker.has_work():
+            worker.step()
+        worker.add_request(WorkerRequest("alone", {}, params(seed=3)))
+        worker.step()
+        worker.step()  # a lone request waits one gap only
+        assert sizes == [2, 1]
+    finally:
+        worker.close()
+
+
 def test_jpeg_and_drawn_seeds(worker: ImageWorker, plain: Any) -> None:
     wire = ImageParams("a red fox", width=SIDE, height=SIDE, steps=STEPS, output_format="jpeg")
     output = run(worker, {"j": wire.to_wire()})["j"]

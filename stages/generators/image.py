@@ -14,13 +14,14 @@ and draws all their images in one pipeline call, so every denoising step is one 
 for the whole batch (with classifier-free guidance, diffusers already runs both halves in that
 one forward). Each image keeps its own seeded generator, so a batched request gives the same
 image as the same request alone. A burst of requests reaches the stage over a few
-milliseconds; `batch_wait_ms` holds a batch that is not yet full that long, a rounding error
-next to one pipeline call. The finished pixels are encoded on a thread pool (PIL releases the
-GIL) while the next batch denoises.
+milliseconds, so a batch that is not full waits while requests keep arriving (each gap at most
+`arrival_gap_ms`, the whole wait at most `batch_wait_ms`); a request that comes alone waits one
+gap, a rounding error next to one pipeline call. The finished pixels are encoded on a thread
+pool (PIL releases the GIL) while the next batch denoises.
 
 Options (`--option key=value`): `dtype` (auto, float32, bfloat16, float16), `fuse_qkv`
 (auto, true, false: auto is on for CUDA), `channels_last` (true, false; off by default, see
-`DiffusionImageGenerator.from_pretrained`), `max_batch_pixels`, `batch_wait_ms`,
+`DiffusionImageGenerator.from_pretrained`), `max_batch_pixels`, `batch_wait_ms`, `arrival_gap_ms`,
 `encode_threads`, `png_compress_level`, and the `ImageLimits` fields (`max_pixels`,
 `max_steps`, `max_images`, `max_prompt_chars`, `max_guidance_scale`).
 """
@@ -76,7 +77,8 @@ class ImageStageSettings:
     # and VAE-decode memory. 32 images of 512x512, or 8 of 1024x1024. A larger single request
     # still runs, alone.
     max_batch_pixels: int = 32 * 512 * 512
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 20.0
+    arrival_gap_ms: float = 1.0
     encode_threads: int = 4
     png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL
     limits: ImageLimits = dataclasses.field(default_factory=ImageLimits)
@@ -84,8 +86,9 @@ class ImageStageSettings:
     def __post_init__(self) -> None:
         if self.max_batch_pixels < 1:
             raise ValueError(f"max_batch_pixels is {self.max_batch_pixels}; it must be >= 1")
-        if self.batch_wait_ms < 0:
-            raise ValueError(f"batch_wait_ms is {self.batch_wait_ms}; it must be >= 0")
+        for name in ("batch_wait_ms", "arrival_gap_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} is {getattr(self, name)}; it must be >= 0")
         if self.encode_threads < 1:
             raise ValueError(f"encode_threads is {self.encode_threads}; it must be >= 1")
         if not 0 <= self.png_compress_level <= 9:
@@ -149,6 +152,7 @@ class ImageWorker(StageWorker):
         self.generator: DiffusionImageGenerator | None = None
         self._queue: OrderedDict[str, _Queued] = OrderedDict()
         self._refused: list[StageOutput] = []
+        self._arrivals = 0  # requests queued since the last step
         # Requests whose pixels are being encoded, in the order their batches finished.
         self._encoding: OrderedDict[str, concurrent.futures.Future[StageOutput]] = OrderedDict()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -193,6 +197,7 @@ class ImageWorker(StageWorker):
             tuple(first + k for k in range(params.n)),
             time.monotonic(),
         )
+        self._arrivals += 1
 
     def has_work(self) -> bool:
         return bool(self._queue or self._refused or self._encoding)
@@ -208,15 +213,17 @@ class ImageWorker(StageWorker):
 
     def step(self) -> list[StageOutput]:
         outputs, self._refused = self._refused, []
-        batch = self._next_batch()
+        arrivals, self._arrivals = self._arrivals, 0
+        batch = self._next_batch(arrivals)
         if batch:
             self._draw(batch)
         outputs += self._encoded(wait=not batch and not self._queue and not outputs)
         return outputs
 
-    def _next_batch(self) -> list[_Queued]:
+    def _next_batch(self, arrivals: int) -> list[_Queued]:
         """The oldest request and the queued ones that can share its call; empty while a
-        batch that is not full waits out `batch_wait_ms`."""
+        batch that is not full waits for more (`arrivals`: requests added since the last
+        step; none means the burst, if any, is over)."""
         if not self._queue:
             return []
         first = next(iter(self._queue.values()))
@@ -228,11 +235,10 @@ class ImageWorker(StageWorker):
                 batch.append(queued)
                 pixels += queued.pixels
         full = pixels + first.shape.width * first.shape.height > self.settings.max_batch_pixels
-        waited = time.monotonic() - first.arrived
-        remaining = self.settings.batch_wait_ms / 1000 - waited
-        if not full and remaining > 0:
+        remaining = self.settings.batch_wait_ms / 1000 - (time.monotonic() - first.arrived)
+        if not full and arrivals and remaining > 0:
             # Returning empty-handed lets the runtime take what arrived meanwhile.
-            time.sleep(remaining)
+            time.sleep(min(remaining, self.settings.arrival_gap_ms / 1000))
             return []
         for queued in batch:
             del self._queue[queued.request_id]
