@@ -225,7 +225,7 @@ ERROR_CASES = {
     "empty messages": (chat_body(messages=[]), 400, "invalid_request_error", "messages"),
     "image part": (
         chat_body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
-        400, "invalid_request_error", "messages[0].content",
+        400, "invalid_request_error", "messages[0].content[0]",
     ),
     "bad temperature": (chat_body(temperature=-1), 400, "invalid_request_error", "temperature"),
     "bad top_p": (chat_body(top_p=0), 400, "invalid_request_error", "top_p"),

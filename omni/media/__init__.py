@@ -1,7 +1,7 @@
 """Media intake: decode images and audio under hard limits, and hash them by content."""
 
 from omni.media.audio import AUDIO_FORMATS, load_audio, resample
-from omni.media.data_url import decode_data_url
+from omni.media.data_url import decode_base64, decode_data_url
 from omni.media.errors import MediaError
 from omni.media.hashing import hash_audio, hash_image, hash_media_item
 from omni.media.images import IMAGE_FORMATS, load_image, to_rgb
@@ -13,6 +13,7 @@ __all__ = [
     "MediaError",
     "MediaLimits",
     "check_item_count",
+    "decode_base64",
     "decode_data_url",
     "hash_audio",
     "hash_image",

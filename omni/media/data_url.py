@@ -47,14 +47,22 @@ def decode_data_url(url: str, *, name: str, limits: MediaLimits) -> tuple[str, b
         check_num_bytes(len(data), limit, limit_name, name=name)
         return media_type, data
 
+    what = f"{name} is a data: URL whose base64 data is invalid"
+    return media_type, decode_base64(payload, limit, limit_name, name=name, invalid=what)
+
+
+def decode_base64(
+    payload: str, limit: int, limit_name: str, *, name: str, invalid: str | None = None
+) -> bytes:
+    """The bytes of base64 `payload`; their size (computed from the encoded length) is checked
+    against `limit` before anything is decoded. MediaError naming `name` (`invalid` is the
+    message for malformed base64)."""
+    invalid = invalid or f"{name} is not valid base64"
     if len(payload) % 4:
-        raise MediaError(f"{name} is a data: URL whose base64 data is invalid", item=name)
+        raise MediaError(invalid, item=name)
     padding = len(payload) - len(payload.rstrip("="))
     check_num_bytes(len(payload) // 4 * 3 - min(padding, 2), limit, limit_name, name=name)
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except binascii.Error as error:
-        raise MediaError(
-            f"{name} is a data: URL whose base64 data is invalid", item=name
-        ) from error
-    return media_type, data
+        raise MediaError(invalid, item=name) from error

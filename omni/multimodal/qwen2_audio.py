@@ -96,6 +96,9 @@ class Qwen2AudioPrompt(MultiModalPrompt):
 class Qwen2AudioPromptProcessor:
     """Tokenizer plus Whisper feature extractor for one Qwen2-Audio checkpoint."""
 
+    # The media items its messages carry (the server maps content parts onto it).
+    MEDIA: ClassVar[MediaKind] = AUDIO_ITEMS
+
     def __init__(
         self,
         tokenizer: Any,
@@ -145,7 +148,7 @@ class Qwen2AudioPromptProcessor:
             if len(audios):
                 raise ValueError("with messages, audio clips go inside the message content")
             prompt, audios = render_chat(
-                self.tokenizer, messages, AUDIO_ITEMS, add_generation_prompt
+                self.tokenizer, messages, self.MEDIA, add_generation_prompt
             )
         assert prompt is not None
         self._check_prompt(prompt, audios)

@@ -128,6 +128,9 @@ class Qwen2VLPrompt(MultiModalPrompt):
 class Qwen2VLPromptProcessor:
     """Tokenizer plus image processor for one Qwen2(.5)-VL checkpoint."""
 
+    # The media items its messages carry (the server maps content parts onto it).
+    MEDIA: ClassVar[MediaKind] = IMAGE_ITEMS
+
     def __init__(
         self,
         tokenizer: Any,
@@ -177,7 +180,7 @@ class Qwen2VLPromptProcessor:
             if images:
                 raise ValueError("with messages, images go inside the message content")
             prompt, images = render_chat(
-                self.tokenizer, messages, IMAGE_ITEMS, add_generation_prompt
+                self.tokenizer, messages, self.MEDIA, add_generation_prompt
             )
         assert prompt is not None
         self._check_prompt(prompt, images)

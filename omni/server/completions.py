@@ -30,7 +30,7 @@ class ClientGone(Exception):
 async def chat_completion(
     orch: Orchestrator, request: ChatCompletionRequest, http: Request
 ) -> Response:
-    prompt_ids, vl_prompt = orch.prompt_for_chat_with_media(request.messages)
+    prompt_ids, mm_prompt = orch.prompt_for_chat_with_media(request.messages)
     if request.top_logprobs:
         raise APIError(400, "top_logprobs > 0 is not supported yet", param="top_logprobs")
     if request.logprobs and request.stream:
@@ -42,7 +42,7 @@ async def chat_completion(
         logprobs=0 if request.logprobs else None,
     )
     header = _Header("chatcmpl", "chat.completion", orch.model_name)
-    deltas = orch.generate(prompt_ids, params, vl_prompt)
+    deltas = orch.generate(prompt_ids, params, mm_prompt)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         first = await _first(deltas)

@@ -1,8 +1,9 @@
 """Routes one request through the stages it needs and streams its tokens back.
 
 Text requests need one stage: the chat template and the tokenizer run here, in the API
-process, and the LLM stage gets token ids. Media (images, audio, PDF) will add an encoder hop
-before the LLM one; `prompt_for_chat` is where their parts will be expanded into placeholders.
+process, and the LLM stage gets token ids. Media parts (`image_url` for Qwen2-VL models,
+`input_audio` for Qwen2-Audio models) are decoded and bounded here, expanded into placeholders
+by the model's prompt processor, and add an encoder hop before the LLM one.
 """
 
 from __future__ import annotations
@@ -13,11 +14,18 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from omni.media import MediaError, MediaLimits, decode_data_url, load_image
-from omni.multimodal.qwen2_vl import Qwen2VLPrompt
+from omni.media import (
+    MediaError,
+    MediaLimits,
+    decode_base64,
+    decode_data_url,
+    load_audio,
+    load_image,
+)
+from omni.multimodal.prompt import MultiModalPrompt
 from omni.multimodal.requests import submit_mm_request_async
 from omni.server.metrics import ServerMetrics
-from omni.server.protocol import APIError, ChatMessage
+from omni.server.protocol import APIError, ChatMessage, TextContentPart
 from omni.stages.llm.sampling_params import SamplingParams
 from omni.stages.llm.wire import encode_llm_request
 from omni.supervision.router import StageRouter
@@ -30,6 +38,10 @@ from omni.supervision.streams import (
 
 LLM_ROLE = "llm"
 VISION_ROLE = "vision"
+AUDIO_ROLE = "audio"
+# Content part type -> (the prompt processor's media kind, what the model takes, in errors).
+MEDIA_PARTS = {"image_url": ("image", "images"), "input_audio": ("audio", "audio")}
+AUDIO_PART_FORMATS = ("wav", "mp3", "flac", "ogg")
 
 
 @dataclass(frozen=True)
@@ -56,11 +68,12 @@ class Orchestrator:
         model_name: str,
         max_model_len: int,
         metrics: ServerMetrics,
-        vl_processor: Any = None,
+        mm_processor: Any = None,
         media_limits: MediaLimits | None = None,
     ) -> None:
-        # The Qwen2-VL prompt processor when the model takes images (None: text only).
-        self.vl_processor = vl_processor
+        # The model's multi-modal prompt processor (Qwen2-VL: images, Qwen2-Audio: audio);
+        # None for a text-only model.
+        self.mm_processor = mm_processor
         self.media_limits = media_limits or MediaLimits()
         self.router = router
         self.tokenizer = tokenizer
@@ -89,26 +102,21 @@ class Orchestrator:
 
     def prompt_for_chat_with_media(
         self, messages: Sequence[ChatMessage]
-    ) -> tuple[list[int], Qwen2VLPrompt | None]:
-        """Token ids of the conversation, and its images' processed inputs when it has any."""
-        with_images = [i for i, m in enumerate(messages) if _has_images(m)]
-        if not with_images:
+    ) -> tuple[list[int], MultiModalPrompt | None]:
+        """Token ids of the conversation, and its media items' processed inputs when it has
+        any."""
+        with_media = [i for i, m in enumerate(messages) if _media_parts(m)]
+        if not with_media:
             return self.prompt_for_chat(messages), None
-        if self.vl_processor is None:
-            raise APIError(
-                400,
-                f"messages[{with_images[0]}]: model {self.model_name!r} does not take images",
-                param=f"messages[{with_images[0]}].content",
-                code="unsupported_content",
-            )
-        conversation = [self._vl_message(m, i) for i, m in enumerate(messages)]
+        conversation = [self._mm_message(m, i) for i, m in enumerate(messages)]
+        assert self.mm_processor is not None
         try:
-            prompt = self.vl_processor.prepare(messages=conversation)
+            prompt = self.mm_processor.prepare(messages=conversation)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         return prompt.prompt_token_ids, prompt
 
-    def _vl_message(self, message: ChatMessage, index: int) -> dict[str, Any]:
+    def _mm_message(self, message: ChatMessage, index: int) -> dict[str, Any]:
         if message.content is None or isinstance(message.content, str):
             return {"role": message.role, "content": message.content or ""}
         items: list[dict[str, Any]] = []
@@ -116,24 +124,67 @@ class Orchestrator:
             name = f"messages[{index}].content[{k}]"
             if part.type == "text":
                 items.append({"type": "text", "text": part.text or ""})
-            elif part.type == "image_url" and part.image_url is not None:
-                try:
-                    _, data = decode_data_url(
-                        part.image_url.url, name=name, limits=self.media_limits
-                    )
-                    image = load_image(data, name=name, limits=self.media_limits)
-                except MediaError as exc:
-                    raise APIError(400, str(exc), param=name, code="invalid_media") from None
-                items.append({"type": "image", "image": image})
-            else:
-                raise APIError(
-                    400,
-                    f"{name}: content part type {part.type!r} is not supported yet; "
-                    "'text' and 'image_url' (data: URLs) are",
-                    param=name,
-                    code="unsupported_content",
-                )
+                continue
+            kind = self._media_kind(part, name)
+            try:
+                if kind == "image":
+                    items.append({"type": "image", "image": self._image(part, name)})
+                else:
+                    items.append({"type": "audio", "audio": self._audio(part, name)})
+            except MediaError as exc:
+                raise APIError(400, str(exc), param=name, code="invalid_media") from None
         return {"role": message.role, "content": items}
+
+    def _media_kind(self, part: TextContentPart, name: str) -> str:
+        """The media kind of a non-text part, refusing parts this model does not take."""
+        if part.type not in MEDIA_PARTS:
+            raise APIError(
+                400,
+                f"{name}: content part type {part.type!r} is not supported; 'text', "
+                "'image_url' (data: URLs) and 'input_audio' parts are",
+                param=name,
+                code="unsupported_content",
+            )
+        kind, plural = MEDIA_PARTS[part.type]
+        taken = getattr(self.mm_processor, "MEDIA", None)
+        if taken is None or taken.name != kind:
+            raise APIError(
+                400,
+                f"{name}: model {self.model_name!r} does not take {plural}",
+                param=name,
+                code="unsupported_content",
+            )
+        if getattr(part, part.type) is None:
+            raise APIError(400, f"{name}: an {part.type} part needs {part.type!r}", param=name)
+        return kind
+
+    def _image(self, part: TextContentPart, name: str) -> Any:
+        assert part.image_url is not None
+        _, data = decode_data_url(part.image_url.url, name=name, limits=self.media_limits)
+        return load_image(data, name=name, limits=self.media_limits)
+
+    def _audio(self, part: TextContentPart, name: str) -> Any:
+        """Mono float32 samples at the model's rate; a clip longer than the model's window is
+        refused from the file's header, before it is decoded."""
+        assert part.input_audio is not None
+        audio_format = part.input_audio.format.lower()
+        if audio_format not in AUDIO_PART_FORMATS:
+            raise MediaError(
+                f"{name} has format {part.input_audio.format!r}; supported: "
+                f"{', '.join(AUDIO_PART_FORMATS)}",
+                item=name,
+            )
+        limits = self.media_limits
+        data = decode_base64(
+            part.input_audio.data, limits.max_audio_bytes, "max_audio_bytes", name=name
+        )
+        max_seconds = min(limits.max_audio_seconds, self.mm_processor.max_seconds)
+        return load_audio(
+            data,
+            name=name,
+            sampling_rate=self.mm_processor.sampling_rate,
+            limits=dataclasses.replace(limits, max_audio_seconds=max_seconds),
+        )
 
     def prompt_for_completion(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -183,7 +234,7 @@ class Orchestrator:
         self,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        vl_prompt: Qwen2VLPrompt | None = None,
+        mm_prompt: MultiModalPrompt | None = None,
     ) -> AsyncIterator[TokenDelta]:
         """Stream the LLM stage's replies. Closing the iterator early (a client that left)
         aborts the request, which frees its KV blocks in the stage."""
@@ -194,9 +245,9 @@ class Orchestrator:
         }
         started = time.monotonic()
         try:
-            if vl_prompt is not None:
-                # Probe the prefix cache, encode only the uncached images, then generate.
-                stream = await submit_mm_request_async(self.router, vl_prompt, sampling)
+            if mm_prompt is not None:
+                # Probe the prefix cache, encode only the uncached items, then generate.
+                stream = await submit_mm_request_async(self.router, mm_prompt, sampling)
             else:
                 stream = self.router.submit_async(
                     LLM_ROLE, *encode_llm_request(prompt_token_ids, sampling)
@@ -248,9 +299,11 @@ def _api_error(exc: StageFailure) -> APIError:
     return APIError(500, str(exc), "internal_error")
 
 
-def _has_images(message: ChatMessage) -> bool:
+def _media_parts(message: ChatMessage) -> bool:
+    """Whether the message has image or audio parts (the multi-modal path names the parts the
+    model cannot take)."""
     content = message.content
-    return isinstance(content, list) and any(part.type == "image_url" for part in content)
+    return isinstance(content, list) and any(part.type in MEDIA_PARTS for part in content)
 
 
 def _message_text(message: ChatMessage, index: int) -> str:

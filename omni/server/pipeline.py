@@ -20,7 +20,7 @@ from typing import Any
 from omni.server.config import ServeConfig
 from omni.server.images import ImageService
 from omni.server.metrics import ServerMetrics
-from omni.server.orchestrator import LLM_ROLE, VISION_ROLE, Orchestrator
+from omni.server.orchestrator import AUDIO_ROLE, LLM_ROLE, VISION_ROLE, Orchestrator
 from omni.stages.generators.image import IMAGE_ROLE
 from omni.stages.llm.worker import engine_config
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, create_worker
@@ -88,11 +88,11 @@ class Pipeline:
         )
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         max_model_len = context_length(model_path, config.max_model_len)
-        vl_processor = vision_prompt_processor(model_path)
+        mm = media_prompt_processor(model_path)
         roles = [(LLM_ROLE, config.llm_replicas)]
-        if vl_processor is not None:
-            # A vision-language model: its vision tower runs as a stage of its own.
-            roles.append((VISION_ROLE, 1))
+        if mm is not None:
+            # A vision- or audio-language model: its encoder runs as a stage of its own.
+            roles.append((mm[1], 1))
         if config.image_model is not None:
             roles.append((IMAGE_ROLE, config.image_replicas))
         try:
@@ -111,7 +111,12 @@ class Pipeline:
             lambda: router.counters, lambda: supervisor.restarts if supervisor else 0
         )
         self._orchestrator = Orchestrator(
-            router, tokenizer, model_name, max_model_len, metrics, vl_processor=vl_processor
+            router,
+            tokenizer,
+            model_name,
+            max_model_len,
+            metrics,
+            mm_processor=None if mm is None else mm[0],
         )
         if config.image_model is not None:
             self.image_service = ImageService(router, config.image_model)
@@ -229,12 +234,18 @@ class Pipeline:
         self.supervisor = StageSupervisor(router, specs).start()
 
 
-def vision_prompt_processor(model_path: str) -> Any:
-    """The Qwen2-VL prompt processor when the model has a vision tower, else None."""
+def media_prompt_processor(model_path: str) -> tuple[Any, str] | None:
+    """(prompt processor, encoder stage role) when the model takes images (Qwen2-VL: a vision
+    tower) or audio (Qwen2-Audio: an audio tower), else None."""
     from transformers import AutoConfig
 
-    if getattr(AutoConfig.from_pretrained(model_path), "vision_config", None) is None:
-        return None
-    from omni.multimodal import Qwen2VLPromptProcessor
+    config = AutoConfig.from_pretrained(model_path)
+    if getattr(config, "vision_config", None) is not None:
+        from omni.multimodal import Qwen2VLPromptProcessor
 
-    return Qwen2VLPromptProcessor.from_pretrained(model_path)
+        return Qwen2VLPromptProcessor.from_pretrained(model_path), VISION_ROLE
+    if config.model_type == "qwen2_audio":
+        from omni.multimodal.qwen2_audio import Qwen2AudioPromptProcessor
+
+        return Qwen2AudioPromptProcessor.from_pretrained(model_path), AUDIO_ROLE
+    return None

@@ -59,11 +59,18 @@ class ImageURL(_OpenAIModel):
     url: str
 
 
+class InputAudio(_OpenAIModel):
+    data: str  # base64 of the file's bytes
+    format: str  # "wav", "mp3", "flac" or "ogg"
+
+
 class TextContentPart(_OpenAIModel):
-    # Any part type parses; the orchestrator serves `text` and `image_url` and names the rest.
+    # Any part type parses; the orchestrator serves `text`, `image_url` and `input_audio`
+    # (for models that take them) and names the rest.
     type: str
     text: str | None = None
     image_url: ImageURL | None = None
+    input_audio: InputAudio | None = None
 
 
 class ChatMessage(_OpenAIModel):
