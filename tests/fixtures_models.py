@@ -104,6 +104,22 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     return config
 
 
+def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
+    """Seeded noise in every parameter: norm weights near 1, embeddings at unit scale, the
+    rest small. Norms and biases are random too (transformers would start those at 1 and 0,
+    which would hide a mis-mapped norm or bias)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("embed_tokens.weight"):
+                param.copy_(noise)
+            else:
+                param.copy_(0.08 * noise)
+
+
 def make_tiny_checkpoint(
     arch: str,
     path: str | Path,
@@ -125,16 +141,7 @@ def make_tiny_checkpoint(
     config = tiny_config(arch, len(tokenizer), **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("embed_tokens.weight"):
-                param.copy_(noise)
-            else:
-                param.copy_(0.08 * noise)
+    randomize_parameters(model, seed)
     model = model.to(dtype)
     kwargs: dict[str, Any] = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(folder, **kwargs)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fixtures_models import build_tokenizer
+from fixtures_models import build_tokenizer, randomize_parameters
 
 AUDIO_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -118,16 +118,7 @@ def make_tiny_qwen2_audio(path: str | Path, seed: int = 0) -> Path:
     config = tiny_audio_config(len(tokenizer))
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("embed_tokens.weight"):
-                param.copy_(noise)
-            else:
-                param.copy_(0.08 * noise)
+    randomize_parameters(model, seed)
     model.save_pretrained(folder)
     build_audio_processor(tokenizer).save_pretrained(folder)
     return folder

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fixtures_models import build_tokenizer
+from fixtures_models import build_tokenizer, randomize_parameters
 from PIL import Image
 
 # Qwen's special tokens; the BPE trainer numbers them first, in this order.
@@ -164,16 +164,7 @@ def make_tiny_qwen2_5_vl(path: str | Path, seed: int = 0, family: str = "qwen2_5
     config = tiny_vl_config(len(tokenizer), family)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("embed_tokens.weight"):
-                param.copy_(noise)
-            else:
-                param.copy_(0.08 * noise)
+    randomize_parameters(model, seed)
     model.save_pretrained(folder)
     build_vl_processor(tokenizer).save_pretrained(folder)
     return folder

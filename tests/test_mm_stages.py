@@ -16,8 +16,8 @@ from fixtures_vl import make_tiny_qwen2_5_vl
 from omni.cache.encoder_cache import EncoderCache
 from stage_helpers import SHM_PREFIX, ipc_endpoint, our_segments, running_router
 from test_qwen2_audio import CASES as AUDIO_CASES
-from test_qwen2_audio import audio, reference_tokens, text, user
-from test_vl_engine import CASES, NEW_TOKENS, reference
+from test_qwen2_audio import audio, reference_tokens
+from test_vl_engine import CASES, NEW_TOKENS, reference, text, user
 
 from omni.multimodal import Qwen2VLPromptProcessor, prepare_qwen2_vl_prompt
 from omni.multimodal.prompt import MultiModalPrompt

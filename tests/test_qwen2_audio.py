@@ -20,27 +20,18 @@ from fixtures_qwen2_audio import (
 )
 from omni.cache.encoder_cache import EncoderCache
 from omni.stages.encoders.audio import AudioEncoder
+from test_vl_engine import NEW_TOKENS, run, text, user
 
-from omni import LLM, SamplingParams
+from omni import LLM
 from omni.multimodal.encoding import complete_encoding, plan_encoding
 from omni.multimodal.hashing import audio_item_hash
 from omni.multimodal.qwen2_audio import Qwen2AudioPrompt, Qwen2AudioPromptProcessor
 
-NEW_TOKENS = 8
 BLOCK = 8
-GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-
-
-def user(*items: dict) -> list[dict]:
-    return [{"role": "user", "content": list(items)}]
 
 
 def audio(seconds: float, frequency: float, seed: int) -> dict:
     return {"type": "audio", "audio": tone(seconds, frequency, seed)}
-
-
-def text(words: str) -> dict:
-    return {"type": "text", "text": words}
 
 
 CASES = {
@@ -114,18 +105,6 @@ def reference_embeddings(reference: Any, prompt: Qwen2AudioPrompt) -> torch.Tens
     finally:
         hook.remove()
     return captured["embeds"][0][inputs["input_ids"][0] == AUDIO_TOKEN_ID]
-
-
-def run(llm: LLM, request_id: str, prompt: Qwen2AudioPrompt, embeddings: list) -> tuple:
-    engine = llm.engine
-    mm = prompt.to_multimodal_inputs(embeddings)
-    engine.add_request(request_id, prompt.prompt_token_ids, GREEDY, mm=mm, stream=False)
-    outputs = []
-    while engine.has_unfinished_requests():
-        outputs += engine.step()
-    [output] = outputs
-    assert output.error is None
-    return output.outputs[0].token_ids, output.num_cached_tokens
 
 
 class CountingEncoder:

@@ -174,6 +174,7 @@ class AudioWorker(BatchingEncoderWorker):
     float16) and `max_batch_clips` (clips per forward; a request with more still runs,
     alone)."""
 
+    ENCODER_CLASS = AudioEncoder
     ROLE = "audio"
     MODEL_KIND = "a Qwen2-Audio folder"
     INPUT_NAMES = ("input_features", "feature_lengths")
@@ -181,20 +182,5 @@ class AudioWorker(BatchingEncoderWorker):
     DEFAULT_BUDGET = DEFAULT_MAX_BATCH_CLIPS
     TOKENS_KEY = "num_audio_tokens"
 
-    encoder: AudioEncoder
-
-    def load_encoder(self) -> None:
-        self.encoder = AudioEncoder.from_pretrained(
-            self.options.model, self.options.device, self.dtype
-        )
-
-    def check_inputs(self, inputs: Inputs) -> None:
-        self.encoder.check_inputs(inputs["input_features"], inputs["feature_lengths"])
-
     def cost(self, inputs: Inputs) -> int:
         return int(inputs["input_features"].shape[0])
-
-    def encode_batch(self, batch: Sequence[Inputs]) -> list[torch.Tensor]:
-        return self.encoder.encode_batch(
-            [(inputs["input_features"], inputs["feature_lengths"]) for inputs in batch]
-        )

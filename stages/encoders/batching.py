@@ -5,7 +5,8 @@ An encoder stage's request is one request's items as a few tensors (the vision s
 `feature_lengths`); its reply is one finished output with the tensor `embeddings`, the items'
 rows concatenated in order. Requests queued together run in one forward, up to a budget in the
 encoder's own unit of cost (patches, clips); a request larger than the budget still runs,
-alone. A subclass names its inputs and budget and says how to load, check, cost and encode.
+alone. A subclass names its encoder class, inputs and budget, and says what a request costs;
+the encoder takes the input tensors positionally, in `INPUT_NAMES` order.
 """
 
 from __future__ import annotations
@@ -14,12 +15,20 @@ from abc import abstractmethod
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from omni.stages.runtime.worker import StageOutput, StageWorker, WorkerOptions, WorkerRequest
 
 Inputs = Mapping[str, torch.Tensor]
+
+
+class Encoder(Protocol):
+    """What the worker needs of an encoder (`VisionEncoder`, `AudioEncoder`)."""
+
+    def check_inputs(self, *tensors: torch.Tensor) -> None: ...
+
+    def encode_batch(self, requests: Sequence[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class _Queued:
 class BatchingEncoderWorker(StageWorker):
     """Options: `dtype` (auto, float32, bfloat16, float16) and the budget option."""
 
+    # Its `from_pretrained(model, device, dtype)` builds the encoder.
+    ENCODER_CLASS: ClassVar[Any]
     ROLE: ClassVar[str]  # the stage role, for errors
     MODEL_KIND: ClassVar[str]  # what --model must be, for errors ("a Qwen2-VL folder")
     INPUT_NAMES: ClassVar[tuple[str, ...]]  # the request tensors every request must carry
@@ -56,42 +67,36 @@ class BatchingEncoderWorker(StageWorker):
         if self.max_batch_cost < 1:
             raise ValueError(f"{self.BUDGET_OPTION} is {self.max_batch_cost}; it must be >= 1")
         self._queue: deque[_Queued] = deque()
-        self._loaded = False
-
-    # ---- what a subclass provides -----------------------------------------------------------
-
-    @abstractmethod
-    def load_encoder(self) -> None:
-        """Build the encoder from `self.options` and `self.dtype`."""
-
-    @abstractmethod
-    def check_inputs(self, inputs: Inputs) -> None:
-        """ValueError naming what is wrong with one request's tensors."""
+        self._encoder: Encoder | None = None
 
     @abstractmethod
     def cost(self, inputs: Inputs) -> int:
         """One request's cost in the budget's unit."""
 
-    @abstractmethod
-    def encode_batch(self, batch: Sequence[Inputs]) -> list[torch.Tensor]:
-        """Embeddings `[rows, hidden]` per request, from one forward over all of them."""
-
-    # ---- the worker -------------------------------------------------------------------------
+    @property
+    def encoder(self) -> Any:
+        """The loaded encoder (its concrete class, for callers and tests)."""
+        if self._encoder is None:
+            raise RuntimeError(f"the {self.ROLE} worker was not loaded")
+        return self._encoder
 
     def load(self) -> None:
-        self.load_encoder()
-        self._loaded = True
+        self._encoder = self.ENCODER_CLASS.from_pretrained(
+            self.options.model, self.options.device, self.dtype
+        )
+
+    def _positional(self, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+        return tuple(inputs[name] for name in self.INPUT_NAMES)
 
     def add_request(self, request: WorkerRequest) -> None:
-        if not self._loaded:
-            raise RuntimeError(f"the {self.ROLE} worker was not loaded")
+        encoder = self.encoder
         missing = [name for name in self.INPUT_NAMES if name not in request.inputs]
         if missing:
             raise ValueError(f"request {request.request_id!r} lacks input tensors {missing}")
         if any(queued.request_id == request.request_id for queued in self._queue):
             raise ValueError(f"request {request.request_id!r} is already active")
         inputs = {name: request.inputs[name] for name in self.INPUT_NAMES}
-        self.check_inputs(inputs)
+        encoder.check_inputs(*self._positional(inputs))
         self._queue.append(_Queued(request.request_id, inputs, self.cost(inputs)))
 
     def has_work(self) -> bool:
@@ -106,7 +111,7 @@ class BatchingEncoderWorker(StageWorker):
         while self._queue and cost + self._queue[0].cost <= self.max_batch_cost:
             cost += self._queue[0].cost
             batch.append(self._queue.popleft())
-        embeddings = self.encode_batch([item.inputs for item in batch])
+        embeddings = self.encoder.encode_batch([self._positional(item.inputs) for item in batch])
         return [
             StageOutput(
                 request_id=item.request_id,
@@ -122,4 +127,4 @@ class BatchingEncoderWorker(StageWorker):
 
     def close(self) -> None:
         self._queue.clear()
-        self._loaded = False
+        self._encoder = None

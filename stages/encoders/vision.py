@@ -168,6 +168,7 @@ class VisionWorker(BatchingEncoderWorker):
     bfloat16, float16) and `max_batch_patches` (patches per forward; a larger single request
     still runs, alone)."""
 
+    ENCODER_CLASS = VisionEncoder
     ROLE = "vision"
     MODEL_KIND = "a Qwen2-VL or Qwen2.5-VL folder"
     INPUT_NAMES = ("pixel_values", "image_grid_thw")
@@ -175,20 +176,5 @@ class VisionWorker(BatchingEncoderWorker):
     DEFAULT_BUDGET = DEFAULT_MAX_BATCH_PATCHES
     TOKENS_KEY = "num_image_tokens"
 
-    encoder: VisionEncoder
-
-    def load_encoder(self) -> None:
-        self.encoder = VisionEncoder.from_pretrained(
-            self.options.model, self.options.device, self.dtype
-        )
-
-    def check_inputs(self, inputs: Inputs) -> None:
-        self.encoder.check_inputs(inputs["pixel_values"], inputs["image_grid_thw"])
-
     def cost(self, inputs: Inputs) -> int:
         return int(inputs["pixel_values"].shape[0])
-
-    def encode_batch(self, batch: Sequence[Inputs]) -> list[torch.Tensor]:
-        return self.encoder.encode_batch(
-            [(inputs["pixel_values"], inputs["image_grid_thw"]) for inputs in batch]
-        )
