@@ -1,7 +1,13 @@
 """Multi-modal prompt processing: placeholder expansion, item hashes and M-RoPE positions."""
 
-from omni.multimodal.hashing import image_item_hash
+from omni.multimodal.hashing import audio_item_hash, image_item_hash
 from omni.multimodal.mrope import ImageSpan, decode_mrope_positions, mrope_positions
+from omni.multimodal.prompt import MultiModalPrompt
+from omni.multimodal.qwen2_audio import (
+    ProcessedAudio,
+    Qwen2AudioPrompt,
+    Qwen2AudioPromptProcessor,
+)
 from omni.multimodal.qwen2_vl import (
     ProcessedImage,
     Qwen2VLPrompt,
@@ -11,9 +17,14 @@ from omni.multimodal.qwen2_vl import (
 
 __all__ = [
     "ImageSpan",
+    "MultiModalPrompt",
+    "ProcessedAudio",
     "ProcessedImage",
+    "Qwen2AudioPrompt",
+    "Qwen2AudioPromptProcessor",
     "Qwen2VLPrompt",
     "Qwen2VLPromptProcessor",
+    "audio_item_hash",
     "decode_mrope_positions",
     "image_item_hash",
     "mrope_positions",
