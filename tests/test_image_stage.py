@@ -170,14 +170,18 @@ def test_a_batch_waits_while_requests_keep_arriving(folder: Path) -> None:
         worker.close()
 
 
-def test_jpeg_and_drawn_seeds(worker: ImageWorker, plain: Any) -> None:
+def test_jpeg_raw_and_drawn_seeds(worker: ImageWorker, plain: Any) -> None:
     wire = ImageParams("a red fox", width=SIDE, height=SIDE, steps=STEPS, output_format="jpeg")
     output = run(worker, {"j": wire.to_wire()})["j"]
     data = output.tensors["image_0"].numpy().tobytes()
     assert data[:3] == b"\xff\xd8\xff"  # a JPEG file
     [seed] = output.data["seeds"]
-    png = run(worker, {"p": params(seed=seed)})["p"]  # the reported seed redraws the image
-    np.testing.assert_array_equal(pixels(png), reference(plain, seed))
+    # The reported seed draws the image again; raw pixels are the PNG's pixels.
+    outputs = run(worker, {"p": params(seed=seed), "r": params(seed=seed, output_format="raw")})
+    np.testing.assert_array_equal(pixels(outputs["p"]), reference(plain, seed))
+    raw = outputs["r"].tensors["image_0"]
+    assert (raw.dtype, tuple(raw.shape)) == (torch.uint8, (SIDE, SIDE, 3))
+    np.testing.assert_array_equal(raw.numpy(), reference(plain, seed))
 
 
 @pytest.mark.parametrize(
@@ -226,7 +230,12 @@ def test_speed_settings_keep_the_image(folder: Path, plain: Any) -> None:
     fast = ImageWorker(
         WorkerOptions(
             model=str(folder),
-            extra={"channels_last": "true", "fuse_qkv": "true", "batch_wait_ms": "0"},
+            extra={
+                "channels_last": "true",
+                "fuse_qkv": "true",
+                "cuda_graphs": "true",  # installed, but CPU tensors run eagerly
+                "batch_wait_ms": "0",
+            },
         )
     )
     fast.load()

@@ -128,6 +128,7 @@ def test_the_openai_client_generates_a_jpeg(base_url: str) -> None:
         ({"n": "two"}, 400, "n", "n: Input should be a valid integer"),
         ({"response_format": "url"}, 400, "response_format", "use 'b64_json'"),
         ({"output_format": "webp"}, 400, "output_format", "output_format 'webp' is not served"),
+        ({"output_format": "raw"}, 400, "output_format", "use one of ['png', 'jpeg']"),
         ({"model": "dall-e-3"}, 404, "model", "The model 'dall-e-3' does not exist"),
     ],
 )

@@ -30,6 +30,8 @@ from omni.stages.generators.image_params import ImageLimits, ImageParamError, Im
 from omni.supervision.router import StageRouter
 from omni.supervision.streams import NoReplicaError, ReplicaLostError, StageFailure
 
+# The stage's formats that are files (not its raw pixels).
+HTTP_OUTPUT_FORMATS = ("png", "jpeg")
 # ImageParams fields that arrive under another name: width and height come in `size`.
 _HTTP_PARAM = {"width": "size", "height": "size"}
 
@@ -89,6 +91,14 @@ class ImageService:
                 "response_format 'url' is not served: omni keeps no image files; use 'b64_json'",
                 param="response_format",
             )
+        output_format = request.output_format or "png"
+        if output_format not in HTTP_OUTPUT_FORMATS:
+            raise APIError(
+                400,
+                f"output_format {output_format!r} is not served; use one of "
+                f"{list(HTTP_OUTPUT_FORMATS)}",
+                param="output_format",
+            )
         width, height = parse_size(request.size)
         params = ImageParams(
             prompt=request.prompt,
@@ -99,7 +109,7 @@ class ImageService:
             guidance_scale=request.guidance_scale,
             n=request.n,
             seed=request.seed,
-            output_format=request.output_format or "png",
+            output_format=output_format,
             output_compression=request.output_compression,
         )
         try:

@@ -3,7 +3,8 @@
 A request carries no tensors; its `params` are `ImageParams.to_wire()` (prompt, size, steps,
 guidance scale, negative prompt, seed, number of images, output format). Its one reply is
 finished and holds the tensors `image_0` ... `image_{n-1}`, each the bytes of one encoded file
-(uint8, so they ride the transport as raw frames or shared memory, never pickled), and
+(uint8, so they ride the transport as raw frames or shared memory, never pickled; with
+`output_format="raw"`, the uint8 pixels `[height, width, 3]` themselves), and
 `data={"format", "width", "height", "steps", "guidance_scale", "seeds", "batch_images"}`;
 image k was drawn with `seeds[k]`, in a pipeline call of `batch_images` images. A refused
 request gets an error naming the field and the limit.
@@ -19,11 +20,11 @@ milliseconds, so a batch that is not full waits while requests keep arriving (ea
 gap, a rounding error next to one pipeline call. The finished pixels are encoded on a thread
 pool (PIL releases the GIL) while the next batch denoises.
 
-Options (`--option key=value`): `dtype` (auto, float32, bfloat16, float16), `fuse_qkv`
-(auto, true, false: auto is on for CUDA), `channels_last` (true, false; off by default, see
-`DiffusionImageGenerator.from_pretrained`), `max_batch_pixels`, `batch_wait_ms`, `arrival_gap_ms`,
-`encode_threads`, `png_compress_level`, and the `ImageLimits` fields (`max_pixels`,
-`max_steps`, `max_images`, `max_prompt_chars`, `max_guidance_scale`).
+Options (`--option key=value`): `dtype` (auto, float32, bfloat16, float16); `cuda_graphs` and
+`fuse_qkv` (auto, true, false: auto is on for CUDA); `channels_last` (true, false; off by
+default, see `DiffusionImageGenerator.from_pretrained`); `max_batch_pixels`, `batch_wait_ms`,
+`arrival_gap_ms`, `encode_threads`, `png_compress_level`; and the `ImageLimits` fields
+(`max_pixels`, `max_steps`, `max_images`, `max_prompt_chars`, `max_guidance_scale`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -72,14 +74,18 @@ class ImageStageSettings:
 
     dtype: str = "auto"
     channels_last: bool = False
+    cuda_graphs: bool | None = None
     fuse_qkv: bool | None = None
     # Pixels drawn in one pipeline call (images times width times height): bounds activation
     # and VAE-decode memory. 32 images of 512x512, or 8 of 1024x1024. A larger single request
     # still runs, alone.
     max_batch_pixels: int = 32 * 512 * 512
     batch_wait_ms: float = 20.0
-    arrival_gap_ms: float = 1.0
-    encode_threads: int = 4
+    # Longer than Python's 5 ms thread switch interval: a client process (the API server's
+    # event loop beside the router's I/O thread) can hold one request back that long.
+    arrival_gap_ms: float = 6.0
+    # PNG encoding of a burst's images runs this wide (encoders release the GIL).
+    encode_threads: int = min(8, os.cpu_count() or 1)
     png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL
     limits: ImageLimits = dataclasses.field(default_factory=ImageLimits)
 
@@ -165,6 +171,7 @@ class ImageWorker(StageWorker):
             settings.dtype,
             channels_last=settings.channels_last,
             fuse_qkv=settings.fuse_qkv,
+            cuda_graphs=settings.cuda_graphs,
         )
         multiple = max(self.limits.size_multiple, self.generator.size_multiple)
         self.limits = dataclasses.replace(self.limits, size_multiple=multiple)
@@ -273,7 +280,9 @@ class ImageWorker(StageWorker):
     def _encode(self, queued: _Queued, images: torch.Tensor, batch_images: int) -> StageOutput:
         params = queued.params
         files = {
-            f"image_{k}": torch.frombuffer(
+            f"image_{k}": image
+            if params.output_format == "raw"
+            else torch.frombuffer(
                 bytearray(
                     encode_image(
                         image.numpy(),

@@ -20,7 +20,9 @@ from typing import Any
 # torch.Generator.manual_seed takes 64-bit seeds; image k of a request is drawn with seed + k,
 # so seeds stop at 2**63 - 1 and seed + k never wraps.
 MAX_SEED = 2**63 - 1
-OUTPUT_FORMATS = ("png", "jpeg")
+# "raw": the pixels themselves, uint8 [height, width, 3], for a stage that consumes images
+# rather than a client that stores them (and for measuring the stage without an encoder).
+OUTPUT_FORMATS = ("png", "jpeg", "raw")
 
 
 class ImageParamError(ValueError):
