@@ -34,6 +34,15 @@ def add_parser(subparsers: Any) -> None:
         help="diffusers pipeline (folder or hub id) for /v1/images/generations",
     )
     p.add_argument("--image-replicas", type=int, default=None)
+    p.add_argument(
+        "--speech-model",
+        default=None,
+        help="VITS / MMS-TTS or SpeechT5 checkpoint for /v1/audio/speech and chat audio "
+        "(default: the espeak-ng voice)",
+    )
+    p.add_argument(
+        "--no-speech", dest="speech", action="store_false", default=None, help="no speech stage"
+    )
     p.add_argument("--devices", default=None, help="per-role devices, for example llm=0,1")
     p.add_argument(
         "--single-process",
@@ -70,7 +79,7 @@ def serve_config(args: argparse.Namespace) -> Any:
     for name in (
         "model", "served_model_name", "host", "port", "llm_replicas", "devices",
         "single_process", "api_key", "max_model_len", "max_num_seqs", "max_body_bytes",
-        "image_model", "image_replicas",
+        "image_model", "image_replicas", "speech", "speech_model",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -101,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from omni.server.app import AppSettings, build_app
     from omni.server.images import add_image_routes
     from omni.server.pipeline import Pipeline
+    from omni.server.speech import add_speech_routes
 
     try:
         pipeline = Pipeline(config).start()
@@ -112,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         app = build_app(pipeline.orchestrator, settings)
         if pipeline.image_service is not None:
             add_image_routes(app, pipeline.image_service, settings)
+        if pipeline.speech_service is not None:
+            add_speech_routes(app, pipeline.speech_service, settings)
         uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower())
     finally:
         pipeline.close()

@@ -22,11 +22,11 @@ from omni.server.auth import check_api_key
 from omni.server.orchestrator import LLM_ROLE, Orchestrator
 from omni.server.protocol import (
     APIError,
-    ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
     error_body,
 )
+from omni.server.speech_chat import AudioChatCompletionRequest, chat_completion_with_audio
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,11 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        parsed = await parse(request, ChatCompletionRequest)
+        parsed = await parse(request, AudioChatCompletionRequest)
         try:
+            if parsed.wants_audio():
+                speech = getattr(app.state, "speech", None)  # set by add_speech_routes
+                return await chat_completion_with_audio(orchestrator, speech, parsed, request)
             return await completions.chat_completion(orchestrator, parsed, request)
         except completions.ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)

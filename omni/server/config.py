@@ -66,6 +66,10 @@ class ServeConfig:
     # image stage. Its name in requests' "model" is this string.
     image_model: str | None = None
     image_replicas: int = 1
+    # A speech stage serves /v1/audio/speech and chat answers with audio: the default voice
+    # (espeak-ng, when installed) unless speech_model names a VITS / SpeechT5 checkpoint.
+    speech: bool = True
+    speech_model: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -76,6 +80,8 @@ class ServeConfig:
             raise ValueError(f"image_replicas is {self.image_replicas}; it must be >= 1")
         if self.image_model is not None and not self.image_model:
             raise ValueError("image_model is empty; leave it unset to serve no images")
+        if self.speech_model is not None and not self.speech_model:
+            raise ValueError("speech_model is empty; leave it unset for the default voice")
         for name in ("max_model_len", "max_num_seqs"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -21,7 +21,9 @@ from omni.server.config import ServeConfig
 from omni.server.images import ImageService
 from omni.server.metrics import ServerMetrics
 from omni.server.orchestrator import AUDIO_ROLE, LLM_ROLE, VISION_ROLE, Orchestrator
+from omni.server.speech_service import SpeechService, speech_stage_model
 from omni.stages.generators.image import IMAGE_ROLE
+from omni.stages.generators.speech import SPEECH_ROLE
 from omni.stages.llm.worker import engine_config
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, create_worker
 from omni.supervision.router import RouterConfig, StageRouter
@@ -65,6 +67,9 @@ class Pipeline:
         self._orchestrator: Orchestrator | None = None
         # Serves /v1/images/generations when the config names an image model.
         self.image_service: ImageService | None = None
+        # Serves /v1/audio/speech and chat audio when a speech stage runs ("" = default voice).
+        self.speech_model: str | None = None
+        self.speech_service: SpeechService | None = None
 
     @property
     def orchestrator(self) -> Orchestrator:
@@ -95,6 +100,9 @@ class Pipeline:
             roles.append((mm[1], 1))
         if config.image_model is not None:
             roles.append((IMAGE_ROLE, config.image_replicas))
+        self.speech_model = speech_stage_model(config)
+        if self.speech_model is not None:
+            roles.append((SPEECH_ROLE, 1))
         try:
             router = self._start_router()
             if config.single_process:
@@ -120,6 +128,8 @@ class Pipeline:
         )
         if config.image_model is not None:
             self.image_service = ImageService(router, config.image_model)
+        if self.speech_model is not None:
+            self.speech_service = SpeechService(router, self.speech_model)
         return self
 
     def close(self) -> None:
@@ -183,7 +193,10 @@ class Pipeline:
         return self.router
 
     def _stage_model(self, role: str, model_path: str) -> str:
-        """The image stage serves its own diffusers pipeline; every other stage the model."""
+        """The image stage serves its own diffusers pipeline, the speech stage its voice model
+        ("" for the default voice); every other stage the model."""
+        if role == SPEECH_ROLE:
+            return self.speech_model or ""
         image_model = self.config.image_model
         return image_model if role == IMAGE_ROLE and image_model is not None else model_path
 

@@ -13,6 +13,10 @@ The last reply is `finished` and adds `num_chunks`, `num_samples` and, when the 
 bytes; raw 16-bit PCM for "pcm"). Bad settings (unknown voice, empty or too long text, unknown
 format, speed out of range) fail the request with an error naming the item and its limit.
 
+A request with `describe: true` synthesizes nothing: its one reply's data holds the voice
+model's `name`, `voices`, `default_voice`, `sample_rate` and `speed_range`, or, when it also
+names a `voice` or `speed` the model cannot honour, the same refusal a real request would get.
+
 The voice model is `--model`: empty for the embedded default voice, espeak-ng (see
 `omni.speech.espeak` for why that one), or a VITS / MMS-TTS or SpeechT5 checkpoint
 (`omni.stages.generators.tts_models`). Options (`--option key=value`): `max_input_chars`,
@@ -82,6 +86,9 @@ class SpeechWorker(StreamingStageWorker):
 
     def handle(self, request: WorkerRequest) -> Iterator[StageOutput]:
         synth = self._synth()
+        if request.params.get("describe"):
+            yield self._describe(request)
+            return
         try:
             params = SpeechParams.from_wire(request.params, self.max_input_chars)
             voice = synth.resolve_voice(params.voice, params.speed)
@@ -109,3 +116,26 @@ class SpeechWorker(StreamingStageWorker):
                         bytearray(encoded), dtype=torch.uint8
                     )
             yield StageOutput(request.request_id, tensors=tensors, data=data, finished=last)
+
+    def _describe(self, request: WorkerRequest) -> StageOutput:
+        """The voice model's name, voices, rate and speed range; with `voice` / `speed` given,
+        a refusal if it cannot speak so (the API process asks before it starts an LLM)."""
+        synth = self._synth()
+        try:
+            voice = request.params.get("voice")
+            speed = request.params.get("speed", 1.0)
+            if not isinstance(speed, int | float) or isinstance(speed, bool):
+                raise ValueError(f"speed is {speed!r}; it must be a number")
+            if voice is not None and not isinstance(voice, str):
+                raise ValueError(f"voice must be a voice name, got {voice!r}")
+            synth.resolve_voice(voice, float(speed))
+        except ValueError as exc:
+            return StageOutput(request.request_id, finished=True, error=str(exc))
+        data = {
+            "name": synth.name,
+            "voices": list(synth.voices),
+            "default_voice": synth.default_voice,
+            "sample_rate": synth.sample_rate,
+            "speed_range": list(synth.speed_range),
+        }
+        return StageOutput(request.request_id, data=data, finished=True)
