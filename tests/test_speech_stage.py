@@ -227,3 +227,31 @@ def test_unknown_model_type_and_options_are_refused(tmp_path: Path) -> None:
         speech_worker(str(folder))
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['colour'\] for a espeak-ng"):
         speech_worker("", colour="blue")
+
+
+def test_describe_names_the_voices_and_checks_one(vits_dir: Path, vits_worker) -> None:
+    [output] = run_request(vits_worker, {"describe": True})
+    assert output.finished and output.error is None
+    assert output.data == {
+        "name": str(vits_dir),
+        "voices": ["default", "speaker-0", "speaker-1", "speaker-2"],
+        "default_voice": "default",
+        "sample_rate": 16_000,
+        "speed_range": [0.25, 4.0],
+    }
+    [refused] = run_request(vits_worker, {"describe": True, "voice": "nova"})
+    assert refused.error is not None and refused.error.startswith("voice 'nova' is unknown")
+
+
+def test_serve_flags_choose_the_speech_stage() -> None:
+    import argparse
+
+    from omni.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_parser(parser.add_subparsers())
+    config = serve.serve_config(parser.parse_args(["serve"]))
+    assert (config.speech, config.speech_model) == (True, None)
+    config = serve.serve_config(parser.parse_args(["serve", "--speech-model", "/m/vits"]))
+    assert config.speech_model == "/m/vits"
+    assert serve.serve_config(parser.parse_args(["serve", "--no-speech"])).speech is False
