@@ -19,7 +19,9 @@ by the `max_batch_patches` option.
 
 The tower is transformers' own module (`Qwen2_5_VisionTransformerPretrainedModel` or
 `Qwen2VisionTransformerPretrainedModel`) built from `config.vision_config`, with only the
-checkpoint's `visual.*` (or `model.visual.*`) tensors read, through safetensors.
+checkpoint's `visual.*` (or `model.visual.*`) tensors read, through safetensors; its attention
+is replaced by `PackedVisionAttention` (vision_attention.py), which attends every window or
+image of a length in one call instead of one call each.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 from omni.stages.encoders.batching import BatchingEncoderWorker, Inputs
 from omni.stages.encoders.checkpoint import load_module
+from omni.stages.encoders.vision_attention import RotaryFn, pack_vision_attention
 from omni.stages.llm.models.loader import resolve_dtype, resolve_model_path
 from omni.stages.runtime.worker import register_worker
 from torch import nn
@@ -44,19 +47,20 @@ VISION_PREFIXES = ("model.visual.", "visual.")
 DEFAULT_MAX_BATCH_PATCHES = 16384
 
 
-def _vision_tower_class(model_type: str) -> type[nn.Module]:
+def _vision_tower_class(model_type: str) -> tuple[type[nn.Module], RotaryFn]:
+    """transformers' tower class for `model_type`, and the rotary function its attention
+    applies (kept by `PackedVisionAttention`, which replaces that attention)."""
     if model_type == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-            Qwen2_5_VisionTransformerPretrainedModel,
-        )
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5_vl
 
-        return Qwen2_5_VisionTransformerPretrainedModel
+        return (
+            qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel,
+            qwen2_5_vl.apply_rotary_pos_emb_vision,
+        )
     if model_type == "qwen2_vl":
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-            Qwen2VisionTransformerPretrainedModel,
-        )
+        from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
 
-        return Qwen2VisionTransformerPretrainedModel
+        return qwen2_vl.Qwen2VisionTransformerPretrainedModel, qwen2_vl.apply_rotary_pos_emb_vision
     raise ValueError(
         f"model_type {model_type!r} has no supported vision tower; supported: qwen2_vl, qwen2_5_vl"
     )
@@ -99,11 +103,12 @@ class VisionEncoder:
         vision_config = getattr(config, "vision_config", None)
         if vision_config is None:
             raise ValueError(f"{model!r} has no vision_config; it is not a vision-language model")
-        tower_class = _vision_tower_class(str(config.model_type))
+        tower_class, rotary = _vision_tower_class(str(config.model_type))
         torch_dtype = resolve_dtype(dtype, config)
         with torch.device(device):
             tower = tower_class._from_config(vision_config, dtype=torch_dtype)  # type: ignore[attr-defined]
         load_module(tower, folder, VISION_PREFIXES, "vision tower")
+        pack_vision_attention(tower, rotary)
         logger.info("loaded %s from %s (%s, %s)", tower_class.__name__, folder, torch_dtype, device)
         return cls(tower, VisionGeometry.from_config(vision_config))
 

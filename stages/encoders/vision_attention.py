@@ -1,0 +1,128 @@
+"""Packed attention for the Qwen2-VL / Qwen2.5-VL vision tower.
+
+transformers' vision attention (without flash-attn) runs one SDPA call per segment of
+`cu_seqlens`: per image in full-attention layers and, in Qwen2.5-VL, per 8x8-patch window in
+the others. A batch of 32 448x448 images has 512 windows, so each window layer is 512 small
+kernel launches and the tower runs far below the GPU's matmul rate. Here segments of equal
+length are gathered into one `[segments, heads, length, head_dim]` batch and attended in a
+single SDPA call per distinct length (usually one or two per layer), with the same math.
+
+The gather plan depends only on `cu_seqlens`, which the tower passes unchanged to every layer
+of a kind, so it is built once per forward and reused (a plan also costs a device-to-host
+copy of the lengths, which would otherwise stall every layer).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RotaryFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+@dataclass(frozen=True)
+class SegmentGroup:
+    """Every segment of one length: `rows[i]` lists the token rows of the i-th segment."""
+
+    length: int
+    rows: torch.Tensor  # int64 [segments, length]
+
+
+class SegmentPlans:
+    """Gather plans keyed by the identity of the `cu_seqlens` tensor they were built from.
+    Holds the last few only: a forward uses one per attention kind."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._plans: list[tuple[torch.Tensor, list[SegmentGroup]]] = []
+
+    def plan(self, cu_seqlens: torch.Tensor) -> list[SegmentGroup]:
+        for tensor, groups in self._plans:
+            if tensor is cu_seqlens:
+                return groups
+        groups = build_plan(cu_seqlens)
+        # Holding the tensor keeps its identity from being reused by a new allocation.
+        self._plans = [*self._plans[-(self.capacity - 1) :], (cu_seqlens, groups)]
+        return groups
+
+
+def build_plan(cu_seqlens: torch.Tensor) -> list[SegmentGroup]:
+    bounds = cu_seqlens.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            starts_by_length.setdefault(end - start, []).append(start)
+    groups = []
+    for length, starts in starts_by_length.items():
+        offsets = torch.arange(length, device=cu_seqlens.device)
+        first = torch.tensor(starts, device=cu_seqlens.device)
+        groups.append(SegmentGroup(length, first[:, None] + offsets[None, :]))
+    return groups
+
+
+def segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    groups: list[SegmentGroup],
+    scale: float,
+) -> torch.Tensor:
+    """Non-causal attention within each segment. q, k, v and the result are `[tokens, heads,
+    head_dim]`; tokens outside every segment come back as zeros."""
+    out = torch.zeros_like(query)
+    for group in groups:
+        # [segments, length, heads, dim] -> [segments, heads, length, dim]
+        q, k, v = (t[group.rows].transpose(1, 2) for t in (query, key, value))
+        attended = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out[group.rows] = attended.transpose(1, 2)
+    return out
+
+
+class PackedVisionAttention(nn.Module):
+    """Drop-in for transformers' `VisionAttention` / `Qwen2_5_VLVisionAttention`, sharing its
+    `qkv` and `proj` layers (so the checkpoint's weights stay where they were loaded)."""
+
+    def __init__(self, original: nn.Module, rotary: RotaryFn, plans: SegmentPlans) -> None:
+        super().__init__()
+        # getattr: nn.Module's attribute typing would make these Tensor | Module.
+        self.qkv: nn.Module = getattr(original, "qkv")  # noqa: B009
+        self.proj: nn.Module = getattr(original, "proj")  # noqa: B009
+        self.num_heads = int(getattr(original, "num_heads"))  # noqa: B009
+        self.scaling = float(getattr(original, "scaling"))  # noqa: B009
+        self.rotary = rotary
+        self.plans = plans
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        if position_embeddings is None:
+            raise ValueError("the vision tower passed no rotary position embeddings")
+        tokens = hidden_states.shape[0]
+        qkv = self.qkv(hidden_states).reshape(tokens, 3, self.num_heads, -1)
+        query, key, value = qkv.unbind(1)
+        cos, sin = position_embeddings
+        query, key = self.rotary(query, key, cos, sin)
+        attended = segment_attention(query, key, value, self.plans.plan(cu_seqlens), self.scaling)
+        return self.proj(attended.reshape(tokens, -1))
+
+
+def pack_vision_attention(tower: nn.Module, rotary: RotaryFn) -> int:
+    """Replaces every block's attention in `tower` with `PackedVisionAttention`; returns how
+    many were replaced."""
+    plans = SegmentPlans()
+    replaced = 0
+    for block in getattr(tower, "blocks", ()):
+        block.attn = PackedVisionAttention(block.attn, rotary, plans)
+        replaced += 1
+    return replaced

@@ -1,0 +1,39 @@
+"""Packed vision attention: one SDPA call per segment length equals one call per segment."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from omni.stages.encoders.vision_attention import SegmentPlans, build_plan, segment_attention
+
+
+def per_segment_reference(q, k, v, cu_seqlens, scale):
+    outs = []
+    bounds = cu_seqlens.tolist()
+    for start, end in itertools.pairwise(bounds):
+        # transformers' layout: [1, heads, length, dim] per segment
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_mixed_lengths_equal_one_call_per_segment() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # windows of 4 and 6 tokens, an empty one, and a full image of 9, in mixed order
+    cu_seqlens = torch.tensor([0, 4, 10, 10, 14, 23, 29], dtype=torch.int32)
+    q, k, v = (torch.randn(29, 3, 8, generator=gen) for _ in range(3))
+    groups = build_plan(cu_seqlens)
+    assert sorted((g.length, g.rows.shape[0]) for g in groups) == [(4, 2), (6, 2), (9, 1)]
+    got = segment_attention(q, k, v, groups, 0.35)
+    torch.testing.assert_close(got, per_segment_reference(q, k, v, cu_seqlens, 0.35))
+
+
+def test_plans_are_reused_for_the_same_tensor_only() -> None:
+    plans = SegmentPlans(capacity=2)
+    window, full = torch.tensor([0, 2, 4]), torch.tensor([0, 4])
+    first = plans.plan(window)
+    assert plans.plan(window) is first
+    assert plans.plan(full) is not first
+    assert plans.plan(torch.tensor([0, 2, 4])) is not first  # equal values, another tensor
