@@ -10,6 +10,7 @@ from omni.multimodal.qwen2_audio import (
 )
 from omni.multimodal.qwen2_vl import (
     ProcessedImage,
+    Qwen2VLImageItems,
     Qwen2VLPrompt,
     Qwen2VLPromptProcessor,
     prepare_qwen2_vl_prompt,
@@ -22,6 +23,7 @@ __all__ = [
     "ProcessedImage",
     "Qwen2AudioPrompt",
     "Qwen2AudioPromptProcessor",
+    "Qwen2VLImageItems",
     "Qwen2VLPrompt",
     "Qwen2VLPromptProcessor",
     "audio_item_hash",

@@ -32,8 +32,8 @@ Then, with the vision encoder (`omni.stages.encoders.vision`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -57,11 +57,18 @@ IMAGE_ITEMS = MediaKind("image", Image.Image, "a decoded PIL image")
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    """One image as the vision encoder takes it, with its content hash."""
+    """One image as the vision encoder takes it, with its content hash. The pixels are made
+    on first use: the grid (hence the placeholder run) comes from the image's size alone, so an
+    image that the prefix or encoder cache already covers is never resized or normalised."""
 
-    pixel_values: torch.Tensor  # float32 [grid_t * grid_h * grid_w, C * T * P * P]
     grid_thw: tuple[int, int, int]
     item_hash: str
+    make_pixels: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+
+    @cached_property
+    def pixel_values(self) -> torch.Tensor:
+        """float32 [grid_t * grid_h * grid_w, C * T * P * P]"""
+        return self.make_pixels()
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,71 @@ class Qwen2VLPrompt(MultiModalPrompt):
         return torch.tensor([image.grid_thw for image in self.images], dtype=torch.int64)
 
 
+class Qwen2VLImageItems:
+    """Turns images into `ProcessedImage`s with one checkpoint's image processor."""
+
+    def __init__(self, image_processor: Any) -> None:
+        self.image_processor = image_processor
+        self.merge_size = int(image_processor.merge_size)
+        # Everything in the image processor's settings shapes the pixels the tower sees.
+        self.processor_settings: Mapping[str, Any] = image_processor.to_dict()
+
+    def process(self, index: int, image: Image.Image) -> ProcessedImage:
+        """Image `index` of a request: checked, hashed, its grid known, pixels on demand."""
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ValueError(f"image {index} is {width}x{height} pixels; it is empty")
+        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            raise ValueError(
+                f"image {index} is {width}x{height} pixels; the aspect ratio limit is "
+                f"{MAX_ASPECT_RATIO}"
+            )
+        item_hash = image_item_hash(image, self.processor_settings)
+        grid = self._grid_of(width, height)
+        if grid is None:
+            pixels, grid = self._pixels_and_grid(image)
+            return ProcessedImage(grid, item_hash, lambda: pixels)
+        expected = grid
+
+        def make_pixels() -> torch.Tensor:
+            pixels, grid = self._pixels_and_grid(image)
+            if grid != expected:
+                raise RuntimeError(
+                    f"image {index}: the image processor made a {grid} patch grid where its "
+                    f"settings give {expected}"
+                )
+            return pixels
+
+        return ProcessedImage(grid, item_hash, make_pixels)
+
+    def _pixels_and_grid(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        out = self.image_processor(images=[image], return_tensors="pt")
+        t, h, w = (int(v) for v in out["image_grid_thw"][0])
+        return out["pixel_values"], (t, h, w)
+
+    def _grid_of(self, width: int, height: int) -> tuple[int, int, int] | None:
+        """The patch grid the image processor will make for a still image of this size, by
+        its own resize rule; None where its settings are not the resizing kind this knows."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        processor = self.image_processor
+        size = getattr(processor, "size", None)
+        # transformers 5 keeps `size` as a SizeDict (None for unset fields); older ones a dict.
+        min_pixels = size.get("shortest_edge") if size is not None else None
+        max_pixels = size.get("longest_edge") if size is not None else None
+        if not getattr(processor, "do_resize", False) or min_pixels is None or max_pixels is None:
+            return None
+        patch = int(processor.patch_size)
+        resized_height, resized_width = smart_resize(
+            height,
+            width,
+            factor=patch * self.merge_size,
+            min_pixels=int(min_pixels),
+            max_pixels=int(max_pixels),
+        )
+        return 1, resized_height // patch, resized_width // patch
+
+
 class Qwen2VLPromptProcessor:
     """Tokenizer plus image processor for one Qwen2(.5)-VL checkpoint."""
 
@@ -144,10 +216,10 @@ class Qwen2VLPromptProcessor:
         self.image_processor = image_processor
         self.max_images = max_images
         self.max_prompt_tokens = max_prompt_tokens
-        self.merge_size = int(image_processor.merge_size)
+        self.items = Qwen2VLImageItems(image_processor)
+        self.merge_size = self.items.merge_size
         self.image_token_id = self._special_token_id(IMAGE_PAD)
-        # Everything in the image processor's settings shapes the pixels the tower sees.
-        self.processor_settings: Mapping[str, Any] = image_processor.to_dict()
+        self.processor_settings = self.items.processor_settings
 
     @classmethod
     def from_pretrained(cls, folder: str, **limits: Any) -> Qwen2VLPromptProcessor:
@@ -185,7 +257,7 @@ class Qwen2VLPromptProcessor:
         assert prompt is not None
         self._check_prompt(prompt, images)
 
-        processed = [self._process_image(index, image) for index, image in enumerate(images)]
+        processed = [self.items.process(index, image) for index, image in enumerate(images)]
         text_ids = list(self.tokenizer(prompt)["input_ids"])
         token_ids, placeholders, spans = self._expand_image_pads(text_ids, processed)
         if self.max_prompt_tokens is not None and len(token_ids) > self.max_prompt_tokens:
@@ -209,23 +281,6 @@ class Qwen2VLPromptProcessor:
                 f"the prompt has {markers} {IMAGE_PAD} markers for {len(images)} images; "
                 "each image needs exactly one"
             )
-
-    def _process_image(self, index: int, image: Image.Image) -> ProcessedImage:
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise ValueError(f"image {index} is {width}x{height} pixels; it is empty")
-        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            raise ValueError(
-                f"image {index} is {width}x{height} pixels; the aspect ratio limit is "
-                f"{MAX_ASPECT_RATIO}"
-            )
-        out = self.image_processor(images=[image], return_tensors="pt")
-        t, h, w = (int(v) for v in out["image_grid_thw"][0])
-        return ProcessedImage(
-            pixel_values=out["pixel_values"],
-            grid_thw=(t, h, w),
-            item_hash=image_item_hash(image, self.processor_settings),
-        )
 
     def _expand_image_pads(
         self, text_ids: list[int], images: Sequence[ProcessedImage]
