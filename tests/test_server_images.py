@@ -44,6 +44,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> It
         devices={"llm": ("cpu",), "image": ("cpu",)},
         engine_options=ENGINE_OPTIONS,
         image_model=str(image_folder),
+        speech=False,  # this test is about images
     )
     with Pipeline(config) as pipeline:
         assert pipeline.image_service is not None
