@@ -227,11 +227,16 @@ class OmniPipeline:
         return time.perf_counter() - start
 
     def time_to_first_token(self, image: Image.Image, text: list[int]) -> float:
+        """From an idle engine (nothing queued on the GPU, as a server between requests) to
+        the first token of one request."""
+        engine = self.llm.engine
+        while engine.has_unfinished_requests():
+            engine.step()
+        synchronize()
         start = time.perf_counter()
         batch: list = []
         request_id = self.add(self.itemize(image, False), text, batch)
         self.flush(batch)
-        engine = self.llm.engine
         while True:
             if any(o.request_id == request_id for o in engine.step()):
                 ttft = time.perf_counter() - start

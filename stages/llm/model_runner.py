@@ -14,7 +14,12 @@ from omni.stages.llm.models.loader import load_model
 from omni.stages.llm.sampler import Sampler, SamplingBatch
 from omni.stages.llm.sampling_params import SamplingParams
 from omni.stages.llm.scheduler import SchedulerOutput
-from omni.stages.llm.step_inputs import HostStepInputs, build_host_inputs, to_device
+from omni.stages.llm.step_inputs import (
+    HostStepInputs,
+    as_decode_rows,
+    build_host_inputs,
+    to_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +87,13 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_hidden(self, host: HostStepInputs, feed: TokenFeed | None = None) -> torch.Tensor:
         """Hidden states at each request's last new token: [num_reqs, hidden]."""
-        if (
-            self.graphs is not None
-            and host.is_decode_only
-            and self.graphs.padded_size(host.num_reqs) is not None
-        ):
-            return self.graphs.run(host, feed)
+        if self.graphs is not None:
+            rows = host if host.is_decode_only else as_decode_rows(host)
+            if rows is not None and self.graphs.padded_size(rows.num_reqs) is not None:
+                hidden = self.graphs.run(rows, feed)
+                if rows is host:
+                    return hidden
+                return hidden[index_tensor(host.logits_indices.tolist(), hidden.device)]
         inputs = to_device(host, self.device)
         if feed is not None:
             feed.apply(inputs.token_ids)

@@ -99,6 +99,41 @@ def build_host_inputs(
     )
 
 
+# Longest query a request may have for its step to run as decode rows: each row re-reads its
+# request's whole context, fine for the few tokens left after a prefix hit, wasteful for a
+# long prefill (which is compute-bound and gains nothing from a graph).
+MAX_QUERY_LEN_AS_ROWS = 16
+
+
+def as_decode_rows(host: HostStepInputs) -> HostStepInputs | None:
+    """The same step as one single-token row per new token, or None if it should not run so.
+
+    Causal attention of a request's token at position p sees positions 0..p: exactly a decode
+    row with seq_len p + 1 over the request's block table. Every layer writes all new tokens'
+    K/V before attending, so a row sees the K/V of the rows before it in the same step. A short
+    prefill (what remains after a prefix-cache hit, or a chunk's tail) then fits the decode
+    CUDA graphs instead of running eagerly, kernel launch by kernel launch. The hidden states
+    of `host.logits_indices`' rows are the ones to sample from.
+    """
+    if host.mm_splices or host.max_query_len > MAX_QUERY_LEN_AS_ROWS:
+        return None
+    query_lens = np.diff(host.query_start_loc)
+    req_of_token = np.repeat(np.arange(host.num_reqs), query_lens)
+    num_tokens = host.num_tokens
+    return HostStepInputs(
+        token_ids=host.token_ids,
+        positions=host.positions,
+        query_start_loc=np.arange(num_tokens + 1, dtype=np.int32),
+        seq_lens=(host.positions + 1).astype(np.int32),
+        block_tables=host.block_tables[req_of_token],
+        slot_mapping=host.slot_mapping,
+        logits_indices=np.arange(num_tokens, dtype=np.int64),
+        max_query_len=1,
+        max_seq_len=host.max_seq_len,
+        rope_positions=host.rope_positions,
+    )
+
+
 def _mrope_positions(
     scheduled: list[ScheduledRequest], starts: np.ndarray, query_lens: np.ndarray
 ) -> np.ndarray:

@@ -1,0 +1,91 @@
+"""A short prefill run as single-token decode rows (how the decode CUDA graphs take it on a
+GPU) gives the hidden states of the ordinary step: here both run eagerly on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures_models import make_tiny_checkpoint
+from omni.stages.llm.step_inputs import (
+    MAX_QUERY_LEN_AS_ROWS,
+    as_decode_rows,
+    build_host_inputs,
+    to_device,
+)
+
+from omni import LLM, SamplingParams
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    path = tmp_path_factory.mktemp("llama")
+    make_tiny_checkpoint("llama", path)
+    return LLM(str(path), device="cpu", dtype="float32", block_size=BLOCK, num_kv_blocks=64, seed=0)
+
+
+def hidden_of(llm: LLM, host) -> torch.Tensor:
+    runner = llm.engine.runner
+    inputs = to_device(host, runner.device)
+    hidden = runner.model(
+        inputs.token_ids, inputs.positions, runner.kv_caches, inputs.attn, runner.attn_backend
+    )
+    return hidden[inputs.logits_indices]
+
+
+def test_prefix_hit_remainders_as_decode_rows(llm: LLM) -> None:
+    gen = torch.Generator().manual_seed(3)
+    shared = torch.randint(3, 300, (13,), generator=gen).tolist()
+    # Fill the prefix cache with the shared 12 tokens (3 full blocks).
+    llm.generate([shared], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    tails = [[7], [8, 9, 10], [11, 12, 13, 14, 15, 16]]
+    engine = llm.engine
+    for i, tail in enumerate(tails):
+        engine.add_request(f"r{i}", shared[:12] + tail, SamplingParams(max_tokens=1))
+    fresh = torch.randint(3, 300, (5,), generator=gen).tolist()
+    engine.add_request("fresh", fresh, SamplingParams(max_tokens=1))
+    out = engine.scheduler.schedule()
+    assert [s.num_new_tokens for s in out.scheduled] == [1, 3, 6, 5]
+
+    host = build_host_inputs(out.scheduled, BLOCK, engine.runner.table_width)
+    rows = as_decode_rows(host)
+    assert rows is not None and rows.is_decode_only
+    assert rows.num_reqs == host.num_tokens == 15
+    assert rows.seq_lens.tolist() == [13, 13, 14, 15, 13, 14, 15, 16, 17, 18, 1, 2, 3, 4, 5]
+    assert np.array_equal(rows.block_tables[4], host.block_tables[2])
+
+    expected = hidden_of(llm, host)
+    got = hidden_of(llm, rows)[torch.from_numpy(host.logits_indices)]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for s in out.scheduled:
+        engine.abort_request(s.request.request_id)
+    assert engine.kv_cache.num_free_blocks == 63
+
+
+def test_long_queries_stay_ordinary_steps(llm: LLM) -> None:
+    engine = llm.engine
+    engine.add_request("long", list(range(3, 3 + MAX_QUERY_LEN_AS_ROWS + 1)), SamplingParams())
+    out = engine.scheduler.schedule()
+    host = build_host_inputs(out.scheduled, BLOCK, engine.runner.table_width)
+    assert as_decode_rows(host) is None
+    engine.abort_request("long")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_serve_prefix_hit_remainders(tmp_path: Path) -> None:
+    make_tiny_checkpoint("llama", tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 300, (24,), generator=gen).tolist()
+    prompts = [shared + torch.randint(3, 300, (n,), generator=gen).tolist() for n in (1, 3, 9)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    def run(enforce_eager: bool) -> list[list[int]]:
+        llm = LLM(str(tmp_path), dtype="float32", block_size=BLOCK, enforce_eager=enforce_eager)
+        llm.generate([shared], params, use_tqdm=False)  # the shared prefix is cached now
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    assert run(enforce_eager=False) == run(enforce_eager=True)
