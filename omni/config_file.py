@@ -35,6 +35,17 @@ KNOWN_KEYS = frozenset(
         "options",
         "max_body_bytes",
         "startup_timeout_s",
+        "vision_replicas",
+        "audio_replicas",
+        "image_model",
+        "image_replicas",
+        "speech",
+        "speech_model",
+        "speech_replicas",
+        "encoder_cache_mib",
+        "allowed_media_domains",
+        "allowed_local_media_path",
+        "media_fetch_timeout_s",
     }
 )
 

@@ -48,9 +48,19 @@ class Welcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     shared_memory: bool = False
 
 
+# A replica's own numbers (the LLM stage: scheduler queues, KV usage, prefix-cache counters),
+# named plainly and bounded so that a heartbeat stays small.
+StageStats = Annotated[
+    dict[Annotated[str, msgspec.Meta(min_length=1, max_length=64)], float],
+    msgspec.Meta(max_length=64),
+]
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     replica_id: Name
     load: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Sent by replicas with their worker's `stats()`; the orchestrator's echo leaves it empty.
+    stats: StageStats = {}
 
 
 class HelloRequired(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -28,6 +28,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--llm-replicas", type=int, default=None)
+    p.add_argument("--vision-replicas", type=int, default=None, help="image encoder replicas")
+    p.add_argument("--audio-replicas", type=int, default=None, help="audio encoder replicas")
     p.add_argument(
         "--image-model",
         default=None,
@@ -43,6 +45,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--no-speech", dest="speech", action="store_false", default=None, help="no speech stage"
     )
+    p.add_argument("--speech-replicas", type=int, default=None)
     p.add_argument("--devices", default=None, help="per-role devices, for example llm=0,1")
     p.add_argument(
         "--single-process",
@@ -59,6 +62,23 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-body-bytes", type=int, default=None)
     p.add_argument(
+        "--encoder-cache-mib",
+        type=int,
+        default=None,
+        help="encoder outputs kept by content hash in the API process (default 512; 0: none)",
+    )
+    p.add_argument(
+        "--allowed-media-domains",
+        default=None,
+        help="comma-separated host names image_url may fetch http(s) URLs from (default: none)",
+    )
+    p.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        help="folder under which image_url may name file:// paths (default: none)",
+    )
+    p.add_argument("--media-fetch-timeout", dest="media_fetch_timeout_s", type=float, default=None)
+    p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="LLM engine option"
     )
     p.add_argument("--log-level", default="INFO")
@@ -67,7 +87,7 @@ def add_parser(subparsers: Any) -> None:
 
 def serve_config(args: argparse.Namespace) -> Any:
     """The ServeConfig from the config file (if any) overridden by the flags given."""
-    from omni.server.config import ServeConfig, parse_devices
+    from omni.server.config import ServeConfig, parse_devices, parse_domains
 
     settings = load_config_file(args.config) if args.config else {}
     options = dict(settings.pop("options", {}))
@@ -79,7 +99,9 @@ def serve_config(args: argparse.Namespace) -> Any:
     for name in (
         "model", "served_model_name", "host", "port", "llm_replicas", "devices",
         "single_process", "api_key", "max_model_len", "max_num_seqs", "max_body_bytes",
-        "image_model", "image_replicas", "speech", "speech_model",
+        "image_model", "image_replicas", "speech", "speech_model", "vision_replicas",
+        "audio_replicas", "speech_replicas", "encoder_cache_mib", "allowed_media_domains",
+        "allowed_local_media_path", "media_fetch_timeout_s",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -89,6 +111,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         settings["api_key"] = os.environ[API_KEY_ENV]
     if "devices" in settings:
         settings["devices"] = parse_devices(str(settings["devices"]))
+    if "allowed_media_domains" in settings:
+        settings["allowed_media_domains"] = parse_domains(settings["allowed_media_domains"])
     try:
         return ServeConfig(engine_options=options, **settings)
     except TypeError as exc:  # a wrongly typed value from the YAML file

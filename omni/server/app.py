@@ -99,6 +99,9 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         parsed = await parse(request, AudioChatCompletionRequest)
+        # http(s) and file image URLs, where the server allows them, fetched without
+        # blocking the event loop; prompt building then reads their bytes.
+        await orchestrator.fetch_media(parsed.messages)
         try:
             if parsed.wants_audio():
                 speech = getattr(app.state, "speech", None)  # set by add_speech_routes

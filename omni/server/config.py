@@ -28,6 +28,14 @@ def parse_devices(text: str) -> dict[str, tuple[str, ...]]:
     return {role: tuple(names) for role, names in devices.items()}
 
 
+def parse_domains(value: object) -> tuple[str, ...]:
+    """`a.com,b.org` (the flag) or a YAML list to lower-case host names."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"allowed_media_domains is {value!r}; give host names like a.com,b.org")
+    return tuple(str(item).strip().lower() for item in items if str(item).strip())
+
+
 def _device_name(item: str) -> str:
     if item.isdigit():
         return f"cuda:{item}"
@@ -40,6 +48,16 @@ def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+# The per-role scaling settings (`--vision-replicas N` and so on).
+REPLICA_FIELDS = (
+    "llm_replicas",
+    "vision_replicas",
+    "audio_replicas",
+    "image_replicas",
+    "speech_replicas",
+)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     # Model folder or hub id; None serves the embedded default (SmolLM2-135M-Instruct).
@@ -50,6 +68,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     llm_replicas: int = 1
+    # Encoder replicas, used when the model takes images (vision) or audio (audio).
+    vision_replicas: int = 1
+    audio_replicas: int = 1
     # Replica i of a role runs on devices[role][i % len]; unnamed roles use default_device().
     devices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Every stage inside the API process (threads over inproc://): tests and small demos.
@@ -70,14 +91,40 @@ class ServeConfig:
     # (espeak-ng, when installed) unless speech_model names a VITS / SpeechT5 checkpoint.
     speech: bool = True
     speech_model: str | None = None
+    speech_replicas: int = 1
+    # Encoder outputs the API process keeps by content hash, so an image or clip seen before
+    # (after different text, where the prefix cache cannot help) skips the encoder; 0: none.
+    encoder_cache_mib: int = 512
+    # Remote media: http(s) image URLs only from these host names (none by default: the
+    # server fetching URLs a client names is an SSRF risk the operator opts into), and file://
+    # URLs only under this folder (None: refused).
+    allowed_media_domains: tuple[str, ...] = ()
+    allowed_local_media_path: str | None = None
+    media_fetch_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port is {self.port}; it must be in [0, 65535]")
-        if self.llm_replicas < 1:
-            raise ValueError(f"llm_replicas is {self.llm_replicas}; it must be >= 1")
-        if self.image_replicas < 1:
-            raise ValueError(f"image_replicas is {self.image_replicas}; it must be >= 1")
+        for name in REPLICA_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} is {value!r}; it must be an integer")
+            if value < 1:
+                raise ValueError(f"{name} is {value}; it must be >= 1")
+        for domain in self.allowed_media_domains:
+            if not isinstance(domain, str) or not domain or "/" in domain or ":" in domain:
+                raise ValueError(
+                    f"allowed_media_domains entry {domain!r} must be a host name such as "
+                    "images.example.com (no scheme, port or path)"
+                )
+        if self.allowed_local_media_path is not None and not self.allowed_local_media_path:
+            raise ValueError("allowed_local_media_path is empty; leave it unset to refuse files")
+        if self.encoder_cache_mib < 0:
+            raise ValueError(f"encoder_cache_mib is {self.encoder_cache_mib}; it must be >= 0")
+        if not self.media_fetch_timeout_s > 0:
+            raise ValueError(
+                f"media_fetch_timeout_s is {self.media_fetch_timeout_s}; it must be > 0"
+            )
         if self.image_model is not None and not self.image_model:
             raise ValueError("image_model is empty; leave it unset to serve no images")
         if self.speech_model is not None and not self.speech_model:
@@ -93,6 +140,13 @@ class ServeConfig:
             raise ValueError("api_key is empty; leave it unset to serve without a key")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s is {self.startup_timeout_s}; it must be > 0")
+
+    def replicas(self, role: str) -> int:
+        """How many replicas of `role` to run (`llm`, `vision`, `audio`, `image`, `speech`)."""
+        name = f"{role}_replicas"
+        if name not in REPLICA_FIELDS:
+            raise ValueError(f"no replica count for stage role {role!r}")
+        return int(getattr(self, name))
 
     def stage_devices(self, role: str) -> tuple[str, ...]:
         return tuple(self.devices.get(role, ())) or (default_device(),)

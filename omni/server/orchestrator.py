@@ -8,24 +8,28 @@ by the model's prompt processor, and add an encoder hop before the LLM one.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from omni.cache.encoder_cache import EncoderCache
 from omni.media import (
     MediaError,
     MediaLimits,
+    check_item_count,
     decode_base64,
     decode_data_url,
     load_audio,
     load_image,
 )
+from omni.media.fetch import MediaFetchPolicy, fetch_media_url, is_data_url
 from omni.multimodal.prompt import MultiModalPrompt
 from omni.multimodal.requests import submit_mm_request_async
 from omni.server.metrics import ServerMetrics
-from omni.server.protocol import APIError, ChatMessage, TextContentPart
+from omni.server.protocol import APIError, ChatMessage, ImageURL, TextContentPart
 from omni.stages.llm.sampling_params import SamplingParams
 from omni.stages.llm.wire import encode_llm_request
 from omni.supervision.router import StageRouter
@@ -70,6 +74,8 @@ class Orchestrator:
         metrics: ServerMetrics,
         mm_processor: Any = None,
         media_limits: MediaLimits | None = None,
+        encoder_cache: EncoderCache | None = None,
+        fetch_policy: MediaFetchPolicy | None = None,
     ) -> None:
         # The model's multi-modal prompt processor (Qwen2-VL: images, Qwen2-Audio: audio);
         # None for a text-only model.
@@ -80,6 +86,11 @@ class Orchestrator:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.metrics = metrics
+        # Encoder outputs by item hash: an image or clip seen before after different text
+        # (no prefix hit) skips the encoder hop.
+        self.encoder_cache = encoder_cache
+        # Which http(s) hosts and local folder image_url may name (none by default).
+        self.fetch_policy = fetch_policy or MediaFetchPolicy()
 
     # ---- prompts ----------------------------------------------------------------------------
 
@@ -108,6 +119,7 @@ class Orchestrator:
         with_media = [i for i, m in enumerate(messages) if _media_parts(m)]
         if not with_media:
             return self.prompt_for_chat(messages), None
+        self.check_media_count(messages)
         conversation = [self._mm_message(m, i) for i, m in enumerate(messages)]
         assert self.mm_processor is not None
         try:
@@ -115,6 +127,55 @@ class Orchestrator:
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         return prompt.prompt_token_ids, prompt
+
+    def check_media_count(self, messages: Sequence[ChatMessage]) -> None:
+        """Refuse a conversation with more media parts than the limit, before any work."""
+        count = sum(
+            1
+            for m in messages
+            if isinstance(m.content, list)
+            for part in m.content
+            if part.type in MEDIA_PARTS
+        )
+        try:
+            check_item_count(count, self.media_limits, item="messages")
+        except MediaError as exc:
+            raise APIError(400, str(exc), param="messages", code="too_many_items") from None
+
+    async def fetch_media(self, messages: Sequence[ChatMessage]) -> None:
+        """Fetch the http(s) and file image URLs of `messages` (as the fetch policy allows)
+        into their parts, concurrently; data: URLs are left to prompt building."""
+        self.check_media_count(messages)
+        wanted = [
+            (f"messages[{i}].content[{k}]", part.image_url)
+            for i, m in enumerate(messages)
+            if isinstance(m.content, list)
+            for k, part in enumerate(m.content)
+            if part.type == "image_url"
+            and part.image_url is not None
+            and not is_data_url(part.image_url.url)
+        ]
+        if not wanted:
+            return
+        limits = self.media_limits
+
+        async def fetch(name: str, image_url: ImageURL) -> None:
+            image_url._fetched = await fetch_media_url(
+                image_url.url,
+                self.fetch_policy,
+                name=name,
+                max_bytes=limits.max_image_bytes,
+                limit_name="max_image_bytes",
+            )
+
+        results = await asyncio.gather(
+            *(fetch(name, image_url) for name, image_url in wanted), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, MediaError):
+                raise APIError(400, str(result), param=result.item, code="invalid_media")
+            if isinstance(result, BaseException):
+                raise result
 
     def _mm_message(self, message: ChatMessage, index: int) -> dict[str, Any]:
         if message.content is None or isinstance(message.content, str):
@@ -160,7 +221,11 @@ class Orchestrator:
 
     def _image(self, part: TextContentPart, name: str) -> Any:
         assert part.image_url is not None
-        _, data = decode_data_url(part.image_url.url, name=name, limits=self.media_limits)
+        data = part.image_url._fetched
+        if data is None:
+            if not is_data_url(part.image_url.url):
+                raise MediaError(f"{name} is an image URL that was not fetched", item=name)
+            _, data = decode_data_url(part.image_url.url, name=name, limits=self.media_limits)
         return load_image(data, name=name, limits=self.media_limits)
 
     def _audio(self, part: TextContentPart, name: str) -> Any:
@@ -247,22 +312,37 @@ class Orchestrator:
         try:
             if mm_prompt is not None:
                 # Probe the prefix cache, encode only the uncached items, then generate.
-                stream = await submit_mm_request_async(self.router, mm_prompt, sampling)
+                stream = await submit_mm_request_async(
+                    self.router, mm_prompt, sampling, encoder_cache=self.encoder_cache
+                )
             else:
                 stream = self.router.submit_async(
                     LLM_ROLE, *encode_llm_request(prompt_token_ids, sampling)
                 )
-        except NoReplicaError as exc:
-            raise APIError(503, str(exc), "service_unavailable") from None
+        except StageFailure as exc:
+            # No replica, or the probe or encoder hop failed (its replica died): the request
+            # fails with the router's words, naming the replica and the cause.
+            raise _api_error(exc) from None
         finish_reason = "abort"
         completion_tokens = 0
+        last_reply_at = started
         self.metrics.requests_running.inc()
         try:
             async for reply in stream:
                 data = reply.data
                 delta_ids = list(data.get("token_ids_delta", []))
+                now = time.monotonic()
                 if completion_tokens == 0 and delta_ids:
-                    self.metrics.time_to_first_token.observe(time.monotonic() - started)
+                    self.metrics.time_to_first_token.observe(now - started)
+                elif delta_ids:
+                    for _ in delta_ids:
+                        self.metrics.inter_token_latency.observe(
+                            (now - last_reply_at) / len(delta_ids)
+                        )
+                if delta_ids:
+                    last_reply_at = now
+                if "queue_time_s" in data:
+                    self.metrics.queue_time.observe(float(data["queue_time_s"]))
                 completion_tokens += len(delta_ids)
                 self.metrics.generation_tokens.inc(len(delta_ids))
                 delta = TokenDelta(text=data.get("text_delta", ""), token_ids=delta_ids)

@@ -17,11 +17,14 @@ import time
 import uuid
 from typing import Any
 
+from omni.cache.encoder_cache import EncoderCache
+from omni.media.fetch import MediaFetchPolicy
 from omni.server.config import ServeConfig
 from omni.server.images import ImageService
 from omni.server.metrics import ServerMetrics
 from omni.server.orchestrator import AUDIO_ROLE, LLM_ROLE, VISION_ROLE, Orchestrator
 from omni.server.speech_service import SpeechService, speech_stage_model
+from omni.server.stage_metrics import StageCollector
 from omni.stages.generators.image import IMAGE_ROLE
 from omni.stages.generators.speech import SPEECH_ROLE
 from omni.stages.llm.worker import engine_config
@@ -97,12 +100,12 @@ class Pipeline:
         roles = [(LLM_ROLE, config.llm_replicas)]
         if mm is not None:
             # A vision- or audio-language model: its encoder runs as a stage of its own.
-            roles.append((mm[1], 1))
+            roles.append((mm[1], config.replicas(mm[1])))
         if config.image_model is not None:
             roles.append((IMAGE_ROLE, config.image_replicas))
         self.speech_model = speech_stage_model(config)
         if self.speech_model is not None:
-            roles.append((SPEECH_ROLE, 1))
+            roles.append((SPEECH_ROLE, config.speech_replicas))
         try:
             router = self._start_router()
             if config.single_process:
@@ -115,9 +118,14 @@ class Pipeline:
             self.close()
             raise
         supervisor = self.supervisor
-        metrics = ServerMetrics(
-            lambda: router.counters, lambda: supervisor.restarts if supervisor else 0
-        )
+        encoder_cache = None
+        if mm is not None and config.encoder_cache_mib > 0:
+            encoder_cache = EncoderCache(config.encoder_cache_mib * 1024 * 1024)
+
+        def restarts() -> int:
+            return supervisor.restarts if supervisor is not None else 0
+
+        metrics = ServerMetrics([StageCollector(router, restarts, encoder_cache)])
         self._orchestrator = Orchestrator(
             router,
             tokenizer,
@@ -125,6 +133,12 @@ class Pipeline:
             max_model_len,
             metrics,
             mm_processor=None if mm is None else mm[0],
+            encoder_cache=encoder_cache,
+            fetch_policy=MediaFetchPolicy(
+                allowed_domains=frozenset(config.allowed_media_domains),
+                allowed_local_path=config.allowed_local_media_path,
+                timeout_s=config.media_fetch_timeout_s,
+            ),
         )
         if config.image_model is not None:
             self.image_service = ImageService(router, config.image_model)

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 
 class APIError(Exception):
@@ -57,6 +57,9 @@ class StreamOptions(_OpenAIModel):
 
 class ImageURL(_OpenAIModel):
     url: str
+    # The bytes behind an http(s) or file URL once the server fetched them (never set by a
+    # client: private attributes are not parsed from JSON).
+    _fetched: bytes | None = PrivateAttr(default=None)
 
 
 class InputAudio(_OpenAIModel):

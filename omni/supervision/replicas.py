@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from omni.transport.messages import Hello
@@ -22,6 +22,8 @@ class ReplicaInfo:
     host_id: str
     shared_memory: bool
     load: int
+    # The numbers of its latest heartbeat (empty for stages that report none).
+    stats: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -34,6 +36,9 @@ class Replica:
     last_seen: float = field(default_factory=time.monotonic)
     inflight: set[str] = field(default_factory=set)
     joined_seq: int = 0
+    # When it was last sent a request (the table's dispatch count), for breaking ties.
+    dispatch_seq: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def replica_id(self) -> str:
@@ -61,6 +66,7 @@ class Replica:
             host_id=hello.host_id,
             shared_memory=self.shared_memory,
             load=len(self.inflight),
+            stats=dict(self.stats),
         )
 
 
@@ -71,6 +77,7 @@ class ReplicaTable:
         self._by_identity: dict[bytes, Replica] = {}
         self._by_id: dict[str, Replica] = {}
         self._joins = 0
+        self._dispatches = 0
 
     def __iter__(self) -> Iterator[Replica]:
         return iter(list(self._by_identity.values()))
@@ -92,19 +99,28 @@ class ReplicaTable:
         if self._by_id.get(replica.replica_id) is replica:
             del self._by_id[replica.replica_id]
 
-    def least_loaded(self, role: str) -> Replica | None:
-        """The replica of `role` with the lowest fill (in-flight / capacity) that has room.
+    def note_dispatch(self, replica: Replica) -> None:
+        """Record that `replica` was just sent a request (see `least_loaded`'s ties)."""
+        self._dispatches += 1
+        replica.dispatch_seq = self._dispatches
 
-        Ties go to the longest-joined replica so that load spreads in a stable order.
+    def least_loaded(self, role: str) -> Replica | None:
+        """The replica of `role` with the fewest outstanding requests, as a fraction of its
+        capacity (equal capacities: plain least-outstanding-requests), that has room.
+
+        Ties go to the replica sent a request least recently, then the longest-joined: an
+        idle pool takes requests in turn instead of one replica taking every lone request
+        (which would also leave the others' failures unnoticed until a burst).
         """
         best: Replica | None = None
-        best_key: tuple[float, int, int] | None = None
+        best_key: tuple[float, int, int, int] | None = None
         for replica in self._by_identity.values():
             if replica.role != role or not replica.has_room():
                 continue
             key = (
                 len(replica.inflight) / replica.hello.capacity,
                 len(replica.inflight),
+                replica.dispatch_seq,
                 replica.joined_seq,
             )
             if best_key is None or key < best_key:

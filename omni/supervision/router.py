@@ -189,6 +189,13 @@ class StageRouter:
                 )
         self._poke()
 
+    def load_snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        """(requests waiting for a replica, by role; requests sent, by (role, replica id)),
+        copied under the lock for metrics."""
+        with self._lock:
+            waiting = {role: len(queue) for role, queue in self._state.pending.items()}
+            return waiting, dict(self._state.dispatched)
+
     def replicas(self, role: str | None = None) -> list[ReplicaInfo]:
         with self._lock:
             return [r.info() for r in self._state.replicas if role is None or r.role == role]

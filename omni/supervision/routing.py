@@ -111,6 +111,8 @@ class RoutingState:
         self.replicas = ReplicaTable()
         self.requests: dict[str, PendingRequest] = {}
         self.pending: dict[str, deque[PendingRequest]] = {}
+        # Requests sent, by (role, replica id); kept across a replica's restarts (a counter).
+        self.dispatched: dict[tuple[str, str], int] = {}
         # Replicas dropped since the last look: (info, reason, silent), for lost-listeners.
         self.notices: list[tuple[ReplicaInfo, str, bool]] = []
         self._codec = codec
@@ -132,6 +134,8 @@ class RoutingState:
             return
         replica.last_seen = time.monotonic()
         if isinstance(message, Heartbeat):
+            if message.stats:
+                replica.stats = dict(message.stats)
             self._send_message(identity, Heartbeat(replica_id=replica.replica_id))
         elif isinstance(message, StageReply):
             self._on_reply(replica, message)
@@ -247,6 +251,9 @@ class RoutingState:
                 request.replica = replica
                 request.frames = ()
                 replica.inflight.add(request.request_id)
+                self.replicas.note_dispatch(replica)
+                key = (role, replica.replica_id)
+                self.dispatched[key] = self.dispatched.get(key, 0) + 1
             while queue and now - queue[0].queued_at > self.config.pending_timeout_s:
                 request = queue.popleft()
                 live = len([r for r in self.replicas if r.role == role])

@@ -267,6 +267,9 @@ class LLMEngine:
             outputs=[completion],
             finished=request.is_finished,
             num_cached_tokens=max(request.num_cached_tokens, 0),
+            queue_time_s=None
+            if request.first_scheduled_time is None
+            else request.first_scheduled_time - request.arrival_time,
         )
 
 

@@ -34,5 +34,7 @@ class RequestOutput:
     finished: bool
     # Prompt tokens served from the prefix cache.
     num_cached_tokens: int = 0
+    # Seconds between arrival and the scheduler's first admission (None: never admitted).
+    queue_time_s: float | None = None
     # Set when the engine gave up on the request (finish_reason "abort").
     error: str | None = None

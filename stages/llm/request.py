@@ -59,6 +59,8 @@ class Request:
     mrope_positions: np.ndarray | None = None
     mrope_position_delta: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    # When the scheduler first admitted it (queue time = this - arrival_time); None before.
+    first_scheduled_time: float | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -115,6 +115,23 @@ class LLMWorker(StageWorker):
         self._immediate = [o for o in self._immediate if o.request_id != request_id]
         self._engine().abort_request(request_id)
 
+    def stats(self) -> dict[str, float]:
+        """The scheduler's queues, KV blocks in use and the prefix cache's token counters
+        (queries: prompt tokens looked up at admission; hits: those served from the cache)."""
+        engine = self.engine
+        if engine is None:
+            return {}
+        kv = engine.kv_cache
+        return {
+            "requests_running": len(engine.scheduler.running),
+            "requests_waiting": len(engine.scheduler.waiting),
+            "kv_cache_usage": kv.usage,
+            "kv_blocks_used": kv.pool.num_usable_blocks - kv.num_free_blocks,
+            "kv_blocks_total": kv.pool.num_usable_blocks,
+            "prefix_cache_queries": kv.prefix_cache_queries,
+            "prefix_cache_hits": kv.prefix_cache_hits,
+        }
+
 
 def _to_stage_output(output: RequestOutput) -> StageOutput:
     completion = output.outputs[0]
@@ -130,6 +147,8 @@ def _to_stage_output(output: RequestOutput) -> StageOutput:
             completion_tokens=len(completion.token_ids),
             cached_tokens=output.num_cached_tokens,
         )
+        if output.queue_time_s is not None:
+            data["queue_time_s"] = output.queue_time_s
         if completion.logprobs is not None:
             data["logprobs"] = completion.logprobs
     return StageOutput(

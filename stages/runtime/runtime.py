@@ -334,7 +334,9 @@ class StageRuntime:
     def _beat(self, dealer: zmq.Socket) -> None:
         message: Hello | Heartbeat
         if self._welcomed.is_set():
-            message = Heartbeat(replica_id=self.replica_id, load=len(self._active))
+            message = Heartbeat(
+                replica_id=self.replica_id, load=len(self._active), stats=self._worker_stats()
+            )
         else:
             message = Hello(
                 replica_id=self.replica_id,
@@ -348,6 +350,15 @@ class StageRuntime:
         # Dropped when the orchestrator is unreachable: the next beat says it again.
         with contextlib.suppress(zmq.Again):
             dealer.send_multipart(self._codec.encode(message), flags=zmq.NOBLOCK)
+
+    def _worker_stats(self) -> dict[str, float]:
+        """The worker's numbers for this heartbeat; a failing `stats()` must not stop the
+        heartbeats that keep the replica alive, so it is logged and sent empty."""
+        try:
+            return {name: float(value) for name, value in self.worker.stats().items()}
+        except Exception:
+            logger.exception("stage %s: worker stats failed", self.replica_id)
+            return {}
 
     def _flush(self, dealer: zmq.Socket, backlog: deque[Sequence[zmq.Frame]]) -> None:
         while backlog:

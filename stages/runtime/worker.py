@@ -93,6 +93,14 @@ class StageWorker(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, empty on purpose
         """Free resources at shutdown."""
 
+    def stats(self) -> Mapping[str, float]:
+        """Numbers this stage reports with each heartbeat, for the orchestrator's metrics.
+
+        Called from the runtime's I/O thread while the busy loop runs, so it must only read
+        counters and lengths (each read is atomic under the GIL), never step or allocate.
+        """
+        return {}
+
 
 class StreamingStageWorker(StageWorker):
     """A worker written as `handle(request)`, a generator of outputs for one request.

@@ -1,0 +1,136 @@
+"""Stage-side Prometheus metrics, read at scrape time from the objects that already count them.
+
+* the router: requests running (sent, not finished) per replica, waiting for a replica per
+  stage, and sent per replica; replicas lost and requests failed;
+* the supervisor: stage restarts;
+* each replica's latest heartbeat (`StageWorker.stats`): the LLM engine's own running and
+  waiting queues, KV cache usage and prefix-cache token counters;
+* the API process's encoder-output cache: queries, hits and bytes held.
+
+Names follow vLLM's (`vllm:num_requests_waiting` -> `omni:num_requests_waiting`,
+`vllm:kv_cache_usage_perc`, `vllm:prefix_cache_queries`), with `stage` and `replica` labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from omni.cache.encoder_cache import EncoderCache
+from omni.supervision.router import StageRouter
+
+LLM_ROLE = "llm"
+# Heartbeat stat -> (metric name, help, counter?) for LLM replicas.
+_LLM_STATS = {
+    "requests_running": (
+        "omni:llm_requests_running", "Requests in the LLM engine's running batch", False
+    ),
+    "requests_waiting": (
+        "omni:llm_requests_waiting", "Requests in the LLM engine's waiting queue", False
+    ),
+    "kv_cache_usage": ("omni:kv_cache_usage_perc", "Fraction of KV blocks in use (0 to 1)", False),
+    "kv_blocks_used": ("omni:kv_cache_blocks_used", "KV blocks held by requests", False),
+    "prefix_cache_queries": (
+        "omni:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", True
+    ),
+    "prefix_cache_hits": (
+        "omni:prefix_cache_hits", "Prompt tokens served from the prefix cache", True
+    ),
+}  # fmt: skip
+
+
+class StageCollector(Collector):
+    """See the module docstring; one per server."""
+
+    def __init__(
+        self,
+        router: StageRouter,
+        restarts: Callable[[], int],
+        encoder_cache: EncoderCache | None = None,
+    ) -> None:
+        self._router = router
+        self._restarts = restarts
+        self._encoder_cache = encoder_cache
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._router_metrics()
+        yield from self._llm_metrics()
+        if self._encoder_cache is not None:
+            yield from self._encoder_cache_metrics(self._encoder_cache)
+
+    def _router_metrics(self) -> Iterator[Metric]:
+        counters = self._router.counters
+        yield CounterMetricFamily(
+            "omni:stage_restarts", "Stage replicas restarted after dying", value=self._restarts()
+        )
+        yield CounterMetricFamily(
+            "omni:stage_replicas_lost", "Stage replicas dropped from routing",
+            value=counters.replicas_lost,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "omni:stage_requests_failed", "Stage requests failed by the router",
+            value=counters.requests_failed,
+        )  # fmt: skip
+        waiting, sent = self._router.load_snapshot()
+        running = GaugeMetricFamily(
+            "omni:stage_requests_running",
+            "Requests sent to a stage replica and not finished",
+            labels=["stage", "replica"],
+        )
+        for replica in self._router.replicas():
+            running.add_metric([replica.role, replica.replica_id], replica.load)
+        yield running
+        queued = GaugeMetricFamily(
+            "omni:stage_requests_waiting",
+            "Requests waiting for a stage replica with room",
+            labels=["stage"],
+        )
+        for role, count in sorted(waiting.items()):
+            queued.add_metric([role], count)
+        yield queued
+        total = CounterMetricFamily(
+            "omni:stage_requests",
+            "Requests sent to each stage replica",
+            labels=["stage", "replica"],
+        )
+        for (role, replica_id), count in sorted(sent.items()):
+            total.add_metric([role, replica_id], count)
+        yield total
+
+    def _llm_metrics(self) -> Iterator[Metric]:
+        replicas = [r for r in self._router.replicas(LLM_ROLE) if r.stats]
+        waiting, _ = self._router.load_snapshot()
+        # vLLM's unlabelled gauge: everything not yet running, in the router or an engine.
+        yield GaugeMetricFamily(
+            "omni:num_requests_waiting",
+            "Requests waiting for the LLM: in the router's queue or an engine's",
+            value=waiting.get(LLM_ROLE, 0)
+            + sum(r.stats.get("requests_waiting", 0.0) for r in replicas),
+        )
+        for stat, (name, documentation, is_counter) in _LLM_STATS.items():
+            family: CounterMetricFamily | GaugeMetricFamily
+            if is_counter:
+                family = CounterMetricFamily(name, documentation, labels=["replica"])
+            else:
+                family = GaugeMetricFamily(name, documentation, labels=["replica"])
+            for replica in replicas:
+                if stat in replica.stats:
+                    family.add_metric([replica.replica_id], replica.stats[stat])
+            yield family
+
+    @staticmethod
+    def _encoder_cache_metrics(cache: EncoderCache) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "omni:encoder_cache_queries", "Media items looked up in the encoder-output cache",
+            value=cache.queries,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "omni:encoder_cache_hits", "Media items whose encoder output was cached",
+            value=cache.hits,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "omni:encoder_cache_usage_bytes", "Bytes held by the encoder-output cache",
+            value=cache.num_bytes,
+        )  # fmt: skip
