@@ -464,6 +464,9 @@ def test_bench_dataset_builds_media_parts() -> None:
     pdf = base64.b64decode(first.content[2]["file"]["file_data"].split(",", 1)[1])
     assert pdf.startswith(b"%PDF")
     assert pdf.count(b"/Type /Page") - pdf.count(b"/Type /Pages") == 2  # two pages
+    # No clock in the bytes: PIL would stamp the current second, so two builds a second apart
+    # differed (the flaky comparison below).
+    assert pdf.count(b"(D:19700101000000Z)") == 2  # CreationDate and ModDate
     # Different requests carry different images (distinct content hashes downstream).
     assert first.content[0] != second.content[0]
     assert build_requests(spec)[0].content == first.content  # deterministic

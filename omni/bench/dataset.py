@@ -11,6 +11,7 @@ import base64
 import io
 import mimetypes
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,17 @@ def _pdf_part(pages: int, seed: int) -> dict[str, Any]:
         for _ in range(pages)
     ]
     buffer = io.BytesIO()
-    images[0].save(buffer, format="PDF", save_all=True, append_images=images[1:])
+    # PIL stamps the current time into the document info unless given one: a fixed date keeps
+    # the bytes (and so the dataset) the same on every run.
+    epoch = time.gmtime(0)
+    images[0].save(
+        buffer,
+        format="PDF",
+        save_all=True,
+        append_images=images[1:],
+        creationDate=epoch,
+        modDate=epoch,
+    )
     data = "data:application/pdf;base64," + base64.b64encode(buffer.getvalue()).decode()
     return {"type": "file", "file": {"filename": "bench.pdf", "file_data": data}}
 
