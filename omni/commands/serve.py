@@ -78,6 +78,23 @@ def add_parser(subparsers: Any) -> None:
         help="folder under which image_url may name file:// paths (default: none)",
     )
     p.add_argument("--media-fetch-timeout", dest="media_fetch_timeout_s", type=float, default=None)
+    p.add_argument("--pdf-dpi", type=float, default=None, help="DPI PDF pages render at (100)")
+    p.add_argument("--pdf-min-dpi", type=float, default=None, help="lowest DPI a request may ask")
+    p.add_argument("--pdf-max-dpi", type=float, default=None, help="highest DPI a request may ask")
+    p.add_argument("--max-pdf-pages", type=int, default=None, help="PDF pages a request (16)")
+    p.add_argument("--max-pdf-bytes", type=int, default=None, help="bytes of one PDF (20 MB)")
+    p.add_argument(
+        "--no-pdf-text",
+        dest="pdf_text",
+        action="store_false",
+        default=None,
+        help="leave PDF pages' text layers out of the prompt",
+    )
+    p.add_argument("--pdf-workers", type=int, default=None, help="PDF render processes (2)")
+    p.add_argument(
+        "--max-upload-bytes", type=int, default=None, help="body limit of /v1/uploads/chat"
+    )
+    p.add_argument("--max-upload-files", type=int, default=None, help="files an upload (8)")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="LLM engine option"
     )
@@ -101,7 +118,9 @@ def serve_config(args: argparse.Namespace) -> Any:
         "single_process", "api_key", "max_model_len", "max_num_seqs", "max_body_bytes",
         "image_model", "image_replicas", "speech", "speech_model", "vision_replicas",
         "audio_replicas", "speech_replicas", "encoder_cache_mib", "allowed_media_domains",
-        "allowed_local_media_path", "media_fetch_timeout_s",
+        "allowed_local_media_path", "media_fetch_timeout_s", "pdf_dpi", "pdf_min_dpi",
+        "pdf_max_dpi", "max_pdf_pages", "max_pdf_bytes", "pdf_text", "pdf_workers",
+        "max_upload_bytes", "max_upload_files",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -135,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from omni.server.images import add_image_routes
     from omni.server.pipeline import Pipeline
     from omni.server.speech import add_speech_routes
+    from omni.server.uploads import UploadSettings
 
     try:
         pipeline = Pipeline(config).start()
@@ -142,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"omni serve: error: {exc}", file=sys.stderr)
         return 2
     try:
-        settings = AppSettings(api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+        settings = AppSettings(
+            api_key=config.api_key,
+            max_body_bytes=config.max_body_bytes,
+            uploads=UploadSettings(config.max_upload_bytes, config.max_upload_files),
+        )
         app = build_app(pipeline.orchestrator, settings)
         if pipeline.image_service is not None:
             add_image_routes(app, pipeline.image_service, settings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -27,6 +27,7 @@ from omni.server.protocol import (
     error_body,
 )
 from omni.server.speech_chat import AudioChatCompletionRequest, chat_completion_with_audio
+from omni.server.uploads import UploadSettings, add_upload_routes
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class AppSettings:
     # Text requests are small; this bounds what a client can make the server buffer. Media
     # uploads will want more, per route.
     max_body_bytes: int = 4 * 1024 * 1024
+    # The multipart upload route's own limits (its body limit is larger).
+    uploads: UploadSettings = field(default_factory=UploadSettings)
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
@@ -79,6 +82,10 @@ def build_app(
     async def parse(request: Request, model: type[M]) -> M:
         check_api_key(settings.api_key, request.headers.get("authorization"))
         payload = await _read_json(request, settings.max_body_bytes)
+        return validate(payload, model)
+
+    def validate(payload: Any, model: type[M]) -> M:
+        """`payload` as a `model` request for the served model, or the APIError to answer."""
         try:
             parsed = model.model_validate(payload)
         except ValidationError as exc:
@@ -96,12 +103,12 @@ def build_app(
             )
         return parsed
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        parsed = await parse(request, AudioChatCompletionRequest)
+    async def answer_chat(parsed: AudioChatCompletionRequest, request: Request) -> Response:
         # http(s) and file image URLs, where the server allows them, fetched without
         # blocking the event loop; prompt building then reads their bytes.
         await orchestrator.fetch_media(parsed.messages)
+        # PDF pages rendered in the render workers, also off the event loop.
+        await orchestrator.render_documents(parsed.messages, parsed.pdf_dpi)
         try:
             if parsed.wants_audio():
                 speech = getattr(app.state, "speech", None)  # set by add_speech_routes
@@ -109,6 +116,17 @@ def build_app(
             return await completions.chat_completion(orchestrator, parsed, request)
         except completions.ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    # Other routes that answer as chat completions (multipart uploads) go through the same
+    # validation and path.
+    app.state.validate_request = validate
+    app.state.answer_chat = answer_chat
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await answer_chat(await parse(request, AudioChatCompletionRequest), request)
+
+    add_upload_routes(app, settings.api_key, settings.uploads, read_body)
 
     @app.post("/v1/completions")
     async def complete(request: Request) -> Response:
@@ -143,7 +161,8 @@ def build_app(
     return app
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, refused (413) as soon as it passes `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
@@ -152,6 +171,11 @@ async def _read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise _too_large(len(body), limit)
+    return bytes(body)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from omni.media.pdf import PdfSettings
+
 
 def parse_devices(text: str) -> dict[str, tuple[str, ...]]:
     """`llm=0,1;vision=cpu` or `llm=0,1,vision=2` to {role: devices}; a bare number is a
@@ -101,8 +103,23 @@ class ServeConfig:
     allowed_media_domains: tuple[str, ...] = ()
     allowed_local_media_path: str | None = None
     media_fetch_timeout_s: float = 10.0
+    # PDFs (`file` parts and uploads): see omni.media.pdf.PdfSettings for each default's why.
+    pdf_dpi: float = PdfSettings.dpi
+    pdf_min_dpi: float = PdfSettings.min_dpi
+    pdf_max_dpi: float = PdfSettings.max_dpi
+    max_pdf_pages: int = PdfSettings.max_pages
+    max_pdf_bytes: int = PdfSettings.max_bytes
+    pdf_text: bool = PdfSettings.text
+    pdf_workers: int = PdfSettings.workers
+    # POST /v1/uploads/chat (multipart): files make bodies larger than JSON requests.
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_upload_files: int = 8
 
     def __post_init__(self) -> None:
+        self.pdf_settings()  # raises ValueError naming a bad PDF setting
+        for name in ("max_upload_bytes", "max_upload_files"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} is {getattr(self, name)}; it must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port is {self.port}; it must be in [0, 65535]")
         for name in REPLICA_FIELDS:
@@ -147,6 +164,17 @@ class ServeConfig:
         if name not in REPLICA_FIELDS:
             raise ValueError(f"no replica count for stage role {role!r}")
         return int(getattr(self, name))
+
+    def pdf_settings(self) -> PdfSettings:
+        return PdfSettings(
+            dpi=self.pdf_dpi,
+            min_dpi=self.pdf_min_dpi,
+            max_dpi=self.pdf_max_dpi,
+            max_pages=self.max_pdf_pages,
+            max_bytes=self.max_pdf_bytes,
+            text=self.pdf_text,
+            workers=self.pdf_workers,
+        )
 
     def stage_devices(self, role: str) -> tuple[str, ...]:
         return tuple(self.devices.get(role, ())) or (default_device(),)

@@ -26,8 +26,10 @@ from omni.media import (
     load_image,
 )
 from omni.media.fetch import MediaFetchPolicy, fetch_media_url, is_data_url
+from omni.media.pdf import PdfRenderer
 from omni.multimodal.prompt import MultiModalPrompt
 from omni.multimodal.requests import submit_mm_request_async
+from omni.server.documents import Documents, page_items
 from omni.server.metrics import ServerMetrics
 from omni.server.protocol import APIError, ChatMessage, ImageURL, TextContentPart
 from omni.stages.llm.sampling_params import SamplingParams
@@ -44,7 +46,12 @@ LLM_ROLE = "llm"
 VISION_ROLE = "vision"
 AUDIO_ROLE = "audio"
 # Content part type -> (the prompt processor's media kind, what the model takes, in errors).
-MEDIA_PARTS = {"image_url": ("image", "images"), "input_audio": ("audio", "audio")}
+MEDIA_PARTS = {
+    "image_url": ("image", "images"),
+    "input_audio": ("audio", "audio"),
+    # A PDF's pages are images (see omni.server.documents).
+    "file": ("image", "PDF files"),
+}
 AUDIO_PART_FORMATS = ("wav", "mp3", "flac", "ogg")
 
 
@@ -76,6 +83,7 @@ class Orchestrator:
         media_limits: MediaLimits | None = None,
         encoder_cache: EncoderCache | None = None,
         fetch_policy: MediaFetchPolicy | None = None,
+        documents: Documents | None = None,
     ) -> None:
         # The model's multi-modal prompt processor (Qwen2-VL: images, Qwen2-Audio: audio);
         # None for a text-only model.
@@ -91,6 +99,8 @@ class Orchestrator:
         self.encoder_cache = encoder_cache
         # Which http(s) hosts and local folder image_url may name (none by default).
         self.fetch_policy = fetch_policy or MediaFetchPolicy()
+        # PDFs of `file` parts; its render workers start on the first document.
+        self.documents = documents or Documents(PdfRenderer())
 
     # ---- prompts ----------------------------------------------------------------------------
 
@@ -120,6 +130,8 @@ class Orchestrator:
         if not with_media:
             return self.prompt_for_chat(messages), None
         self.check_media_count(messages)
+        # PDFs not rendered by `render_documents` (synchronous callers) render here.
+        self.documents.render_all(messages, self._media_kind)
         conversation = [self._mm_message(m, i) for i, m in enumerate(messages)]
         assert self.mm_processor is not None
         try:
@@ -141,6 +153,14 @@ class Orchestrator:
             check_item_count(count, self.media_limits, item="messages")
         except MediaError as exc:
             raise APIError(400, str(exc), param="messages", code="too_many_items") from None
+
+    async def render_documents(
+        self, messages: Sequence[ChatMessage], dpi: float | None = None
+    ) -> None:
+        """Render the PDFs of `file` parts (at `dpi`, default the server's) in the render
+        workers, off the event loop; parts for a model that takes no images are refused
+        first."""
+        await self.documents.render_async(messages, self._media_kind, dpi)
 
     async def fetch_media(self, messages: Sequence[ChatMessage]) -> None:
         """Fetch the http(s) and file image URLs of `messages` (as the fetch policy allows)
@@ -187,6 +207,10 @@ class Orchestrator:
                 items.append({"type": "text", "text": part.text or ""})
                 continue
             kind = self._media_kind(part, name)
+            if part.type == "file":
+                pages = self.documents.pages_of(part)
+                items.extend(page_items(pages, self.documents.with_text))
+                continue
             try:
                 if kind == "image":
                     items.append({"type": "image", "image": self._image(part, name)})
@@ -202,7 +226,7 @@ class Orchestrator:
             raise APIError(
                 400,
                 f"{name}: content part type {part.type!r} is not supported; 'text', "
-                "'image_url' (data: URLs) and 'input_audio' parts are",
+                "'image_url', 'input_audio' and 'file' (PDF) parts are",
                 param=name,
                 code="unsupported_content",
             )

@@ -19,7 +19,9 @@ from typing import Any
 
 from omni.cache.encoder_cache import EncoderCache
 from omni.media.fetch import MediaFetchPolicy
+from omni.media.pdf import PdfRenderer
 from omni.server.config import ServeConfig
+from omni.server.documents import Documents
 from omni.server.images import ImageService
 from omni.server.metrics import ServerMetrics
 from omni.server.orchestrator import AUDIO_ROLE, LLM_ROLE, VISION_ROLE, Orchestrator
@@ -139,6 +141,7 @@ class Pipeline:
                 allowed_local_path=config.allowed_local_media_path,
                 timeout_s=config.media_fetch_timeout_s,
             ),
+            documents=Documents(PdfRenderer(config.pdf_settings())),
         )
         if config.image_model is not None:
             self.image_service = ImageService(router, config.image_model)
@@ -147,6 +150,8 @@ class Pipeline:
         return self
 
     def close(self) -> None:
+        if self._orchestrator is not None:
+            self._orchestrator.documents.renderer.close()  # the PDF render workers
         # Stages first (they say GOODBYE to a router that still listens), then the router.
         if self.supervisor is not None:
             self.supervisor.stop()

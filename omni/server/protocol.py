@@ -67,13 +67,24 @@ class InputAudio(_OpenAIModel):
     format: str  # "wav", "mp3", "flac" or "ogg"
 
 
+class FileData(_OpenAIModel):
+    # OpenAI's file part: a PDF inline as a data: URL (`file_id` names an uploaded file, which
+    # omni does not keep, and is refused by name).
+    file_data: str | None = None
+    filename: str | None = None
+    file_id: str | None = None
+    # The rendered pages once the server rendered them (never set by a client).
+    _pages: list[Any] | None = PrivateAttr(default=None)
+
+
 class TextContentPart(_OpenAIModel):
-    # Any part type parses; the orchestrator serves `text`, `image_url` and `input_audio`
-    # (for models that take them) and names the rest.
+    # Any part type parses; the orchestrator serves `text`, `image_url`, `input_audio` and
+    # `file` (for models that take them) and names the rest.
     type: str
     text: str | None = None
     image_url: ImageURL | None = None
     input_audio: InputAudio | None = None
+    file: FileData | None = None
 
 
 class ChatMessage(_OpenAIModel):
@@ -111,6 +122,8 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # omni's extension: the DPI PDF pages render at (within the server's bounds).
+    pdf_dpi: float | None = None
 
 
 class CompletionRequest(_SamplingFields):
