@@ -123,8 +123,14 @@ async def _download(
         async for chunk in response.aiter_raw(_CHUNK_BYTES):
             body += chunk
             if len(body) > max_bytes:
-                break
-        check_num_bytes(len(body), max_bytes, limit, name=f"{name} (from {host})")
+                # Stop reading at once: the rest is never downloaded.
+                raise MediaError(
+                    f"{name} from {host!r} is more than {max_bytes} bytes (stopped at "
+                    f"{len(body)}); the limit is {max_bytes} bytes",
+                    item=name,
+                    limit=limit,
+                )
+        check_num_bytes(len(body), max_bytes, limit, name=name)
         return bytes(body)
 
 
@@ -165,16 +171,16 @@ def _read_file(
             f"{name}: file URLs must name a local path, not host {parsed.netloc!r}", item=name
         )
     root = Path(os.path.realpath(policy.allowed_local_path))
-    try:
-        # strict: a missing file is an error here, not a path resolved by guesswork.
-        path = Path(urllib.parse.unquote(parsed.path)).resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise MediaError(f"{name}: {parsed.path!r} does not exist", item=name) from None
+    # Containment first, existence second: the answer must not tell a client whether a path
+    # outside the folder exists.
+    path = Path(os.path.realpath(urllib.parse.unquote(parsed.path)))
     if not path.is_relative_to(root):
         raise MediaError(
             f"{name}: {parsed.path!r} is outside the allowed media folder {str(root)!r}",
             item=name,
         )
+    if not path.exists():
+        raise MediaError(f"{name}: {parsed.path!r} does not exist", item=name)
     if not path.is_file():
         raise MediaError(f"{name}: {parsed.path!r} is not a regular file", item=name)
     check_num_bytes(path.stat().st_size, max_bytes, limit, name=name)
