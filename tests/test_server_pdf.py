@@ -365,3 +365,22 @@ def test_an_upload_route_refuses_json(server: str) -> None:
     reply = httpx.post(f"{server}/v1/uploads/chat", json={"prompt": "hi"}, timeout=10)
     assert reply.status_code == 415
     assert reply.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_serve_flags_set_the_pdf_and_upload_limits() -> None:
+    from omni.cli import build_parser
+    from omni.commands.serve import serve_config
+
+    args = build_parser().parse_args(
+        ["serve", "--pdf-dpi", "150", "--max-pdf-pages", "4", "--max-pdf-bytes", "1000",
+         "--no-pdf-text", "--pdf-workers", "3", "--max-upload-bytes", "5000",
+         "--max-upload-files", "2"]
+    )  # fmt: skip
+    config = serve_config(args)
+    assert config.pdf_settings() == PdfSettings(
+        dpi=150, max_pages=4, max_bytes=1000, text=False, workers=3
+    )
+    assert (config.max_upload_bytes, config.max_upload_files) == (5000, 2)
+    bad = build_parser().parse_args(["serve", "--pdf-dpi", "1000"])
+    with pytest.raises(ValueError, match=r"pdf dpi is 1000; it must be within \[36, 300\]"):
+        serve_config(bad)
