@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import Request
@@ -106,6 +106,8 @@ async def completion(orch: Orchestrator, request: CompletionRequest, http: Reque
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+CHAT_CHUNK = "chat.completion.chunk"
 
 
 class _Header:
@@ -211,35 +213,44 @@ async def _with_first(
             yield delta
 
 
+def chat_chunk(header: _Header, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+    """One `chat.completion.chunk` event with one choice."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return sse.event(header.body(CHAT_CHUNK, choices=[choice]))
+
+
+def chat_stream_end(
+    header: _Header, last: TokenDelta | None, include_usage: bool
+) -> Iterator[bytes]:
+    """The events that close a chat stream: the finish reason, the usage chunk when asked
+    for, then [DONE]."""
+    if last is not None:
+        yield chat_chunk(header, {}, last.finish_reason)
+        if include_usage:
+            body = usage(last.prompt_tokens, last.completion_tokens)
+            yield sse.event(header.body(CHAT_CHUNK, choices=[], usage=body))
+    yield sse.DONE
+
+
 async def _chat_chunks(
     header: _Header,
     first: TokenDelta | None,
     deltas: AsyncIterator[TokenDelta],
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    kind = "chat.completion.chunk"
-
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return sse.event(header.body(kind, choices=[choice]))
-
-    yield chunk({"role": "assistant", "content": ""})
+    yield chat_chunk(header, {"role": "assistant", "content": ""})
     last: TokenDelta | None = None
     try:
         async for delta in _with_first(first, deltas):
             last = delta
             if delta.text:
-                yield chunk({"content": delta.text})
+                yield chat_chunk(header, {"content": delta.text})
     except APIError as exc:  # the stage failed after the stream began: tell the client
         yield sse.event(exc.body())
         yield sse.DONE
         return
-    if last is not None:
-        yield chunk({}, last.finish_reason)
-        if include_usage:
-            body = usage(last.prompt_tokens, last.completion_tokens)
-            yield sse.event(header.body(kind, choices=[], usage=body))
-    yield sse.DONE
+    for closing in chat_stream_end(header, last, include_usage):
+        yield closing
 
 
 async def _completion_chunks(

@@ -27,7 +27,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from omni.server import sse
-from omni.server.completions import _Header, _shared_sampling, _sse
+from omni.server.completions import (
+    _Header,
+    _shared_sampling,
+    _sse,
+    chat_chunk,
+    chat_stream_end,
+)
 from omni.server.orchestrator import Orchestrator, TokenDelta
 from omni.server.protocol import APIError, ChatCompletionRequest, _OpenAIModel, usage
 from omni.server.speech_service import HTTP_SAMPLE_RATE, SpeechService
@@ -215,16 +221,10 @@ async def _audio_chunks(
     events: AsyncIterator[TokenDelta | np.ndarray],
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    kind = "chat.completion.chunk"
-
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return sse.event(header.body(kind, choices=[choice]))
-
     def audio(**fields: Any) -> bytes:
-        return chunk({"audio": {"id": audio_id, **fields}})
+        return chat_chunk(header, {"audio": {"id": audio_id, **fields}})
 
-    yield chunk({"role": "assistant", "content": None})
+    yield chat_chunk(header, {"role": "assistant", "content": None})
     last: TokenDelta | None = None
     try:
         async with contextlib.aclosing(events):  # type: ignore[type-var]
@@ -241,12 +241,8 @@ async def _audio_chunks(
         yield sse.DONE
         return
     yield audio(expires_at=int(time.time()) + AUDIO_EXPIRES_S)
-    if last is not None:
-        yield chunk({}, last.finish_reason)
-        if include_usage:
-            body = usage(last.prompt_tokens, last.completion_tokens)
-            yield sse.event(header.body(kind, choices=[], usage=body))
-    yield sse.DONE
+    for closing in chat_stream_end(header, last, include_usage):
+        yield closing
 
 
 async def _chain(
