@@ -110,11 +110,19 @@ def test_chat_completion_equals_offline_greedy(base_url: str, offline: dict[str,
     assert choice["finish_reason"] == expected.outputs[0].finish_reason
     prompt_tokens = len(expected.prompt_token_ids)
     completion_tokens = len(expected.outputs[0].token_ids)
-    assert body["usage"] == {
+    usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    assert body["usage"] == {**usage, "prompt_tokens_details": {"cached_tokens": 0}}
+    # Again: the prefix cache serves the prompt's full blocks, short of its last token.
+    again = httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(), timeout=30).json()
+    block_size = int(ENGINE_OPTIONS["block_size"])
+    cached = (prompt_tokens - 1) // block_size * block_size
+    assert cached > 0
+    assert again["usage"] == {**usage, "prompt_tokens_details": {"cached_tokens": cached}}
+    assert again["choices"] == body["choices"]
 
 
 def test_chat_logprobs_are_the_chosen_tokens(

@@ -19,7 +19,6 @@ from omni.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     completion_id,
-    usage,
 )
 
 
@@ -54,9 +53,7 @@ async def chat_completion(
         "logprobs": _chat_logprobs(orch, token_ids, last) if request.logprobs else None,
         "finish_reason": last.finish_reason,
     }
-    return JSONResponse(
-        header.body(choices=[choice], usage=usage(last.prompt_tokens, last.completion_tokens))
-    )
+    return JSONResponse(header.body(choices=[choice], usage=last.usage()))
 
 
 async def completion(orch: Orchestrator, request: CompletionRequest, http: Request) -> Response:
@@ -100,9 +97,7 @@ async def completion(orch: Orchestrator, request: CompletionRequest, http: Reque
         "logprobs": logprobs,
         "finish_reason": last.finish_reason,
     }
-    return JSONResponse(
-        header.body(choices=[choice], usage=usage(last.prompt_tokens, last.completion_tokens))
-    )
+    return JSONResponse(header.body(choices=[choice], usage=last.usage()))
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -227,7 +222,7 @@ def chat_stream_end(
     if last is not None:
         yield chat_chunk(header, {}, last.finish_reason)
         if include_usage:
-            body = usage(last.prompt_tokens, last.completion_tokens)
+            body = last.usage()
             yield sse.event(header.body(CHAT_CHUNK, choices=[], usage=body))
     yield sse.DONE
 
@@ -277,7 +272,7 @@ async def _completion_chunks(
         yield sse.DONE
         return
     if last is not None and include_usage:
-        body = usage(last.prompt_tokens, last.completion_tokens)
+        body = last.usage()
         yield sse.event(header.body(choices=[], usage=body))
     yield sse.DONE
 

@@ -31,7 +31,7 @@ from omni.multimodal.prompt import MultiModalPrompt
 from omni.multimodal.requests import submit_mm_request_async
 from omni.server.documents import Documents, page_items
 from omni.server.metrics import ServerMetrics
-from omni.server.protocol import APIError, ChatMessage, ImageURL, TextContentPart
+from omni.server.protocol import APIError, ChatMessage, ImageURL, TextContentPart, usage
 from omni.stages.llm.sampling_params import SamplingParams
 from omni.stages.llm.wire import encode_llm_request
 from omni.supervision.router import StageRouter
@@ -67,6 +67,12 @@ class TokenDelta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens served by the prefix cache (OpenAI's prompt_tokens_details.cached_tokens).
+    cached_tokens: int = 0
+
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage object, from the last delta's totals."""
+        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
 class Orchestrator:
@@ -381,6 +387,7 @@ class Orchestrator:
                         finish_reason=finish_reason,
                         prompt_tokens=prompt_tokens,
                         completion_tokens=int(data.get("completion_tokens", completion_tokens)),
+                        cached_tokens=int(data.get("cached_tokens", 0)),
                     )
                 yield delta
         except StageFailure as exc:

@@ -35,7 +35,7 @@ from omni.server.completions import (
     chat_stream_end,
 )
 from omni.server.orchestrator import Orchestrator, TokenDelta
-from omni.server.protocol import APIError, ChatCompletionRequest, _OpenAIModel, usage
+from omni.server.protocol import APIError, ChatCompletionRequest, _OpenAIModel
 from omni.server.speech_service import HTTP_SAMPLE_RATE, SpeechService
 from omni.speech.audio_format import SUPPORTED_FORMATS, encode_audio, pcm16_bytes
 from omni.speech.sentences import SentenceBuffer
@@ -143,9 +143,7 @@ async def chat_completion_with_audio(
         },
     }
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": last.finish_reason}
-    return JSONResponse(
-        header.body(choices=[choice], usage=usage(last.prompt_tokens, last.completion_tokens))
-    )
+    return JSONResponse(header.body(choices=[choice], usage=last.usage()))
 
 
 async def spoken_answer(
