@@ -50,6 +50,25 @@ def base_url(pipeline: Pipeline) -> Iterator[str]:
         yield url
 
 
+def reference_answer(folder: Path, clip: np.ndarray) -> tuple[str, int]:
+    """transformers' greedy answer to `clip` then "What is it?", and the prompt's length."""
+    processor = Qwen2AudioPromptProcessor.from_pretrained(str(folder))
+    local = [
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": "What is it?"}],
+        }
+    ]
+    prompt = processor.prepare(messages=local)
+    model = load_reference_audio(folder)
+    model.generation_config.eos_token_id = None
+    # The server's incremental detokenizer holds back a trailing incomplete UTF-8 sequence
+    # (random byte-level tokens end in one here), which a one-shot decode shows as U+FFFD.
+    tokens = reference_tokens(model, prompt)
+    text = processor.tokenizer.decode(tokens, skip_special_tokens=True).removesuffix("\ufffd")
+    return text, len(prompt.prompt_token_ids)
+
+
 def wav_base64(samples: np.ndarray, rate: int = SAMPLING_RATE) -> str:
     buffer = io.BytesIO()
     soundfile.write(buffer, samples, rate, format="WAV", subtype="FLOAT")
@@ -74,20 +93,7 @@ def test_audio_chat_equals_transformers_and_repeats_skip_the_encoder(
     folder: Path, base_url: str, pipeline: Pipeline
 ) -> None:
     clip = tone(1.2, 440.0, 7)
-    processor = Qwen2AudioPromptProcessor.from_pretrained(str(folder))
-    local = [
-        {
-            "role": "user",
-            "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": "What is it?"}],
-        }
-    ]
-    prompt = processor.prepare(messages=local)
-    model = load_reference_audio(folder)
-    model.generation_config.eos_token_id = None
-    # The server's incremental detokenizer holds back a trailing incomplete UTF-8 sequence
-    # (random byte-level tokens end in one here), which a one-shot decode shows as U+FFFD.
-    tokens = reference_tokens(model, prompt)
-    expected = processor.tokenizer.decode(tokens, skip_special_tokens=True).removesuffix("\ufffd")
+    expected, prompt_tokens = reference_answer(folder, clip)
     [audio] = [r.worker for r in pipeline.runtimes if r.config.role == "audio"]
     encoded: list[str] = []
     add_request = audio.add_request
@@ -101,7 +107,7 @@ def test_audio_chat_equals_transformers_and_repeats_skip_the_encoder(
         reply = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60)
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["message"]["content"] == expected
-        assert reply.json()["usage"]["prompt_tokens"] == len(prompt.prompt_token_ids)
+        assert reply.json()["usage"]["prompt_tokens"] == prompt_tokens
     assert len(encoded) == 1
 
 

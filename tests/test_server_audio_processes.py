@@ -12,12 +12,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from fixtures_qwen2_audio import load_reference_audio, make_tiny_qwen2_audio, tone
+from fixtures_qwen2_audio import make_tiny_qwen2_audio, tone
 from server_fixtures import live_server
-from test_qwen2_audio import NEW_TOKENS, reference_tokens
-from test_server_audio import audio_part, wav_base64
+from test_qwen2_audio import NEW_TOKENS
+from test_server_audio import audio_part, reference_answer, wav_base64
 
-from omni.multimodal.qwen2_audio import Qwen2AudioPromptProcessor
 from omni.server.app import build_app
 from omni.server.config import ServeConfig
 from omni.server.pipeline import Pipeline
@@ -54,19 +53,7 @@ def test_audio_clip_through_stage_processes_with_the_openai_client(
     folder: Path, base_url: str
 ) -> None:
     clip = tone(1.2, 440.0, 7)
-    processor = Qwen2AudioPromptProcessor.from_pretrained(str(folder))
-    local = [
-        {
-            "role": "user",
-            "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": "What is it?"}],
-        }
-    ]
-    prompt = processor.prepare(messages=local)
-    model = load_reference_audio(folder)
-    model.generation_config.eos_token_id = None
-    tokens = reference_tokens(model, prompt)
-    # The server holds back a trailing incomplete UTF-8 sequence, which decode shows as U+FFFD.
-    expected = processor.tokenizer.decode(tokens, skip_special_tokens=True).removesuffix("\ufffd")
+    expected, prompt_tokens = reference_answer(folder, clip)
 
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="-", max_retries=0)
     content = [audio_part(wav_base64(clip)), {"type": "text", "text": "What is it?"}]
@@ -80,5 +67,5 @@ def test_audio_clip_through_stage_processes_with_the_openai_client(
         )
         assert reply.choices[0].message.content == expected
         assert reply.usage is not None
-        assert reply.usage.prompt_tokens == len(prompt.prompt_token_ids)
+        assert reply.usage.prompt_tokens == prompt_tokens
         assert audio_stage_requests(base_url) == sent
