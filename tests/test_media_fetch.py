@@ -93,6 +93,28 @@ def test_files_only_inside_the_allowed_folder(tmp_path: Path) -> None:
         fetch(f"file://{root}/inside.png", MediaFetchPolicy())
 
 
+def test_links_made_after_the_path_was_resolved_are_still_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link swapped in between resolving the path and opening it: resolving is patched to
+    see nothing, as it would have before the swap."""
+    from omni.media import fetch as fetch_module
+
+    root = tmp_path / "media"
+    root.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(IMAGE)
+    (root / "late.png").symlink_to(outside / "secret.png")  # the last component
+    (root / "latedir").symlink_to(outside)  # a folder on the way
+    monkeypatch.setattr(fetch_module.os.path, "realpath", lambda path: os.path.abspath(path))
+    policy = MediaFetchPolicy(allowed_local_path=str(root))
+    with pytest.raises(MediaError, match="cannot be read"):
+        fetch(f"file://{root}/late.png", policy)
+    with pytest.raises(MediaError, match="is outside the allowed media folder"):
+        fetch(f"file://{root}/latedir/secret.png", policy)
+
+
 def test_an_allowed_folder_given_through_a_symlink_still_admits_its_files(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()

@@ -16,7 +16,9 @@ Rules, each refusal a `MediaError` naming the item and the rule:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import stat
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +158,15 @@ def _check_response(response: httpx.Response, *, name: str, max_bytes: int, limi
         check_num_bytes(int(declared), max_bytes, limit, name=name)
 
 
+def _path_of_fd(fd: int) -> Path | None:
+    """Where an open file lives, from /proc (Linux); None where that is not available."""
+    link = Path(f"/proc/self/fd/{fd}")
+    try:
+        return Path(os.readlink(link))
+    except OSError:
+        return None
+
+
 def _read_file(
     url: str, policy: MediaFetchPolicy, *, name: str, max_bytes: int, limit: str
 ) -> bytes:
@@ -179,12 +190,30 @@ def _read_file(
             f"{name}: {parsed.path!r} is outside the allowed media folder {str(root)!r}",
             item=name,
         )
-    if not path.exists():
-        raise MediaError(f"{name}: {parsed.path!r} does not exist", item=name)
-    if not path.is_file():
-        raise MediaError(f"{name}: {parsed.path!r} is not a regular file", item=name)
-    check_num_bytes(path.stat().st_size, max_bytes, limit, name=name)
-    with path.open("rb") as file:
+    # Resolved, then opened: a folder inside the allowed one could be swapped for a symlink in
+    # between. O_NOFOLLOW refuses a swapped last component, and on Linux the opened file's own
+    # path (/proc/self/fd) is checked against the folder again.
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise MediaError(f"{name}: {parsed.path!r} does not exist", item=name) from None
+    except OSError as exc:
+        raise MediaError(
+            f"{name}: {parsed.path!r} cannot be read ({exc.strerror})", item=name
+        ) from None
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.close, fd)
+        opened = _path_of_fd(fd)
+        if opened is not None and not opened.is_relative_to(root):
+            raise MediaError(
+                f"{name}: {parsed.path!r} is outside the allowed media folder {str(root)!r}",
+                item=name,
+            )
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MediaError(f"{name}: {parsed.path!r} is not a regular file", item=name)
+        check_num_bytes(info.st_size, max_bytes, limit, name=name)
+        file = stack.enter_context(os.fdopen(os.dup(fd), "rb"))
         data = file.read(max_bytes + 1)  # the file may have grown since the stat
     check_num_bytes(len(data), max_bytes, limit, name=name)
     return data
