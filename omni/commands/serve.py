@@ -60,7 +60,9 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-body-bytes", type=int, default=None)
+    p.add_argument(
+        "--max-body-bytes", type=int, default=None, help="JSON request body limit (32 MiB)"
+    )
     p.add_argument(
         "--encoder-cache-mib",
         type=int,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 import omni
 from omni.server import completions, metrics
 from omni.server.auth import check_api_key
+from omni.server.config import DEFAULT_MAX_BODY_BYTES
 from omni.server.orchestrator import LLM_ROLE, Orchestrator
 from omni.server.protocol import (
     APIError,
@@ -40,9 +41,10 @@ CLIENT_CLOSED_REQUEST = 499
 class AppSettings:
     # None leaves the /v1 routes open (the server binds loopback by default).
     api_key: str | None = None
-    # Text requests are small; this bounds what a client can make the server buffer. Media
-    # uploads will want more, per route.
-    max_body_bytes: int = 4 * 1024 * 1024
+    # Bounds what a client can make the server buffer. Chat bodies carry media as base64
+    # (images, audio, a PDF up to --max-pdf-bytes' 20 MB is 27 MB encoded), so the default
+    # leaves room for them; per-item limits bound the work done on what is inside.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # The multipart upload route's own limits (its body limit is larger).
     uploads: UploadSettings = field(default_factory=UploadSettings)
 

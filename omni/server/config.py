@@ -9,6 +9,9 @@ import torch
 
 from omni.media.pdf import PdfSettings
 
+# The JSON body limit of the /v1 routes (see AppSettings).
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
 
 def parse_devices(text: str) -> dict[str, tuple[str, ...]]:
     """`llm=0,1;vision=cpu` or `llm=0,1,vision=2` to {role: devices}; a bare number is a
@@ -82,7 +85,7 @@ class ServeConfig:
     max_num_seqs: int | None = None
     # More LLM engine options, as `--option key=value` (EngineConfig fields).
     engine_options: Mapping[str, str] = field(default_factory=dict)
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Seconds to wait for every stage replica to say HELLO (model loading included).
     startup_timeout_s: float = 300.0
     # A diffusers pipeline (folder or hub id) to serve /v1/images/generations with; None: no
