@@ -78,6 +78,11 @@ def decoded(item: dict[str, Any]) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def test_models_lists_the_image_model_after_the_llm(base_url: str) -> None:
+    models = httpx.get(f"{base_url}/v1/models", timeout=10).json()
+    assert [card["id"] for card in models["data"]][1:] == [IMAGE_MODEL_NAME]
+
+
 def test_images_equal_plain_diffusers(base_url: str, image_folder: Path) -> None:
     body = {
         "model": IMAGE_MODEL_NAME,

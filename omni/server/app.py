@@ -141,8 +141,12 @@ def build_app(
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         check_api_key(settings.api_key, request.headers.get("authorization"))
-        card = ModelCard(id=orchestrator.model_name)
-        return {"object": "list", "data": [card.model_dump()]}
+        # The LLM, then the generator stages' models (set on app.state by their routes).
+        names = [orchestrator.model_name]
+        for service in (getattr(app.state, "images", None), getattr(app.state, "speech", None)):
+            if service is not None and service.model_name not in names:
+                names.append(service.model_name)
+        return {"object": "list", "data": [ModelCard(id=name).model_dump() for name in names]}
 
     @app.get("/health")
     async def health() -> Response:

@@ -152,6 +152,7 @@ class ImageService:
 def add_image_routes(app: FastAPI, service: ImageService, settings: AppSettings) -> None:
     """Serve `POST /v1/images/generations` on an app from `build_app` (whose APIError handler
     renders this route's errors as OpenAI error JSON)."""
+    app.state.images = service  # /v1/models lists its model
 
     @app.post("/v1/images/generations")
     async def generate_images(request: Request) -> dict[str, Any]:
