@@ -233,7 +233,8 @@ def test_bad_requests_name_the_item_and_limit(processor: Qwen2VLPromptProcessor)
     limited = Qwen2VLPromptProcessor(
         processor.tokenizer, processor.image_processor, max_images=1, max_prompt_tokens=8
     )
-    with pytest.raises(ValueError, match="request has 2 images; the limit is 1"):
+    too_many = r"request has 2 images \(each page of a PDF is one\); the limit is 1"
+    with pytest.raises(ValueError, match=too_many):
         prepare_qwen2_vl_prompt(limited, prompt="<|image_pad|><|image_pad|>", images=[IMG_A] * 2)
     with pytest.raises(
         ValueError, match="prompt is 9 tokens with its images expanded; the limit is 8"

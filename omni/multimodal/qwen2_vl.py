@@ -274,7 +274,10 @@ class Qwen2VLPromptProcessor:
         if VIDEO_PAD in prompt:
             raise ValueError(f"the prompt contains {VIDEO_PAD}; video input is not supported")
         if len(images) > self.max_images:
-            raise ValueError(f"request has {len(images)} images; the limit is {self.max_images}")
+            raise ValueError(
+                f"request has {len(images)} images (each page of a PDF is one); the limit is "
+                f"{self.max_images}"
+            )
         markers = prompt.count(IMAGE_PAD)
         if markers != len(images):
             raise ValueError(
