@@ -128,11 +128,15 @@ def test_worker_batches_queued_requests_within_the_patch_budget(
     with pytest.raises(ValueError, match="'r1' is already active"):
         worker.add_request(WorkerRequest("r1", _request_inputs(*image_inputs[1]), {}))
 
+    queued = {"encoder_requests_queued": 4, "encoder_requests_encoded": 0, "encoder_forwards": 0}
+    assert worker.stats() == queued
     first = worker.step()
     assert [o.request_id for o in first] == ["r0", "r1", "r2"]
     second = worker.step()
     assert [o.request_id for o in second] == ["r3"]
     assert not worker.has_work() and worker.step() == []
+    done = {"encoder_requests_queued": 0, "encoder_requests_encoded": 4, "encoder_forwards": 2}
+    assert worker.stats() == done
     for output in first + second:
         pixels, grid = image_inputs[int(output.request_id[1:])]
         assert output.finished and output.error is None

@@ -4,7 +4,8 @@
   stage, and sent per replica; replicas lost and requests failed;
 * the supervisor: stage restarts;
 * each replica's latest heartbeat (`StageWorker.stats`): the LLM engine's own running and
-  waiting queues, KV cache usage and prefix-cache token counters;
+  waiting queues, KV cache usage and prefix-cache token counters; each encoder replica's
+  queue, requests encoded and forward passes;
 * the API process's encoder-output cache: queries, hits and bytes held.
 
 Names follow vLLM's (`vllm:num_requests_waiting` -> `omni:num_requests_waiting`,
@@ -19,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from omni.cache.encoder_cache import EncoderCache
+from omni.supervision.replicas import ReplicaInfo
 from omni.supervision.router import StageRouter
 
 LLM_ROLE = "llm"
@@ -39,6 +41,33 @@ _LLM_STATS = {
         "omni:prefix_cache_hits", "Prompt tokens served from the prefix cache", True
     ),
 }  # fmt: skip
+# The same for encoder stage replicas (vision, audio), labelled by stage too.
+_ENCODER_STATS = {
+    "encoder_requests_queued": (
+        "omni:encoder_requests_queued", "Requests queued in an encoder stage replica", False
+    ),
+    "encoder_requests_encoded": (
+        "omni:encoder_requests_encoded", "Requests an encoder stage replica has encoded", True
+    ),
+    "encoder_forwards": (
+        "omni:encoder_forwards", "Batched forward passes of an encoder stage replica", True
+    ),
+}  # fmt: skip
+
+
+def _stat_families(
+    table: dict[str, tuple[str, str, bool]], replicas: list[ReplicaInfo], by_stage: bool
+) -> Iterator[Metric]:
+    """One metric family per heartbeat stat in `table`, a sample per replica reporting it."""
+    labels = ["stage", "replica"] if by_stage else ["replica"]
+    for stat, (name, documentation, is_counter) in table.items():
+        kind = CounterMetricFamily if is_counter else GaugeMetricFamily
+        family = kind(name, documentation, labels=labels)
+        for replica in replicas:
+            if stat in replica.stats:
+                values = [replica.role, replica.replica_id] if by_stage else [replica.replica_id]
+                family.add_metric(values, replica.stats[stat])
+        yield family
 
 
 class StageCollector(Collector):
@@ -57,6 +86,7 @@ class StageCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._router_metrics()
         yield from self._llm_metrics()
+        yield from self._encoder_stage_metrics()
         if self._encoder_cache is not None:
             yield from self._encoder_cache_metrics(self._encoder_cache)
 
@@ -109,16 +139,11 @@ class StageCollector(Collector):
             value=waiting.get(LLM_ROLE, 0)
             + sum(r.stats.get("requests_waiting", 0.0) for r in replicas),
         )
-        for stat, (name, documentation, is_counter) in _LLM_STATS.items():
-            family: CounterMetricFamily | GaugeMetricFamily
-            if is_counter:
-                family = CounterMetricFamily(name, documentation, labels=["replica"])
-            else:
-                family = GaugeMetricFamily(name, documentation, labels=["replica"])
-            for replica in replicas:
-                if stat in replica.stats:
-                    family.add_metric([replica.replica_id], replica.stats[stat])
-            yield family
+        yield from _stat_families(_LLM_STATS, replicas, by_stage=False)
+
+    def _encoder_stage_metrics(self) -> Iterator[Metric]:
+        replicas = [r for r in self._router.replicas() if "encoder_forwards" in r.stats]
+        yield from _stat_families(_ENCODER_STATS, replicas, by_stage=True)
 
     @staticmethod
     def _encoder_cache_metrics(cache: EncoderCache) -> Iterator[Metric]:

@@ -68,6 +68,9 @@ class BatchingEncoderWorker(StageWorker):
             raise ValueError(f"{self.BUDGET_OPTION} is {self.max_batch_cost}; it must be >= 1")
         self._queue: deque[_Queued] = deque()
         self._encoder: Encoder | None = None
+        # Heartbeat counters (see `stats`): requests encoded and the forwards that did it.
+        self.requests_encoded = 0
+        self.forwards = 0
 
     @abstractmethod
     def cost(self, inputs: Inputs) -> int:
@@ -112,6 +115,8 @@ class BatchingEncoderWorker(StageWorker):
             cost += self._queue[0].cost
             batch.append(self._queue.popleft())
         embeddings = self.encoder.encode_batch([self._positional(item.inputs) for item in batch])
+        self.forwards += 1
+        self.requests_encoded += len(batch)
         return [
             StageOutput(
                 request_id=item.request_id,
@@ -124,6 +129,15 @@ class BatchingEncoderWorker(StageWorker):
 
     def abort(self, request_id: str) -> None:
         self._queue = deque(item for item in self._queue if item.request_id != request_id)
+
+    def stats(self) -> dict[str, float]:
+        """Queued requests, requests encoded and forward passes: their ratio is the batch
+        size the stage achieves."""
+        return {
+            "encoder_requests_queued": len(self._queue),
+            "encoder_requests_encoded": self.requests_encoded,
+            "encoder_forwards": self.forwards,
+        }
 
     def close(self) -> None:
         self._queue.clear()
