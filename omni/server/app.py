@@ -88,12 +88,7 @@ def build_app(
 
     def validate(payload: Any, model: type[M]) -> M:
         """`payload` as a `model` request for the served model, or the APIError to answer."""
-        try:
-            parsed = model.model_validate(payload)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+        parsed = validate_body(payload, model)
         requested = getattr(parsed, "model", orchestrator.model_name)
         if requested != orchestrator.model_name:
             raise APIError(
@@ -165,6 +160,22 @@ def build_app(
         return Response(orchestrator.metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     return app
+
+
+def validate_body(payload: Any, model: type[M]) -> M:
+    """`payload` as a `model`, or a 400 naming the first field that does not fit."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+
+
+async def parse_body(request: Request, model: type[M], settings: AppSettings) -> M:
+    """A JSON route's body: the API key checked, the size bounded, then `validate_body`."""
+    check_api_key(settings.api_key, request.headers.get("authorization"))
+    return validate_body(await _read_json(request, settings.max_body_bytes), model)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -20,10 +20,8 @@ import time
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from pydantic import ValidationError
 
-from omni.server.app import AppSettings, _read_json
-from omni.server.auth import check_api_key
+from omni.server.app import AppSettings, parse_body
 from omni.server.protocol import APIError, _OpenAIModel
 from omni.stages.generators.image import GENERATION_FAILED, IMAGE_ROLE
 from omni.stages.generators.image_params import ImageLimits, ImageParamError, ImageParams
@@ -156,14 +154,7 @@ def add_image_routes(app: FastAPI, service: ImageService, settings: AppSettings)
 
     @app.post("/v1/images/generations")
     async def generate_images(request: Request) -> dict[str, Any]:
-        check_api_key(settings.api_key, request.headers.get("authorization"))
-        payload = await _read_json(request, settings.max_body_bytes)
-        try:
-            parsed = ImageGenerationRequest.model_validate(payload)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+        parsed = await parse_body(request, ImageGenerationRequest, settings)
         return await service.generate(parsed)
 
 

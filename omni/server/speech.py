@@ -20,10 +20,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import ValidationError
 
-from omni.server.app import AppSettings, _read_json
-from omni.server.auth import check_api_key
+from omni.server.app import AppSettings, parse_body
 from omni.server.protocol import APIError, _OpenAIModel
 from omni.server.speech_service import SpeechService
 from omni.speech.audio_format import MEDIA_TYPES, SUPPORTED_FORMATS, pcm16_bytes
@@ -110,12 +108,5 @@ def add_speech_routes(app: FastAPI, service: SpeechService, settings: AppSetting
 
     @app.post("/v1/audio/speech")
     async def create_speech(request: Request) -> Response:
-        check_api_key(settings.api_key, request.headers.get("authorization"))
-        payload = await _read_json(request, settings.max_body_bytes)
-        try:
-            parsed = SpeechRequest.model_validate(payload)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+        parsed = await parse_body(request, SpeechRequest, settings)
         return await speak(service, parsed)
