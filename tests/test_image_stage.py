@@ -116,6 +116,7 @@ def test_one_request_equals_a_plain_diffusers_call(worker: ImageWorker, plain: A
 
 
 def test_a_batch_of_seeds_equals_each_request_alone(worker: ImageWorker, plain: Any) -> None:
+    before = worker.stats()
     sizes = count_calls(worker)
     try:
         outputs = run(
@@ -131,6 +132,10 @@ def test_a_batch_of_seeds_equals_each_request_alone(worker: ImageWorker, plain: 
     finally:
         del worker.generator.generate  # type: ignore[union-attr]
     assert sorted(sizes) == [1, 1, 4]  # fox, owl and both of two's images in one call
+    after = worker.stats()
+    assert after["image_requests_queued"] == 0
+    assert after["images_generated"] - before["images_generated"] == 6
+    assert after["image_pipeline_calls"] - before["image_pipeline_calls"] == 3
     assert [outputs[r].data["batch_images"] for r in ("fox", "owl", "two", "neg")] == [4, 4, 4, 1]
     assert outputs["two"].data["seeds"] == [3, 4]
     cases = {

@@ -5,7 +5,8 @@
 * the supervisor: stage restarts;
 * each replica's latest heartbeat (`StageWorker.stats`): the LLM engine's own running and
   waiting queues, KV cache usage and prefix-cache token counters; each encoder replica's
-  queue, requests encoded and forward passes;
+  queue, requests encoded and forward passes; each image replica's queue, images generated
+  and pipeline calls;
 * the API process's encoder-output cache: queries, hits and bytes held.
 
 Names follow vLLM's (`vllm:num_requests_waiting` -> `omni:num_requests_waiting`,
@@ -53,6 +54,18 @@ _ENCODER_STATS = {
         "omni:encoder_forwards", "Batched forward passes of an encoder stage replica", True
     ),
 }  # fmt: skip
+# The same for image stage replicas.
+_IMAGE_STATS = {
+    "image_requests_queued": (
+        "omni:image_requests_queued", "Requests queued in an image stage replica", False
+    ),
+    "images_generated": (
+        "omni:images_generated", "Images an image stage replica has generated", True
+    ),
+    "image_pipeline_calls": (
+        "omni:image_pipeline_calls", "Batched pipeline calls of an image stage replica", True
+    ),
+}  # fmt: skip
 
 
 def _stat_families(
@@ -86,7 +99,7 @@ class StageCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._router_metrics()
         yield from self._llm_metrics()
-        yield from self._encoder_stage_metrics()
+        yield from self._worker_stage_metrics()
         if self._encoder_cache is not None:
             yield from self._encoder_cache_metrics(self._encoder_cache)
 
@@ -141,9 +154,12 @@ class StageCollector(Collector):
         )
         yield from _stat_families(_LLM_STATS, replicas, by_stage=False)
 
-    def _encoder_stage_metrics(self) -> Iterator[Metric]:
-        replicas = [r for r in self._router.replicas() if "encoder_forwards" in r.stats]
-        yield from _stat_families(_ENCODER_STATS, replicas, by_stage=True)
+    def _worker_stage_metrics(self) -> Iterator[Metric]:
+        replicas = self._router.replicas()
+        encoders = [r for r in replicas if "encoder_forwards" in r.stats]
+        yield from _stat_families(_ENCODER_STATS, encoders, by_stage=True)
+        images = [r for r in replicas if "image_pipeline_calls" in r.stats]
+        yield from _stat_families(_IMAGE_STATS, images, by_stage=True)
 
     @staticmethod
     def _encoder_cache_metrics(cache: EncoderCache) -> Iterator[Metric]:

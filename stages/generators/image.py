@@ -162,6 +162,9 @@ class ImageWorker(StageWorker):
         # Requests whose pixels are being encoded, in the order their batches finished.
         self._encoding: OrderedDict[str, concurrent.futures.Future[StageOutput]] = OrderedDict()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        # Heartbeat counters (see `stats`).
+        self.images_generated = 0
+        self.pipeline_calls = 0
 
     def load(self) -> None:
         settings = self.settings
@@ -208,6 +211,15 @@ class ImageWorker(StageWorker):
 
     def has_work(self) -> bool:
         return bool(self._queue or self._refused or self._encoding)
+
+    def stats(self) -> dict[str, float]:
+        """Queued requests, images generated and pipeline calls: images per call is the batch
+        size the stage achieves."""
+        return {
+            "image_requests_queued": len(self._queue),
+            "images_generated": self.images_generated,
+            "image_pipeline_calls": self.pipeline_calls,
+        }
 
     def abort(self, request_id: str) -> None:
         self._queue.pop(request_id, None)
@@ -257,6 +269,7 @@ class ImageWorker(StageWorker):
             for queued in batch
             for seed in queued.seeds
         ]
+        self.pipeline_calls += 1
         try:
             pixels = self._generator().generate(batch[0].shape, jobs)
         except Exception as exc:  # a failing batch (out of memory) fails its requests only
@@ -267,6 +280,7 @@ class ImageWorker(StageWorker):
                     StageOutput(queued.request_id, finished=True, error=error)
                 )
             return
+        self.images_generated += len(jobs)
         assert self._executor is not None
         start = 0
         for queued in batch:
