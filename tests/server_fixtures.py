@@ -13,11 +13,28 @@ import uvicorn
 from fastapi import FastAPI
 from fixtures_models import make_tiny_checkpoint
 
+from omni.server.config import ServeConfig
+
 # Long enough that a stream can be cut off mid-answer; tiny enough to load in a second.
 CONTEXT = 2048
 # A small KV cache: a few MiB instead of the CPU default of 1 GiB per engine.
 ENGINE_OPTIONS = {"num_kv_blocks": "512", "block_size": "16"}
 MESSAGES = [{"role": "user", "content": "The capital of France is"}]
+
+
+def media_serve_config(
+    folder: Path, model_name: str, encoder_role: str, single_process: bool = True
+) -> ServeConfig:
+    """A tiny multi-modal checkpoint served on the CPU: the LLM stage, its encoder stage
+    (`vision` or `audio`), a small KV cache, and no speech stage."""
+    return ServeConfig(
+        model=str(folder),
+        served_model_name=model_name,
+        single_process=single_process,
+        speech=False,
+        devices={"llm": ("cpu",), encoder_role: ("cpu",)},
+        engine_options={"num_kv_blocks": "128", "block_size": "8"},
+    )
 
 
 def tiny_chat_model(folder: Path) -> Path:

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import soundfile
 from fixtures_qwen2_audio import SAMPLING_RATE, load_reference_audio, make_tiny_qwen2_audio, tone
-from server_fixtures import live_server
+from server_fixtures import live_server, media_serve_config
 from test_qwen2_audio import NEW_TOKENS, reference_tokens
 
 from omni.multimodal.qwen2_audio import Qwen2AudioPromptProcessor
 from omni.server.app import build_app
-from omni.server.config import ServeConfig
 from omni.server.pipeline import Pipeline
 
 MODEL = "tiny-audio"
@@ -33,14 +32,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipeline(folder: Path) -> Iterator[Pipeline]:
-    config = ServeConfig(
-        model=str(folder),
-        served_model_name=MODEL,
-        single_process=True,
-        devices={"llm": ("cpu",), "audio": ("cpu",)},
-        engine_options={"num_kv_blocks": "128", "block_size": "8"},
-    )
-    with Pipeline(config) as running:
+    with Pipeline(media_serve_config(folder, MODEL, "audio")) as running:
         yield running
 
 

@@ -13,12 +13,11 @@ import httpx
 import openai
 import pytest
 from fixtures_qwen2_audio import make_tiny_qwen2_audio, tone
-from server_fixtures import live_server
+from server_fixtures import live_server, media_serve_config
 from test_qwen2_audio import NEW_TOKENS
 from test_server_audio import audio_part, reference_answer, wav_base64
 
 from omni.server.app import build_app
-from omni.server.config import ServeConfig
 from omni.server.pipeline import Pipeline
 
 MODEL = "tiny-audio"
@@ -31,14 +30,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(folder: Path) -> Iterator[str]:
-    config = ServeConfig(
-        model=str(folder),
-        served_model_name=MODEL,
-        single_process=False,
-        speech=False,
-        devices={"llm": ("cpu",), "audio": ("cpu",)},
-        engine_options={"num_kv_blocks": "128", "block_size": "8"},
-    )
+    config = media_serve_config(folder, MODEL, "audio", single_process=False)
     with Pipeline(config) as running, live_server(build_app(running.orchestrator)) as url:
         yield url
 

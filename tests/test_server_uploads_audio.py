@@ -15,11 +15,10 @@ import pytest
 import soundfile
 from fixtures_pdf import Page, minimal_pdf
 from fixtures_qwen2_audio import SAMPLING_RATE, make_tiny_qwen2_audio, tone
-from server_fixtures import live_server
+from server_fixtures import live_server, media_serve_config
 from test_server_pdf import curl
 
 from omni.server.app import build_app
-from omni.server.config import ServeConfig
 from omni.server.pipeline import Pipeline
 
 MODEL = "tiny-audio"
@@ -28,14 +27,7 @@ MODEL = "tiny-audio"
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = make_tiny_qwen2_audio(tmp_path_factory.mktemp("qwen2_audio"))
-    config = ServeConfig(
-        model=str(folder),
-        served_model_name=MODEL,
-        single_process=True,
-        speech=False,
-        devices={"llm": ("cpu",), "audio": ("cpu",)},
-        engine_options={"num_kv_blocks": "128", "block_size": "8"},
-    )
+    config = media_serve_config(folder, MODEL, "audio")
     with Pipeline(config) as pipeline, live_server(build_app(pipeline.orchestrator)) as url:
         yield url
 

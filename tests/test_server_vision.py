@@ -11,12 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fixtures_vl import make_tiny_qwen2_5_vl, noise_image
-from server_fixtures import live_server
+from server_fixtures import live_server, media_serve_config
 from test_vl_engine import NEW_TOKENS, reference
 
 from omni.multimodal import Qwen2VLPromptProcessor, prepare_qwen2_vl_prompt
 from omni.server.app import build_app
-from omni.server.config import ServeConfig
 from omni.server.pipeline import Pipeline
 
 MODEL = "tiny-vl"
@@ -29,14 +28,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipeline(folder: Path) -> Iterator[Pipeline]:
-    config = ServeConfig(
-        model=str(folder),
-        served_model_name=MODEL,
-        single_process=True,
-        devices={"llm": ("cpu",), "vision": ("cpu",)},
-        engine_options={"num_kv_blocks": "128", "block_size": "8"},
-    )
-    with Pipeline(config) as running:
+    with Pipeline(media_serve_config(folder, MODEL, "vision")) as running:
         yield running
 
 
