@@ -120,6 +120,13 @@ def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(0.08 * noise)
 
 
+def load_reference(model_class: Any, folder: str | Path) -> Any:
+    """transformers' model of `model_class` on a folder, fp32, eager attention, eval mode:
+    what omni's outputs are compared against."""
+    model = model_class.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
 def make_tiny_checkpoint(
     arch: str,
     path: str | Path,

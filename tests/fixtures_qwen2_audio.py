@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fixtures_models import build_tokenizer, randomize_parameters
+from fixtures_models import build_tokenizer, load_reference, randomize_parameters
 
 AUDIO_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -128,10 +128,7 @@ def load_reference_audio(folder: str | Path) -> Any:
     """transformers' model on the same folder, fp32, eager attention, eval mode."""
     from transformers import Qwen2AudioForConditionalGeneration
 
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager"
-    )
-    return model.eval()
+    return load_reference(Qwen2AudioForConditionalGeneration, folder)
 
 
 def tone(seconds: float, frequency: float, seed: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fixtures_models import build_tokenizer, randomize_parameters
+from fixtures_models import build_tokenizer, load_reference, randomize_parameters
 from PIL import Image
 
 # Qwen's special tokens; the BPE trainer numbers them first, in this order.
@@ -174,10 +174,7 @@ def load_reference_vl(folder: str | Path) -> Any:
     """transformers' model on the same folder, fp32, eager attention, eval mode."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager"
-    )
-    return model.eval()
+    return load_reference(AutoModelForImageTextToText, folder)
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
