@@ -16,7 +16,6 @@ Rules, each refusal a `MediaError` naming the item and the rule:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import stat
 import urllib.parse
@@ -184,12 +183,12 @@ def _read_file(
     root = Path(os.path.realpath(policy.allowed_local_path))
     # Containment first, existence second: the answer must not tell a client whether a path
     # outside the folder exists.
+    outside = MediaError(
+        f"{name}: {parsed.path!r} is outside the allowed media folder {str(root)!r}", item=name
+    )
     path = Path(os.path.realpath(urllib.parse.unquote(parsed.path)))
     if not path.is_relative_to(root):
-        raise MediaError(
-            f"{name}: {parsed.path!r} is outside the allowed media folder {str(root)!r}",
-            item=name,
-        )
+        raise outside
     # Resolved, then opened: a folder inside the allowed one could be swapped for a symlink in
     # between. O_NOFOLLOW refuses a swapped last component, and on Linux the opened file's own
     # path (/proc/self/fd) is checked against the folder again.
@@ -201,19 +200,19 @@ def _read_file(
         raise MediaError(
             f"{name}: {parsed.path!r} cannot be read ({exc.strerror})", item=name
         ) from None
-    with contextlib.ExitStack() as stack:
-        stack.callback(os.close, fd)
+    try:
         opened = _path_of_fd(fd)
         if opened is not None and not opened.is_relative_to(root):
-            raise MediaError(
-                f"{name}: {parsed.path!r} is outside the allowed media folder {str(root)!r}",
-                item=name,
-            )
+            raise outside
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise MediaError(f"{name}: {parsed.path!r} is not a regular file", item=name)
         check_num_bytes(info.st_size, max_bytes, limit, name=name)
-        file = stack.enter_context(os.fdopen(os.dup(fd), "rb"))
+        file = os.fdopen(fd, "rb")  # owns fd from here on
+    except BaseException:
+        os.close(fd)
+        raise
+    with file:
         data = file.read(max_bytes + 1)  # the file may have grown since the stat
     check_num_bytes(len(data), max_bytes, limit, name=name)
     return data
