@@ -66,15 +66,33 @@ def test_tower_weights_equal_the_checkpoint(encoder: VisionEncoder, vl_folder: P
         assert torch.equal(tower_state[name], tensor), name
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
 def test_embeddings_match_transformers_per_image_and_batched(
-    encoder: VisionEncoder, reference: Any, image_inputs: list[tuple[torch.Tensor, torch.Tensor]]
+    device: str,
+    encoder: VisionEncoder,
+    vl_folder: Path,
+    reference: Any,
+    image_inputs: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> None:
+    if device != "cpu":
+        encoder = VisionEncoder.from_pretrained(str(vl_folder), device=device, dtype="float32")
+    # The reference runs on the CPU; GPU float32 kernels sum in another order.
+    atol = 1e-5 if device == "cpu" else 1e-4
     assert [int(g.prod()) // 4 for _, g in image_inputs] == [6, 8, 15, 24]
     for pixels, grid in image_inputs:
-        embeddings = encoder.encode(pixels, grid)
+        embeddings = encoder.encode(pixels, grid).cpu()
         assert embeddings.shape == (int(grid.prod()) // 4, 64)
         expected = _reference_embeddings(reference, pixels, grid)
-        torch.testing.assert_close(embeddings, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(embeddings, expected, rtol=0, atol=atol)
 
     # Two requests, the second with two images: one forward, split back per request.
     first = image_inputs[3]
@@ -82,13 +100,13 @@ def test_embeddings_match_transformers_per_image_and_batched(
         torch.cat([image_inputs[1][0], image_inputs[2][0]]),
         torch.cat([image_inputs[1][1], image_inputs[2][1]]),
     )
-    batched = encoder.encode_batch([first, second])
+    batched = [e.cpu() for e in encoder.encode_batch([first, second])]
     assert [tuple(e.shape) for e in batched] == [(24, 64), (8 + 15, 64)]
     torch.testing.assert_close(
-        batched[0], _reference_embeddings(reference, *first), rtol=0, atol=1e-5
+        batched[0], _reference_embeddings(reference, *first), rtol=0, atol=atol
     )
     torch.testing.assert_close(
-        batched[1], _reference_embeddings(reference, *second), rtol=0, atol=1e-5
+        batched[1], _reference_embeddings(reference, *second), rtol=0, atol=atol
     )
 
 
