@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,16 +118,52 @@ class ReplyStream(_StreamBase):
         return replies
 
 
+class _LoopInbox:
+    """Replies bound for one event loop's streams, handed over in one wake-up per burst.
+
+    A stage answers every running request on each step, so the router's I/O thread delivers
+    many replies at once; a `call_soon_threadsafe` each would wake the loop (a pipe write and
+    a lock) once per streamed token.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Item], Item]] = []
+
+    def put(self, target: asyncio.Queue[Item], item: Item) -> None:
+        with self._lock:
+            self._pending.append((target, item))
+            if len(self._pending) > 1:
+                return  # a drain is already scheduled and has not run yet
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for target, item in pending:
+            target.put_nowait(item)
+
+
+_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopInbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class AsyncReplyStream(_StreamBase):
     """Async iterator over the replies of one request; create it inside the event loop."""
 
     def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
         super().__init__(request_id, abort)
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        inbox = _inboxes.get(loop)
+        if inbox is None:
+            inbox = _inboxes[loop] = _LoopInbox(loop)
+        self._inbox = inbox
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
 
     def deliver(self, item: Item) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self._inbox.put(self._queue, item)
 
     async def next(self, timeout: float | None = None) -> Reply:
         if self.done:
