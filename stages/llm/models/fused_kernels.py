@@ -97,6 +97,47 @@ def _rotate_heads(
 
 
 @triton.jit
+def rotate_token_qk(
+    q_ptr,
+    k_ptr,
+    stride_q_token,
+    stride_q_head,
+    stride_k_token,
+    stride_k_head,
+    token,
+    num_q_heads,
+    num_k_heads,
+    freqs,
+    scaling,
+    half: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
+    BLOCK_Q_HEADS: tl.constexpr,
+    BLOCK_K_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Rotate every q and k head of one token in place by the float32 angles `freqs`
+    [BLOCK_HALF]: what 1-D rotary and M-RoPE share once each has its angles."""
+    if USE_LIBDEVICE:
+        cos32 = libdevice.cos(freqs)
+        sin32 = libdevice.sin(freqs)
+    else:
+        cos32 = tl.cos(freqs)
+        sin32 = tl.sin(freqs)
+    # The tables torch builds are scaled in float32 and then cast to the model dtype.
+    dtype = q_ptr.dtype.element_ty
+    cos = (cos32 * scaling).to(dtype).to(tl.float32)[None, :]
+    sin = (sin32 * scaling).to(dtype).to(tl.float32)[None, :]
+    _rotate_heads(
+        q_ptr, stride_q_token, stride_q_head, token, num_q_heads, cos, sin, half,
+        BLOCK_Q_HEADS, BLOCK_HALF,
+    )  # fmt: skip
+    _rotate_heads(
+        k_ptr, stride_k_token, stride_k_head, token, num_k_heads, cos, sin, half,
+        BLOCK_K_HEADS, BLOCK_HALF,
+    )  # fmt: skip
+
+
+@triton.jit
 def rotary_qk_kernel(
     q_ptr,
     k_ptr,
@@ -120,41 +161,11 @@ def rotary_qk_kernel(
     dims = tl.arange(0, BLOCK_HALF)
     inv_freq = tl.load(inv_freq_ptr + dims, mask=dims < half, other=0.0)
     position = tl.load(positions_ptr + token).to(tl.float32)
-    freqs = position * inv_freq
-    if USE_LIBDEVICE:
-        cos32 = libdevice.cos(freqs)
-        sin32 = libdevice.sin(freqs)
-    else:
-        cos32 = tl.cos(freqs)
-        sin32 = tl.sin(freqs)
-    # The tables torch builds are scaled in float32 and then cast to the model dtype.
-    dtype = q_ptr.dtype.element_ty
-    cos = (cos32 * scaling).to(dtype).to(tl.float32)[None, :]
-    sin = (sin32 * scaling).to(dtype).to(tl.float32)[None, :]
-    _rotate_heads(
-        q_ptr,
-        stride_q_token,
-        stride_q_head,
-        token,
-        num_q_heads,
-        cos,
-        sin,
-        half,
-        BLOCK_Q_HEADS,
-        BLOCK_HALF,
-    )
-    _rotate_heads(
-        k_ptr,
-        stride_k_token,
-        stride_k_head,
-        token,
-        num_k_heads,
-        cos,
-        sin,
-        half,
-        BLOCK_K_HEADS,
-        BLOCK_HALF,
-    )
+    rotate_token_qk(
+        q_ptr, k_ptr, stride_q_token, stride_q_head, stride_k_token, stride_k_head, token,
+        num_q_heads, num_k_heads, position * inv_freq, scaling, half, USE_LIBDEVICE,
+        BLOCK_Q_HEADS, BLOCK_K_HEADS, BLOCK_HALF,
+    )  # fmt: skip
 
 
 @triton.jit

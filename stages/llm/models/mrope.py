@@ -9,8 +9,8 @@ three rows, which makes M-RoPE equal to ordinary 1-D rotary for them.
 Off CUDA, cos/sin are built once per forward as transformers builds them (float32
 `position x inv_freq`, then cos/sin, then the cast to the model dtype), so the CPU path matches
 it bit for bit. On CUDA one Triton kernel per layer rotates q and k in place, computing each
-frequency's angle from its section's position row inline: the 1-D rotary kernel's arithmetic
-(`fused_kernels._rotate_heads`, the same rounding steps) with a per-frequency position load,
+frequency's angle from its section's position row inline, then rotating as the 1-D rotary
+kernel does (`fused_kernels.rotate_token_qk`, the same rounding steps),
 instead of ~10 elementwise torch kernels per layer. `OMNI_FUSED_OPS=0` switches it off.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from omni.stages.llm.models.fused_kernels import _rotate_heads
+from omni.stages.llm.models.fused_kernels import rotate_token_qk
 from omni.stages.llm.models.fused_ops import (
     _TORCH_FP_OPTIONS,
     _num_warps,
@@ -30,7 +30,6 @@ from omni.stages.llm.models.fused_ops import (
     use_fused_kernels,
 )
 from omni.stages.llm.models.layers import RotaryAngles, RotaryEmbedding, rope_parameters_of
-from triton.language.extra import libdevice
 
 NUM_MROPE_ROWS = 3  # temporal, height, width
 
@@ -82,23 +81,10 @@ def mrope_qk_kernel(
     rows = tl.load(row_of_freq_ptr + dims, mask=mask, other=0)
     position_offsets = rows * stride_positions_row + token.to(tl.int64) * stride_positions_token
     position = tl.load(positions_ptr + position_offsets, mask=mask, other=0).to(tl.float32)
-    freqs = position * inv_freq
-    if USE_LIBDEVICE:
-        cos32 = libdevice.cos(freqs)
-        sin32 = libdevice.sin(freqs)
-    else:
-        cos32 = tl.cos(freqs)
-        sin32 = tl.sin(freqs)
-    dtype = q_ptr.dtype.element_ty
-    cos = (cos32 * scaling).to(dtype).to(tl.float32)[None, :]
-    sin = (sin32 * scaling).to(dtype).to(tl.float32)[None, :]
-    _rotate_heads(
-        q_ptr, stride_q_token, stride_q_head, token, num_q_heads, cos, sin, half,
-        BLOCK_Q_HEADS, BLOCK_HALF,
-    )  # fmt: skip
-    _rotate_heads(
-        k_ptr, stride_k_token, stride_k_head, token, num_k_heads, cos, sin, half,
-        BLOCK_K_HEADS, BLOCK_HALF,
+    rotate_token_qk(
+        q_ptr, k_ptr, stride_q_token, stride_q_head, stride_k_token, stride_k_head, token,
+        num_q_heads, num_k_heads, position * inv_freq, scaling, half, USE_LIBDEVICE,
+        BLOCK_Q_HEADS, BLOCK_K_HEADS, BLOCK_HALF,
     )  # fmt: skip
 
 
