@@ -103,9 +103,9 @@ def build_app(
     async def answer_chat(parsed: AudioChatCompletionRequest, request: Request) -> Response:
         # http(s) and file image URLs, where the server allows them, fetched without
         # blocking the event loop; prompt building then reads their bytes.
-        await orchestrator.fetch_media(parsed.messages)
+        await orchestrator.media.fetch_media(parsed.messages)
         # PDF pages rendered in the render workers, also off the event loop.
-        await orchestrator.render_documents(parsed.messages, parsed.pdf_dpi)
+        await orchestrator.media.render_documents(parsed.messages, parsed.pdf_dpi)
         try:
             if parsed.wants_audio():
                 speech = getattr(app.state, "speech", None)  # set by add_speech_routes

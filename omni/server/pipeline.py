@@ -151,7 +151,7 @@ class Pipeline:
 
     def close(self) -> None:
         if self._orchestrator is not None:
-            self._orchestrator.documents.renderer.close()  # the PDF render workers
+            self._orchestrator.media.documents.renderer.close()  # the PDF render workers
         # Stages first (they say GOODBYE to a router that still listens), then the router.
         if self.supervisor is not None:
             self.supervisor.stop()

@@ -107,7 +107,7 @@ def add_upload_routes(
             )
         body = await read_body(request, settings.max_body_bytes)
         fields, uploads = await _read_form(request, body, settings)
-        taken = getattr(app.state.orchestrator.mm_processor, "MEDIA", None)
+        taken = getattr(app.state.orchestrator.media.mm_processor, "MEDIA", None)
         model_name = app.state.orchestrator.model_name
         for upload in uploads:
             kind = upload.file_type.kind
