@@ -29,6 +29,7 @@ can be captured in a CUDA graph.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -231,17 +232,25 @@ def rotary_qk_triton_(
     `positions x inv_freq` computed in float32 inside it (no per-step cos/sin tensors). q and
     k may be strided views (e.g. of the fused qkv projection)."""
     _check_rotary(q, k, positions, inv_freq)
+    launch_rotary_qk(rotary_qk_kernel, q, k, (positions, inv_freq), scaling)
+
+
+def launch_rotary_qk(
+    kernel: Any, q: torch.Tensor, k: torch.Tensor, angle_args: tuple[Any, ...], scaling: float
+) -> None:
+    """One program per token of a rotary kernel over checked q [T, Hq, D] and k [T, Hk, D]:
+    `rotary_qk_kernel` or M-RoPE's, whose arguments differ only in `angle_args` (what
+    the kernel reads its angles from, passed between k and the strides of q)."""
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens == 0:
         return
     half = head_dim // 2
     block_q_heads = triton.next_power_of_2(num_q_heads)
     block_half = triton.next_power_of_2(half)
-    rotary_qk_kernel[(num_tokens,)](
+    kernel[(num_tokens,)](
         q,
         k,
-        positions,
-        inv_freq,
+        *angle_args,
         q.stride(0),
         q.stride(1),
         k.stride(0),

@@ -24,9 +24,8 @@ import triton
 import triton.language as tl
 from omni.stages.llm.models.fused_kernels import rotate_token_qk
 from omni.stages.llm.models.fused_ops import (
-    _TORCH_FP_OPTIONS,
-    _num_warps,
     apply_rotary_torch,
+    launch_rotary_qk,
     use_fused_kernels,
 )
 from omni.stages.llm.models.layers import RotaryAngles, RotaryEmbedding, rope_parameters_of
@@ -102,7 +101,7 @@ def mrope_qk_triton_(
         raise ValueError(
             f"mrope_qk_: q {tuple(q.shape)} and k {tuple(k.shape)} must be [T, heads, head_dim]"
         )
-    num_tokens, num_q_heads, head_dim = q.shape
+    num_tokens, _, head_dim = q.shape
     half = head_dim // 2
     if positions.dim() != 2 or tuple(positions.shape) != (NUM_MROPE_ROWS, num_tokens):
         raise ValueError(
@@ -118,33 +117,8 @@ def mrope_qk_triton_(
         raise ValueError("mrope_qk_: q and k need one dtype and a contiguous head_dim")
     if inv_freq.dtype != torch.float32 or positions.dtype != torch.int64:
         raise ValueError("mrope_qk_: inv_freq must be float32 and positions int64")
-    if num_tokens == 0:
-        return
-    block_q_heads = triton.next_power_of_2(num_q_heads)
-    block_half = triton.next_power_of_2(half)
-    mrope_qk_kernel[(num_tokens,)](
-        q,
-        k,
-        positions,
-        row_of_freq,
-        inv_freq,
-        positions.stride(0),
-        positions.stride(1),
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        num_q_heads,
-        k.shape[1],
-        float(scaling),
-        half=half,
-        USE_LIBDEVICE=q.is_cuda,
-        BLOCK_Q_HEADS=block_q_heads,
-        BLOCK_K_HEADS=triton.next_power_of_2(k.shape[1]),
-        BLOCK_HALF=block_half,
-        num_warps=_num_warps(block_q_heads * block_half),
-        **_TORCH_FP_OPTIONS,
-    )
+    angle_args = (positions, row_of_freq, inv_freq, positions.stride(0), positions.stride(1))
+    launch_rotary_qk(mrope_qk_kernel, q, k, angle_args, scaling)
 
 
 @dataclass(frozen=True)
