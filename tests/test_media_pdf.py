@@ -114,6 +114,37 @@ def test_refusals_name_the_document_and_the_limit(
             assert pool.worker_pids() == []
 
 
+def test_workers_run_under_their_memory_cap() -> None:
+    settings = PdfSettings(dpi=72, workers=1, worker_memory_mib=1024)
+    with PdfRenderer(settings) as pool:
+        pool.render(minimal_pdf([Page(50, 50)]), name="doc")
+        (pid,) = pool.worker_pids()
+        limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+        (line,) = [x for x in limits if x.startswith("Max address space")]
+        assert line.split()[3:5] == [str(1024 << 20)] * 2  # soft and hard limits, in bytes
+
+
+def test_a_document_past_the_memory_cap_fails_alone() -> None:
+    # A 200-inch page at 150 DPI is 30000 x 30000 pixels: within this pixel limit, but its
+    # bitmap alone (3.6 GB) is past the worker's 1 GiB.
+    settings = PdfSettings(dpi=72, max_page_pixels=10**9, workers=1, worker_memory_mib=1024)
+    with PdfRenderer(settings) as pool:
+        pool.render(minimal_pdf([Page(50, 50)]), name="warm-up")
+        (pid,) = pool.worker_pids()
+        with pytest.raises(MediaError) as info:
+            pool.render(minimal_pdf([Page(14400, 14400)]), name="huge", dpi=150)
+        assert (str(info.value), info.value.item, info.value.limit) == (
+            "huge needs more memory to render than a render worker may use (1024 MiB); send "
+            "it at a lower pdf_dpi or with smaller pages",
+            "huge",
+            "pdf_worker_memory_mib",
+        )
+        # The worker answered and goes on: the next document renders in the same process.
+        pages = pool.render(minimal_pdf(TWO_PAGES), name="doc")
+        assert [p.image.size for p in pages] == [(144, 72), (100, 200)]
+        assert pool.worker_pids() == [pid]
+
+
 def test_the_pool_reuses_workers_and_replaces_one_that_crashes(tmp_path: Path) -> None:
     # A worker that aborts (as on a PDFium crash) on any document carrying a marker.
     script = tmp_path / "crashing_worker.py"
@@ -184,6 +215,8 @@ def test_settings_are_checked() -> None:
         PdfSettings(dpi=400)
     with pytest.raises(ValueError, match="pdf max_pages is 0; it must be an integer >= 1"):
         PdfSettings(max_pages=0)
+    with pytest.raises(ValueError, match="pdf worker_memory_mib is 0; it must be an integer >= 1"):
+        PdfSettings(worker_memory_mib=0)
 
 
 def test_sniffing_types_files_by_their_bytes() -> None:

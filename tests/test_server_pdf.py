@@ -378,12 +378,12 @@ def test_serve_flags_set_the_pdf_and_upload_limits() -> None:
 
     args = build_parser().parse_args(
         ["serve", "--pdf-dpi", "150", "--max-pdf-pages", "4", "--max-pdf-bytes", "1000",
-         "--no-pdf-text", "--pdf-workers", "3", "--max-upload-bytes", "5000",
-         "--max-upload-files", "2"]
+         "--no-pdf-text", "--pdf-workers", "3", "--pdf-worker-memory-mib", "512",
+         "--max-upload-bytes", "5000", "--max-upload-files", "2"]
     )  # fmt: skip
     config = serve_config(args)
     assert config.pdf_settings() == PdfSettings(
-        dpi=150, max_pages=4, max_bytes=1000, text=False, workers=3
+        dpi=150, max_pages=4, max_bytes=1000, text=False, workers=3, worker_memory_mib=512
     )
     assert (config.max_upload_bytes, config.max_upload_files) == (5000, 2)
     bad = build_parser().parse_args(["serve", "--pdf-dpi", "1000"])

@@ -94,6 +94,12 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--pdf-workers", type=int, default=None, help="PDF render processes (2)")
     p.add_argument(
+        "--pdf-worker-memory-mib",
+        type=int,
+        default=None,
+        help="address-space cap of each PDF render process, MiB (2048)",
+    )
+    p.add_argument(
         "--max-upload-bytes", type=int, default=None, help="body limit of /v1/uploads/chat"
     )
     p.add_argument("--max-upload-files", type=int, default=None, help="files an upload (8)")
@@ -122,6 +128,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         "audio_replicas", "speech_replicas", "encoder_cache_mib", "allowed_media_domains",
         "allowed_local_media_path", "media_fetch_timeout_s", "pdf_dpi", "pdf_min_dpi",
         "pdf_max_dpi", "max_pdf_pages", "max_pdf_bytes", "pdf_text", "pdf_workers",
+        "pdf_worker_memory_mib",
         "max_upload_bytes", "max_upload_files",
     ):  # fmt: skip
         value = getattr(args, name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from PIL import Image
 
 from omni.media.errors import MediaError
 from omni.media.limits import check_num_bytes
-from omni.media.pdf_worker import read_frame, write_frame
+from omni.media.pdf_worker import MEMORY_CAP_ENV, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,19 @@ class PdfSettings:
     max_text_chars: int = 4000
     workers: int = 2
     timeout_s: float = 60.0
+    # Each render process's address space (RLIMIT_AS), so that a document built to exhaust
+    # memory fails alone instead of starving the host. 2 GiB holds PDFium, the interpreter and
+    # a page at the pixel limit many times over.
+    worker_memory_mib: int = 2048
 
     def __post_init__(self) -> None:
         for name in ("dpi", "min_dpi", "max_dpi", "timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"pdf {name} is {getattr(self, name)}; it must be > 0")
-        for name in ("max_bytes", "max_pages", "max_page_pixels", "max_text_chars", "workers"):
+        for name in (
+            "max_bytes", "max_pages", "max_page_pixels", "max_text_chars", "workers",
+            "worker_memory_mib",
+        ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"pdf {name} is {value!r}; it must be an integer >= 1")
@@ -201,7 +209,7 @@ class PdfRenderer:
                     break
                 self._lock.wait()
         try:
-            return _Worker(self.command)
+            return _Worker(self.command, self.settings.worker_memory_mib)
         except BaseException:
             with self._lock:
                 self._started -= 1
@@ -229,9 +237,16 @@ class _WorkerFailed(Exception):
 class _Worker:
     """One render process: a request frame in on its stdin, a reply frame out on its stdout."""
 
-    def __init__(self, command: Sequence[str]) -> None:
+    def __init__(self, command: Sequence[str], memory_mib: int) -> None:
+        env = {
+            **os.environ,
+            MEMORY_CAP_ENV: str(memory_mib),
+            # One BLAS thread: numpy's thread pools would reserve address space it never uses.
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+        }
         self.process = subprocess.Popen(
-            list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+            list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, env=env
         )
 
     def alive(self) -> bool:
@@ -288,6 +303,13 @@ def _refusal(
         return MediaError(
             f"{name} is encrypted (password-protected); send a PDF that opens without one",
             item=name,
+        )
+    if kind == "out_of_memory":
+        return MediaError(
+            f"{name} needs more memory to render than a render worker may use "
+            f"({settings.worker_memory_mib} MiB); send it at a lower pdf_dpi or with smaller pages",
+            item=name,
+            limit="pdf_worker_memory_mib",
         )
     if kind == "no_pages":
         return MediaError(f"{name} has no pages", item=name)

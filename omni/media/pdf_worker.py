@@ -10,13 +10,16 @@ Request: {"data": bytes, "dpi": float, "max_pages": int, "max_page_pixels": int,
 "text": bool, "max_text_chars": int}.
 Reply: {"pages": [[width, height, rgb bytes, text], ...]}, or {"error": kind, ...} with kind
 one of "encrypted", "corrupt", "no_pages", "too_many_pages" (+ "pages"), "page_too_large"
-(+ "page", "width", "height"). Every limit is checked before any page is rendered.
+(+ "page", "width", "height"), "out_of_memory". Every limit is checked before any page is
+rendered. `$OMNI_PDF_WORKER_MEMORY_MIB` caps the worker's address space: a document that needs
+more is answered "out_of_memory" and the worker goes on.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import resource
 import struct
 import sys
 from typing import IO, Any
@@ -28,6 +31,7 @@ _LENGTH = struct.Struct("<Q")
 # pypdfium2's error codes (FPDF_ERR_*): a password is needed, or the security handler is
 # one PDFium does not support. Either way the document cannot be read without a password.
 _PASSWORD_ERRORS = (4, 5)
+MEMORY_CAP_ENV = "OMNI_PDF_WORKER_MEMORY_MIB"
 
 
 def write_frame(stream: IO[bytes], message: dict[str, Any]) -> None:
@@ -133,12 +137,21 @@ def main() -> int:
     # stray print (or C library message) can never corrupt the frame stream.
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    cap_mib = os.environ.get(MEMORY_CAP_ENV)
+    if cap_mib:
+        cap = int(cap_mib) << 20
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     requests = sys.stdin.buffer
     while True:
         request = read_frame(requests, max_bytes=1 << 40)
         if request is None:  # the server closed our stdin: shut down
             return 0
-        write_frame(replies, render_document(request))
+        try:
+            # write_frame packs the whole reply before it writes a byte, so a reply too large
+            # to pack fails here too and never leaves half a frame on the stream.
+            write_frame(replies, render_document(request))
+        except MemoryError:
+            write_frame(replies, {"error": "out_of_memory"})
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ class ServeConfig:
     max_pdf_bytes: int = PdfSettings.max_bytes
     pdf_text: bool = PdfSettings.text
     pdf_workers: int = PdfSettings.workers
+    pdf_worker_memory_mib: int = PdfSettings.worker_memory_mib
     # POST /v1/uploads/chat (multipart): files make bodies larger than JSON requests.
     max_upload_bytes: int = 64 * 1024 * 1024
     max_upload_files: int = 8
@@ -177,6 +178,7 @@ class ServeConfig:
             max_bytes=self.max_pdf_bytes,
             text=self.pdf_text,
             workers=self.pdf_workers,
+            worker_memory_mib=self.pdf_worker_memory_mib,
         )
 
     def stage_devices(self, role: str) -> tuple[str, ...]:
