@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 from fixtures_models import make_tiny_checkpoint
@@ -65,3 +67,11 @@ def live_server(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def metric(server: str, name: str, labels: str = "") -> float:
+    """The sum of `name`'s samples on the server's /metrics (those with exactly `labels`, when
+    given)."""
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{[^}]*\})?")
+    return sum(float(m) for m in re.findall(rf"^{pattern} (\S+)$", text, re.MULTILINE))

@@ -25,7 +25,7 @@ import openai
 import pytest
 from fixtures_pdf import Page, encrypted_pdf, minimal_pdf
 from fixtures_vl import make_tiny_qwen2_5_vl
-from server_fixtures import free_port
+from server_fixtures import free_port, metric
 
 from omni.media.pdf import PdfRenderer, PdfSettings
 
@@ -117,12 +117,6 @@ def greedy(client: openai.OpenAI, content: list[dict[str, Any]]) -> Any:
         temperature=0,
         extra_body={"ignore_eos": True},
     )
-
-
-def metric(server: str, name: str, labels: str = "") -> float:
-    text = httpx.get(f"{server}/metrics", timeout=10).text
-    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{[^}]*\})?")
-    return sum(float(m) for m in re.findall(rf"^{pattern} (\S+)$", text, re.MULTILINE))
 
 
 def rendered_pages(data: bytes) -> list[Any]:

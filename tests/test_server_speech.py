@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 import soundfile
 import torch
 from fixtures_audio import espeak_available
-from server_fixtures import ENGINE_OPTIONS, live_server, tiny_chat_model
+from server_fixtures import ENGINE_OPTIONS, live_server, metric, tiny_chat_model
 from speech_helpers import run_request, speech_worker
 
 from omni.server.app import AppSettings, build_app
@@ -92,6 +93,22 @@ def test_speech_endpoint_returns_the_stage_audio(client: openai.OpenAI) -> None:
     mp3 = client.audio.speech.with_raw_response.create(model="tts-1", voice="nova", input=TEXT)
     assert mp3.headers["content-type"] == "audio/mpeg"
     assert soundfile.info(io.BytesIO(mp3.content)).samplerate == 24_000
+
+
+def test_metrics_count_the_speech_stage_work(base_url: str, client: openai.OpenAI) -> None:
+    # The stage's counters arrive with its heartbeats (about once a second): let those of the
+    # earlier tests land first.
+    time.sleep(1.5)
+    before = metric(base_url, "omni:speech_sentences_total")
+    seconds_before = metric(base_url, "omni:speech_audio_seconds_total")
+    client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="wav")
+    deadline = time.monotonic() + 10
+    while metric(base_url, "omni:speech_sentences_total") < before + 2:
+        assert time.monotonic() < deadline, "the speech stage's counters never caught up"
+        time.sleep(0.1)
+    assert metric(base_url, "omni:speech_sentences_total") == before + 2  # TEXT's sentences
+    assert metric(base_url, "omni:speech_audio_seconds_total") > seconds_before
+    assert metric(base_url, "omni:speech_requests_active") == 0
 
 
 def test_pcm_streams_sentence_by_sentence(client: openai.OpenAI) -> None:

@@ -15,6 +15,7 @@ import torch
 from fixtures_audio import require_espeak
 from fixtures_tts import make_tiny_speecht5, make_tiny_vits
 from omni.stages.runtime import StageConfig, StageRuntime
+from omni.stages.runtime.worker import WorkerRequest
 from speech_helpers import run_request, speech_worker
 from stage_helpers import SHM_PREFIX, ipc_endpoint, running_router
 
@@ -154,6 +155,26 @@ def test_chunks_stream_as_each_sentence_is_ready(vits_dir: Path) -> None:
             runtime.join(10)
     assert [r.data["index"] for r in rest] == [1, 2]
     assert rest[-1].finished
+
+
+def test_stats_count_sentences_and_seconds_of_audio(vits_dir: Path) -> None:
+    worker = speech_worker(str(vits_dir))
+    assert worker.stats() == {
+        "speech_requests_active": 0,
+        "speech_sentences": 0,
+        "speech_audio_seconds": 0.0,
+        "speech_synthesis_seconds": 0.0,
+    }
+    worker.add_request(WorkerRequest(request_id="r0", inputs={}, params={"input": TEXT}))
+    first = worker.step()
+    stats = worker.stats()
+    assert (stats["speech_requests_active"], stats["speech_sentences"]) == (1, 1)
+    outputs = first + run_request(worker, {"input": "one more."}, request_id="r1")
+    samples = sum(o.tensors["audio"].numel() for o in outputs)  # all at the voice's 16 kHz
+    stats = worker.stats()
+    assert (stats["speech_requests_active"], stats["speech_sentences"]) == (0, 4)
+    assert stats["speech_audio_seconds"] == pytest.approx(samples / 16_000, abs=1e-9)
+    assert stats["speech_synthesis_seconds"] > 0
 
 
 @pytest.mark.parametrize(

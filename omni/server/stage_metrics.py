@@ -66,6 +66,22 @@ _IMAGE_STATS = {
         "omni:image_pipeline_calls", "Batched pipeline calls of an image stage replica", True
     ),
 }  # fmt: skip
+# The same for speech stage replicas.
+_SPEECH_STATS = {
+    "speech_requests_active": (
+        "omni:speech_requests_active", "Requests a speech stage replica is speaking", False
+    ),
+    "speech_sentences": (
+        "omni:speech_sentences", "Sentences a speech stage replica has synthesized", True
+    ),
+    "speech_audio_seconds": (
+        "omni:speech_audio_seconds", "Seconds of audio a speech stage replica has made", True
+    ),
+    "speech_synthesis_seconds": (
+        "omni:speech_synthesis_seconds", "Seconds a speech stage replica spent synthesizing",
+        True,
+    ),
+}  # fmt: skip
 
 
 def _stat_families(
@@ -160,6 +176,8 @@ class StageCollector(Collector):
         yield from _stat_families(_ENCODER_STATS, encoders, by_stage=True)
         images = [r for r in replicas if "image_pipeline_calls" in r.stats]
         yield from _stat_families(_IMAGE_STATS, images, by_stage=True)
+        speech = [r for r in replicas if "speech_sentences" in r.stats]
+        yield from _stat_families(_SPEECH_STATS, speech, by_stage=True)
 
     @staticmethod
     def _encoder_cache_metrics(cache: EncoderCache) -> Iterator[Metric]:

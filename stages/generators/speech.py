@@ -26,6 +26,7 @@ The voice model is `--model`: empty for the embedded default voice, espeak-ng (s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,6 +74,10 @@ class SpeechWorker(StreamingStageWorker):
         # The rest belongs to the voice model (checked when it loads).
         self._model_options = extra
         self.synthesizer: Synthesizer | None = None
+        # Reported with each heartbeat (see stats).
+        self.sentences_synthesized = 0
+        self.audio_seconds = 0.0
+        self.synthesis_seconds = 0.0
 
     def load(self) -> None:
         self.synthesizer = load_synthesizer(
@@ -100,7 +105,11 @@ class SpeechWorker(StreamingStageWorker):
         rate = params.sample_rate or synth.sample_rate
         parts: list[np.ndarray] = []
         for index, sentence in enumerate(sentences):
+            started = time.perf_counter()
             samples = synth.synthesize(sentence, voice, params.speed, params.seed + index)
+            self.synthesis_seconds += time.perf_counter() - started
+            self.sentences_synthesized += 1
+            self.audio_seconds += samples.size / synth.sample_rate
             samples = resample(samples, synth.sample_rate, rate)
             parts.append(samples)
             data: dict[str, Any] = {"index": index, "text": sentence, "sample_rate": rate}
@@ -116,6 +125,16 @@ class SpeechWorker(StreamingStageWorker):
                         bytearray(encoded), dtype=torch.uint8
                     )
             yield StageOutput(request.request_id, tensors=tensors, data=data, finished=last)
+
+    def stats(self) -> dict[str, float]:
+        """Requests in progress, sentences synthesized, and the seconds of audio made against
+        the seconds spent making it (their ratio is the voice's real-time factor)."""
+        return {
+            "speech_requests_active": len(self._active),
+            "speech_sentences": self.sentences_synthesized,
+            "speech_audio_seconds": self.audio_seconds,
+            "speech_synthesis_seconds": self.synthesis_seconds,
+        }
 
     def _describe(self, request: WorkerRequest) -> StageOutput:
         """The voice model's name, voices, rate and speed range; with `voice` / `speed` given,
