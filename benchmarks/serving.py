@@ -166,10 +166,11 @@ def offline_run(args: argparse.Namespace) -> dict[str, float]:
 
     from omni.llm import LLM
 
+    # The LLM stage's device as --devices names it: a GPU index, or a torch device.
     device = dict(item.split("=", 1) for item in args.devices.split(","))["llm"]
     llm = LLM(
         args.model,
-        device=device if device == "cpu" else f"cuda:{device}",
+        device=f"cuda:{device}" if device.isdigit() else device,
         max_num_seqs=args.concurrency,
     )
     requests = build_requests(dataset(args, "text"))
