@@ -52,3 +52,18 @@ def test_bursts_from_a_thread_arrive_in_order_with_one_wake_up_each() -> None:
 def _replies(stream: AsyncReplyStream):  # type: ignore[no-untyped-def]
     while not stream.done:
         yield stream.next()
+
+
+def test_a_finished_event_loop_leaves_no_inbox_behind() -> None:
+    import gc
+
+    from omni.supervision.streams import _inboxes
+
+    async def open_stream() -> None:
+        AsyncReplyStream("r0", lambda _id: None)
+
+    gc.collect()  # loops of earlier tests
+    before = len(_inboxes)
+    asyncio.run(open_stream())
+    gc.collect()
+    assert len(_inboxes) == before

@@ -127,7 +127,9 @@ class _LoopInbox:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weakly: `_inboxes` maps each loop to its inbox, and a value that held its key would
+        # keep both alive after the loop is gone.
+        self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Queue[Item], Item]] = []
 
@@ -136,7 +138,9 @@ class _LoopInbox:
             self._pending.append((target, item))
             if len(self._pending) > 1:
                 return  # a drain is already scheduled and has not run yet
-        self._loop.call_soon_threadsafe(self._drain)
+        loop = self._loop()
+        if loop is not None:  # else nobody is left to read the reply
+            loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         with self._lock:
