@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omni.stages.encoders.batching import BatchingEncoderWorker, Inputs
+from omni.stages.encoders.batching import BatchingEncoderWorker, EncodeOne, Inputs
 from omni.stages.encoders.checkpoint import load_module
 from omni.stages.llm.models.loader import resolve_dtype, resolve_model_path
 from omni.stages.runtime.worker import register_worker
@@ -60,7 +60,7 @@ class AudioGeometry:
         return cls(int(audio_config.num_mel_bins), 2 * int(audio_config.max_source_positions))
 
 
-class AudioEncoder:
+class AudioEncoder(EncodeOne):
     """Qwen2-Audio's tower and projector: log-mel features in, audio embeddings out."""
 
     def __init__(self, tower: nn.Module, projector: nn.Module, geometry: AudioGeometry) -> None:
@@ -161,11 +161,6 @@ class AudioEncoder:
             per_request.append(torch.cat(clips[start : start + count]))
             start += count
         return per_request
-
-    def encode(self, input_features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor:
-        """One request's embeddings (see `encode_batch`)."""
-        self.check_inputs(input_features, feature_lengths)
-        return self.encode_batch([(input_features, feature_lengths)])[0]
 
 
 @register_worker("audio")

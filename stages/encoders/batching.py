@@ -31,6 +31,15 @@ class Encoder(Protocol):
     def encode_batch(self, requests: Sequence[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]: ...
 
 
+class EncodeOne:
+    """`encode` for an `Encoder`: one request checked, then run as a batch of one."""
+
+    def encode(self: Encoder, *tensors: torch.Tensor) -> torch.Tensor:
+        """One request's embeddings (see `encode_batch`)."""
+        self.check_inputs(*tensors)
+        return self.encode_batch([tensors])[0]
+
+
 @dataclass(frozen=True)
 class _Queued:
     request_id: str

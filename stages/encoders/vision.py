@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omni.stages.encoders.batching import BatchingEncoderWorker, Inputs
+from omni.stages.encoders.batching import BatchingEncoderWorker, EncodeOne, Inputs
 from omni.stages.encoders.checkpoint import load_module
 from omni.stages.encoders.vision_attention import RotaryFn, pack_vision_attention
 from omni.stages.llm.models.loader import resolve_dtype, resolve_model_path
@@ -83,7 +83,7 @@ class VisionGeometry:
         return cls(patch_dim, int(vision_config.spatial_merge_size))
 
 
-class VisionEncoder:
+class VisionEncoder(EncodeOne):
     """Qwen2(.5)-VL vision tower: pixel patches in, merged image embeddings out."""
 
     def __init__(self, tower: nn.Module, geometry: VisionGeometry) -> None:
@@ -160,11 +160,6 @@ class VisionEncoder:
         embeddings = self.tower(pixel_values, grid_thw=grid_thw).pooler_output
         sizes = [self.num_image_tokens(grid) for _, grid in requests]
         return list(torch.split(embeddings, sizes))
-
-    def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """One request's embeddings (see `encode_batch`)."""
-        self.check_inputs(pixel_values, image_grid_thw)
-        return self.encode_batch([(pixel_values, image_grid_thw)])[0]
 
 
 @register_worker("vision")
