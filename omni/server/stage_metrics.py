@@ -171,13 +171,10 @@ class StageCollector(Collector):
         yield from _stat_families(_LLM_STATS, replicas, by_stage=False)
 
     def _worker_stage_metrics(self) -> Iterator[Metric]:
+        # Each family samples only the replicas that report its stat.
         replicas = self._router.replicas()
-        encoders = [r for r in replicas if "encoder_forwards" in r.stats]
-        yield from _stat_families(_ENCODER_STATS, encoders, by_stage=True)
-        images = [r for r in replicas if "image_pipeline_calls" in r.stats]
-        yield from _stat_families(_IMAGE_STATS, images, by_stage=True)
-        speech = [r for r in replicas if "speech_sentences" in r.stats]
-        yield from _stat_families(_SPEECH_STATS, speech, by_stage=True)
+        for table in (_ENCODER_STATS, _IMAGE_STATS, _SPEECH_STATS):
+            yield from _stat_families(table, replicas, by_stage=True)
 
     @staticmethod
     def _encoder_cache_metrics(cache: EncoderCache) -> Iterator[Metric]:
