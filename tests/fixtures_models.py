@@ -12,6 +12,7 @@ transformers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,17 +143,36 @@ def make_tiny_checkpoint(
     """
     from transformers import AutoModelForCausalLM
 
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = tiny_config(arch, len(tokenizer), **config_overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    randomize_parameters(model, seed)
-    model = model.to(dtype)
     kwargs: dict[str, Any] = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.save_pretrained(folder, **kwargs)
-    tokenizer.save_pretrained(folder)
+    return save_random_model(
+        path,
+        lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32),
+        tokenizer,
+        seed,
+        dtype,
+        **kwargs,
+    )
+
+
+def save_random_model(
+    path: str | Path,
+    make_model: Callable[[], Any],
+    companion: Any,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    **save_kwargs: Any,
+) -> Path:
+    """`make_model()` built under `seed`, every parameter randomized (in float32), then saved
+    in `dtype` into `path` with `companion` (its tokenizer or processor); returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = make_model()
+    randomize_parameters(model, seed)
+    model.to(dtype).save_pretrained(folder, **save_kwargs)
+    companion.save_pretrained(folder)
     return folder
 
 

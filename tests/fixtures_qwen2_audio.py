@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from fixtures_models import build_tokenizer, load_reference, randomize_parameters
+from fixtures_models import build_tokenizer, load_reference, save_random_model
 
 AUDIO_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -112,16 +111,14 @@ def make_tiny_qwen2_audio(path: str | Path, seed: int = 0) -> Path:
     bias, tower or projector weight shows up in the comparisons."""
     from transformers import Qwen2AudioForConditionalGeneration
 
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_audio_tokenizer()
     config = tiny_audio_config(len(tokenizer))
-    torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(config)
-    randomize_parameters(model, seed)
-    model.save_pretrained(folder)
-    build_audio_processor(tokenizer).save_pretrained(folder)
-    return folder
+    return save_random_model(
+        path,
+        lambda: Qwen2AudioForConditionalGeneration(config),
+        build_audio_processor(tokenizer),
+        seed,
+    )
 
 
 def load_reference_audio(folder: str | Path) -> Any:

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from fixtures_models import build_tokenizer, load_reference, randomize_parameters
+from fixtures_models import build_tokenizer, load_reference, save_random_model
 from PIL import Image
 
 # Qwen's special tokens; the BPE trainer numbers them first, in this order.
@@ -158,16 +157,14 @@ def make_tiny_qwen2_5_vl(path: str | Path, seed: int = 0, family: str = "qwen2_5
     """
     from transformers import AutoModelForImageTextToText
 
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_vl_tokenizer()
     config = tiny_vl_config(len(tokenizer), family)
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
-    randomize_parameters(model, seed)
-    model.save_pretrained(folder)
-    build_vl_processor(tokenizer).save_pretrained(folder)
-    return folder
+    return save_random_model(
+        path,
+        lambda: AutoModelForImageTextToText.from_config(config),
+        build_vl_processor(tokenizer),
+        seed,
+    )
 
 
 def load_reference_vl(folder: str | Path) -> Any:
