@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -142,7 +142,11 @@ def _shared_sampling(request: ChatCompletionRequest | CompletionRequest) -> dict
     }
 
 
-async def _first(deltas: AsyncIterator[TokenDelta]) -> TokenDelta | None:
+# What a response streams: the LLM's deltas, or (answers with audio) deltas and samples.
+T = TypeVar("T")
+
+
+async def _first(deltas: AsyncIterator[T]) -> T | None:
     """The first delta, fetched before the response starts so that an error the stage reports
     at admission still gets its 4xx status instead of an error event inside a 200 stream."""
     try:
@@ -197,9 +201,7 @@ def _sse(chunks: AsyncIterator[bytes]) -> StreamingResponse:
     )
 
 
-async def _with_first(
-    first: TokenDelta | None, deltas: AsyncIterator[TokenDelta]
-) -> AsyncIterator[TokenDelta]:
+async def _with_first(first: T | None, deltas: AsyncIterator[T]) -> AsyncIterator[T]:
     # Closing this generator (a client that left) closes `deltas`, which aborts the request.
     async with contextlib.aclosing(deltas):  # type: ignore[type-var]
         if first is not None:

@@ -28,9 +28,11 @@ from fastapi.responses import JSONResponse, Response
 
 from omni.server import sse
 from omni.server.completions import (
+    _first,
     _Header,
     _shared_sampling,
     _sse,
+    _with_first,
     chat_chunk,
     chat_stream_end,
 )
@@ -115,7 +117,7 @@ async def chat_completion_with_audio(
     audio_id = f"audio_{uuid.uuid4().hex}"
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        first = await _first_event(events)
+        first = await _first(events)
         return _sse(_audio_chunks(header, audio_id, first, events, include_usage))
     texts: list[str] = []
     parts: list[np.ndarray] = []
@@ -199,19 +201,6 @@ async def spoken_answer(
         await deltas.aclose()  # type: ignore[attr-defined]
 
 
-async def _first_event(
-    events: AsyncIterator[TokenDelta | np.ndarray],
-) -> TokenDelta | np.ndarray | None:
-    """Fetched before the response starts, so an error at admission keeps its 4xx status."""
-    try:
-        return await events.__anext__()
-    except StopAsyncIteration:
-        return None
-    except BaseException:
-        await events.aclose()  # type: ignore[attr-defined]
-        raise
-
-
 async def _audio_chunks(
     header: _Header,
     audio_id: str,
@@ -225,15 +214,13 @@ async def _audio_chunks(
     yield chat_chunk(header, {"role": "assistant", "content": None})
     last: TokenDelta | None = None
     try:
-        async with contextlib.aclosing(events):  # type: ignore[type-var]
-            pending = [] if first is None else [first]
-            async for event in _chain(pending, events):
-                if isinstance(event, TokenDelta):
-                    last = event
-                    if event.text:
-                        yield audio(transcript=event.text)
-                else:
-                    yield audio(data=base64.b64encode(pcm16_bytes(event)).decode())
+        async for event in _with_first(first, events):
+            if isinstance(event, TokenDelta):
+                last = event
+                if event.text:
+                    yield audio(transcript=event.text)
+            else:
+                yield audio(data=base64.b64encode(pcm16_bytes(event)).decode())
     except APIError as exc:  # a stage failed after the stream began: tell the client
         yield sse.event(exc.body())
         yield sse.DONE
@@ -241,12 +228,3 @@ async def _audio_chunks(
     yield audio(expires_at=int(time.time()) + AUDIO_EXPIRES_S)
     for closing in chat_stream_end(header, last, include_usage):
         yield closing
-
-
-async def _chain(
-    first: list[TokenDelta | np.ndarray], rest: AsyncIterator[TokenDelta | np.ndarray]
-) -> AsyncIterator[TokenDelta | np.ndarray]:
-    for event in first:
-        yield event
-    async for event in rest:
-        yield event
