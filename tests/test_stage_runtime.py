@@ -114,10 +114,12 @@ def test_worker_error_fails_only_that_request() -> None:
             with pytest.raises(
                 StageRequestError,
                 match=r"echo-0 .* failed request bad: RuntimeError: asked to fail",
-            ):
+            ) as failure:
                 router.submit(
                     "echo", {"x": torch.ones(1)}, {"fail": True}, request_id="bad"
                 ).result(10)
+            # What an API answers its client: the stage's words alone.
+            assert failure.value.stage_message == "RuntimeError: asked to fail at chunk 0"
             [reply] = router.submit("echo", {"x": torch.ones(2)}).result(10)
             assert reply.tensors["x"].tolist() == [3.0, 3.0]
         finally:

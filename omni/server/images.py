@@ -26,7 +26,12 @@ from omni.server.protocol import APIError, _OpenAIModel
 from omni.stages.generators.image import GENERATION_FAILED, IMAGE_ROLE
 from omni.stages.generators.image_params import ImageLimits, ImageParamError, ImageParams
 from omni.supervision.router import StageRouter
-from omni.supervision.streams import NoReplicaError, ReplicaLostError, StageFailure
+from omni.supervision.streams import (
+    NoReplicaError,
+    ReplicaLostError,
+    StageFailure,
+    StageRequestError,
+)
 
 # The stage's formats that are files (not its raw pixels).
 HTTP_OUTPUT_FORMATS = ("png", "jpeg")
@@ -125,7 +130,7 @@ class ImageService:
         try:
             [*_, reply] = await stream.result()
         except StageFailure as exc:
-            raise _api_error(exc, stream.request_id) from None
+            raise _api_error(exc) from None
         finally:
             if not stream.done:  # the client left mid-request: free the stage's slot
                 stream.abort()
@@ -158,11 +163,10 @@ def add_image_routes(app: FastAPI, service: ImageService, settings: AppSettings)
         return await service.generate(parsed)
 
 
-def _api_error(exc: StageFailure, request_id: str) -> APIError:
+def _api_error(exc: StageFailure) -> APIError:
     if isinstance(exc, ReplicaLostError | NoReplicaError):
         return APIError(503, str(exc), "service_unavailable")
-    # The stage's own words, without the router's "replica ... failed request ID: " preamble.
-    message = str(exc).split(f"failed request {request_id}: ", 1)[-1]
+    message = exc.stage_message if isinstance(exc, StageRequestError) else str(exc)
     if message.startswith(GENERATION_FAILED):
         return APIError(500, message, "internal_error")
     # Otherwise the stage refused the parameters (what only the model knows).

@@ -100,7 +100,7 @@ class SpeechService:
             async for reply in stream:
                 yield reply
         except StageFailure as exc:
-            raise stage_error(exc, stream.request_id) from None
+            raise stage_error(exc) from None
         finally:
             if not stream.done:
                 stream.abort()
@@ -111,12 +111,11 @@ class SpeechService:
             yield reply.tensors[AUDIO_OUTPUT].numpy(), reply
 
 
-def stage_error(exc: StageFailure, request_id: str) -> APIError:
+def stage_error(exc: StageFailure) -> APIError:
     """The stage's refusal in its own words (which name the item and its limit) as a 400; a
     lost or missing replica as a 503."""
     if isinstance(exc, StageRequestError):
-        # The router prefixes "<replica> failed request <id>: "; the client needs the rest.
-        message = str(exc).split(f"failed request {request_id}: ", 1)[-1]
+        message = exc.stage_message
         word = message.split(" ", 1)[0]
         return APIError(400, message, param=word if word in _PARAMS else None)
     if isinstance(exc, ReplicaLostError | NoReplicaError):

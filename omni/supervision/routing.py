@@ -229,7 +229,8 @@ class RoutingState:
             self.fail(
                 request,
                 StageRequestError(
-                    f"{replica.describe()} failed request {error.request_id}: {error.message}"
+                    f"{replica.describe()} failed request {error.request_id}: {error.message}",
+                    stage_message=error.message,
                 ),
             )
 

@@ -35,6 +35,12 @@ class NoReplicaError(StageFailure):
 class StageRequestError(StageFailure):
     """The stage ran the request and reported an error."""
 
+    def __init__(self, message: str, stage_message: str | None = None) -> None:
+        super().__init__(message)
+        # The stage's own words (which name the item and its limit), without the router's
+        # "<replica> failed request <id>: " in front: what an API answers its client.
+        self.stage_message = message if stage_message is None else stage_message
+
 
 class RequestAbortedError(StageFailure):
     """The request was aborted by its caller."""
