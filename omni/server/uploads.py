@@ -31,6 +31,7 @@ from starlette.formparsers import MultiPartException
 
 from omni.media.sniff import FileType, sniff
 from omni.server.auth import check_api_key
+from omni.server.media_prompt import MEDIA_PARTS
 from omni.server.protocol import APIError
 from omni.server.speech_chat import AudioChatCompletionRequest
 
@@ -49,10 +50,9 @@ OWN_FIELDS = frozenset({"prompt", "system", "include_usage", "stop", FILE_FIELD}
 # Text fields of a form may be long prompts; the body limit bounds them all together.
 _MAX_FIELD_BYTES = 1 << 20
 _MAX_FIELDS = 64
-# What the model's media kind ("image" / "audio") lets in, by sniffed kind.
-_TAKES = {"image": "image", "pdf": "image", "audio": "audio"}
+# The content part each sniffed kind becomes; MEDIA_PARTS says which models take it.
+_PART_TYPES = {"image": "image_url", "pdf": "file", "audio": "input_audio"}
 _KIND_NOUNS = {"image": "an image", "pdf": "a PDF", "audio": "audio"}
-_KIND_PLURALS = {"image": "images", "pdf": "PDF files", "audio": "audio"}
 _KNOWN_TYPES = "an image (PNG, JPEG, WebP, GIF, BMP), audio (WAV, FLAC, OGG, MP3) or a PDF"
 
 
@@ -78,11 +78,11 @@ class _Upload:
 
     @property
     def label(self) -> str:
-        return f"file {self.index + 1} ({self.filename})" if self.filename else self.label_short
+        return _file_label(self.index, self.filename)
 
     @property
     def label_short(self) -> str:
-        return f"file {self.index + 1}"
+        return _file_label(self.index, "")
 
 
 def add_upload_routes(
@@ -111,11 +111,12 @@ def add_upload_routes(
         model_name = app.state.orchestrator.model_name
         for upload in uploads:
             kind = upload.file_type.kind
-            if taken is None or taken.name != _TAKES[kind]:
+            media_kind, plural = MEDIA_PARTS[_PART_TYPES[kind]]
+            if taken is None or taken.name != media_kind:
                 raise APIError(
                     400,
                     f"{upload.label} is {_KIND_NOUNS[kind]}; model {model_name!r} does not "
-                    f"take {_KIND_PLURALS[kind]}",
+                    f"take {plural}",
                     param=FILE_FIELD,
                     code="unsupported_content",
                 )
@@ -198,7 +199,7 @@ async def _read_form(
 async def _typed_upload(index: int, upload: UploadFile) -> _Upload:
     data = await upload.read()
     filename = upload.filename or ""
-    named = f"file {index + 1} ({filename})" if filename else f"file {index + 1}"
+    named = _file_label(index, filename)
     if not data:
         raise APIError(400, f"{named} is empty (0 bytes)", param=FILE_FIELD, code="invalid_media")
     file_type = sniff(data)
@@ -210,6 +211,11 @@ async def _typed_upload(index: int, upload: UploadFile) -> _Upload:
             code="unsupported_file_type",
         )
     return _Upload(index, filename, data, file_type)
+
+
+def _file_label(index: int, filename: str) -> str:
+    """How errors name the form's file number `index` (from 0): "file 2 (report.pdf)"."""
+    return f"file {index + 1} ({filename})" if filename else f"file {index + 1}"
 
 
 def chat_payload(
