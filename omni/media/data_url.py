@@ -22,12 +22,11 @@ def decode_data_url(url: str, *, name: str, limits: MediaLimits) -> tuple[str, b
     """
     if not url[:5].lower() == "data:":
         raise MediaError(f"{name} is not a data: URL", item=name)
-    meta, comma, payload = url[5:].partition(",")
-    if not comma:
+    parts = split_data_url(url)
+    if parts is None:
         raise MediaError(f"{name} is a data: URL without a ',' before its data", item=name)
-    media_type, *params = meta.split(";")
-    media_type = media_type.strip().lower()
-    is_base64 = bool(params) and params[-1].strip().lower() == "base64"
+    media_type, is_base64, payload = parts
+    media_type = media_type.lower()
     if not _MEDIA_TYPE.fullmatch(media_type) or not media_type.startswith(("image/", "audio/")):
         shown = media_type or "text/plain"  # RFC 2397's default when none is given
         raise MediaError(
@@ -49,6 +48,16 @@ def decode_data_url(url: str, *, name: str, limits: MediaLimits) -> tuple[str, b
 
     what = f"{name} is a data: URL whose base64 data is invalid"
     return media_type, decode_base64(payload, limit, limit_name, name=name, invalid=what)
+
+
+def split_data_url(url: str) -> tuple[str, bool, str] | None:
+    """(media type as written, stripped; whether the data is base64; the data) of a URL that
+    starts with `data:`, or None when no ',' ends its header."""
+    meta, comma, payload = url[5:].partition(",")
+    if not comma:
+        return None
+    media_type, *params = meta.split(";")
+    return media_type.strip(), bool(params) and params[-1].strip().lower() == "base64", payload
 
 
 def decode_base64(

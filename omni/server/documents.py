@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from omni.media import MediaError, decode_base64
+from omni.media.data_url import split_data_url
 from omni.media.pdf import PdfPage, PdfRenderer
 from omni.server.protocol import APIError, ChatMessage, TextContentPart
 
@@ -112,13 +113,13 @@ class Documents:
             raise APIError(400, f"{name}: a file part needs 'file_data'", param=name)
         payload = file.file_data
         if payload[:5].lower() == "data:":
-            meta, comma, payload = payload[5:].partition(",")
-            media_type, *params = meta.split(";")
-            if not comma or not params or params[-1].strip().lower() != "base64":
+            parts = split_data_url(payload)
+            if parts is None or not parts[1]:
                 raise MediaError(f"{label} is a data: URL without ';base64,' data", item=name)
-            if media_type.strip().lower() not in _PDF_MEDIA_TYPES:
+            media_type, _, payload = parts
+            if media_type.lower() not in _PDF_MEDIA_TYPES:
                 raise MediaError(
-                    f"{label} has media type {media_type.strip()!r}; file parts carry PDFs "
+                    f"{label} has media type {media_type!r}; file parts carry PDFs "
                     "(application/pdf)",
                     item=name,
                 )
