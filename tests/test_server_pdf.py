@@ -228,6 +228,36 @@ def test_bad_pdfs_get_a_400_naming_the_part(
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("file_data", "message"),
+    [
+        (
+            "data:Text/Plain;base64,JVBERi0=",
+            "messages[0].content[0] (report.pdf) has media type 'Text/Plain'; file parts carry "
+            "PDFs (application/pdf)",
+        ),
+        (
+            "data:application/pdf,%PDF-1.4",
+            "messages[0].content[0] (report.pdf) is a data: URL without ';base64,' data",
+        ),
+        (
+            "data:application/pdf;base64",
+            "messages[0].content[0] (report.pdf) is a data: URL without ';base64,' data",
+        ),
+    ],
+    ids=["not a PDF type", "not base64", "no data"],
+)
+def test_file_data_urls_must_carry_base64_pdfs(
+    client: openai.OpenAI, file_data: str, message: str
+) -> None:
+    part = {"type": "file", "file": {"file_data": file_data, "filename": "report.pdf"}}
+    with pytest.raises(openai.BadRequestError) as info:
+        greedy(client, [part, {"type": "text", "text": "hi"}])
+    error = info.value.body
+    assert isinstance(error, dict)
+    assert (error["message"], error["param"]) == (message, "messages[0].content[0]")
+
+
 # ---- multipart uploads --------------------------------------------------------------------
 
 
