@@ -22,7 +22,7 @@ from test_vl_engine import CASES, NEW_TOKENS, reference, text, user
 from omni.multimodal import Qwen2VLPromptProcessor, prepare_qwen2_vl_prompt
 from omni.multimodal.prompt import MultiModalPrompt
 from omni.multimodal.qwen2_audio import Qwen2AudioPrompt, Qwen2AudioPromptProcessor
-from omni.multimodal.requests import items_to_encode, submit_mm_request
+from omni.multimodal.requests import submit_mm_request
 from omni.supervision.router import StageRouter
 from omni.supervision.supervisor import StageSpec, StageSupervisor, SupervisorConfig
 
@@ -98,7 +98,7 @@ def check_repeat_skips_the_encoder(
     assert answer(router, prompt) == (expected, 0)
     assert len(calls) == 1
     cached = (len(prompt.prompt_token_ids) - 1) // BLOCK * BLOCK
-    assert items_to_encode(prompt, cached) == []
+    assert prompt.items_to_encode(cached) == []
     assert answer(router, prompt) == (expected, cached)
     assert len(calls) == 1
 

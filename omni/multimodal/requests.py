@@ -29,11 +29,6 @@ from omni.supervision.router import StageRouter
 from omni.supervision.streams import AsyncReplyStream, ReplyStream
 
 
-def items_to_encode(prompt: MultiModalPrompt, cached_tokens: int) -> list[int]:
-    """Indices of the items whose placeholders are not wholly inside the cached prefix."""
-    return prompt.items_to_encode(cached_tokens)
-
-
 def probe_request(
     prompt: MultiModalPrompt, sampling: Mapping[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
