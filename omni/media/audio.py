@@ -58,8 +58,9 @@ def load_audio(data: bytes, *, name: str, sampling_rate: int, limits: MediaLimit
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """float32 mono `samples` converted from `source_rate` to `target_rate` Hz."""
-    if source_rate == target_rate:
+    """float32 mono `samples` converted from `source_rate` to `target_rate` Hz (torchaudio's
+    band-limited windowed sinc); no samples stay none (torchaudio refuses an empty input)."""
+    if source_rate == target_rate or samples.size == 0:
         return np.ascontiguousarray(samples, dtype=np.float32)
     # Imported here: torchaudio costs ~2 s to import, which image-only servers need not pay.
     import torch

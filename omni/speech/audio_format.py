@@ -11,8 +11,8 @@ import io
 
 import numpy as np
 import soundfile
-import torch
-import torchaudio.functional
+
+from omni.media.audio import resample
 
 # response_format -> (libsndfile container, sample encoding); pcm is written by hand.
 _SOUNDFILE_FORMATS = {
@@ -83,11 +83,3 @@ def encode_audio(samples: np.ndarray, sample_rate: int, response_format: str) ->
     buffer = io.BytesIO()
     soundfile.write(buffer, data, sample_rate, format=container, subtype=subtype)
     return buffer.getvalue()
-
-
-def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    """Band-limited resampling (torchaudio's windowed sinc); a no-op for equal rates."""
-    if from_rate == to_rate or samples.size == 0:
-        return samples
-    tensor = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
-    return torchaudio.functional.resample(tensor, from_rate, to_rate).numpy()

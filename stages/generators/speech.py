@@ -41,7 +41,8 @@ from omni.stages.runtime.worker import (
     register_worker,
 )
 
-from omni.speech.audio_format import encode_audio, resample
+from omni.media.audio import resample
+from omni.speech.audio_format import encode_audio
 from omni.speech.sentences import DEFAULT_MAX_CHARS, split_sentences
 from omni.speech.speech_params import DEFAULT_MAX_INPUT_CHARS, SpeechParams
 from omni.speech.synthesizer import Synthesizer
