@@ -26,6 +26,7 @@ from omni.server.protocol import (
     CompletionRequest,
     ModelCard,
     error_body,
+    model_not_found,
 )
 from omni.server.speech_chat import AudioChatCompletionRequest, chat_completion_with_audio
 from omni.server.uploads import UploadSettings, add_upload_routes
@@ -91,13 +92,7 @@ def build_app(
         parsed = validate_body(payload, model)
         requested = getattr(parsed, "model", orchestrator.model_name)
         if requested != orchestrator.model_name:
-            raise APIError(
-                404,
-                f"The model {requested!r} does not exist; this server serves "
-                f"{orchestrator.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+            raise model_not_found(requested, f"serves {orchestrator.model_name!r}")
         return parsed
 
     async def answer_chat(parsed: AudioChatCompletionRequest, request: Request) -> Response:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 
 from omni.server.app import AppSettings, parse_body
-from omni.server.protocol import APIError, _OpenAIModel
+from omni.server.protocol import APIError, _OpenAIModel, model_not_found
 from omni.stages.generators.image import GENERATION_FAILED, IMAGE_ROLE
 from omni.stages.generators.image_params import ImageLimits, ImageParamError, ImageParams
 from omni.supervision.router import StageRouter
@@ -81,13 +81,7 @@ class ImageService:
     def image_params(self, request: ImageGenerationRequest) -> ImageParams:
         """The stage parameters; APIError(400) naming the field for anything out of bounds."""
         if request.model is not None and request.model != self.model_name:
-            raise APIError(
-                404,
-                f"The model {request.model!r} does not exist; this server generates images "
-                f"with {self.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+            raise model_not_found(request.model, f"generates images with {self.model_name!r}")
         if request.response_format == "url":
             raise APIError(
                 400,

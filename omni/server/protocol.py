@@ -36,6 +36,17 @@ class APIError(Exception):
         return error_body(self.message, self.error_type, self.param, self.code)
 
 
+def model_not_found(requested: str, served: str) -> APIError:
+    """OpenAI's 404 for a `model` the server does not serve; `served` finishes the sentence
+    "this server ..." (what it serves under which name)."""
+    return APIError(
+        404,
+        f"The model {requested!r} does not exist; this server {served}",
+        param="model",
+        code="model_not_found",
+    )
+
+
 def error_body(
     message: str, error_type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from omni.server.protocol import APIError
+from omni.server.protocol import APIError, model_not_found
 from omni.speech.espeak import ESPEAK_NAME
 from omni.speech.speech_params import SpeechParamError, SpeechParams
 from omni.stages.generators.speech import AUDIO_OUTPUT, SPEECH_ROLE
@@ -67,12 +67,10 @@ class SpeechService:
     def check_model(self, requested: str | None) -> None:
         if requested is None or requested in (self.model_name, *OPENAI_TTS_MODELS):
             return
-        raise APIError(
-            404,
-            f"The model {requested!r} does not exist; this server speaks with "
-            f"{self.model_name!r} (OpenAI's names {', '.join(OPENAI_TTS_MODELS)} mean it too)",
-            param="model",
-            code="model_not_found",
+        raise model_not_found(
+            requested,
+            f"speaks with {self.model_name!r} (OpenAI's names {', '.join(OPENAI_TTS_MODELS)} "
+            "mean it too)",
         )
 
     def params(self, **fields: Any) -> SpeechParams:
