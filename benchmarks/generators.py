@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from omni.stages.contracts.image import CONTRACT, ImageParams, image_tensor
 from omni.stages.generators.image_encode import encode_image
-from omni.stages.generators.image_params import ImageParams
 from omni.stages.generators.random_diffusion import SD15, TINY, save_random_sd_pipeline
 from PIL import Image
 
@@ -64,8 +64,8 @@ class Workload:
             for i in range(self.requests)
         ]
 
-    def params(self, prompt: str, seed: int, output_format: str) -> dict[str, Any]:
-        return ImageParams(
+    def body(self, prompt: str, seed: int, output_format: str) -> bytes:
+        params = ImageParams(
             prompt,
             width=self.side,
             height=self.side,
@@ -73,7 +73,8 @@ class Workload:
             guidance_scale=self.guidance_scale,
             seed=seed,
             output_format=output_format,
-        ).to_wire()
+        )
+        return CONTRACT.encode(params)
 
 
 # ---- plain diffusers ---------------------------------------------------------------------------
@@ -116,13 +117,13 @@ def run_omni(
     image's bytes; the batch sizes the stage drew."""
     started = time.perf_counter()
     streams = [
-        router.submit("image", params=work.params(prompt, seed, output_format))
+        router.submit("image", body=work.body(prompt, seed, output_format))
         for seed, prompt in enumerate(prompts)
     ]
     replies = [stream.result(timeout=3600)[-1] for stream in streams]
     elapsed = time.perf_counter() - started
-    images = [reply.tensors["image_0"].numpy().copy() for reply in replies]
-    batches = [int(reply.data["batch_images"]) for reply in replies]
+    images = [reply.tensors[image_tensor(0)].numpy().copy() for reply in replies]
+    batches = [CONTRACT.decode_reply(reply.body).batch_images for reply in replies]
     return elapsed, images, batches
 
 

@@ -162,7 +162,7 @@ def conversation(request: BenchRequest) -> list[dict[str, Any]]:
 
 
 def offline_run(args: argparse.Namespace) -> dict[str, float]:
-    from omni.stages.llm.sampling_params import SamplingParams
+    from omni.stages.contracts.sampling import SamplingParams
 
     from omni.llm import LLM
 

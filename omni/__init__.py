@@ -9,7 +9,7 @@ __all__ = ["LLM", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
     from omni.llm import LLM
-    from omni.stages.llm.sampling_params import SamplingParams
+    from omni.stages.contracts.sampling import SamplingParams
 
 
 def __getattr__(name: str) -> Any:
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
 
         return LLM
     if name == "SamplingParams":
-        from omni.stages.llm.sampling_params import SamplingParams
+        from omni.stages.contracts.sampling import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'omni' has no attribute {name!r}")

@@ -9,10 +9,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.engine import LLMEngine
 from omni.stages.llm.outputs import RequestOutput
-from omni.stages.llm.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
 ChatMessages = list[dict[str, Any]]

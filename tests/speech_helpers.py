@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping
-from typing import Any
 
+from omni.stages.contracts.speech import CONTRACT, SpeechParams, SpeechReply
 from omni.stages.runtime import (
     StageOutput,
     StageWorker,
@@ -23,14 +22,22 @@ def speech_worker(model: str = "", **extra: str) -> StageWorker:
 
 
 def run_request(
-    worker: StageWorker, params: Mapping[str, Any], request_id: str = "r0"
+    worker: StageWorker, request: SpeechParams | bytes, request_id: str = "r0"
 ) -> list[StageOutput]:
-    """Every output of one request, stepping the worker as the stage runtime would."""
-    worker.add_request(WorkerRequest(request_id=request_id, inputs={}, params=dict(params)))
+    """Every output of one request (`SpeechParams`, or a body as any client of the transport
+    may send one), stepping the worker as the stage runtime would."""
+    body = request if isinstance(request, bytes) else CONTRACT.encode(request)
+    worker.add_request(WorkerRequest(request_id=request_id, inputs={}, body=body))
     outputs: list[StageOutput] = []
     while worker.has_work():
         outputs += worker.step()
     return outputs
+
+
+def reply(output: StageOutput) -> SpeechReply:
+    """The output's reply struct (an output with an error has none)."""
+    assert isinstance(output.reply, SpeechReply), output.error
+    return output.reply
 
 
 def words(text: str) -> list[str]:

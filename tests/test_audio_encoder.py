@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_qwen2_audio import make_tiny_qwen2_audio, tone
+from omni.stages.contracts.encoder import EncodeReply
 from omni.stages.encoders.audio import AudioEncoder, AudioWorker
 from omni.stages.llm.models import load_model
 from omni.stages.runtime.worker import WorkerOptions, WorkerRequest, worker_class
@@ -72,10 +73,8 @@ def test_worker_batches_queued_requests_within_the_clip_budget(
         inputs = requests[int(output.request_id[1:])]
         alone = encoder.encode(inputs["input_features"], inputs["feature_lengths"])
         assert output.finished and output.error is None
-        assert output.data["num_audio_tokens"] == alone.shape[0]
-        assert output.data["num_audio_tokens"] == int(
-            encoder.num_audio_tokens(inputs["feature_lengths"]).sum()
-        )
+        assert output.reply == EncodeReply(num_tokens=alone.shape[0])
+        assert alone.shape[0] == int(encoder.num_audio_tokens(inputs["feature_lengths"]).sum())
         torch.testing.assert_close(output.tensors["embeddings"], alone, rtol=0, atol=1e-5)
 
 

@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import torch
+from omni.stages.contracts.image import CONTRACT, ImageParams, ImageReply, ImageStats
 from omni.stages.generators.image import ImageWorker
-from omni.stages.generators.image_params import ImageParams
 from omni.stages.generators.random_diffusion import save_random_sd_pipeline
 from omni.stages.runtime import StageOutput, WorkerOptions, WorkerRequest
 from PIL import Image
@@ -62,13 +63,21 @@ def worker(folder: Path) -> Iterator[ImageWorker]:
     worker.close()
 
 
-def params(seed: int, prompt: str = "a red fox", **extra: Any) -> dict[str, Any]:
-    return ImageParams(prompt, width=SIDE, height=SIDE, steps=STEPS, seed=seed, **extra).to_wire()
+def params(seed: int, prompt: str = "a red fox", **extra: Any) -> ImageParams:
+    fields = {"width": SIDE, "height": SIDE, "steps": STEPS, "seed": seed, **extra}
+    return ImageParams(prompt, **fields)
 
 
-def run(worker: ImageWorker, requests: dict[str, dict[str, Any]]) -> dict[str, StageOutput]:
+def body(params: ImageParams, **change: Any) -> bytes:
+    """The request body of `params` with fields changed as a client of the transport may,
+    whatever their type (the stage decodes strictly)."""
+    return msgspec.msgpack.encode(msgspec.structs.asdict(params) | change)
+
+
+def run(worker: ImageWorker, requests: dict[str, ImageParams | bytes]) -> dict[str, StageOutput]:
     """Queue every request, then step until each has its finished output."""
-    for request_id, wire in requests.items():
+    for request_id, request in requests.items():
+        wire = request if isinstance(request, bytes) else CONTRACT.encode(request)
         worker.add_request(WorkerRequest(request_id, {}, wire))
     outputs: dict[str, StageOutput] = {}
     deadline = time.monotonic() + 60
@@ -77,6 +86,11 @@ def run(worker: ImageWorker, requests: dict[str, dict[str, Any]]) -> dict[str, S
             outputs[output.request_id] = output
     assert set(outputs) == set(requests)
     return outputs
+
+
+def reply(output: StageOutput) -> ImageReply:
+    assert isinstance(output.reply, ImageReply), output.error
+    return output.reply
 
 
 def pixels(output: StageOutput, k: int = 0) -> np.ndarray:
@@ -102,12 +116,18 @@ def count_calls(worker: ImageWorker) -> list[int]:
 
 def test_one_request_equals_a_plain_diffusers_call(worker: ImageWorker, plain: Any) -> None:
     output = run(worker, {"a": params(seed=7)})["a"]
-    assert output.finished and output.data["seeds"] == [7]
-    assert (output.data["width"], output.data["height"], output.data["format"]) == (
-        SIDE,
-        SIDE,
-        "png",
+    assert output.finished
+    assert reply(output) == ImageReply(
+        format="png",
+        width=SIDE,
+        height=SIDE,
+        steps=STEPS,
+        guidance_scale=7.5,  # the pipeline's default
+        seeds=[7],
+        batch_images=1,
     )
+    # What crosses the transport decodes to the same struct.
+    assert CONTRACT.decode_reply(CONTRACT.encode(reply(output))) == reply(output)
     got, expected = pixels(output), reference(plain, 7)
     assert got.shape == (SIDE, SIDE, 3)
     np.testing.assert_array_equal(got, expected)
@@ -126,18 +146,20 @@ def test_a_batch_of_seeds_equals_each_request_alone(worker: ImageWorker, plain: 
                 "owl": params(seed=2, prompt="an owl at night"),
                 "two": params(seed=3, n=2),
                 "neg": params(seed=4, negative_prompt="blurry"),  # another shape: own call
-                "big": params(seed=5) | {"width": 48},  # another size: own call
+                "big": params(seed=5, width=48),  # another size: own call
             },
         )
     finally:
         del worker.generator.generate  # type: ignore[union-attr]
     assert sorted(sizes) == [1, 1, 4]  # fox, owl and both of two's images in one call
     after = worker.stats()
-    assert after["image_requests_queued"] == 0
-    assert after["images_generated"] - before["images_generated"] == 6
-    assert after["image_pipeline_calls"] - before["image_pipeline_calls"] == 3
-    assert [outputs[r].data["batch_images"] for r in ("fox", "owl", "two", "neg")] == [4, 4, 4, 1]
-    assert outputs["two"].data["seeds"] == [3, 4]
+    assert after == ImageStats(
+        requests_queued=0,
+        images_generated=before.images_generated + 6,
+        pipeline_calls=before.pipeline_calls + 3,
+    )
+    assert [reply(outputs[r]).batch_images for r in ("fox", "owl", "two", "neg")] == [4, 4, 4, 1]
+    assert reply(outputs["two"]).seeds == [3, 4]
     cases = {
         ("fox", 0): reference(plain, 1),
         ("owl", 0): reference(plain, 2, "an owl at night"),
@@ -159,15 +181,15 @@ def test_a_batch_waits_while_requests_keep_arriving(folder: Path) -> None:
     worker.load()
     try:
         sizes = count_calls(worker)
-        worker.add_request(WorkerRequest("a", {}, params(seed=1)))
+        worker.add_request(WorkerRequest("a", {}, CONTRACT.encode(params(seed=1))))
         assert worker.step() == [] and sizes == []  # a request just arrived: wait for more
-        worker.add_request(WorkerRequest("b", {}, params(seed=2)))
+        worker.add_request(WorkerRequest("b", {}, CONTRACT.encode(params(seed=2))))
         assert worker.step() == [] and sizes == []
         worker.step()  # nothing arrived since the last step: the burst is over
         assert sizes == [2]
         while worker.has_work():
             worker.step()
-        worker.add_request(WorkerRequest("alone", {}, params(seed=3)))
+        worker.add_request(WorkerRequest("alone", {}, CONTRACT.encode(params(seed=3))))
         worker.step()
         worker.step()  # a lone request waits one gap only
         assert sizes == [2, 1]
@@ -177,10 +199,10 @@ def test_a_batch_waits_while_requests_keep_arriving(folder: Path) -> None:
 
 def test_jpeg_raw_and_drawn_seeds(worker: ImageWorker, plain: Any) -> None:
     wire = ImageParams("a red fox", width=SIDE, height=SIDE, steps=STEPS, output_format="jpeg")
-    output = run(worker, {"j": wire.to_wire()})["j"]
+    output = run(worker, {"j": wire})["j"]
     data = output.tensors["image_0"].numpy().tobytes()
     assert data[:3] == b"\xff\xd8\xff"  # a JPEG file
-    [seed] = output.data["seeds"]
+    [seed] = reply(output).seeds
     # The reported seed draws the image again; raw pixels are the PNG's pixels. One request
     # at a time: batched together, bf16/fp32 kernels may round a pixel differently by one level.
     png = run(worker, {"p": params(seed=seed)})["p"]
@@ -205,15 +227,21 @@ def test_jpeg_raw_and_drawn_seeds(worker: ImageWorker, plain: Any) -> None:
         ({"guidance_scale": -1.0}, r"guidance_scale -1.0 is out of range"),
         ({"seed": -3}, "seed -3 is out of range"),
         ({"output_format": "gif"}, "output_format 'gif' is not served"),
-        ({"steps": "20"}, "steps must be an integer, got str"),
-        ({"steps": True}, "steps must be an integer, got bool"),
-        ({"style": "vivid"}, r"unknown image parameters \['style'\]"),
+        (
+            {"steps": "20"},
+            r"^bad image request: Expected `int \| null`, got `str` - at `\$.steps`$",
+        ),
+        (
+            {"steps": True},
+            r"^bad image request: Expected `int \| null`, got `bool` - at `\$.steps`$",
+        ),
+        ({"style": "vivid"}, "^bad image request: Object contains unknown field `style`$"),
     ],
 )
 def test_bad_parameters_are_refused_naming_the_field(
     worker: ImageWorker, change: dict[str, Any], message: str
 ) -> None:
-    output = run(worker, {"bad": params(seed=1) | change})["bad"]
+    output = run(worker, {"bad": body(params(seed=1), **change)})["bad"]
     assert output.finished and output.error is not None
     assert not output.tensors
     assert re.search(message, output.error), output.error
@@ -263,13 +291,15 @@ def test_a_prompt_through_the_image_stage_process(folder: Path, plain: Any) -> N
         supervisor = StageSupervisor(router, [spec]).start()
         try:
             assert router.wait_for_replicas("image", 1, timeout=120)
-            streams = [router.submit("image", params=params(seed=s)) for s in (11, 12)]
+            streams = [
+                router.submit("image", body=CONTRACT.encode(params(seed=s))) for s in (11, 12)
+            ]
             replies = [stream.result(timeout=120) for stream in streams]
             for seed, [reply] in zip((11, 12), replies, strict=True):
                 data = bytes(reply.tensors["image_0"].numpy())
                 got = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
                 assert np.abs(got.astype(int) - reference(plain, seed).astype(int)).max() <= 1
-            bad = router.submit("image", params=params(seed=1) | {"width": 20})
+            bad = router.submit("image", body=CONTRACT.encode(params(seed=1, width=20)))
             with pytest.raises(StageRequestError, match="width 20 is not a multiple of 8"):
                 bad.result(timeout=60)
             del replies, reply

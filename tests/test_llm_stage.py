@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from fixtures_models import make_tiny_checkpoint
+from omni.stages.contracts import llm
 from omni.stages.llm.worker import LLMWorker, engine_config
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions
 from stage_helpers import SHM_PREFIX, running_router
 
 from omni import LLM, SamplingParams
+from omni.multimodal.requests import llm_request
+from omni.supervision.streams import StageRequestError
 
 ENDPOINT = "inproc://omni-llm-stage"
-SAMPLING = {"temperature": 0.0, "max_tokens": 6, "ignore_eos": True}
+SAMPLING = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_requests_through_the_stage_match_offline(checkpoint: Path) -> None:
     offline = LLM(str(checkpoint), device="cpu", num_kv_blocks=64)
     expected = [
         o.outputs[0].token_ids
-        for o in offline.generate(prompts, SamplingParams(**SAMPLING), use_tqdm=False)
+        for o in offline.generate(prompts, SAMPLING, use_tqdm=False)
     ]
 
     options = WorkerOptions(model=str(checkpoint), device="cpu", extra={"num_kv_blocks": "64"})
@@ -64,23 +66,17 @@ def test_requests_through_the_stage_match_offline(checkpoint: Path) -> None:
         runtime = StageRuntime(config, worker).start()
         try:
             assert router.wait_for_replicas("llm", 1, timeout=30)
-            streams = [
-                router.submit(
-                    "llm",
-                    {"prompt_token_ids": torch.tensor(p, dtype=torch.int64)},
-                    {"sampling": SAMPLING},
-                )
-                for p in prompts
-            ]
-            bad = router.submit("llm", {}, {"prompt": "", "sampling": SAMPLING})
+            streams = [router.submit("llm", *llm_request(p, SAMPLING)) for p in prompts]
+            bad = router.submit("llm", *llm_request([], SAMPLING))
+            garbled = router.submit("llm", {}, b"\x93not a request")
             for stream, tokens in zip(streams, expected, strict=True):
-                replies = stream.result(timeout=30)
-                assert [t for r in replies for t in r.data["token_ids_delta"]] == tokens
-                last = replies[-1]
-                assert last.finished and last.data["finish_reason"] == "length"
-                assert last.data["completion_tokens"] == 6
-            with pytest.raises(Exception, match="prompt is empty"):
+                updates = [llm.CONTRACT.decode_reply(r.body) for r in stream.result(timeout=30)]
+                assert [t for u in updates for t in u.token_ids_delta] == tokens
+                assert (updates[-1].finish_reason, updates[-1].completion_tokens) == ("length", 6)
+            with pytest.raises(StageRequestError, match="prompt is empty"):
                 bad.result(timeout=30)
+            with pytest.raises(StageRequestError, match="bad llm request"):
+                garbled.result(timeout=30)
             # Everything is released in the stage: no request left, every block free.
             assert worker.engine is not None
             assert not worker.engine.has_unfinished_requests()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_models import make_tiny_checkpoint
-from omni.stages.llm.models import load_model, resolve_model_path
-from omni.stages.llm.models.loader import resolve_dtype, safetensors_files
+from omni.stages.checkpoint import resolve_dtype, resolve_model_path, safetensors_files
+from omni.stages.llm.models import load_model
 from safetensors.torch import load_file, save_file
 
 

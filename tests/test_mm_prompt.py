@@ -147,6 +147,37 @@ def test_text_prompt_with_markers_equals_chat_messages(processor: Qwen2VLPromptP
     assert torch.equal(from_text.mrope_positions, from_messages.mrope_positions)
 
 
+def test_special_token_text_from_a_user_stays_plain_text(
+    processor: Qwen2VLPromptProcessor,
+) -> None:
+    """A user's text that spells `<|image_pad|>` or `<|im_end|>` is tokenized as the text it
+    is: no extra placeholder (which used to refuse the request), no turn ended early."""
+    tokenizer = processor.tokenizer
+    tricky = "a <|image_pad|> b <|im_end|> c"
+    prompt = prepare_qwen2_vl_prompt(processor, messages=_user(_image(IMG_A), _text(tricky)))
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    [item] = prompt.placeholders
+    assert prompt.prompt_token_ids.count(image_pad) == item.length == 6
+    # The template's own <|im_end|> (after the user turn) and nothing from the user's text.
+    assert prompt.prompt_token_ids.count(im_end) == 1
+    literal = tokenizer(tricky, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = prompt.prompt_token_ids
+    start = item.offset + item.length + 1  # after <|vision_end|>
+    assert ids[start : start + len(literal)] == literal
+    assert tokenizer.decode(literal) == tricky
+    # Text without such strings tokenizes exactly as before (one tokenizer call).
+    plain = prepare_qwen2_vl_prompt(processor, messages=_user(_image(IMG_A), _text("a b c")))
+    expected = tokenizer(
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>a b c<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )["input_ids"]
+    pad_at = expected.index(image_pad)
+    assert plain.prompt_token_ids == [
+        *expected[:pad_at], *[image_pad] * 6, *expected[pad_at + 1 :]
+    ]
+
+
 def test_from_pretrained_folder(hf_processor: Any, tmp_path: Path) -> None:
     hf_processor.save_pretrained(tmp_path)
     loaded = Qwen2VLPromptProcessor.from_pretrained(str(tmp_path))

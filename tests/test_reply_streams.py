@@ -28,7 +28,7 @@ def test_bursts_from_a_thread_arrive_in_order_with_one_wake_up_each() -> None:
                 for stream in streams:
                     last = finished and step == first + count - 1
                     stream.deliver(
-                        Reply(stream.request_id, "replica", data={"step": step}, finished=last)
+                        Reply(stream.request_id, "replica", body=bytes([step]), finished=last)
                     )
 
         # Two bursts from the I/O-thread side, the loop not running in between: then a third
@@ -41,7 +41,7 @@ def test_bursts_from_a_thread_arrive_in_order_with_one_wake_up_each() -> None:
         third = threading.Thread(target=burst, args=(6, 3, True))
         third.start()
         third.join()
-        steps = [[(await reply).data["step"] for reply in _replies(s)] for s in streams]
+        steps = [[(await reply).body[0] for reply in _replies(s)] for s in streams]
         return steps, wake_ups
 
     steps, wake_ups = asyncio.run(scenario())

@@ -3,6 +3,7 @@ from typing import Any
 
 import pytest
 import torch
+from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.sampler import (
     Sampler,
     SamplingBatch,
@@ -11,7 +12,6 @@ from omni.stages.llm.sampler import (
     apply_top_k_only,
     apply_top_k_top_p,
 )
-from omni.stages.llm.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
 

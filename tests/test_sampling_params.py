@@ -1,7 +1,7 @@
 import dataclasses
 
 import pytest
-from omni.stages.llm.sampling_params import MAX_LOGPROBS, SamplingParams
+from omni.stages.contracts.sampling import MAX_LOGPROBS, SamplingParams
 
 
 def test_defaults_match_vllm_and_openai() -> None:

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from omni.stages.generators.image_params import ImageLimits
+from omni.stages.contracts.image import ImageLimits
 from omni.stages.generators.random_diffusion import save_random_sd_pipeline
 from PIL import Image
 from server_fixtures import ENGINE_OPTIONS, live_server, tiny_chat_model

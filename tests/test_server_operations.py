@@ -7,12 +7,14 @@ test that kills a replica runs last. What they show:
 - work reaches both vision replicas, and /metrics counts each replica's requests;
 - 32 concurrent mixed requests (text, streamed text, images as data:, http and file URLs)
   answer exactly what each answers alone;
-- a repeated image after different text skips the encoder (encoder-output cache metrics);
+- a repeated image after different text skips the encoder (the LLM stage's encoder-output
+  cache serves it: its metrics say so);
 - a client that leaves mid-stream leaves no request running, no KV block held and no
   shared-memory segment held;
 - every bad input gets a 4xx with OpenAI's error JSON, and /health answers after each;
-- killing one vision replica (SIGKILL) fails only the requests it held, with a 503 naming it;
-  the rest complete, and the supervisor starts it again.
+- killing one vision replica (SIGKILL) fails no request: the LLM stage asks the other replica
+  for the images the dead one held, every answer is what it is alone, and the supervisor
+  starts the replica again.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ import contextlib
 import io
 import json
 import os
-import re
 import signal
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,16 +226,32 @@ def test_a_repeated_image_after_other_text_skips_the_encoder(server: Server) -> 
         messages = image_message(data_url(900), text, text_first=True)
         return await chat(server.client(), messages, False)
 
+    hits = "omni:llm_items_from_encoder_cache_total"
     asyncio.run(ask("first question"))
-    before = server.metrics()
+    before, hits_before = settled(server, hits)
     asyncio.run(ask("a different question"))
-    after = server.metrics()
-    assert after["omni:encoder_cache_hits_total"] == before["omni:encoder_cache_hits_total"] + 1
-    assert after["omni:encoder_cache_queries_total"] == (
-        before["omni:encoder_cache_queries_total"] + 1
-    )
+    # Stage counters come with heartbeats: wait for the one after the request.
+    after, hits_after = settled(server, hits, until=lambda value: value > hits_before)
+    assert hits_after == hits_before + 1
     vision_sent = [k for k in after if "stage_requests_total" in k and 'stage="vision"' in k]
     assert [after[k] for k in vision_sent] == [before[k] for k in vision_sent]
+
+
+def settled(
+    server: Server, name: str, until: Callable[[float], bool] = lambda value: True
+) -> tuple[dict[str, float], float]:
+    """The metrics, and `name` summed over its label sets, once that sum satisfies `until`
+    and has held still across a heartbeat."""
+    deadline = time.monotonic() + 30
+    last = None
+    while True:
+        metrics = server.metrics()
+        value = sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+        if until(value) and value == last:
+            return metrics, value
+        assert time.monotonic() < deadline, f"{name} stayed at {value}"
+        last = value
+        time.sleep(1.1)
 
 
 def _held_segments(pids: list[int]) -> list[str]:
@@ -371,7 +388,7 @@ def test_every_bad_input_gets_a_4xx_and_health_answers_after(server: Server) -> 
         assert server.healthy(), case
 
 
-def test_killing_one_vision_replica_fails_only_its_requests(server: Server) -> None:
+def test_killing_one_vision_replica_fails_no_request(server: Server) -> None:
     pids = server.stage_pids()
     victim = pids["vision-1"]
     key = 'omni:stage_requests_running{replica="vision-1",stage="vision"}'
@@ -402,13 +419,7 @@ def test_killing_one_vision_replica_fails_only_its_requests(server: Server) -> N
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGCONT)
     failed = [r for r in results if isinstance(r, openai.APIStatusError)]
-    assert 1 <= len(failed) < len(results)
-    for error in failed:
-        assert error.status_code == 503
-        message = error.body["message"] if isinstance(error.body, dict) else str(error.body)
-        assert re.search(
-            rf"stage 'vision' replica vision-1 \(pid {victim}\) was killed by SIGKILL", message
-        ), message
+    assert failed == []
 
     # The supervisor starts vision-1 again; the rest answered as each answers alone.
     deadline = time.monotonic() + 120
@@ -424,10 +435,7 @@ def test_killing_one_vision_replica_fails_only_its_requests(server: Server) -> N
         return [await chat(client, image_message(data_url(500 + k), "and this?"), False)
                 for k in range(8)]  # fmt: skip
 
-    expected = asyncio.run(alone())
-    for result, answer in zip(results, expected, strict=True):
-        if isinstance(result, str):
-            assert result == answer
+    assert results == asyncio.run(alone())
 
 
 def test_scaling_flags_and_their_config_file_keys(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 import soundfile
 import torch
 from fixtures_audio import espeak_available
+from omni.stages.contracts.speech import SpeechParams
 from server_fixtures import ENGINE_OPTIONS, live_server, metric, tiny_chat_model
 from speech_helpers import run_request, speech_worker
 
@@ -64,9 +65,7 @@ def client(base_url: str) -> openai.OpenAI:
 
 def local_speech(text: str, response_format: str | None = None) -> list:
     """What the speech stage makes of `text` at HTTP's 24 kHz, run in this process."""
-    params: dict[str, Any] = {"input": text, "sample_rate": 24_000}
-    if response_format:
-        params["response_format"] = response_format
+    params = SpeechParams(input=text, sample_rate=24_000, response_format=response_format)
     return run_request(speech_worker(), params)
 
 

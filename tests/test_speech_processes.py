@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_audio import require_espeak
-from omni.stages.llm.wire import encode_llm_request
-from speech_helpers import run_request, speech_worker
+from omni.stages.contracts import llm as llm_contract
+from omni.stages.contracts import speech
+from omni.stages.contracts.speech import SpeechParams
+from speech_helpers import reply, run_request, speech_worker
 from stage_helpers import SHM_PREFIX, ipc_endpoint, our_segments, running_router
 from transformers import AutoTokenizer
 
@@ -54,21 +56,24 @@ def test_llm_stage_answer_spoken_by_speech_stage_process(smollm2_dir: Path) -> N
             pids = supervisor.pids()
             assert len(set(pids.values())) == 2  # two processes, neither of them this one
 
-            replies = router.submit("llm", *encode_llm_request(prompt, sampling)).result(120)
-            answer = "".join(r.data["text_delta"] for r in replies).strip()
-            assert answer == expected_answer
+            request = llm_contract.GenerateRequest(prompt, SamplingParams(**sampling))
+            replies = router.submit("llm", body=llm_contract.CONTRACT.encode(request)).result(120)
+            answer = "".join(llm_contract.CONTRACT.decode_reply(r.body).text_delta for r in replies)
+            assert answer.strip() == expected_answer
 
-            stream = router.submit("speech", params={"input": answer, "response_format": "wav"})
+            spoken = SpeechParams(input=answer.strip(), response_format="wav")
+            stream = router.submit("speech", body=speech.CONTRACT.encode(spoken))
             chunks = stream.result(timeout=120)
             del replies
         finally:
             supervisor.stop()
     assert our_segments() == []
 
-    local = run_request(speech_worker(), {"input": answer, "response_format": "wav"})
+    local = run_request(speech_worker(), spoken)
     assert len(chunks) == len(local) >= 2  # one reply per sentence
-    assert [c.data["text"] for c in chunks] == [o.data["text"] for o in local]
+    assert [speech.CONTRACT.decode_reply(c.body) for c in chunks] == [reply(o) for o in local]
     for chunk, output in zip(chunks, local, strict=True):
         assert torch.equal(chunk.tensors["audio"], output.tensors["audio"])
     assert torch.equal(chunks[-1].tensors["encoded"], local[-1].tensors["encoded"])
-    print(f"answer {answer!r}: {len(chunks)} chunks, {chunks[-1].data['num_samples']} samples")
+    samples = reply(local[-1]).num_samples
+    print(f"answer {answer!r}: {len(chunks)} chunks, {samples} samples")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from fixtures_audio import converted_whisper_dir, require_espeak
+from omni.stages.contracts import asr as asr_contract
+from omni.stages.contracts.speech import SpeechParams
 from omni.stages.runtime import WorkerOptions, WorkerRequest, create_worker
 from speech_helpers import run_request, speech_worker, word_recall
 
@@ -31,19 +33,21 @@ def test_default_voice_round_trips_through_whisper() -> None:
     clips = []
     for index, sentence in enumerate(SENTENCES):
         # Whisper's rate, resampled by the stage itself.
-        outputs = run_request(speech, {"input": sentence, "sample_rate": 16_000}, f"s{index}")
+        params = SpeechParams(input=sentence, sample_rate=16_000)
+        outputs = run_request(speech, params, f"s{index}")
         assert outputs[-1].finished and outputs[-1].error is None
         clips.append(torch.cat([o.tensors["audio"] for o in outputs]))
 
     asr = create_worker("asr", WorkerOptions(model=converted_whisper_dir(), device="cpu"))
     asr.load()
+    body = asr_contract.CONTRACT.encode(asr_contract.TranscribeRequest())
     for index, clip in enumerate(clips):
-        asr.add_request(WorkerRequest(f"a{index}", {"audio": clip}, {}))
+        asr.add_request(WorkerRequest(f"a{index}", {"audio": clip}, body))
     heard: dict[str, str] = {}
     while asr.has_work():
         for output in asr.step():
-            assert output.error is None
-            heard[output.request_id] = output.data["text"]
+            assert isinstance(output.reply, asr_contract.Transcript), output.error
+            heard[output.request_id] = output.reply.text
 
     found = total = 0
     for index, sentence in enumerate(SENTENCES):

@@ -7,16 +7,25 @@ from __future__ import annotations
 import io
 import threading
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import soundfile
 import torch
 from fixtures_audio import require_espeak
 from fixtures_tts import make_tiny_speecht5, make_tiny_vits
+from omni.stages.contracts.speech import (
+    CONTRACT,
+    SpeechParams,
+    SpeechReply,
+    SpeechStats,
+    VoiceModel,
+)
 from omni.stages.runtime import StageConfig, StageRuntime
 from omni.stages.runtime.worker import WorkerRequest
-from speech_helpers import run_request, speech_worker
+from speech_helpers import reply, run_request, speech_worker
 from stage_helpers import SHM_PREFIX, ipc_endpoint, running_router
 
 from omni.speech.audio_format import pcm16_bytes
@@ -76,19 +85,28 @@ def test_sentences_split_at_ends_and_long_ones_at_clauses() -> None:
 def test_vits_stage_equals_transformers(
     vits_dir: Path, vits_worker, params: dict, speaker_id: int | None, speed: float
 ) -> None:
-    outputs = run_request(vits_worker, {"input": TEXT, "response_format": "wav", **params})
+    request = SpeechParams(input=TEXT, response_format="wav", **params)
+    outputs = run_request(vits_worker, request)
     assert [o.error for o in outputs] == [None] * 3
-    assert [o.data["text"] for o in outputs] == SENTENCES
-    assert [o.data["index"] for o in outputs] == [0, 1, 2]
     assert [o.finished for o in outputs] == [False, False, True]
     expected = vits_reference(vits_dir, params.get("seed", 0), speaker_id, speed)
+    whole = torch.cat(expected).numpy()
+    # The last reply adds the totals and the format of the file it carries.
+    assert [reply(o) for o in outputs] == [
+        SpeechReply(index=0, text=SENTENCES[0], sample_rate=16_000),
+        SpeechReply(index=1, text=SENTENCES[1], sample_rate=16_000),
+        SpeechReply(
+            index=2,
+            text=SENTENCES[2],
+            sample_rate=16_000,
+            num_chunks=3,
+            num_samples=whole.size,
+            format="wav",
+        ),
+    ]
     for output, wave in zip(outputs, expected, strict=True):
-        assert output.data["sample_rate"] == 16_000
         assert torch.equal(output.tensors["audio"], wave)
     # The file on the last reply holds every chunk, in order, as 16-bit PCM.
-    whole = torch.cat(expected).numpy()
-    assert outputs[-1].data["num_samples"] == whole.size
-    assert outputs[-1].data["format"] == "wav"
     encoded = outputs[-1].tensors["encoded"].numpy().tobytes()
     samples, rate = soundfile.read(io.BytesIO(encoded), dtype="int16")
     assert rate == 16_000
@@ -101,8 +119,8 @@ def test_speecht5_stage_equals_transformers(speecht5_dir: Path) -> None:
 
     worker = speech_worker(str(speecht5_dir))
     assert worker.synthesizer.voices == ("bright", "default")
-    outputs = run_request(worker, {"input": TEXT, "voice": "bright", "seed": 3})
-    assert [o.data["text"] for o in outputs] == SENTENCES
+    outputs = run_request(worker, SpeechParams(input=TEXT, voice="bright", seed=3))
+    assert [reply(o).text for o in outputs] == SENTENCES
     tokenizer = AutoTokenizer.from_pretrained(speecht5_dir)
     model = SpeechT5ForTextToSpeech.from_pretrained(speecht5_dir).eval()
     vocoder = SpeechT5HifiGan.from_pretrained(speecht5_dir / "vocoder").eval()
@@ -115,7 +133,7 @@ def test_speecht5_stage_equals_transformers(speecht5_dir: Path) -> None:
             assert torch.equal(output.tensors["audio"], wave.reshape(-1))
     # No response_format: samples only.
     assert "encoded" not in outputs[-1].tensors
-    refused = run_request(worker, {"input": "hi.", "speed": 1.5})
+    refused = run_request(worker, SpeechParams(input="hi.", speed=1.5))
     assert refused[0].error == (
         f"speed 1.5 is out of range for the voice model {str(speecht5_dir)!r}: it must be 1"
     )
@@ -145,36 +163,35 @@ def test_chunks_stream_as_each_sentence_is_ready(vits_dir: Path) -> None:
         runtime.start()
         try:
             assert router.wait_for_replicas("speech", 1, timeout=10)
-            stream = router.submit("speech", params={"input": TEXT})
+            stream = router.submit("speech", body=CONTRACT.encode(SpeechParams(input=TEXT)))
             first = stream.next(timeout=30)
-            assert (first.data["index"], first.finished, len(calls)) == (0, False, 2)
+            index = CONTRACT.decode_reply(first.body).index
+            assert (index, first.finished, len(calls)) == (0, False, 2)
             first_received.set()
             rest = stream.result(timeout=30)
         finally:
             runtime.stop()
             runtime.join(10)
-    assert [r.data["index"] for r in rest] == [1, 2]
+    assert [CONTRACT.decode_reply(r.body).index for r in rest] == [1, 2]
     assert rest[-1].finished
 
 
 def test_stats_count_sentences_and_seconds_of_audio(vits_dir: Path) -> None:
     worker = speech_worker(str(vits_dir))
-    assert worker.stats() == {
-        "speech_requests_active": 0,
-        "speech_sentences": 0,
-        "speech_audio_seconds": 0.0,
-        "speech_synthesis_seconds": 0.0,
-    }
-    worker.add_request(WorkerRequest(request_id="r0", inputs={}, params={"input": TEXT}))
+    assert worker.stats() == SpeechStats()
+    body = CONTRACT.encode(SpeechParams(input=TEXT))
+    worker.add_request(WorkerRequest(request_id="r0", inputs={}, body=body))
     first = worker.step()
     stats = worker.stats()
-    assert (stats["speech_requests_active"], stats["speech_sentences"]) == (1, 1)
-    outputs = first + run_request(worker, {"input": "one more."}, request_id="r1")
+    assert (stats.requests_active, stats.sentences) == (1, 1)
+    outputs = first + run_request(worker, SpeechParams(input="one more."), request_id="r1")
     samples = sum(o.tensors["audio"].numel() for o in outputs)  # all at the voice's 16 kHz
     stats = worker.stats()
-    assert (stats["speech_requests_active"], stats["speech_sentences"]) == (0, 4)
-    assert stats["speech_audio_seconds"] == pytest.approx(samples / 16_000, abs=1e-9)
-    assert stats["speech_synthesis_seconds"] > 0
+    assert (stats.requests_active, stats.sentences) == (0, 4)
+    assert stats.audio_seconds == pytest.approx(samples / 16_000, abs=1e-9)
+    assert stats.synthesis_seconds > 0
+    # As a heartbeat carries it.
+    assert CONTRACT.decode_stats(msgspec.msgpack.encode(stats)) == stats
 
 
 @pytest.mark.parametrize(
@@ -195,13 +212,13 @@ def test_stats_count_sentences_and_seconds_of_audio(vits_dir: Path) -> None:
             "response_format 'aac' is not supported; supported: flac, mp3, opus, pcm, wav",
         ),
         ({"input": "hi.", "speed": 4.5}, "speed is 4.5; it must be a number in [0.25, 4.0]"),
-        ({"input": "hi.", "speed": "fast"}, "speed is 'fast'; it must be a number in [0.25, 4.0]"),
+        # The contract's decoder refuses a wrong type or an unknown field, naming it.
         (
-            {"text": "hi."},
-            "unknown speech parameter 'text'; known: "
-            + str(sorted(["input", "voice", "response_format", "speed", "seed", "sample_rate"])),
+            {"input": "hi.", "speed": "fast"},
+            "bad speech request: Expected `float`, got `str` - at `$.speed`",
         ),
-        ({}, "a speech request needs 'input' (the text to speak)"),
+        ({"text": "hi."}, "bad speech request: Object contains unknown field `text`"),
+        ({}, "input is empty: there is no text to speak"),
     ],
     ids=[
         "unknown voice",
@@ -215,9 +232,9 @@ def test_stats_count_sentences_and_seconds_of_audio(vits_dir: Path) -> None:
     ],
 )
 def test_bad_parameters_are_refused_naming_the_item(
-    vits_dir: Path, vits_worker, params: dict, message: str
+    vits_dir: Path, vits_worker, params: dict[str, Any], message: str
 ) -> None:
-    outputs = run_request(vits_worker, params)
+    outputs = run_request(vits_worker, msgspec.msgpack.encode(params))
     assert len(outputs) == 1 and outputs[0].finished
     assert outputs[0].error == message.format(model=str(vits_dir))
 
@@ -225,19 +242,19 @@ def test_bad_parameters_are_refused_naming_the_item(
 def test_default_voice_refuses_unknown_voice_and_its_speed_range() -> None:
     require_espeak()
     worker = speech_worker()
-    outputs = run_request(worker, {"input": "hi.", "voice": "bob"})
+    outputs = run_request(worker, SpeechParams(input="hi.", voice="bob"))
     assert outputs[0].error == (
         "voice 'bob' is unknown to the voice model 'espeak-ng'; its voices are: alloy, ash, "
         "ballad, coral, echo, fable, nova, onyx, sage, shimmer, verse"
     )
-    outputs = run_request(worker, {"input": "hi.", "speed": 0.3})
+    outputs = run_request(worker, SpeechParams(input="hi.", speed=0.3))
     assert outputs[0].error == (
         "speed 0.3 is out of range for the voice model 'espeak-ng': it must be in [0.53, 3]"
     )
-    spoken = run_request(worker, {"input": "Hello. Goodbye.", "voice": "nova", "speed": 1.2})
-    assert [o.data["text"] for o in spoken] == ["Hello.", "Goodbye."]
+    spoken = run_request(worker, SpeechParams(input="Hello. Goodbye.", voice="nova", speed=1.2))
+    assert [reply(o).text for o in spoken] == ["Hello.", "Goodbye."]
     assert all(o.tensors["audio"].abs().max() > 0.1 for o in spoken)
-    assert spoken[0].data["sample_rate"] == 22_050
+    assert reply(spoken[0]).sample_rate == 22_050
 
 
 def test_unknown_model_type_and_options_are_refused(tmp_path: Path) -> None:
@@ -251,16 +268,20 @@ def test_unknown_model_type_and_options_are_refused(tmp_path: Path) -> None:
 
 
 def test_describe_names_the_voices_and_checks_one(vits_dir: Path, vits_worker) -> None:
-    [output] = run_request(vits_worker, {"describe": True})
-    assert output.finished and output.error is None
-    assert output.data == {
-        "name": str(vits_dir),
-        "voices": ["default", "speaker-0", "speaker-1", "speaker-2"],
-        "default_voice": "default",
-        "sample_rate": 16_000,
-        "speed_range": [0.25, 4.0],
-    }
-    [refused] = run_request(vits_worker, {"describe": True, "voice": "nova"})
+    [output] = run_request(vits_worker, SpeechParams(describe=True))
+    assert output.finished and output.error is None and not output.tensors
+    expected = VoiceModel(
+        name=str(vits_dir),
+        voices=["default", "speaker-0", "speaker-1", "speaker-2"],
+        default_voice="default",
+        sample_rate=16_000,
+        speed_range=(0.25, 4.0),
+    )
+    assert reply(output) == SpeechReply(voice_model=expected)
+    assert CONTRACT.decode_reply(CONTRACT.encode(reply(output))) == SpeechReply(
+        voice_model=expected
+    )
+    [refused] = run_request(vits_worker, SpeechParams(describe=True, voice="nova"))
     assert refused.error is not None and refused.error.startswith("voice 'nova' is unknown")
 
 

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 import zmq
+from omni.stages.contracts.echo import CONTRACT as ECHO
+from omni.stages.contracts.echo import EchoParams, EchoReply
 from omni.stages.runtime import (
     StageConfig,
     StageOutput,
@@ -46,10 +48,11 @@ def test_echo_streams_exact_tensors_inline_and_through_shared_memory() -> None:
         assert info.shared_memory is True
         small = torch.tensor([1, 2, 3], dtype=torch.int32)
         big = torch.arange(4096, dtype=torch.float32).to(torch.bfloat16).view(64, 64)
-        replies = router.submit("echo", {"small": small, "big": big}, {"chunks": 3}).result(
-            timeout=10
-        )
-        assert [r.data["chunk"] for r in replies] == [0, 1, 2]
+        body = ECHO.encode(EchoParams(chunks=3))
+        replies = router.submit("echo", {"small": small, "big": big}, body).result(timeout=10)
+        assert [ECHO.decode_reply(r.body) for r in replies] == [
+            EchoReply(chunk=chunk, device="cpu", model="tiny") for chunk in range(3)
+        ]
         assert [r.finished for r in replies] == [False, False, True]
         for reply in replies:
             assert reply.replica_id == "echo-0"
@@ -116,7 +119,10 @@ def test_worker_error_fails_only_that_request() -> None:
                 match=r"echo-0 .* failed request bad: RuntimeError: asked to fail",
             ) as failure:
                 router.submit(
-                    "echo", {"x": torch.ones(1)}, {"fail": True}, request_id="bad"
+                    "echo",
+                    {"x": torch.ones(1)},
+                    ECHO.encode(EchoParams(fail=True)),
+                    request_id="bad",
                 ).result(10)
             # What an API answers its client: the stage's words alone.
             assert failure.value.stage_message == "RuntimeError: asked to fail at chunk 0"
@@ -132,7 +138,7 @@ def test_least_loaded_routing_and_waiting_for_room() -> None:
         runtimes = [echo_runtime(endpoint, f"echo-{i}", capacity=1).start() for i in range(2)]
         try:
             assert router.wait_for_replicas("echo", 2, timeout=10)
-            slow = {"delay_s": 0.3}
+            slow = ECHO.encode(EchoParams(delay_s=0.3))
             streams = [router.submit("echo", {"x": torch.tensor([i])}, slow) for i in range(3)]
             time.sleep(0.1)
             loads = sorted((info.replica_id, info.load) for info in router.replicas("echo"))
@@ -152,9 +158,10 @@ def test_abort_stops_the_stage_and_releases_the_slot() -> None:
         runtime = echo_runtime(endpoint, capacity=1).start()
         try:
             assert router.wait_for_replicas("echo", 1, timeout=10)
-            stream = router.submit("echo", {"x": torch.ones(1)}, {"chunks": 1000, "delay_s": 0.01})
+            body = ECHO.encode(EchoParams(chunks=1000, delay_s=0.01))
+            stream = router.submit("echo", {"x": torch.ones(1)}, body)
             first = stream.next(timeout=10)
-            assert first.data["chunk"] == 0
+            assert ECHO.decode_reply(first.body).chunk == 0
             stream.abort()
             [reply] = router.submit("echo", {"x": torch.zeros(1)}).result(10)
             assert reply.tensors["x"].tolist() == [1.0]
@@ -208,9 +215,8 @@ def test_clean_stop_fails_in_flight_requests_and_leaves_routing() -> None:
     with ipc_endpoint() as endpoint, running_router(endpoint) as router:
         runtime = echo_runtime(endpoint).start()
         assert router.wait_for_replicas("echo", 1, timeout=10)
-        stream = router.submit(
-            "echo", {"x": torch.ones(1)}, {"chunks": 100, "delay_s": 0.02}, request_id="long"
-        )
+        body = ECHO.encode(EchoParams(chunks=100, delay_s=0.02))
+        stream = router.submit("echo", {"x": torch.ones(1)}, body, request_id="long")
         stream.next(timeout=10)
         runtime.stop("test says stop")
         expected = (
@@ -261,13 +267,16 @@ def test_async_stream() -> None:
 
             async def main() -> list[tuple[int, list[float]]]:
                 streams = [
-                    router.submit_async("echo", {"x": torch.tensor([float(i)])}, {"chunks": 2})
+                    router.submit_async(
+                        "echo", {"x": torch.tensor([float(i)])}, ECHO.encode(EchoParams(chunks=2))
+                    )
                     for i in range(3)
                 ]
                 out = []
                 for stream in streams:
                     async for reply in stream:
-                        out.append((reply.data["chunk"], reply.tensors["x"].tolist()))
+                        chunk = ECHO.decode_reply(reply.body).chunk
+                        out.append((chunk, reply.tensors["x"].tolist()))
                 return out
 
             assert asyncio.run(main()) == [

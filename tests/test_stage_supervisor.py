@@ -9,6 +9,8 @@ import time
 
 import pytest
 import torch
+from omni.stages.contracts.echo import CONTRACT as ECHO
+from omni.stages.contracts.echo import EchoParams
 from omni.transport.shm import list_segments
 from stage_helpers import SHM_PREFIX, ipc_endpoint, our_segments, running_router
 
@@ -26,9 +28,8 @@ def test_dead_or_silent_stage_fails_its_request_restarts_and_serves_again() -> N
         try:
             assert router.wait_for_replicas("echo", 1, timeout=60)
             page = torch.arange(2048, dtype=torch.float32)  # 8 KiB: replies go through /dev/shm
-            stream = router.submit(
-                "echo", {"page": page}, {"chunks": 50, "delay_s": 0.2}, request_id="doomed"
-            )
+            body = ECHO.encode(EchoParams(chunks=50, delay_s=0.2))
+            stream = router.submit("echo", {"page": page}, body, request_id="doomed")
             first = stream.next(timeout=10)
             assert set(first.handles) == {"page"}
             assert torch.equal(first.tensors["page"], page * 2 + 1)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from fixtures_audio import converted_whisper_dir, espeak_samples, require_espeak
+from omni.stages.contracts.asr import CONTRACT as ASR
+from omni.stages.contracts.asr import ASRStats, TranscribeRequest, Transcript
 from omni.stages.encoders.audio_asr import ASRWorker, asr_settings
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, worker_class
 from omni.stages.runtime.worker import WorkerRequest
@@ -23,9 +25,11 @@ from omni.speech.transcribe import (
     TranscriberConfig,
     check_audio,
 )
+from omni.supervision.streams import StageRequestError
 
 QUESTION = "What is the capital of France?"
 COMMAND = "Open the door."
+BODY = ASR.encode(TranscribeRequest())
 
 
 def normalised(text: str) -> str:
@@ -99,7 +103,7 @@ def test_worker_batches_queued_requests_and_refuses_bad_ones() -> None:
     worker.load()
 
     def request(request_id: str, **inputs: torch.Tensor) -> WorkerRequest:
-        return WorkerRequest(request_id=request_id, inputs=inputs, params={})
+        return WorkerRequest(request_id=request_id, inputs=inputs, body=BODY)
 
     question = torch.from_numpy(espeak_samples(QUESTION).copy())
     command = torch.from_numpy(espeak_samples(COMMAND).copy())
@@ -109,6 +113,12 @@ def test_worker_batches_queued_requests_and_refuses_bad_ones() -> None:
     worker.add_request(request("wide", audio=question.double()))
     worker.add_request(request("none", samples=question))
     worker.add_request(request("long", audio=torch.zeros(16_000 * 6)))
+    worker.add_request(
+        WorkerRequest(
+            "named", {"audio": question}, ASR.encode(TranscribeRequest(item="messages[1]"))
+        )
+    )
+    worker.add_request(WorkerRequest("no body", {"audio": question}))
     worker.add_request(request("q", audio=question))
     worker.abort("dropped")
 
@@ -117,22 +127,31 @@ def test_worker_batches_queued_requests_and_refuses_bad_ones() -> None:
         ("wide", True),
         ("none", True),
         ("long", True),
+        ("no body", True),
         ("q", True),
         ("q", True),
         ("c", True),
     ]
-    errors = [o.error for o in outputs[:4]]
+    errors = [o.error for o in outputs[:5]]
     assert errors == [
         "input 'audio' has dtype torch.float64; float32 expected",
         "an asr request needs an input tensor 'audio'; got ['samples']",
         "input 'audio' is 6.0 s long; the limit is 5 s",
+        "bad asr request: Input data was truncated",
         "request 'q' is already queued",
     ]
-    assert [dict(o.data) for o in outputs[4:]] == [
-        {"text": "What is the capital of France?"},
-        {"text": "Open the door."},
+    assert [o.reply for o in outputs[5:]] == [
+        Transcript(text="What is the capital of France?"),
+        Transcript(text="Open the door."),
     ]
-    assert all(o.error is None for o in outputs[4:])
+    assert all(o.error is None for o in outputs[5:])
+    assert worker.stats() == ASRStats(requests_queued=1, requests_transcribed=2, batches=1)
+    [named] = worker.step()  # the next batch
+    assert (named.request_id, named.reply) == (
+        "named",
+        Transcript(text="What is the capital of France?"),
+    )
+    assert worker.stats() == ASRStats(requests_queued=0, requests_transcribed=3, batches=2)
     assert not worker.has_work() and worker.step() == []
 
 
@@ -153,12 +172,18 @@ def test_asr_stage_over_the_transport() -> None:
         try:
             assert router.wait_for_replicas("asr", 1, timeout=60)
             audio = torch.from_numpy(espeak_samples(COMMAND).copy())
-            replies = router.submit("asr", {"audio": audio}).result(timeout=60)
-            assert [(dict(r.data), r.finished) for r in replies] == [
-                ({"text": "Open the door."}, True)
+            replies = router.submit("asr", {"audio": audio}, BODY).result(timeout=60)
+            assert [(ASR.decode_reply(r.body), r.finished) for r in replies] == [
+                (Transcript(text="Open the door."), True)
             ]
-            bad = router.submit("asr", {"audio": torch.zeros(3, dtype=torch.int16)})
-            with pytest.raises(Exception, match=r"has dtype torch\.int16; float32 expected"):
+            silence = torch.zeros(3, dtype=torch.int16)
+            bad = router.submit(
+                "asr", {"audio": silence}, ASR.encode(TranscribeRequest(item="messages[0]"))
+            )
+            with pytest.raises(
+                StageRequestError,
+                match=r"input 'audio' \(messages\[0\]\) has dtype torch\.int16; float32 expected",
+            ):
                 bad.result(timeout=60)
         finally:
             runtime.stop()

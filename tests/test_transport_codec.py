@@ -14,8 +14,10 @@ from omni.transport.messages import (
     Heartbeat,
     Hello,
     HelloRequired,
+    PeerRequest,
     Shutdown,
     StageError,
+    StageReplies,
     StageReply,
     StageRequest,
     Welcome,
@@ -70,13 +72,18 @@ PLAIN_MESSAGES = [
     Welcome(
         replica_id="vision-0", heartbeat_interval_s=0.5, heartbeat_timeout_s=2.0, shared_memory=True
     ),
-    Heartbeat(replica_id="vision-0", load=3),
+    Heartbeat(replica_id="vision-0", load=3, stats=b"\x81\xa1q\x02"),
     HelloRequired(reason="unknown replica"),
-    StageRequest(
-        request_id="r", shm_inputs={"page": HANDLE}, params={"n": 3, "s": "x", "l": [1.5, None]}
+    StageRequest(request_id="r", shm_inputs={"page": HANDLE}, body=b"\x81\xa1n\x03"),
+    StageReply(request_id="r", shm_outputs={"emb": HANDLE}, body=b"\x91\x07", finished=True),
+    StageReplies(
+        replies=[
+            StageReply(request_id="a", body=b"\x01"),
+            StageReply(request_id="b", shm_outputs={"emb": HANDLE}, finished=True),
+        ]
     ),
-    StageReply(request_id="r", shm_outputs={"emb": HANDLE}, data={"text": "ok"}, finished=True),
-    StageError(request_id="r", message="boom"),
+    PeerRequest(request_id="p", role="vision", body=b"\x80"),
+    StageError(request_id="r", message="boom", code="replica_lost"),
     Abort(request_id="r"),
     Goodbye(replica_id="vision-0", reason="SIGTERM"),
     Shutdown(reason="server stopping"),
@@ -163,6 +170,11 @@ def _bad_frames() -> list[tuple[str, list[bytes], str]]:
         ("garbage", [b"\x10\xc1\xc1"], "bad StageRequest"),
         ("missing field", [request_kind + enc({"inputs": {}})], "request_id"),
         ("wrong type", [b"\x03" + enc({"replica_id": "a", "load": "high"})], "load"),
+        (
+            "stats over the bound",
+            [b"\x03" + enc({"replica_id": "a", "stats": b"x" * (64 * 1024 + 1)})],
+            "stats",
+        ),
         ("extra field", [b"\x13" + enc({"request_id": "r", "evil": 1})], "evil"),
         ("frame index out of range", [header], "out of range"),
         ("extra frame", [header, raw, raw], "unreferenced"),
@@ -174,10 +186,7 @@ def _bad_frames() -> list[tuple[str, list[bytes], str]]:
         ),
         (
             "pickle ext",
-            [
-                request_kind
-                + enc({"request_id": "r", "params": {"p": msgspec.msgpack.Ext(1, b"x")}})
-            ],
+            [request_kind + enc({"request_id": "r", "body": msgspec.msgpack.Ext(1, b"x")})],
             "bad StageRequest",
         ),
         (
@@ -216,4 +225,4 @@ def test_encoding_an_undeclared_type_fails() -> None:
     with pytest.raises(ValueError, match="ArrayMessage is not a message type"):
         stage_codec().encode(ArrayMessage(array=np.zeros(1), tensor=torch.zeros(1)))
     with pytest.raises(TypeError):
-        stage_codec().encode(StageReply(request_id="r", data={"x": object()}))
+        stage_codec().encode(StageReply(request_id="r", body=object()))

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 from fixtures_vl import load_reference_vl, make_tiny_qwen2_5_vl, noise_image
-from omni.stages.encoders.checkpoint import load_prefixed_state_dict
+from omni.stages.checkpoint import load_prefixed_state_dict
+from omni.stages.contracts.encoder import EncodeReply
 from omni.stages.encoders.vision import VISION_PREFIXES, VisionEncoder, VisionWorker
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, worker_class
 from omni.stages.runtime.worker import WorkerRequest
@@ -158,7 +159,7 @@ def test_worker_batches_queued_requests_within_the_patch_budget(
     for output in first + second:
         pixels, grid = image_inputs[int(output.request_id[1:])]
         assert output.finished and output.error is None
-        assert output.data["num_image_tokens"] == int(grid.prod()) // 4
+        assert output.reply == EncodeReply(num_tokens=int(grid.prod()) // 4)
         torch.testing.assert_close(
             output.tensors["embeddings"], encoder.encode(pixels, grid), rtol=0, atol=1e-6
         )

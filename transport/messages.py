@@ -8,22 +8,33 @@ Conversation of one replica (a DEALER) with the orchestrator (the ROUTER):
     orchestrator -> HELLO_REQUIRED   (to an unknown peer) say HELLO again
     orchestrator -> REQUEST          work for the stage
     replica -> REPLY ... (finished)  streamed results; the last one has finished=True
+    replica -> REPLIES               the replies of one step, for many requests, in one message
     replica -> ERROR                 the request failed (or a frame could not be decoded)
     orchestrator -> ABORT            stop working on a request
     replica -> GOODBYE               leaving; take me out of routing
     orchestrator -> SHUTDOWN         please exit
+
+A replica may itself ask another role for work (the LLM stage asks an encoder for an image's
+embeddings): it sends PEER_REQUEST naming the role, the orchestrator routes it like any request
+and relays the replies (REPLY / REPLIES / ERROR) back to the asking replica; an ABORT from the
+asking replica withdraws it. Shared-memory handles are relayed untouched when both replicas
+share the orchestrator's host, so the tensor itself never passes through the orchestrator.
+
+What a request, a reply and a heartbeat's stats mean is the business of the role's contract
+(`omni.stages.contracts.ROLE`): here they are opaque msgpack bytes (`body`, `stats`) beside
+named tensors. This layer knows no role.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 import torch
 from omni.transport.codec import MessageCodec
 from omni.transport.shm import SharedTensorHandle
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 RequestId = Annotated[str, msgspec.Meta(max_length=256)]
@@ -48,19 +59,17 @@ class Welcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     shared_memory: bool = False
 
 
-# A replica's own numbers (the LLM stage: scheduler queues, KV usage, prefix-cache counters),
-# named plainly and bounded so that a heartbeat stays small.
-StageStats = Annotated[
-    dict[Annotated[str, msgspec.Meta(min_length=1, max_length=64)], float],
-    msgspec.Meta(max_length=64),
-]
+# A contract's msgpack-encoded struct (request parameters, reply, heartbeat stats). Bounded so
+# that a hostile peer cannot make a header of gigabytes; tensors travel as frames, not here.
+Body = Annotated[bytes, msgspec.Meta(max_length=16 * 1024 * 1024)]
+Stats = Annotated[bytes, msgspec.Meta(max_length=64 * 1024)]
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     replica_id: Name
     load: Annotated[int, msgspec.Meta(ge=0)] = 0
-    # Sent by replicas with their worker's `stats()`; the orchestrator's echo leaves it empty.
-    stats: StageStats = {}
+    # The worker's `stats()` in its role's contract; the orchestrator's echo leaves it empty.
+    stats: Stats = b""
 
 
 class HelloRequired(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -73,22 +82,41 @@ class StageRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     request_id: RequestId
     inputs: dict[str, torch.Tensor] = {}
     shm_inputs: dict[str, SharedTensorHandle] = {}
-    # Plain msgpack values only (numbers, strings, lists, maps); no objects can appear here.
-    params: dict[str, Any] = {}
+    # The role's request struct, encoded by its contract.
+    body: Body = b""
 
 
 class StageReply(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     request_id: RequestId
     outputs: dict[str, torch.Tensor] = {}
     shm_outputs: dict[str, SharedTensorHandle] = {}
-    data: dict[str, Any] = {}
+    # The role's reply struct, encoded by its contract (empty for a reply of tensors alone).
+    body: Body = b""
     finished: bool = False
+
+
+class StageReplies(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The replies of one worker step: one message however many requests advanced."""
+
+    replies: Annotated[list[StageReply], msgspec.Meta(max_length=65536)]
+
+
+class PeerRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A replica's request for work by another role, routed and answered by the orchestrator."""
+
+    request_id: RequestId
+    role: Name
+    inputs: dict[str, torch.Tensor] = {}
+    body: Body = b""
 
 
 class StageError(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Empty when the error is not about one request (an undecodable frame, for example).
     request_id: RequestId
     message: Annotated[str, msgspec.Meta(max_length=4096)]
+    # Why, for a caller that may try again: "" (the stage refused or failed the request),
+    # "replica_lost" (its replica died or left) or "no_replica" (none had room in time).
+    code: Annotated[str, msgspec.Meta(max_length=32)] = ""
 
 
 class Abort(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -114,6 +142,8 @@ MESSAGE_KINDS: dict[int, type[msgspec.Struct]] = {
     0x11: StageReply,
     0x12: StageError,
     0x13: Abort,
+    0x14: StageReplies,
+    0x15: PeerRequest,
     0x20: Goodbye,
     0x21: Shutdown,
 }
@@ -125,6 +155,8 @@ StageMessage = (
     | HelloRequired
     | StageRequest
     | StageReply
+    | StageReplies
+    | PeerRequest
     | StageError
     | Abort
     | Goodbye

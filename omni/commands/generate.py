@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from omni.llm import LLM
-    from omni.stages.llm.sampling_params import SamplingParams
+    from omni.stages.contracts.sampling import SamplingParams
 
     try:
         params = SamplingParams(

@@ -67,7 +67,7 @@ def add_parser(subparsers: Any) -> None:
         "--encoder-cache-mib",
         type=int,
         default=None,
-        help="encoder outputs kept by content hash in the API process (default 512; 0: none)",
+        help="encoder outputs each LLM replica keeps by content hash (default 512; 0: none)",
     )
     p.add_argument(
         "--allowed-media-domains",
@@ -106,6 +106,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="LLM engine option"
     )
+    p.add_argument(
+        "--api-server-count",
+        type=int,
+        default=None,
+        help="API processes sharing the port, each with its own router (default 1)",
+    )
+    # How `omni serve` starts its other API processes; not for users.
+    p.add_argument("--api-server-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--api-server-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--api-server-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run)
 
@@ -129,7 +139,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         "allowed_local_media_path", "media_fetch_timeout_s", "pdf_dpi", "pdf_min_dpi",
         "pdf_max_dpi", "max_pdf_pages", "max_pdf_bytes", "pdf_text", "pdf_workers",
         "pdf_worker_memory_mib",
-        "max_upload_bytes", "max_upload_files",
+        "max_upload_bytes", "max_upload_files", "api_server_count", "api_server_rank",
+        "api_server_dir",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -151,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if (args.api_server_count or 1) > 1 and args.api_server_dir is None:
+        # The first API process: the others share its listening socket and its folder.
+        from omni.commands.api_servers import serve_with_api_servers
+
+        return serve_with_api_servers(args, run)
     try:
         config = serve_config(args)
     except ValueError as exc:
@@ -181,7 +197,11 @@ def run(args: argparse.Namespace) -> int:
             add_image_routes(app, pipeline.image_service, settings)
         if pipeline.speech_service is not None:
             add_speech_routes(app, pipeline.speech_service, settings)
-        uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower())
+        if args.api_server_fd is not None:
+            # One of several API processes: they all accept on the socket the first one bound.
+            uvicorn.run(app, fd=args.api_server_fd, log_level=args.log_level.lower())
+        else:
+            uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower())
     finally:
         pipeline.close()
     return 0

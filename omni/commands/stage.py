@@ -26,6 +26,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--connect", required=True, help="server endpoint: ipc://PATH or tcp://HOST:PORT"
     )
+    parser.add_argument(
+        "--also-connect",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="another API process's endpoint to join too (omni serve --api-server-count)",
+    )
     parser.add_argument("--model", default="", help="model path or name the stage serves")
     parser.add_argument("--device", default="cpu", help="device, for example cpu or cuda:1")
     parser.add_argument("--capacity", type=int, default=8, help="requests served at once")
@@ -95,6 +102,7 @@ def _build(args: argparse.Namespace) -> tuple[StageConfig, StageWorker]:
     config = StageConfig(
         role=args.role,
         connect=args.connect,
+        also_connect=tuple(args.also_connect),
         model=args.model,
         device=args.device,
         capacity=args.capacity,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -27,6 +28,27 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct
 # (`transformers.image_transforms.convert_to_rgb`), so that a transparent PNG gives the
 # model the same pixels here as there.
 _BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image as the client sent it, its header checked but its pixels not decoded: the
+    vision stage decodes it. `name` is the request item it came from."""
+
+    data: bytes
+    width: int
+    height: int
+    name: str
+
+
+def probe_image(data: bytes, *, name: str, limits: MediaLimits) -> EncodedImage:
+    """Check one image's bytes and its header's size against `limits` without decoding it
+    (MediaError naming `name` otherwise): microseconds, whatever the image."""
+    check_num_bytes(len(data), limits.max_image_bytes, "max_image_bytes", name=name)
+    image = _open_header(data, name=name, limits=limits)
+    _check_pixels(image.size, name=name, limits=limits)
+    width, height = image.size
+    return EncodedImage(data, width, height, name)
 
 
 def load_image(data: bytes, *, name: str, limits: MediaLimits) -> Image.Image:

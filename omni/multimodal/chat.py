@@ -10,6 +10,7 @@ prompt order, ready for the processor.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,39 @@ class MediaKind:
     """One kind of media item a model's messages may carry."""
 
     name: str  # the item's "type", and the key that holds the decoded item
-    item_type: type  # what the decoded item must be
+    item_type: type | tuple[type, ...]  # what the item must be
     description: str  # for errors: "a decoded PIL image"
+
+
+# Stands in the template's text for a message text that must stay literal (see ChatText).
+_LITERAL = re.compile("\ue000([0-9]+)\ue001")
+
+
+@dataclass(frozen=True)
+class ChatText:
+    """A rendered chat prompt. Message texts that spell a special token (`<|image_pad|>`,
+    `<|im_end|>`, ...) stand in `text` as numbered stand-ins, so that they are tokenized as
+    the plain text they are, never as a marker or control token: a user's words must not
+    become an image placeholder or end a turn."""
+
+    text: str
+    literals: tuple[str, ...] = ()
+
+    def encode(self, tokenizer: Any) -> list[int]:
+        """Token ids of the prompt; without literals exactly `tokenizer(text)`."""
+        if not self.literals:
+            return list(tokenizer(self.text)["input_ids"])
+        pieces = _LITERAL.split(self.text)
+        ids: list[int] = []
+        for index, piece in enumerate(pieces):
+            if index % 2:
+                literal = self.literals[int(piece)]
+                ids += tokenizer(literal, add_special_tokens=False, split_special_tokens=True)[
+                    "input_ids"
+                ]
+            elif piece:
+                ids += tokenizer(piece, add_special_tokens=index == 0)["input_ids"]
+        return ids
 
 
 def render_chat(
@@ -30,14 +62,23 @@ def render_chat(
     messages: Sequence[Mapping[str, Any]],
     kind: MediaKind,
     add_generation_prompt: bool = True,
-) -> tuple[str, list[Any]]:
-    """Chat-template text with one marker per media item, and the items in order."""
+) -> tuple[ChatText, list[Any]]:
+    """The chat template's prompt with one marker per media item, and the items in order."""
     items: list[Any] = []
     rendered: list[dict[str, Any]] = []
+    literals: list[str] = []
+    specials = _special_strings(tokenizer)
+
+    def plain(text: str) -> str:
+        if not any(special in text for special in specials) and "\ue000" not in text:
+            return text
+        literals.append(text)
+        return f"\ue000{len(literals) - 1}\ue001"
+
     for m_index, message in enumerate(messages):
         content = message.get("content")
         if isinstance(content, str):
-            rendered.append(dict(message))
+            rendered.append({**message, "content": plain(content)})
             continue
         if not isinstance(content, Sequence):
             raise ValueError(
@@ -48,7 +89,7 @@ def render_chat(
         for i_index, part in enumerate(content):
             part_type = part.get("type")
             if part_type == "text":
-                parts.append({"type": "text", "text": str(part.get("text", ""))})
+                parts.append({"type": "text", "text": plain(str(part.get("text", "")))})
             elif part_type == kind.name:
                 item = part.get(kind.name)
                 if not isinstance(item, kind.item_type):
@@ -69,7 +110,13 @@ def render_chat(
     text = tokenizer.apply_chat_template(
         rendered, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    return str(text), items
+    return ChatText(str(text), tuple(literals)), items
+
+
+def _special_strings(tokenizer: Any) -> list[str]:
+    """Every added token's text: the tokenizer matches these before anything else."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return [str(token) for token in decoder.values() if str(token)]
 
 
 def processor_chat_template(folder: str) -> str | None:

@@ -14,13 +14,24 @@ item, and each marker becomes the item's run.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from omni.cache import MultiModalPlaceholder
 from omni.stages.llm.mm_inputs import MultiModalInputs
+
+
+@dataclass(frozen=True)
+class EncoderItem:
+    """One media item's request to its encoder stage: the role, the request struct encoded by
+    that role's contract, and its tensors. The LLM stage sends it on when it needs the item."""
+
+    role: str
+    body: bytes
+    tensors: Mapping[str, torch.Tensor]
 
 
 class MultiModalPrompt(ABC):
@@ -41,6 +52,18 @@ class MultiModalPrompt(ABC):
     def encoder_request(self, item_indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """The encoder stage's input tensors for the given items (all by default), in that
         order; its reply's `embeddings` are their rows concatenated in the same order."""
+
+    @abstractmethod
+    def encoder_items(self) -> list[EncoderItem]:
+        """Per item, in order, its request to the encoder stage (one item each)."""
+
+    def mrope_tensor(self) -> torch.Tensor | None:
+        """int64 [3, len(prompt_token_ids)] rotary positions for M-RoPE models, else None."""
+        return None
+
+    def mrope_delta(self) -> int:
+        """What continues the M-RoPE positions for generated tokens (0 without M-RoPE)."""
+        return 0
 
     def to_multimodal_inputs(self, embeddings: Sequence[torch.Tensor | None]) -> MultiModalInputs:
         """The LLM engine's `mm=` argument: per item its embeddings (None for an item the

@@ -36,9 +36,15 @@ import numpy as np
 import torch
 
 from omni.cache import MultiModalPlaceholder
-from omni.multimodal.chat import MediaKind, load_tokenizer_with_template, render_chat
+from omni.multimodal.chat import (
+    ChatText,
+    MediaKind,
+    load_tokenizer_with_template,
+    render_chat,
+)
 from omni.multimodal.hashing import audio_item_hash
-from omni.multimodal.prompt import MultiModalPrompt, expand_placeholders
+from omni.multimodal.prompt import EncoderItem, MultiModalPrompt, expand_placeholders
+from omni.stages.contracts import audio
 
 AUDIO_TOKEN = "<|AUDIO|>"
 DEFAULT_MAX_AUDIOS = 8
@@ -65,7 +71,7 @@ class ProcessedAudio:
 class Qwen2AudioPrompt(MultiModalPrompt):
     """Everything the engine needs for one Qwen2-Audio prompt (see the module docstring)."""
 
-    ENCODER_ROLE: ClassVar[str] = "audio"
+    ENCODER_ROLE: ClassVar[str] = audio.ROLE
     ITEM_NOUN: ClassVar[str] = "audio clips"
 
     prompt_token_ids: list[int]
@@ -90,7 +96,14 @@ class Qwen2AudioPrompt(MultiModalPrompt):
 
     def encoder_request(self, item_indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         features, lengths = self.encoder_inputs(item_indices)
-        return {"input_features": features, "feature_lengths": lengths}
+        return {audio.INPUT_FEATURES: features, audio.FEATURE_LENGTHS: lengths}
+
+    def encoder_items(self) -> list[EncoderItem]:
+        body = audio.CONTRACT.encode(audio.EncodeClips())
+        return [
+            EncoderItem(audio.ROLE, body, self.encoder_request([index]))
+            for index in range(len(self.audios))
+        ]
 
 
 class Qwen2AudioPromptProcessor:
@@ -147,14 +160,16 @@ class Qwen2AudioPromptProcessor:
         if messages is not None:
             if len(audios):
                 raise ValueError("with messages, audio clips go inside the message content")
-            prompt, audios = render_chat(
+            chat, audios = render_chat(
                 self.tokenizer, messages, self.MEDIA, add_generation_prompt
             )
-        assert prompt is not None
-        self._check_prompt(prompt, audios)
+        else:
+            assert prompt is not None
+            chat = ChatText(prompt)
+        self._check_prompt(chat.text, audios)
 
         processed = [self._process_audio(index, samples) for index, samples in enumerate(audios)]
-        text_ids = list(self.tokenizer(prompt)["input_ids"])
+        text_ids = chat.encode(self.tokenizer)
         token_ids, placeholders = expand_placeholders(
             text_ids,
             self.audio_token_id,

@@ -7,8 +7,10 @@ Entry point (what the engine calls for each multimodal request):
     prompt = prepare_qwen2_vl_prompt(processor, prompt=text, images=[...])
 
 `messages` are chat messages whose `content` is a string or a list of items
-`{"type": "text", "text": ...}` / `{"type": "image", "image": <PIL image>}` (images already
-decoded and bounded by media intake). A text `prompt` marks each image with Qwen's
+`{"type": "text", "text": ...}` / `{"type": "image", "image": <PIL image or EncodedImage>}`
+(a decoded image, or one whose header media intake checked: the server leaves decoding to the
+vision stage, since the patch grid, hence the placeholder run, follows from the size alone).
+A text `prompt` marks each image with Qwen's
 `<|vision_start|><|image_pad|><|vision_end|>` (one `<|image_pad|>` per image, in order).
 
 The result, a `Qwen2VLPrompt`, carries
@@ -27,7 +29,9 @@ Then, with the vision encoder (`omni.stages.encoders.vision`):
                        mm=prompt.to_multimodal_inputs(per_image))
 
 (`encoder_inputs([i, ...])` selects the images that still need encoding; pass None in
-`to_multimodal_inputs` for an image skipped as prefix-cached.)
+`to_multimodal_inputs` for an image skipped as prefix-cached.) Through the stages, each image
+instead travels to the LLM stage as its vision-stage request (`encoder_item`), which the LLM
+stage sends on only if its caches lack the image.
 """
 
 from __future__ import annotations
@@ -37,14 +41,22 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
 from omni.cache import MultiModalPlaceholder
-from omni.multimodal.chat import MediaKind, load_tokenizer_with_template, render_chat
-from omni.multimodal.hashing import image_item_hash
+from omni.media import EncodedImage, MediaError, MediaLimits, hash_media_item, load_image, to_rgb
+from omni.multimodal.chat import (
+    ChatText,
+    MediaKind,
+    load_tokenizer_with_template,
+    render_chat,
+)
+from omni.multimodal.hashing import image_item_hash, plain_settings
 from omni.multimodal.mrope import ImageSpan, mrope_positions
-from omni.multimodal.prompt import MultiModalPrompt, expand_placeholders
+from omni.multimodal.prompt import EncoderItem, MultiModalPrompt, expand_placeholders
+from omni.stages.contracts import vision
 from omni.stages.llm.mm_inputs import MultiModalInputs
 
 IMAGE_PAD = "<|image_pad|>"
@@ -52,7 +64,12 @@ VIDEO_PAD = "<|video_pad|>"
 # Qwen's smart_resize rejects aspect ratios beyond this; checked up front for a clear error.
 MAX_ASPECT_RATIO = 200
 DEFAULT_MAX_IMAGES = 16
-IMAGE_ITEMS = MediaKind("image", Image.Image, "a decoded PIL image")
+# The server checked an encoded image's bytes and header already; what decodes here is bounded
+# by that, and PIL's own decompression-bomb guard still applies.
+_NO_LIMITS = MediaLimits(max_image_bytes=2**62, max_image_pixels=2**62)
+IMAGE_ITEMS = MediaKind(
+    "image", (Image.Image, EncodedImage), "a decoded PIL image or an EncodedImage"
+)
 
 
 @dataclass(frozen=True)
@@ -64,11 +81,36 @@ class ProcessedImage:
     grid_thw: tuple[int, int, int]
     item_hash: str
     make_pixels: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    # What the vision stage is sent to make the embeddings: the client's file, or the pixels.
+    source: EncodedImage | Image.Image | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def pixel_values(self) -> torch.Tensor:
         """float32 [grid_t * grid_h * grid_w, C * T * P * P]"""
         return self.make_pixels()
+
+    def encoder_item(self, name: str) -> EncoderItem:
+        """The vision stage's request for this image: its file as sent, or its RGB pixels."""
+        t, h, w = self.grid_thw
+        if isinstance(self.source, EncodedImage):
+            data = torch.frombuffer(bytearray(self.source.data), dtype=torch.uint8)
+            request = vision.EncodeImage(
+                item=self.source.name,
+                source="encoded",
+                width=self.source.width,
+                height=self.source.height,
+                grid_thw=[t, h, w],
+            )
+        elif self.source is not None:
+            rgb = to_rgb(self.source)
+            data = torch.from_numpy(np.asarray(rgb).copy())
+            width, height = rgb.size
+            request = vision.EncodeImage(
+                item=name, source="rgb", width=width, height=height, grid_thw=[t, h, w]
+            )
+        else:
+            raise ValueError(f"{name} has no source image to send to the vision stage")
+        return EncoderItem(vision.ROLE, vision.CONTRACT.encode(request), {vision.IMAGE: data})
 
 
 @dataclass(frozen=True)
@@ -105,7 +147,16 @@ class Qwen2VLPrompt(MultiModalPrompt):
 
     def encoder_request(self, item_indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         pixel_values, grid_thw = self.encoder_inputs(item_indices)
-        return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
+        return {vision.PIXEL_VALUES: pixel_values, vision.IMAGE_GRID_THW: grid_thw}
+
+    def encoder_items(self) -> list[EncoderItem]:
+        return [image.encoder_item(f"image {i}") for i, image in enumerate(self.images)]
+
+    def mrope_tensor(self) -> torch.Tensor | None:
+        return self.mrope_positions
+
+    def mrope_delta(self) -> int:
+        return self.mrope_position_delta
 
     def to_multimodal_inputs(self, embeddings: Sequence[torch.Tensor | None]) -> MultiModalInputs:
         """The LLM engine's `mm=` argument: per image its embeddings (None for an item the
@@ -140,22 +191,19 @@ class Qwen2VLImageItems:
         self.merge_size = int(image_processor.merge_size)
         # Everything in the image processor's settings shapes the pixels the tower sees.
         self.processor_settings: Mapping[str, Any] = image_processor.to_dict()
+        self._plain_settings = plain_settings(self.processor_settings)
 
-    def process(self, index: int, image: Image.Image) -> ProcessedImage:
+    def process(self, index: int, image: Image.Image | EncodedImage) -> ProcessedImage:
         """Image `index` of a request: checked, hashed, its grid known, pixels on demand."""
+        if isinstance(image, EncodedImage):
+            return self._process_encoded(index, image)
         width, height = image.size
-        if width < 1 or height < 1:
-            raise ValueError(f"image {index} is {width}x{height} pixels; it is empty")
-        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            raise ValueError(
-                f"image {index} is {width}x{height} pixels; the aspect ratio limit is "
-                f"{MAX_ASPECT_RATIO}"
-            )
+        self._check_size(index, width, height)
         item_hash = image_item_hash(image, self.processor_settings)
         grid = self._grid_of(width, height)
         if grid is None:
             pixels, grid = self._pixels_and_grid(image)
-            return ProcessedImage(grid, item_hash, lambda: pixels)
+            return ProcessedImage(grid, item_hash, lambda: pixels, image)
         expected = grid
 
         def make_pixels() -> torch.Tensor:
@@ -167,7 +215,40 @@ class Qwen2VLImageItems:
                 )
             return pixels
 
-        return ProcessedImage(grid, item_hash, make_pixels)
+        return ProcessedImage(grid, item_hash, make_pixels, image)
+
+    def _process_encoded(self, index: int, image: EncodedImage) -> ProcessedImage:
+        """An image left encoded: hashed by its bytes, its grid from its header's size."""
+        self._check_size(index, image.width, image.height)
+        grid = self._grid_of(image.width, image.height)
+        if grid is None:
+            # Processor settings whose grid we cannot predict: decode it here after all.
+            try:
+                decoded = load_image(image.data, name=image.name, limits=_NO_LIMITS)
+            except MediaError as exc:
+                raise ValueError(str(exc)) from None
+            return self.process(index, decoded)
+        data = np.frombuffer(image.data, dtype=np.uint8)
+        item_hash = hash_media_item("encoded-image", "", data, self._plain_settings)
+
+        def make_pixels() -> torch.Tensor:
+            try:
+                decoded = load_image(image.data, name=image.name, limits=_NO_LIMITS)
+            except MediaError as exc:
+                raise ValueError(str(exc)) from None
+            pixels, _ = self._pixels_and_grid(decoded)
+            return pixels
+
+        return ProcessedImage(grid, item_hash, make_pixels, image)
+
+    def _check_size(self, index: int, width: int, height: int) -> None:
+        if width < 1 or height < 1:
+            raise ValueError(f"image {index} is {width}x{height} pixels; it is empty")
+        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            raise ValueError(
+                f"image {index} is {width}x{height} pixels; the aspect ratio limit is "
+                f"{MAX_ASPECT_RATIO}"
+            )
 
     def _pixels_and_grid(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         out = self.image_processor(images=[image], return_tensors="pt")
@@ -251,14 +332,16 @@ class Qwen2VLPromptProcessor:
         if messages is not None:
             if images:
                 raise ValueError("with messages, images go inside the message content")
-            prompt, images = render_chat(
+            chat, images = render_chat(
                 self.tokenizer, messages, self.MEDIA, add_generation_prompt
             )
-        assert prompt is not None
-        self._check_prompt(prompt, images)
+        else:
+            assert prompt is not None
+            chat = ChatText(prompt)
+        self._check_prompt(chat.text, images)
 
         processed = [self.items.process(index, image) for index, image in enumerate(images)]
-        text_ids = list(self.tokenizer(prompt)["input_ids"])
+        text_ids = chat.encode(self.tokenizer)
         token_ids, placeholders, spans = self._expand_image_pads(text_ids, processed)
         if self.max_prompt_tokens is not None and len(token_ids) > self.max_prompt_tokens:
             raise ValueError(

@@ -1,94 +1,70 @@
-"""Routing one multi-modal request through the stages: probe, encode what is missing, generate.
+"""The LLM stage's request for one prompt, media items included: one request, one hop.
 
-1. Ask the LLM stage how many prompt tokens its prefix cache holds for this prompt and these
-   item hashes (a probe touches nothing).
-2. Send only the items whose placeholders end past that hit, and that the encoder-output
-   cache (when one is given) does not hold, to a replica of the prompt's encoder role
-   (`vision` for Qwen2-VL images, `audio` for Qwen2-Audio clips); see `encoding.py`.
-3. Send the prompt, the embeddings (None for the skipped items) and, for M-RoPE models, the
-   rotary positions to the LLM stage, and return its reply stream.
+Each media item travels as its placeholder run and content hash, plus its request to its
+encoder stage (an image's file as the client sent it; a clip's features). The LLM stage looks
+at its own prefix cache and encoder-output cache at admission and sends on to an encoder only
+the items it lacks; the embeddings then go from the encoder to the LLM stage, never through
+the API process.
 
-With several LLM replicas the probe and the request may land on different replicas; then a
-skipped item whose prefix the second replica lacks fails with a clear error (the engine checks
-at admission) rather than producing wrong output.
+    tensors, body = llm_request(prompt.prompt_token_ids, sampling, prompt)
+    stream = router.submit(llm.ROLE, tensors, body)
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 
-from omni.cache.encoder_cache import EncoderCache
-from omni.multimodal.encoding import complete_encoding, plan_encoding
 from omni.multimodal.prompt import MultiModalPrompt
-from omni.stages.llm.wire import encode_llm_request
+from omni.stages.contracts import llm
+from omni.stages.contracts.sampling import SamplingParams
 from omni.supervision.router import StageRouter
-from omni.supervision.streams import AsyncReplyStream, ReplyStream
+from omni.supervision.streams import ReplyStream
 
 
-def probe_request(
-    prompt: MultiModalPrompt, sampling: Mapping[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    no_embeddings: list[torch.Tensor | None] = [None] * len(prompt.placeholders)
-    return encode_llm_request(
-        prompt.prompt_token_ids, sampling, prompt.to_multimodal_inputs(no_embeddings), probe=True
+def llm_request(
+    prompt_token_ids: list[int],
+    sampling: SamplingParams,
+    mm_prompt: MultiModalPrompt | None = None,
+    cache_salt: str | None = None,
+) -> tuple[dict[str, torch.Tensor], bytes]:
+    """(tensors, body) of the LLM stage's `GenerateRequest`."""
+    tensors: dict[str, torch.Tensor] = {}
+    items: list[llm.MediaItem] = []
+    if mm_prompt is not None:
+        for index, (placeholder, encoder) in enumerate(
+            zip(mm_prompt.placeholders, mm_prompt.encoder_items(), strict=True)
+        ):
+            items.append(
+                llm.MediaItem(
+                    item_hash=placeholder.item_hash,
+                    offset=placeholder.offset,
+                    length=placeholder.length,
+                    encoder_role=encoder.role,
+                    encoder_body=encoder.body,
+                )
+            )
+            for name, tensor in encoder.tensors.items():
+                tensors[llm.item_tensor(index, name)] = tensor
+        mrope = mm_prompt.mrope_tensor()
+        if mrope is not None:
+            tensors[llm.MROPE_POSITIONS] = mrope
+    request = llm.GenerateRequest(
+        prompt_token_ids=prompt_token_ids,
+        sampling=sampling,
+        cache_salt=cache_salt,
+        mm_items=items,
+        mrope_position_delta=0 if mm_prompt is None else mm_prompt.mrope_delta(),
     )
+    return tensors, llm.CONTRACT.encode(request)
 
 
 def submit_mm_request(
     router: StageRouter,
     prompt: MultiModalPrompt,
-    sampling: Mapping[str, Any],
+    sampling: SamplingParams,
     *,
-    encoder_cache: EncoderCache | None = None,
-    timeout: float = 60.0,
     request_id: str | None = None,
 ) -> ReplyStream:
-    [probe] = router.submit("llm", *probe_request(prompt, sampling)).result(timeout=timeout)
-    plan = plan_encoding(prompt, int(probe.data["cached_tokens"]), encoder_cache)
-    encoded = None
-    if plan.to_encode:
-        inputs = prompt.encoder_request(plan.to_encode)
-        [reply] = router.submit(prompt.ENCODER_ROLE, inputs).result(timeout=timeout)
-        encoded = reply.tensors["embeddings"]
-    embeddings = complete_encoding(prompt, plan, encoded, encoder_cache)
-    tensors, params = generation_request(prompt, sampling, embeddings)
-    return router.submit("llm", tensors, params, request_id=request_id)
-
-
-async def submit_mm_request_async(
-    router: StageRouter,
-    prompt: MultiModalPrompt,
-    sampling: Mapping[str, Any],
-    *,
-    encoder_cache: EncoderCache | None = None,
-    timeout: float = 60.0,
-) -> AsyncReplyStream:
-    """`submit_mm_request` for asyncio callers (the HTTP server)."""
-    probe_stream = router.submit_async("llm", *probe_request(prompt, sampling))
-    [probe] = await probe_stream.result(timeout=timeout)
-    plan = plan_encoding(prompt, int(probe.data["cached_tokens"]), encoder_cache)
-    encoded = None
-    if plan.to_encode:
-        # Pixels and features are made here, for the items that need them (image resizing and
-        # normalising is milliseconds of CPU each): off the event loop, which serves everyone.
-        inputs = await asyncio.to_thread(prompt.encoder_request, plan.to_encode)
-        [reply] = await router.submit_async(prompt.ENCODER_ROLE, inputs).result(timeout=timeout)
-        encoded = reply.tensors["embeddings"]
-    embeddings = complete_encoding(prompt, plan, encoded, encoder_cache)
-    tensors, params = generation_request(prompt, sampling, embeddings)
-    return router.submit_async("llm", tensors, params)
-
-
-def generation_request(
-    prompt: MultiModalPrompt,
-    sampling: Mapping[str, Any],
-    embeddings: list[torch.Tensor | None],
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The LLM request with each item's embeddings (None for prefix-cached items)."""
-    return encode_llm_request(
-        prompt.prompt_token_ids, sampling, prompt.to_multimodal_inputs(embeddings)
-    )
+    """Send one multi-modal prompt to the LLM stage (threads' callers: tests, benchmarks)."""
+    tensors, body = llm_request(prompt.prompt_token_ids, sampling, prompt)
+    return router.submit(llm.ROLE, tensors, body, request_id=request_id)

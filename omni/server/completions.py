@@ -29,7 +29,7 @@ class ClientGone(Exception):
 async def chat_completion(
     orch: Orchestrator, request: ChatCompletionRequest, http: Request
 ) -> Response:
-    prompt_ids, mm_prompt = orch.prompt_for_chat_with_media(request.messages)
+    prompt_ids, mm_prompt = await orch.prompt_for_chat_async(request.messages)
     if request.top_logprobs:
         raise APIError(400, "top_logprobs > 0 is not supported yet", param="top_logprobs")
     if request.logprobs and request.stream:

@@ -97,7 +97,7 @@ class ServeConfig:
     speech: bool = True
     speech_model: str | None = None
     speech_replicas: int = 1
-    # Encoder outputs the API process keeps by content hash, so an image or clip seen before
+    # Encoder outputs each LLM replica keeps by content hash, so an image or clip seen before
     # (after different text, where the prefix cache cannot help) skips the encoder; 0: none.
     encoder_cache_mib: int = 512
     # Remote media: http(s) image URLs only from these host names (none by default: the
@@ -115,15 +115,31 @@ class ServeConfig:
     pdf_text: bool = PdfSettings.text
     pdf_workers: int = PdfSettings.workers
     pdf_worker_memory_mib: int = PdfSettings.worker_memory_mib
+    # API processes sharing the port (as vLLM's --api-server-count): each parses, templates and
+    # tokenizes its own requests and has its own router, which every stage replica joins.
+    api_server_count: int = 1
+    # Set by `omni serve` for the API processes it starts beside itself (not flags to use):
+    # which one this is, and the folder of the routers' ipc endpoints.
+    api_server_rank: int = 0
+    api_server_dir: str | None = None
     # POST /v1/uploads/chat (multipart): files make bodies larger than JSON requests.
     max_upload_bytes: int = 64 * 1024 * 1024
     max_upload_files: int = 8
 
     def __post_init__(self) -> None:
         self.pdf_settings()  # raises ValueError naming a bad PDF setting
-        for name in ("max_upload_bytes", "max_upload_files"):
+        for name in ("max_upload_bytes", "max_upload_files", "api_server_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} is {getattr(self, name)}; it must be >= 1")
+        if self.api_server_count > 1 and self.single_process:
+            raise ValueError("api_server_count > 1 needs stage processes, not single_process")
+        if not 0 <= self.api_server_rank < self.api_server_count:
+            raise ValueError(
+                f"api_server_rank is {self.api_server_rank}; it must be in "
+                f"[0, {self.api_server_count})"
+            )
+        if self.api_server_count > 1 and self.api_server_dir is None:
+            raise ValueError("api_server_count > 1 needs api_server_dir (omni serve sets it)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port is {self.port}; it must be in [0, 65535]")
         for name in REPLICA_FIELDS:
@@ -191,7 +207,18 @@ class ServeConfig:
             options["max_model_len"] = str(self.max_model_len)
         if self.max_num_seqs is not None:
             options["max_num_seqs"] = str(self.max_num_seqs)
+        # The LLM stage keeps the encoder outputs it fetched (the media items' embeddings).
+        options.setdefault("encoder_cache_mib", str(self.encoder_cache_mib))
         return options
+
+    def router_endpoints(self) -> list[str]:
+        """Each API process's router endpoint (ipc, in api_server_dir), rank order."""
+        if self.api_server_dir is None:
+            raise ValueError("router endpoints need api_server_dir")
+        return [
+            f"ipc://{self.api_server_dir}/router-{rank}.sock"
+            for rank in range(self.api_server_count)
+        ]
 
     @property
     def llm_capacity(self) -> int:

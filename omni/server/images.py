@@ -8,9 +8,10 @@ Served when `omni serve` is given `--image-model`. The request takes OpenAI's fi
 and ignored. omni's extras: `steps`, `guidance_scale`, `negative_prompt` and `seed` (image k
 of the request is drawn with `seed + k`; each returned image carries its seed).
 
-Parameters are checked here with the stage's own `ImageParams.check`, so a bad field gets a 400
-naming it before any stage work; what only the model knows (a pipeline that takes no negative
-prompt, Flux's multiple of 16) comes back from the stage as a 400 as well.
+Parameters are checked here with the contract's `ImageParams.check` (the stage runs it too),
+so a bad field gets a 400 naming it before any stage work; what only the model knows (a
+pipeline that takes no negative prompt, Flux's multiple of 16) comes back from the stage as a
+400 as well.
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ from fastapi import FastAPI, Request
 
 from omni.server.app import AppSettings, parse_body
 from omni.server.protocol import APIError, _OpenAIModel, model_not_found
-from omni.stages.generators.image import GENERATION_FAILED, IMAGE_ROLE
-from omni.stages.generators.image_params import ImageLimits, ImageParamError, ImageParams
+from omni.stages.contracts.image import (
+    CONTRACT,
+    GENERATION_FAILED,
+    ROLE,
+    ImageLimits,
+    ImageParamError,
+    ImageParams,
+    image_tensor,
+)
 from omni.supervision.router import StageRouter
 from omni.supervision.streams import (
     NoReplicaError,
@@ -118,7 +126,7 @@ class ImageService:
     async def generate(self, request: ImageGenerationRequest) -> dict[str, Any]:
         params = self.image_params(request)
         try:
-            stream = self.router.submit_async(IMAGE_ROLE, params=params.to_wire())
+            stream = self.router.submit_async(ROLE, body=CONTRACT.encode(params))
         except NoReplicaError as exc:
             raise APIError(503, str(exc), "service_unavailable") from None
         try:
@@ -128,21 +136,21 @@ class ImageService:
         finally:
             if not stream.done:  # the client left mid-request: free the stage's slot
                 stream.abort()
-        data = reply.data
+        drawn = CONTRACT.decode_reply(reply.body)
         images = [
             {
                 "b64_json": base64.b64encode(
-                    reply.tensors[f"image_{k}"].numpy().tobytes()
+                    reply.tensors[image_tensor(k)].numpy().tobytes()
                 ).decode(),
                 "seed": seed,
             }
-            for k, seed in enumerate(data["seeds"])
+            for k, seed in enumerate(drawn.seeds)
         ]
         return {
             "created": int(time.time()),
             "data": images,
-            "output_format": data["format"],
-            "size": f"{data['width']}x{data['height']}",
+            "output_format": drawn.format,
+            "size": f"{drawn.width}x{drawn.height}",
         }
 
 

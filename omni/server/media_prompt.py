@@ -20,7 +20,7 @@ from omni.media import (
     decode_base64,
     decode_data_url,
     load_audio,
-    load_image,
+    probe_image,
 )
 from omni.media.fetch import MediaFetchPolicy, fetch_media_url, is_data_url
 from omni.multimodal.prompt import MultiModalPrompt
@@ -175,13 +175,14 @@ class MediaPrompts:
         return kind
 
     def _image(self, part: TextContentPart, name: str) -> Any:
+        """The image's bytes with its header checked; the vision stage decodes it."""
         assert part.image_url is not None
         data = part.image_url._fetched
         if data is None:
             if not is_data_url(part.image_url.url):
                 raise MediaError(f"{name} is an image URL that was not fetched", item=name)
             _, data = decode_data_url(part.image_url.url, name=name, limits=self.media_limits)
-        return load_image(data, name=name, limits=self.media_limits)
+        return probe_image(data, name=name, limits=self.media_limits)
 
     def _audio(self, part: TextContentPart, name: str) -> Any:
         """Mono float32 samples at the model's rate; a clip longer than the model's window is

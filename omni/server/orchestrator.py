@@ -1,31 +1,36 @@
-"""Routes one request through the stages it needs and streams its tokens back.
+"""Routes one request to the LLM stage and streams its tokens back.
 
-Text requests need one stage: the chat template and the tokenizer run here, in the API
-process, and the LLM stage gets token ids. Media parts (`image_url` and `file` for Qwen2-VL
-models, `input_audio` for Qwen2-Audio models) are made ready by `media_prompt.MediaPrompts`
-and add an encoder hop before the LLM one.
+The chat template and the tokenizer run here, in the API process, and the LLM stage gets
+token ids. Media parts (`image_url` and `file` for Qwen2-VL models, `input_audio` for
+Qwen2-Audio models) are made ready by `media_prompt.MediaPrompts` (headers checked and content
+hashed; images are not decoded here) and travel inside that one LLM request: the LLM stage asks
+an encoder stage for the items its caches lack. Requests with the same first item prefer the
+same LLM replica (rendezvous hashing over the live replicas, the same choice in every API
+process), so its prefix and encoder-output caches serve the repeats, while that replica is not
+much busier than the others.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from omni.cache.encoder_cache import EncoderCache
 from omni.media import MediaLimits
 from omni.media.fetch import MediaFetchPolicy
 from omni.media.pdf import PdfRenderer
 from omni.multimodal.prompt import MultiModalPrompt
-from omni.multimodal.requests import submit_mm_request_async
+from omni.multimodal.requests import llm_request
 from omni.server.documents import Documents
 from omni.server.media_prompt import MediaPrompts, has_media_parts
 from omni.server.metrics import ServerMetrics
 from omni.server.protocol import APIError, ChatMessage, usage
-from omni.stages.llm.sampling_params import SamplingParams
-from omni.stages.llm.wire import encode_llm_request
+from omni.stages.contracts import llm
+from omni.stages.contracts.sampling import SamplingParams
+from omni.supervision.replicas import rendezvous
 from omni.supervision.router import StageRouter
 from omni.supervision.streams import (
     NoReplicaError,
@@ -34,9 +39,7 @@ from omni.supervision.streams import (
     StageRequestError,
 )
 
-LLM_ROLE = "llm"
-VISION_ROLE = "vision"
-AUDIO_ROLE = "audio"
+LLM_ROLE = llm.ROLE
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,6 @@ class Orchestrator:
         metrics: ServerMetrics,
         mm_processor: Any = None,
         media_limits: MediaLimits | None = None,
-        encoder_cache: EncoderCache | None = None,
         fetch_policy: MediaFetchPolicy | None = None,
         documents: Documents | None = None,
     ) -> None:
@@ -80,9 +82,6 @@ class Orchestrator:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.metrics = metrics
-        # Encoder outputs by item hash: an image or clip seen before after different text
-        # (no prefix hit) skips the encoder hop.
-        self.encoder_cache = encoder_cache
         self.media = MediaPrompts(
             model_name, documents or Documents(PdfRenderer()), mm_processor, media_limits,
             fetch_policy,
@@ -116,6 +115,16 @@ class Orchestrator:
             return self.prompt_for_chat(messages), None
         prompt = self.media.prepare(messages)
         return prompt.prompt_token_ids, prompt
+
+    async def prompt_for_chat_async(
+        self, messages: Sequence[ChatMessage]
+    ) -> tuple[list[int], MultiModalPrompt | None]:
+        """`prompt_for_chat_with_media` off the event loop when there are media parts (hashing
+        files, decoding audio, making features); a text chat stays on it (a thread hop would
+        cost more than its tokenization)."""
+        if not any(has_media_parts(m) for m in messages):
+            return self.prompt_for_chat(messages), None
+        return await asyncio.to_thread(self.prompt_for_chat_with_media, messages)
 
     def prompt_for_completion(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -169,25 +178,16 @@ class Orchestrator:
     ) -> AsyncIterator[TokenDelta]:
         """Stream the LLM stage's replies. Closing the iterator early (a client that left)
         aborts the request, which frees its KV blocks in the stage."""
-        sampling = {
-            f.name: getattr(params, f.name)
-            for f in dataclasses.fields(params)
-            if getattr(params, f.name) != f.default
-        }
         started = time.monotonic()
+        tensors, body = llm_request(prompt_token_ids, params, mm_prompt)
+        prefer = None
+        if mm_prompt is not None and mm_prompt.placeholders:
+            replicas = self.router.replica_ids(LLM_ROLE)
+            prefer = rendezvous(mm_prompt.placeholders[0].item_hash, replicas)
         try:
-            if mm_prompt is not None:
-                # Probe the prefix cache, encode only the uncached items, then generate.
-                stream = await submit_mm_request_async(
-                    self.router, mm_prompt, sampling, encoder_cache=self.encoder_cache
-                )
-            else:
-                stream = self.router.submit_async(
-                    LLM_ROLE, *encode_llm_request(prompt_token_ids, sampling)
-                )
+            stream = self.router.submit_async(LLM_ROLE, tensors, body, prefer=prefer)
         except StageFailure as exc:
-            # No replica, or the probe or encoder hop failed (its replica died): the request
-            # fails with the router's words, naming the replica and the cause.
+            # No replica had room: the router's words, naming the cause.
             raise _api_error(exc) from None
         finish_reason = "abort"
         completion_tokens = 0
@@ -195,8 +195,8 @@ class Orchestrator:
         self.metrics.requests_running.inc()
         try:
             async for reply in stream:
-                data = reply.data
-                delta_ids = list(data.get("token_ids_delta", []))
+                update = llm.CONTRACT.decode_reply(reply.body)
+                delta_ids = update.token_ids_delta
                 now = time.monotonic()
                 if completion_tokens == 0 and delta_ids:
                     self.metrics.time_to_first_token.observe(now - started)
@@ -207,23 +207,23 @@ class Orchestrator:
                         )
                 if delta_ids:
                     last_reply_at = now
-                if "queue_time_s" in data:
-                    self.metrics.queue_time.observe(float(data["queue_time_s"]))
+                if update.queue_time_s is not None:
+                    self.metrics.queue_time.observe(update.queue_time_s)
                 completion_tokens += len(delta_ids)
                 self.metrics.generation_tokens.inc(len(delta_ids))
-                delta = TokenDelta(text=data.get("text_delta", ""), token_ids=delta_ids)
+                delta = TokenDelta(text=update.text_delta, token_ids=delta_ids)
                 if reply.finished:
-                    finish_reason = data.get("finish_reason") or "stop"
-                    prompt_tokens = int(data.get("prompt_tokens", len(prompt_token_ids)))
+                    finish_reason = update.finish_reason or "stop"
+                    prompt_tokens = update.prompt_tokens or len(prompt_token_ids)
                     self.metrics.prompt_tokens.inc(prompt_tokens)
                     self.metrics.e2e_latency.observe(time.monotonic() - started)
                     delta = dataclasses.replace(
                         delta,
-                        logprobs=data.get("logprobs"),
+                        logprobs=update.logprobs,
                         finish_reason=finish_reason,
                         prompt_tokens=prompt_tokens,
-                        completion_tokens=int(data.get("completion_tokens", completion_tokens)),
-                        cached_tokens=int(data.get("cached_tokens", 0)),
+                        completion_tokens=update.completion_tokens or completion_tokens,
+                        cached_tokens=update.cached_tokens,
                     )
                 yield delta
         except StageFailure as exc:
@@ -235,6 +235,7 @@ class Orchestrator:
                 stream.abort()
             self.metrics.requests_running.dec()
             self.metrics.requests_finished.labels(finish_reason=finish_reason).inc()
+
 
 
 def _api_error(exc: StageFailure) -> APIError:

@@ -4,6 +4,8 @@ Two ways to run the stages, one code path for requests:
 
 * stage processes (the default): a `StageSupervisor` starts each LLM replica as
   `omni stage llm --connect ipc://...`, restarts it if it dies, and the router routes to it;
+  with several API processes (`api_server_count`), the first one supervises the stages and
+  each replica joins every API process's router, while the others start no stages;
 * `single_process`: each replica's `StageRuntime` runs on threads of this process and connects
   over `inproc://` (no shared memory, no child processes; tests and demos).
 """
@@ -17,19 +19,18 @@ import time
 import uuid
 from typing import Any
 
-from omni.cache.encoder_cache import EncoderCache
 from omni.media.fetch import MediaFetchPolicy
 from omni.media.pdf import PdfRenderer
 from omni.server.config import ServeConfig
 from omni.server.documents import Documents
 from omni.server.images import ImageService
 from omni.server.metrics import ServerMetrics
-from omni.server.orchestrator import AUDIO_ROLE, LLM_ROLE, VISION_ROLE, Orchestrator
+from omni.server.orchestrator import LLM_ROLE, Orchestrator
 from omni.server.speech_service import SpeechService, speech_stage_model
 from omni.server.stage_metrics import StageCollector
-from omni.stages.generators.image import IMAGE_ROLE
-from omni.stages.generators.speech import SPEECH_ROLE
-from omni.stages.llm.worker import engine_config
+from omni.stages.contracts import audio, vision
+from omni.stages.contracts.image import ROLE as IMAGE_ROLE
+from omni.stages.contracts.speech import ROLE as SPEECH_ROLE
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, create_worker
 from omni.supervision.router import RouterConfig, StageRouter
 from omni.supervision.supervisor import StageSpec, StageSupervisor
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 def served_model(config: ServeConfig) -> tuple[str, str]:
     """(local model folder, name clients use) for the configured model."""
-    from omni.stages.llm.models.loader import resolve_model_path
+    from omni.stages.checkpoint import resolve_model_path
 
     if config.model is None:
         from omni.default_model import DEFAULT_MODEL_NAME, default_model_path
@@ -87,15 +88,8 @@ class Pipeline:
 
         config = self.config
         model_path, model_name = served_model(config)
-        # Options, tokenizer and context length first: a bad option or model fails here, with
-        # one clear error, rather than as a stage process that dies on every restart.
-        engine_config(
-            WorkerOptions(
-                model=model_path,
-                device=config.stage_devices(LLM_ROLE)[0],
-                extra=config.llm_options(),
-            )
-        )
+        # Tokenizer and context length first: a bad model fails here with one clear error.
+        # (A bad LLM option makes its stage exit as misconfigured, which fails the start.)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         max_model_len = context_length(model_path, config.max_model_len)
         mm = media_prompt_processor(model_path)
@@ -112,7 +106,7 @@ class Pipeline:
             router = self._start_router()
             if config.single_process:
                 self._start_in_process(router, model_path, roles)
-            else:
+            elif config.api_server_rank == 0:
                 self._start_processes(router, model_path, roles)
             for role, count in roles:
                 self._wait_for_replicas(router, role, count)
@@ -120,14 +114,11 @@ class Pipeline:
             self.close()
             raise
         supervisor = self.supervisor
-        encoder_cache = None
-        if mm is not None and config.encoder_cache_mib > 0:
-            encoder_cache = EncoderCache(config.encoder_cache_mib * 1024 * 1024)
 
         def restarts() -> int:
             return supervisor.restarts if supervisor is not None else 0
 
-        metrics = ServerMetrics([StageCollector(router, restarts, encoder_cache)])
+        metrics = ServerMetrics([StageCollector(router, restarts)])
         self._orchestrator = Orchestrator(
             router,
             tokenizer,
@@ -135,7 +126,6 @@ class Pipeline:
             max_model_len,
             metrics,
             mm_processor=None if mm is None else mm[0],
-            encoder_cache=encoder_cache,
             fetch_policy=MediaFetchPolicy(
                 allowed_domains=frozenset(config.allowed_media_domains),
                 allowed_local_path=config.allowed_local_media_path,
@@ -201,6 +191,9 @@ class Pipeline:
     def _start_router(self) -> StageRouter:
         if self.config.single_process:
             endpoint = f"inproc://omni-serve-{uuid.uuid4().hex}"
+        elif self.config.api_server_dir is not None:
+            # One of several API processes: `omni serve` made (and removes) the folder.
+            endpoint = self.config.router_endpoints()[self.config.api_server_rank]
         else:
             # ipc paths are limited to ~100 bytes: a short folder of our own under /tmp.
             self._ipc_dir = tempfile.mkdtemp(prefix="omni-", dir="/tmp")
@@ -250,6 +243,9 @@ class Pipeline:
         specs = []
         for role, count in roles:
             extra: list[str] = []
+            if config.api_server_count > 1:
+                for endpoint in config.router_endpoints()[1:]:
+                    extra += ["--also-connect", endpoint]
             if role == LLM_ROLE:
                 for key, value in config.llm_options().items():
                     extra += ["--option", f"{key}={value}"]
@@ -275,9 +271,9 @@ def media_prompt_processor(model_path: str) -> tuple[Any, str] | None:
     if getattr(config, "vision_config", None) is not None:
         from omni.multimodal import Qwen2VLPromptProcessor
 
-        return Qwen2VLPromptProcessor.from_pretrained(model_path), VISION_ROLE
+        return Qwen2VLPromptProcessor.from_pretrained(model_path), vision.ROLE
     if config.model_type == "qwen2_audio":
         from omni.multimodal.qwen2_audio import Qwen2AudioPromptProcessor
 
-        return Qwen2AudioPromptProcessor.from_pretrained(model_path), AUDIO_ROLE
+        return Qwen2AudioPromptProcessor.from_pretrained(model_path), audio.ROLE
     return None

@@ -14,9 +14,9 @@ formats are whole files whose headers hold the length, sent once the last senten
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator
 
+import msgspec
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
@@ -25,8 +25,7 @@ from omni.server.app import AppSettings, parse_body
 from omni.server.protocol import APIError, _OpenAIModel
 from omni.server.speech_service import SpeechService
 from omni.speech.audio_format import MEDIA_TYPES, SUPPORTED_FORMATS, pcm16_bytes
-from omni.speech.speech_params import SpeechParams
-from omni.stages.generators.speech import ENCODED_OUTPUT
+from omni.stages.contracts.speech import ENCODED_OUTPUT, SpeechParams
 from omni.supervision.streams import Reply
 
 # OpenAI's default response_format, where this build can write it.
@@ -75,7 +74,7 @@ async def speak(service: SpeechService, request: SpeechRequest) -> Response:
     if request.response_format == "pcm":
         # Samples only (no file at the end); the first sentence is awaited before the
         # response starts, so a refusal (unknown voice) is still a 4xx.
-        chunks = service.samples(dataclasses.replace(params, response_format=None))
+        chunks = service.samples(msgspec.structs.replace(params, response_format=None))
         try:
             first, _ = await chunks.__anext__()
         except BaseException:

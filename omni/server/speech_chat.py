@@ -106,7 +106,7 @@ async def chat_completion_with_audio(
         if exc.param == "voice":
             exc.param = "audio.voice"
         raise
-    prompt_ids, mm_prompt = orch.prompt_for_chat_with_media(request.messages)
+    prompt_ids, mm_prompt = await orch.prompt_for_chat_async(request.messages)
     params = orch.sampling_params(
         len(prompt_ids),
         max_tokens=request.max_completion_tokens or request.max_tokens,

@@ -10,14 +10,20 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from omni.server.protocol import APIError, model_not_found
+from omni.speech.audio_format import SUPPORTED_FORMATS
 from omni.speech.espeak import ESPEAK_NAME
-from omni.speech.speech_params import SpeechParamError, SpeechParams
-from omni.stages.generators.speech import AUDIO_OUTPUT, SPEECH_ROLE
+from omni.stages.contracts.speech import (
+    AUDIO_OUTPUT,
+    CONTRACT,
+    ROLE,
+    SpeechParamError,
+    SpeechParams,
+)
 from omni.supervision.router import StageRouter
 from omni.supervision.streams import (
     NoReplicaError,
@@ -36,7 +42,8 @@ logger = logging.getLogger(__name__)
 HTTP_SAMPLE_RATE = 24_000
 # OpenAI's speech model names: OpenAI clients send them, and they mean "the voice model".
 OPENAI_TTS_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
-_PARAMS = ("input", "voice", "response_format", "speed", "seed", "sample_rate")
+# The fields a refusal may start with (and so name as OpenAI's `param`).
+_PARAMS = SpeechParams.__struct_fields__
 
 
 def speech_stage_model(config: ServeConfig) -> str | None:
@@ -73,25 +80,40 @@ class SpeechService:
             "mean it too)",
         )
 
-    def params(self, **fields: Any) -> SpeechParams:
+    def params(
+        self,
+        input: str,
+        voice: str | None = None,
+        response_format: str | None = None,
+        speed: float = 1.0,
+        seed: int = 0,
+    ) -> SpeechParams:
         """Checked settings at HTTP's 24 kHz; APIError(400) naming the field otherwise."""
+        params = SpeechParams(
+            input=input,
+            voice=voice,
+            response_format=response_format,
+            speed=speed,
+            seed=seed,
+            sample_rate=HTTP_SAMPLE_RATE,
+        )
         try:
-            return SpeechParams(sample_rate=HTTP_SAMPLE_RATE, **fields)
+            params.check(formats=SUPPORTED_FORMATS)
         except SpeechParamError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
+        return params
 
     async def check_voice(self, voice: str | None, speed: float = 1.0) -> None:
         """Ask the stage whether it has `voice` and can speak at `speed` (before an LLM runs,
         so a bad voice is a 400 rather than an error half way through a stream)."""
-        params = {"describe": True, "speed": speed, **({"voice": voice} if voice else {})}
-        async for _ in self.replies(params):
+        async for _ in self.replies(SpeechParams(voice=voice or None, speed=speed, describe=True)):
             pass
 
-    async def replies(self, params: dict[str, Any]) -> AsyncGenerator[Reply, None]:
+    async def replies(self, params: SpeechParams) -> AsyncGenerator[Reply, None]:
         """The stage's replies, one per sentence; stage failures as APIErrors. Closing the
         iterator early (a client that left) aborts the request in the stage."""
         try:
-            stream: AsyncReplyStream = self.router.submit_async(SPEECH_ROLE, params=params)
+            stream: AsyncReplyStream = self.router.submit_async(ROLE, body=CONTRACT.encode(params))
         except NoReplicaError as exc:
             raise APIError(503, str(exc), "service_unavailable") from None
         try:
@@ -105,7 +127,7 @@ class SpeechService:
 
     async def samples(self, params: SpeechParams) -> AsyncGenerator[tuple[np.ndarray, Reply], None]:
         """Each sentence's float32 samples at `params.sample_rate`, as the stage sends them."""
-        async for reply in self.replies(params.wire()):
+        async for reply in self.replies(params):
             yield reply.tensors[AUDIO_OUTPUT].numpy(), reply
 
 

@@ -3,10 +3,11 @@
 * the router: requests running (sent, not finished) per replica, waiting for a replica per
   stage, and sent per replica; replicas lost and requests failed;
 * the supervisor: stage restarts;
-* each replica's latest heartbeat (`StageWorker.stats`): the LLM engine's own running and
-  waiting queues, KV cache usage and prefix-cache token counters; each encoder replica's
-  queue, requests encoded and forward passes; each image replica's queue, images generated
-  and pipeline calls;
+* each replica's latest heartbeat (`StageWorker.stats`, decoded with its role's contract):
+  the LLM engine's own running, waiting and encoding queues, KV cache usage, prefix-cache token
+  counters and media items encoded or found in its encoder-output cache; each encoder
+  replica's queue, requests encoded and forward passes; each image replica's queue, images
+  generated and pipeline calls; each speech replica's requests, sentences and seconds;
 * the API process's encoder-output cache: queries, hits and bytes held.
 
 Names follow vLLM's (`vllm:num_requests_waiting` -> `omni:num_requests_waiting`,
@@ -15,87 +16,161 @@ Names follow vLLM's (`vllm:num_requests_waiting` -> `omni:num_requests_waiting`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from omni.cache.encoder_cache import EncoderCache
+from omni.stages.contracts import audio, image, llm, speech, vision
+from omni.stages.contracts.encoder import EncoderStats
+from omni.stages.contracts.image import ImageStats
+from omni.stages.contracts.llm import LLMStats
+from omni.stages.contracts.speech import SpeechStats
 from omni.supervision.replicas import ReplicaInfo
 from omni.supervision.router import StageRouter
 
-LLM_ROLE = "llm"
-# Heartbeat stat -> (metric name, help, counter?) for LLM replicas.
-_LLM_STATS = {
-    "requests_running": (
-        "omni:llm_requests_running", "Requests in the LLM engine's running batch", False
+logger = logging.getLogger(__name__)
+
+S = TypeVar("S")
+S_co = TypeVar("S_co", covariant=True)
+
+
+class _StatsDecoder(Protocol[S_co]):
+    """What is needed of a role's contract here (any `Contract` is one)."""
+
+    def decode_stats(self, body: bytes | memoryview) -> S_co: ...
+
+
+@dataclass(frozen=True)
+class _Stat(Generic[S]):
+    """One metric family read from a role's stats struct."""
+
+    name: str
+    documentation: str
+    is_counter: bool
+    value: Callable[[S], float]
+
+
+_LLM_STATS: list[_Stat[LLMStats]] = [
+    _Stat(
+        "omni:llm_requests_running", "Requests in the LLM engine's running batch", False,
+        lambda s: s.requests_running,
     ),
-    "requests_waiting": (
-        "omni:llm_requests_waiting", "Requests in the LLM engine's waiting queue", False
+    _Stat(
+        "omni:llm_requests_waiting", "Requests in the LLM engine's waiting queue", False,
+        lambda s: s.requests_waiting,
     ),
-    "kv_cache_usage": ("omni:kv_cache_usage_perc", "Fraction of KV blocks in use (0 to 1)", False),
-    "kv_blocks_used": ("omni:kv_cache_blocks_used", "KV blocks held by requests", False),
-    "prefix_cache_queries": (
-        "omni:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", True
+    _Stat(
+        "omni:llm_requests_encoding",
+        "Requests in an LLM engine waiting for their media items' embeddings", False,
+        lambda s: s.requests_encoding,
     ),
-    "prefix_cache_hits": (
-        "omni:prefix_cache_hits", "Prompt tokens served from the prefix cache", True
+    _Stat(
+        "omni:kv_cache_usage_perc", "Fraction of KV blocks in use (0 to 1)", False,
+        lambda s: s.kv_cache_usage,
     ),
-}  # fmt: skip
-# The same for encoder stage replicas (vision, audio), labelled by stage too.
-_ENCODER_STATS = {
-    "encoder_requests_queued": (
-        "omni:encoder_requests_queued", "Requests queued in an encoder stage replica", False
+    _Stat(
+        "omni:kv_cache_blocks_used", "KV blocks held by requests", False,
+        lambda s: s.kv_blocks_used,
     ),
-    "encoder_requests_encoded": (
-        "omni:encoder_requests_encoded", "Requests an encoder stage replica has encoded", True
+    _Stat(
+        "omni:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", True,
+        lambda s: s.prefix_cache_queries,
     ),
-    "encoder_forwards": (
-        "omni:encoder_forwards", "Batched forward passes of an encoder stage replica", True
+    _Stat(
+        "omni:prefix_cache_hits", "Prompt tokens served from the prefix cache", True,
+        lambda s: s.prefix_cache_hits,
     ),
-}  # fmt: skip
-# The same for image stage replicas.
-_IMAGE_STATS = {
-    "image_requests_queued": (
-        "omni:image_requests_queued", "Requests queued in an image stage replica", False
+    _Stat(
+        "omni:llm_items_encoded", "Media items an LLM engine asked an encoder stage for", True,
+        lambda s: s.items_encoded,
     ),
-    "images_generated": (
-        "omni:images_generated", "Images an image stage replica has generated", True
+    _Stat(
+        "omni:llm_items_from_encoder_cache",
+        "Media items an LLM engine found in its encoder-output cache", True,
+        lambda s: s.items_from_encoder_cache,
     ),
-    "image_pipeline_calls": (
-        "omni:image_pipeline_calls", "Batched pipeline calls of an image stage replica", True
+]  # fmt: skip
+# Encoder stage replicas (vision, audio), labelled by stage too.
+_ENCODER_STATS: list[_Stat[EncoderStats]] = [
+    _Stat(
+        "omni:encoder_requests_queued", "Requests queued in an encoder stage replica", False,
+        lambda s: s.requests_queued,
     ),
-}  # fmt: skip
-# The same for speech stage replicas.
-_SPEECH_STATS = {
-    "speech_requests_active": (
-        "omni:speech_requests_active", "Requests a speech stage replica is speaking", False
+    _Stat(
+        "omni:encoder_requests_encoded", "Requests an encoder stage replica has encoded", True,
+        lambda s: s.requests_encoded,
     ),
-    "speech_sentences": (
-        "omni:speech_sentences", "Sentences a speech stage replica has synthesized", True
+    _Stat(
+        "omni:encoder_forwards", "Batched forward passes of an encoder stage replica", True,
+        lambda s: s.forwards,
     ),
-    "speech_audio_seconds": (
-        "omni:speech_audio_seconds", "Seconds of audio a speech stage replica has made", True
+]  # fmt: skip
+_IMAGE_STATS: list[_Stat[ImageStats]] = [
+    _Stat(
+        "omni:image_requests_queued", "Requests queued in an image stage replica", False,
+        lambda s: s.requests_queued,
     ),
-    "speech_synthesis_seconds": (
+    _Stat(
+        "omni:images_generated", "Images an image stage replica has generated", True,
+        lambda s: s.images_generated,
+    ),
+    _Stat(
+        "omni:image_pipeline_calls", "Batched pipeline calls of an image stage replica", True,
+        lambda s: s.pipeline_calls,
+    ),
+]  # fmt: skip
+_SPEECH_STATS: list[_Stat[SpeechStats]] = [
+    _Stat(
+        "omni:speech_requests_active", "Requests a speech stage replica is speaking", False,
+        lambda s: s.requests_active,
+    ),
+    _Stat(
+        "omni:speech_sentences", "Sentences a speech stage replica has synthesized", True,
+        lambda s: s.sentences,
+    ),
+    _Stat(
+        "omni:speech_audio_seconds", "Seconds of audio a speech stage replica has made", True,
+        lambda s: s.audio_seconds,
+    ),
+    _Stat(
         "omni:speech_synthesis_seconds", "Seconds a speech stage replica spent synthesizing",
-        True,
+        True, lambda s: s.synthesis_seconds,
     ),
-}  # fmt: skip
+]  # fmt: skip
+
+
+def replica_stats(
+    contract: _StatsDecoder[S], replicas: Sequence[ReplicaInfo]
+) -> list[tuple[ReplicaInfo, S]]:
+    """Each replica's latest heartbeat stats in its role's contract; a replica that sent none,
+    or stats that do not decode (a stage of another version), is left out (and logged)."""
+    decoded = []
+    for replica in replicas:
+        if not replica.stats:
+            continue
+        try:
+            decoded.append((replica, contract.decode_stats(replica.stats)))
+        except ValueError as exc:
+            logger.warning("replica %s: %s", replica.replica_id, exc)
+    return decoded
 
 
 def _stat_families(
-    table: dict[str, tuple[str, str, bool]], replicas: list[ReplicaInfo], by_stage: bool
+    table: Sequence[_Stat[S]], replicas: Sequence[tuple[ReplicaInfo, S]], by_stage: bool
 ) -> Iterator[Metric]:
-    """One metric family per heartbeat stat in `table`, a sample per replica reporting it."""
+    """One metric family per stat in `table`, a sample per replica."""
     labels = ["stage", "replica"] if by_stage else ["replica"]
-    for stat, (name, documentation, is_counter) in table.items():
-        kind = CounterMetricFamily if is_counter else GaugeMetricFamily
-        family = kind(name, documentation, labels=labels)
-        for replica in replicas:
-            if stat in replica.stats:
-                values = [replica.role, replica.replica_id] if by_stage else [replica.replica_id]
-                family.add_metric(values, replica.stats[stat])
+    for stat in table:
+        kind = CounterMetricFamily if stat.is_counter else GaugeMetricFamily
+        family = kind(stat.name, stat.documentation, labels=labels)
+        for replica, stats in replicas:
+            values = [replica.role, replica.replica_id] if by_stage else [replica.replica_id]
+            family.add_metric(values, float(stat.value(stats)))
         yield family
 
 
@@ -159,22 +234,26 @@ class StageCollector(Collector):
         yield total
 
     def _llm_metrics(self) -> Iterator[Metric]:
-        replicas = [r for r in self._router.replicas(LLM_ROLE) if r.stats]
+        replicas = replica_stats(llm.CONTRACT, self._router.replicas(llm.ROLE))
         waiting, _ = self._router.load_snapshot()
         # vLLM's unlabelled gauge: everything not yet running, in the router or an engine.
         yield GaugeMetricFamily(
             "omni:num_requests_waiting",
             "Requests waiting for the LLM: in the router's queue or an engine's",
-            value=waiting.get(LLM_ROLE, 0)
-            + sum(r.stats.get("requests_waiting", 0.0) for r in replicas),
+            value=waiting.get(llm.ROLE, 0) + sum(s.requests_waiting for _, s in replicas),
         )
         yield from _stat_families(_LLM_STATS, replicas, by_stage=False)
 
     def _worker_stage_metrics(self) -> Iterator[Metric]:
-        # Each family samples only the replicas that report its stat.
-        replicas = self._router.replicas()
-        for table in (_ENCODER_STATS, _IMAGE_STATS, _SPEECH_STATS):
-            yield from _stat_families(table, replicas, by_stage=True)
+        encoders = [
+            *replica_stats(vision.CONTRACT, self._router.replicas(vision.ROLE)),
+            *replica_stats(audio.CONTRACT, self._router.replicas(audio.ROLE)),
+        ]
+        yield from _stat_families(_ENCODER_STATS, encoders, by_stage=True)
+        images = replica_stats(image.CONTRACT, self._router.replicas(image.ROLE))
+        yield from _stat_families(_IMAGE_STATS, images, by_stage=True)
+        voices = replica_stats(speech.CONTRACT, self._router.replicas(speech.ROLE))
+        yield from _stat_families(_SPEECH_STATS, voices, by_stage=True)
 
     @staticmethod
     def _encoder_cache_metrics(cache: EncoderCache) -> Iterator[Metric]:

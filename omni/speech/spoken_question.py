@@ -15,7 +15,7 @@ from omni.speech.transcribe import Transcriber
 
 if TYPE_CHECKING:
     from omni.llm import LLM
-    from omni.stages.llm.sampling_params import SamplingParams
+    from omni.stages.contracts.sampling import SamplingParams
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,7 +37,7 @@ def answer_spoken_question(
 
     ValueError if nothing was heard (silence), rather than asking the model an empty question.
     """
-    from omni.stages.llm.sampling_params import SamplingParams
+    from omni.stages.contracts.sampling import SamplingParams
 
     transcript = (transcriber or default_transcriber()).transcribe(samples)
     if not transcript:

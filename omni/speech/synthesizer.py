@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from omni.speech.speech_params import SpeechParamError
+from omni.stages.contracts.speech import SpeechParamError
 
 
 class Synthesizer(ABC):

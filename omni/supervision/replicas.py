@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from omni.transport.messages import Hello
@@ -22,8 +23,8 @@ class ReplicaInfo:
     host_id: str
     shared_memory: bool
     load: int
-    # The numbers of its latest heartbeat (empty for stages that report none).
-    stats: Mapping[str, float] = field(default_factory=dict)
+    # Its latest heartbeat's stats, in its role's contract (empty for stages that report none).
+    stats: bytes = b""
 
 
 @dataclass(eq=False)
@@ -38,7 +39,9 @@ class Replica:
     joined_seq: int = 0
     # When it was last sent a request (the table's dispatch count), for breaking ties.
     dispatch_seq: int = 0
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: bytes = b""
+    # Ids of the requests it asked of other roles that are still open.
+    peer_calls: set[str] = field(default_factory=set)
 
     @property
     def replica_id(self) -> str:
@@ -66,8 +69,25 @@ class Replica:
             host_id=hello.host_id,
             shared_memory=self.shared_memory,
             load=len(self.inflight),
-            stats=dict(self.stats),
+            stats=self.stats,
         )
+
+
+# How much more outstanding work, as a fraction of its capacity, a preferred replica may have
+# than the least loaded one and still be chosen.
+PREFERENCE_SLACK = 0.25
+
+
+def rendezvous(key: str, replica_ids: Sequence[str]) -> str | None:
+    """The replica that `key` (a media item's hash) belongs to, by highest-random-weight
+    hashing: every process computes the same answer, and a replica joining or leaving moves
+    only the keys that were or become its own. None for fewer than two replicas."""
+    if len(replica_ids) < 2:
+        return None
+    return max(
+        replica_ids,
+        key=lambda r: hashlib.blake2b(f"{key}/{r}".encode(), digest_size=8).digest(),
+    )
 
 
 class ReplicaTable:
@@ -104,13 +124,18 @@ class ReplicaTable:
         self._dispatches += 1
         replica.dispatch_seq = self._dispatches
 
-    def least_loaded(self, role: str) -> Replica | None:
+    def least_loaded(self, role: str, prefer: str | None = None) -> Replica | None:
         """The replica of `role` with the fewest outstanding requests, as a fraction of its
         capacity (equal capacities: plain least-outstanding-requests), that has room.
 
         Ties go to the replica sent a request least recently, then the longest-joined: an
         idle pool takes requests in turn instead of one replica taking every lone request
         (which would also leave the others' failures unnoticed until a burst).
+
+        `prefer` names a replica to choose instead while it has room and at most
+        `PREFERENCE_SLACK` of its capacity more outstanding work than the least loaded: its
+        caches hold the request's media, which saves an encoder pass and a prefill, but not at
+        the price of piling every such request onto one replica.
         """
         best: Replica | None = None
         best_key: tuple[float, int, int, int] | None = None
@@ -125,4 +150,12 @@ class ReplicaTable:
             )
             if best_key is None or key < best_key:
                 best, best_key = replica, key
+        if best is None or prefer is None or best.replica_id == prefer:
+            return best
+        preferred = self._by_id.get(prefer)
+        if preferred is None or preferred.role != role or not preferred.has_room():
+            return best
+        slack = PREFERENCE_SLACK * preferred.hello.capacity
+        if len(preferred.inflight) - len(best.inflight) <= slack:
+            return preferred
         return best

@@ -34,7 +34,6 @@ from omni.supervision.streams import (
 )
 from omni.transport.codec import ProtocolError
 from omni.transport.messages import (
-    Abort,
     Shutdown,
     StageRequest,
     stage_codec,
@@ -142,51 +141,45 @@ class StageRouter:
         self,
         role: str,
         inputs: Mapping[str, torch.Tensor] | None = None,
-        params: Mapping[str, Any] | None = None,
+        body: bytes = b"",
         *,
         shm_inputs: Mapping[str, SharedTensorHandle] | None = None,
         request_id: str | None = None,
+        prefer: str | None = None,
     ) -> ReplyStream:
-        """Send a request to the least-loaded replica of `role`; iterate the result for replies.
+        """Send a request to the least-loaded replica of `role` (or to `prefer`, a replica id,
+        while it is not much busier); iterate the result for replies. `body` is the role's
+        request struct, encoded by its contract.
 
         Tensors are sent without copying, so do not modify them until the request finishes.
         """
         request_id = request_id or uuid.uuid4().hex
         stream = ReplyStream(request_id, self.abort)
-        self._enqueue(role, request_id, inputs, params, shm_inputs, stream)
+        self._enqueue(role, request_id, inputs, body, shm_inputs, stream, prefer)
         return stream
 
     def submit_async(
         self,
         role: str,
         inputs: Mapping[str, torch.Tensor] | None = None,
-        params: Mapping[str, Any] | None = None,
+        body: bytes = b"",
         *,
         shm_inputs: Mapping[str, SharedTensorHandle] | None = None,
         request_id: str | None = None,
+        prefer: str | None = None,
     ) -> AsyncReplyStream:
         """`submit` for asyncio callers; call it from inside the running event loop."""
         request_id = request_id or uuid.uuid4().hex
         stream = AsyncReplyStream(request_id, self.abort)
-        self._enqueue(role, request_id, inputs, params, shm_inputs, stream)
+        self._enqueue(role, request_id, inputs, body, shm_inputs, stream, prefer)
         return stream
 
     def abort(self, request_id: str) -> None:
         """Stop a request: the replica is told, its shared-memory inputs are released."""
         with self._lock:
-            request = self._state.requests.pop(request_id, None)
-            if request is None:
-                return
-            request.stream.done = True
-            self._state.release_inputs(request)
-            if request.replica is None:
-                with contextlib.suppress(ValueError):
-                    self._state.pending[request.role].remove(request)
-            else:
-                request.replica.inflight.discard(request_id)
-                self._outbox.append(
-                    (request.replica.identity, self._codec.encode(Abort(request_id=request_id)))
-                )
+            request = self._state.requests.get(request_id)
+            if request is not None:
+                self._state.abort(request)
         self._poke()
 
     def load_snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
@@ -195,6 +188,11 @@ class StageRouter:
         with self._lock:
             waiting = {role: len(queue) for role, queue in self._state.pending.items()}
             return waiting, dict(self._state.dispatched)
+
+    def replica_ids(self, role: str) -> list[str]:
+        """Ids of the live replicas of `role` (cheaper than `replicas` for every request)."""
+        with self._lock:
+            return [r.replica_id for r in self._state.replicas if r.role == role]
 
     def replicas(self, role: str | None = None) -> list[ReplicaInfo]:
         with self._lock:
@@ -233,9 +231,10 @@ class StageRouter:
         role: str,
         request_id: str,
         inputs: Mapping[str, torch.Tensor] | None,
-        params: Mapping[str, Any] | None,
+        body: bytes,
         shm_inputs: Mapping[str, SharedTensorHandle] | None,
         stream: ReplyStream | AsyncReplyStream,
+        prefer: str | None,
     ) -> None:
         if self._thread is None or self._closing.is_set():
             raise RuntimeError("the stage router is not running")
@@ -243,10 +242,12 @@ class StageRouter:
             request_id=request_id,
             inputs=dict(inputs or {}),
             shm_inputs=dict(shm_inputs or {}),
-            params=dict(params or {}),
+            body=body,
         )
         frames = self._codec.encode(message)
-        request = PendingRequest(request_id, role, frames, stream, dict(shm_inputs or {}))
+        request = PendingRequest(
+            request_id, role, frames, stream, dict(shm_inputs or {}), prefer=prefer
+        )
         with self._lock:
             if request_id in self._state.requests:
                 raise ValueError(f"request id {request_id!r} is already in flight")

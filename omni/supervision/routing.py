@@ -31,13 +31,17 @@ from omni.supervision.streams import (
 from omni.transport.codec import MessageCodec
 from omni.transport.messages import (
     PROTOCOL_VERSION,
+    Abort,
     Goodbye,
     Heartbeat,
     Hello,
     HelloRequired,
+    PeerRequest,
     Shutdown,
     StageError,
+    StageReplies,
     StageReply,
+    StageRequest,
     Welcome,
 )
 from omni.transport.shm import DEFAULT_PREFIX, SharedTensorHandle, SharedTensorReader
@@ -81,15 +85,21 @@ class RouterConfig:
 
 @dataclass(eq=False)
 class PendingRequest:
-    """A request from submission until its last reply or failure."""
+    """A request from submission until its last reply or failure. `stream` takes the replies
+    of a caller's request; a replica's peer request has its `origin` instead, to which the
+    replies are relayed."""
 
     request_id: str
     role: str
     frames: Sequence[Any]
-    stream: ReplyStream | AsyncReplyStream
+    stream: ReplyStream | AsyncReplyStream | None
     shm_inputs: Mapping[str, SharedTensorHandle]
     queued_at: float = field(default_factory=time.monotonic)
     replica: Replica | None = None
+    origin: Replica | None = None
+    # A replica id to send it to while that replica is not much busier than the least loaded
+    # (one whose caches hold the request's media items).
+    prefer: str | None = None
 
 
 @dataclass
@@ -135,10 +145,17 @@ class RoutingState:
         replica.last_seen = time.monotonic()
         if isinstance(message, Heartbeat):
             if message.stats:
-                replica.stats = dict(message.stats)
+                replica.stats = message.stats
             self._send_message(identity, Heartbeat(replica_id=replica.replica_id))
         elif isinstance(message, StageReply):
             self._on_reply(replica, message)
+        elif isinstance(message, StageReplies):
+            for reply in message.replies:
+                self._on_reply(replica, reply)
+        elif isinstance(message, PeerRequest):
+            self._on_peer_request(replica, message)
+        elif isinstance(message, Abort):
+            self._withdraw(replica, message.request_id)
         elif isinstance(message, StageError):
             self._on_error(replica, message)
         elif isinstance(message, Goodbye):
@@ -190,11 +207,80 @@ class RoutingState:
         )
         self._send_message(identity, welcome)
 
+    def _on_peer_request(self, origin: Replica, message: PeerRequest) -> None:
+        """Queue a replica's request for another role; its replies go back to `origin`."""
+        request_id = message.request_id
+        if request_id in self.requests:
+            self._send_message(
+                origin.identity,
+                StageError(request_id=request_id, message=f"request id {request_id!r} is in use"),
+            )
+            return
+        frames = self._codec.encode(
+            StageRequest(request_id=request_id, inputs=message.inputs, body=message.body)
+        )
+        request = PendingRequest(request_id, message.role, frames, None, {}, origin=origin)
+        self.requests[request_id] = request
+        origin.peer_calls.add(request_id)
+        self.pending.setdefault(message.role, deque()).append(request)
+
+    def _withdraw(self, origin: Replica, request_id: str) -> None:
+        """The replica that made a peer request no longer wants it."""
+        request = self.requests.get(request_id)
+        if request is not None and request.origin is origin:
+            self.abort(request)
+
+    def abort(self, request: PendingRequest) -> None:
+        """Stop a request: its replica is told and its shared-memory inputs released."""
+        self.requests.pop(request.request_id, None)
+        if request.stream is not None:
+            request.stream.done = True
+        if request.origin is not None:
+            request.origin.peer_calls.discard(request.request_id)
+        self.release_inputs(request)
+        if request.replica is None:
+            with contextlib.suppress(ValueError):
+                self.pending[request.role].remove(request)
+        else:
+            request.replica.inflight.discard(request.request_id)
+            self._send_message(request.replica.identity, Abort(request_id=request.request_id))
+
+    def _relay(self, request: PendingRequest, replica: Replica, reply: StageReply) -> None:
+        """Pass a reply on to the replica that asked. Shared-memory handles go as they are
+        when both replicas can map them; otherwise the tensors are mapped here and sent as
+        frames."""
+        origin = request.origin
+        assert origin is not None
+        if reply.shm_outputs and not (origin.shared_memory and replica.shared_memory):
+            tensors = dict(reply.outputs)
+            try:
+                for name, handle in reply.shm_outputs.items():
+                    tensors[name] = self._reader.open(handle).clone()
+                    self._reader.release(handle)
+            except (OSError, ValueError) as exc:  # as in _on_reply: fail it, keep routing
+                self.fail(
+                    request,
+                    StageFailure(f"request {request.request_id}: unreadable shared tensor: {exc}"),
+                )
+                return
+            reply = StageReply(
+                request_id=reply.request_id,
+                outputs=tensors,
+                body=reply.body,
+                finished=reply.finished,
+            )
+        self._send_message(origin.identity, reply)
+        if reply.finished:
+            self.finish(request)
+
     def _on_reply(self, replica: Replica, reply: StageReply) -> None:
         request = self.requests.get(reply.request_id)
         if request is None or request.replica is not replica:
             for handle in reply.shm_outputs.values():  # a late reply to an aborted request
                 self._reader.discard(handle)
+            return
+        if request.stream is None:
+            self._relay(request, replica, reply)
             return
         tensors = dict(reply.outputs)
         try:
@@ -211,7 +297,7 @@ class RoutingState:
                 request_id=reply.request_id,
                 replica_id=replica.replica_id,
                 tensors=tensors,
-                data=reply.data,
+                body=bytes(reply.body),
                 finished=reply.finished,
                 handles=dict(reply.shm_outputs),
             )
@@ -238,10 +324,10 @@ class RoutingState:
         now = time.monotonic()
         for role, queue in self.pending.items():
             while queue:
-                replica = self.replicas.least_loaded(role)
+                request = queue[0]
+                replica = self.replicas.least_loaded(role, request.prefer)
                 if replica is None:
                     break
-                request = queue[0]
                 sent = self._send(replica.identity, request.frames)
                 if sent == "unreachable":
                     self.drop(replica, "became unreachable")
@@ -290,18 +376,40 @@ class RoutingState:
                     ReplicaLostError(f"request {request_id} failed: {replica.describe()} {reason}"),
                 )
         replica.inflight.clear()
+        # Its own peer requests have nobody left to answer.
+        for request_id in sorted(replica.peer_calls):
+            request = self.requests.get(request_id)
+            if request is not None:
+                self.abort(request)
+        replica.peer_calls.clear()
         self.notices.append((replica.info(), reason, silent))
 
     def fail(self, request: PendingRequest, error: StageFailure) -> None:
         self.counters.requests_failed += 1
         self.release_inputs(request)
-        request.stream.deliver(error)
+        if request.stream is not None:
+            request.stream.deliver(error)
+        elif request.origin is not None:
+            code = (
+                "replica_lost"
+                if isinstance(error, ReplicaLostError)
+                else "no_replica"
+                if isinstance(error, NoReplicaError)
+                else ""
+            )
+            message = error.stage_message if isinstance(error, StageRequestError) else str(error)
+            self._send_message(
+                request.origin.identity,
+                StageError(request_id=request.request_id, message=message[:4000], code=code),
+            )
         self.finish(request)
 
     def finish(self, request: PendingRequest) -> None:
         self.requests.pop(request.request_id, None)
         if request.replica is not None:
             request.replica.inflight.discard(request.request_id)
+        if request.origin is not None:
+            request.origin.peer_calls.discard(request.request_id)
 
     def release_inputs(self, request: PendingRequest) -> None:
         for handle in request.shm_inputs.values():

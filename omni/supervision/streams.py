@@ -13,7 +13,6 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -48,12 +47,13 @@ class RequestAbortedError(StageFailure):
 
 @dataclass(frozen=True)
 class Reply:
-    """One reply: tensors (shared-memory ones already mapped), plain data, and whether it ends."""
+    """One reply: tensors (shared-memory ones already mapped), the role's reply struct as
+    msgpack (`body`, decoded with the role's contract), and whether it ends."""
 
     request_id: str
     replica_id: str
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    data: Mapping[str, Any] = field(default_factory=dict)
+    body: bytes = b""
     finished: bool = False
     # The shared-memory handles behind some of `tensors`, for forwarding to another stage.
     handles: Mapping[str, SharedTensorHandle] = field(default_factory=dict)

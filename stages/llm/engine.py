@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from omni.cache.block_hash import MultiModalPlaceholder
 from omni.cache.kv_cache_manager import KVCacheManager
+from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.detokenizer import IncrementalDetokenizer
 from omni.stages.llm.mm_inputs import MultiModalInputs
@@ -19,7 +20,6 @@ from omni.stages.llm.model_runner import LaunchedStep, ModelRunner, TokenFeed
 from omni.stages.llm.models.loader import resolve_model_path
 from omni.stages.llm.outputs import CompletionOutput, RequestOutput
 from omni.stages.llm.request import Request, RequestStatus
-from omni.stages.llm.sampling_params import SamplingParams
 from omni.stages.llm.scheduler import Scheduler, SchedulerOutput
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -63,6 +63,8 @@ class LLMEngine:
         self._outputs: dict[str, _OutputState] = {}
         # Asynchronous scheduling: the launched step whose tokens are not read yet.
         self._inflight: _InFlightStep | None = None
+        # Requests set aside for media items that take_needs_items has reported.
+        self._items_asked: set[str] = set()
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -134,11 +136,51 @@ class LLMEngine:
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         for request_id in ids:
             self._outputs.pop(request_id, None)
+            self._items_asked.discard(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or (
             self._inflight is not None and not self._inflight.all_finished
         )
+
+    def has_runnable_requests(self) -> bool:
+        """Whether `step` can make progress: unfinished requests other than those set aside
+        for their media items (see `take_needs_items`)."""
+        runnable = self.scheduler.num_unfinished - len(self.scheduler.needs_items)
+        return runnable > 0 or (self._inflight is not None and not self._inflight.all_finished)
+
+    @property
+    def has_new_needs_items(self) -> bool:
+        """Whether `take_needs_items` has a request not reported yet."""
+        return len(self.scheduler.needs_items) > len(self._items_asked)
+
+    def take_needs_items(self) -> list[tuple[str, list[int]]]:
+        """Requests set aside because media items they were admitted without (inside a prefix
+        hit then) are needed after all, with those items' indices; each is asked for once.
+        Only when `scheduler.ask_for_missing_items` is set, else such requests fail."""
+        asked = [
+            (request_id, missing)
+            for request_id, missing in self.scheduler.needs_items.items()
+            if request_id not in self._items_asked
+        ]
+        self._items_asked.update(request_id for request_id, _ in asked)
+        return asked
+
+    def provide_items(self, request_id: str, embeddings: dict[int, torch.Tensor]) -> None:
+        """The embeddings a request from `take_needs_items` waited for; it runs again."""
+        request = self.scheduler.requests.get(request_id)
+        if request is None:
+            raise ValueError(f"request {request_id!r} is not in flight")
+        hidden = int(self.runner.hf_config.get_text_config().hidden_size)
+        for index, embedding in embeddings.items():
+            item = request.mm_placeholders[index]
+            if tuple(embedding.shape) != (item.length, hidden):
+                raise ValueError(
+                    f"multi-modal item {index} has embeddings of shape "
+                    f"{tuple(embedding.shape)}; its placeholder needs ({item.length}, {hidden})"
+                )
+        self._items_asked.discard(request_id)
+        self.scheduler.provide_items(request_id, embeddings)
 
     # ---- stepping -----------------------------------------------------------------------------
 

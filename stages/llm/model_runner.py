@@ -7,12 +7,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.cuda_graphs import DecodeGraphs
 from omni.stages.llm.kv_cache_sizing import allocate_kv_caches, num_blocks_for_memory
 from omni.stages.llm.models.loader import load_model
 from omni.stages.llm.sampler import Sampler, SamplingBatch
-from omni.stages.llm.sampling_params import SamplingParams
 from omni.stages.llm.scheduler import SchedulerOutput
 from omni.stages.llm.step_inputs import (
     HostStepInputs,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from omni.cache.block_hash import MultiModalPlaceholder
-from omni.stages.llm.sampling_params import SamplingParams
+from omni.stages.contracts.sampling import SamplingParams
 
 # Stands for a sampled token still on the device; never a real token id.
 PENDING_TOKEN = -1
@@ -18,6 +18,9 @@ PENDING_TOKEN = -1
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    # Its cached prefix was evicted before it ran, and it waits for embeddings of media items
+    # it had skipped as cached (see Scheduler.take_needs_items).
+    WAITING_FOR_ITEMS = "waiting_for_items"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -132,14 +135,16 @@ class Request:
     def num_resolved_output_tokens(self) -> int:
         return len(self.output_token_ids) - self.num_pending_tokens
 
-    def missing_embedding(self, num_cached_tokens: int) -> int | None:
-        """The first item whose embedding was skipped but is needed after all: the prefix
-        hit at admission ended before the item did (its blocks were evicted meanwhile)."""
-        for index, embedding in enumerate(self.mm_embeddings or ()):
-            item = self.mm_placeholders[index]
-            if embedding is None and item.offset + item.length > num_cached_tokens:
-                return index
-        return None
+    def missing_embeddings(self, num_cached_tokens: int) -> list[int]:
+        """Items whose embedding was skipped but is needed after all: the prefix hit now ends
+        before the item does (its blocks were evicted since the item was skipped)."""
+        return [
+            index
+            for index, embedding in enumerate(self.mm_embeddings or ())
+            if embedding is None
+            and self.mm_placeholders[index].offset + self.mm_placeholders[index].length
+            > num_cached_tokens
+        ]
 
     def append_output_token(self, token_id: int, logprob: float | None) -> None:
         self.output_token_ids.append(token_id)

@@ -24,7 +24,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
-from omni.stages.llm.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
+from omni.stages.contracts.sampling import GREEDY_TEMPERATURE_EPS, SamplingParams
 
 # Padding value for ragged token-id lists; the sampler maps it to a spill column past the
 # vocabulary, so no host-side knowledge of the vocabulary size is needed at build time.

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
 from omni.cache.kv_cache_manager import KVCacheManager
 from omni.stages.llm.request import Request, RequestStatus
 
@@ -58,14 +59,21 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        ask_for_missing_items: bool = False,
     ) -> None:
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        # A request whose skipped media items turn out to be needed (their cached blocks were
+        # evicted) is set aside until someone supplies the embeddings (the LLM stage, which
+        # asks an encoder); without that, it fails with a clear error (the offline engine).
+        self.ask_for_missing_items = ask_for_missing_items
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # Requests set aside for their items, with the indices of the items they need.
+        self.needs_items: dict[str, list[int]] = {}
         self.num_preemptions = 0
 
     # ---- admission and removal -------------------------------------------------------------
@@ -85,6 +93,8 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status == RequestStatus.WAITING_FOR_ITEMS:
+                del self.needs_items[request_id]
             else:
                 self.waiting.remove(request)
             request.status = status
@@ -139,10 +149,15 @@ class Scheduler:
         ):
             request = self.waiting[0]
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
-            missing = request.missing_embedding(num_cached)
-            if missing is not None:
+            missing = request.missing_embeddings(num_cached)
+            if missing and self.ask_for_missing_items:
+                self.waiting.popleft()
+                request.status = RequestStatus.WAITING_FOR_ITEMS
+                self.needs_items[request.request_id] = missing
+                continue
+            if missing:
                 request.error = (
-                    f"multi-modal item {missing} was sent without its embedding, but the "
+                    f"multi-modal item {missing[0]} was sent without its embedding, but the "
                     "prefix cache no longer holds it; send the request again with it"
                 )
                 self.finish_requests([request.request_id], RequestStatus.FINISHED_ABORTED)
@@ -165,6 +180,18 @@ class Scheduler:
             )
             budget -= num_new
         return out
+
+    def provide_items(self, request_id: str, embeddings: dict[int, torch.Tensor]) -> None:
+        """The embeddings a request set aside by `needs_items` was waiting for: it goes back
+        to the front of the queue (it had arrived before the requests queued since)."""
+        request = self.requests[request_id]
+        if request.status != RequestStatus.WAITING_FOR_ITEMS or request.mm_embeddings is None:
+            raise ValueError(f"request {request_id!r} is not waiting for media items")
+        for index, embedding in embeddings.items():
+            request.mm_embeddings[index] = embedding
+        del self.needs_items[request_id]
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)

@@ -27,6 +27,8 @@ class StageConfig:
     role: str
     # The orchestrator's ROUTER endpoint: ipc://PATH on this host, tcp://HOST:PORT across nodes.
     connect: str
+    # The routers of the server's other API processes (`--api-server-count`), joined alike.
+    also_connect: tuple[str, ...] = ()
     model: str = ""
     device: str = "cpu"
     # Requests this replica works on at once; the router sends no more than this.
@@ -50,7 +52,10 @@ class StageConfig:
     def __post_init__(self) -> None:
         if not self.role:
             raise ValueError("a stage needs a role (for example 'vision' or 'llm')")
-        check_endpoint(self.connect, binding=False)
+        for endpoint in self.endpoints:
+            check_endpoint(endpoint, binding=False)
+        if len(self.endpoints) > 64:
+            raise ValueError(f"a stage joins at most 64 routers, not {len(self.endpoints)}")
         if self.capacity < 1:
             raise ValueError(f"capacity is {self.capacity}; it must be >= 1")
         if self.heartbeat_interval_s <= 0:
@@ -64,6 +69,12 @@ class StageConfig:
             raise ValueError(f"shm_threshold_bytes is {self.shm_threshold_bytes}; it must be >= 1")
         if self.curve is not None and not self.curve.server_key:
             raise ValueError("CURVE keys for a stage need the server's public key")
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every router this replica joins; replies go back to the one that sent the request,
+        peer calls to the first."""
+        return (self.connect, *self.also_connect)
 
     @property
     def effective_replica_id(self) -> str:

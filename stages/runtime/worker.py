@@ -14,6 +14,11 @@ Two shapes of worker fit:
   by one batch and returns whatever outputs are ready.
 * `StreamingStageWorker`, for stages that handle one request at a time as a generator of
   outputs: implement `handle(request)`; requests interleave chunk by chunk.
+
+A request's `body` and an output's `reply` are the role's contract structs
+(`omni.stages.contracts.ROLE`): the worker decodes the one and builds the other. A worker may
+also ask another role for work (`take_peer_calls`), and hears the answers through
+`on_peer_reply`; the runtime carries both.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
+import msgspec
 import torch
 
 logger = logging.getLogger(__name__)
@@ -47,22 +53,47 @@ class WorkerOptions:
 
 @dataclass(frozen=True)
 class WorkerRequest:
-    """A request as a worker sees it: tensors already decoded or mapped from shared memory."""
+    """A request as a worker sees it: tensors already decoded or mapped from shared memory,
+    and its body, the role's request struct as msgpack (decode it with the role's contract)."""
 
     request_id: str
     inputs: Mapping[str, torch.Tensor]
-    params: Mapping[str, Any]
+    body: bytes = b""
 
 
 @dataclass(frozen=True)
 class StageOutput:
-    """One reply for one request. `finished` marks the last; `error` fails the request."""
+    """One reply for one request. `finished` marks the last; `error` fails the request.
+    `reply` is the role's reply struct (None for a reply of tensors alone)."""
 
     request_id: str
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    data: Mapping[str, Any] = field(default_factory=dict)
+    reply: msgspec.Struct | None = None
     finished: bool = False
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class PeerCall:
+    """A request this worker sends to a replica of another role (through the orchestrator)."""
+
+    request_id: str
+    role: str
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class PeerReply:
+    """One answer to a `PeerCall`: a reply (the last has `finished`), or its failure, where
+    `lost` means the serving replica died or none was free, so asking again may succeed."""
+
+    request_id: str
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    body: bytes = b""
+    finished: bool = False
+    error: str | None = None
+    lost: bool = False
 
 
 class StageWorker(ABC):
@@ -93,13 +124,22 @@ class StageWorker(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, empty on purpose
         """Free resources at shutdown."""
 
-    def stats(self) -> Mapping[str, float]:
-        """Numbers this stage reports with each heartbeat, for the orchestrator's metrics.
+    def stats(self) -> msgspec.Struct | None:
+        """The role's stats struct, sent with each heartbeat for the orchestrator's metrics.
 
         Called from the runtime's I/O thread while the busy loop runs, so it must only read
         counters and lengths (each read is atomic under the GIL), never step or allocate.
         """
-        return {}
+        return None
+
+    def take_peer_calls(self) -> tuple[list[PeerCall], list[str]]:
+        """Requests for other roles made since the last call, and ids of earlier ones to
+        withdraw; the runtime sends them after every `add_request` and `step`."""
+        return [], []
+
+    def on_peer_reply(self, reply: PeerReply) -> None:
+        """An answer to one of this worker's `PeerCall`s (never called for a withdrawn one)."""
+        raise NotImplementedError(f"{type(self).__name__} makes no peer calls")
 
 
 class StreamingStageWorker(StageWorker):

@@ -1,28 +1,44 @@
-"""What an image request may ask for, checked before any work is done.
+"""The image generator stage (role "image"): a prompt in, PNG or JPEG files out.
 
-`ImageParams` travels as the stage request's `params` (plain msgpack values, see `to_wire`) and
-is read back strictly by `from_wire`: an unknown key or a value of the wrong type is refused,
-never coerced. `check` then holds it to `ImageLimits`; every refusal is an `ImageParamError`
-whose message starts with the field it is about and says the limit, e.g.
-"width 500 is not a multiple of 8". The HTTP edge runs the same checks, so a client hears about
-a bad field without a round trip to the stage; the stage checks again because it can be reached
-by any client of the transport, and fills in the model's own defaults for fields left out.
+A request is `ImageParams` and no tensors. Its one reply is finished, is `ImageReply`, and
+carries the tensors `image_tensor(0)` ... `image_tensor(n - 1)`: each the bytes of one encoded
+file (uint8), or with `output_format="raw"` the uint8 pixels `[height, width, 3]` themselves.
+Image k was drawn with `ImageReply.seeds[k]`. A refused request fails with an error that starts
+with the field it is about and says the limit ("width 500 is not a multiple of 8"); a batch that
+failed in the pipeline fails with one starting `GENERATION_FAILED` (the server's fault).
+
+`ImageParams.check` holds a request to `ImageLimits`; the HTTP edge runs it too, so a client
+hears about a bad field without a round trip to the stage, and the stage runs it again because
+any client of the transport can reach it (and it knows the pipeline's own size multiple).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated
 
+import msgspec
+from omni.stages.contracts import Contract
+
+ROLE = "image"
+# Starts the error of a request whose batch failed (out of memory, a kernel error): the
+# server's fault, where every other refusal is about the request's parameters.
+GENERATION_FAILED = "image generation failed"
 # torch.Generator.manual_seed takes 64-bit seeds; image k of a request is drawn with seed + k,
 # so seeds stop at 2**63 - 1 and seed + k never wraps.
 MAX_SEED = 2**63 - 1
 # "raw": the pixels themselves, uint8 [height, width, 3], for a stage that consumes images
 # rather than a client that stores them (and for measuring the stage without an encoder).
 OUTPUT_FORMATS = ("png", "jpeg", "raw")
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+def image_tensor(index: int) -> str:
+    """The reply tensor holding image `index` of a request."""
+    return f"image_{index}"
 
 
 class ImageParamError(ValueError):
@@ -58,9 +74,12 @@ class ImageLimits:
                 raise ValueError(f"{f.name} is {value}; it must be > 0")
 
 
-@dataclass(frozen=True)
-class ImageParams:
-    """One request: `n` images of one prompt. None means "the model's default"."""
+class ImageParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One request: `n` images of one prompt. None means "the model's default".
+
+    Decoding checks the types (`steps` must be an integer; a bool is not one); `check` the
+    values, against limits that differ from stage to stage.
+    """
 
     prompt: str
     negative_prompt: str | None = None
@@ -75,33 +94,6 @@ class ImageParams:
     output_format: str = "png"
     # JPEG quality 0-100 (OpenAI's name for it); None: the encoder's default. PNG ignores it.
     output_compression: int | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        """The stage request's `params`: plain values, fields left at None omitted."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_wire(cls, params: Mapping[str, Any]) -> ImageParams:
-        """Read `to_wire`'s output back, refusing unknown keys and wrongly typed values."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ImageParamError(unknown[0], f"unknown image parameters {unknown}")
-        if "prompt" not in params:
-            raise ImageParamError("prompt", "prompt is missing")
-        values: dict[str, Any] = {}
-        for name, value in params.items():
-            kind = _WIRE_TYPES[name]
-            if value is None:
-                continue
-            if kind is float and _is_int(value):
-                value = float(value)
-            if not (_is_int(value) if kind is int else isinstance(value, kind)):
-                raise ImageParamError(
-                    name, f"{name} must be {_KIND_NAMES[kind]}, got {type(value).__name__}"
-                )
-            values[name] = value
-        return cls(**values)
 
     def check(self, limits: ImageLimits) -> None:
         """ImageParamError for the first field outside `limits`."""
@@ -148,24 +140,31 @@ class ImageParams:
             )
 
 
-_WIRE_TYPES: dict[str, type] = {
-    "prompt": str,
-    "negative_prompt": str,
-    "width": int,
-    "height": int,
-    "steps": int,
-    "guidance_scale": float,
-    "n": int,
-    "seed": int,
-    "output_format": str,
-    "output_compression": int,
-}
-_KIND_NAMES = {str: "a string", int: "an integer", float: "a number"}
+class ImageReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What was drawn: the request's parameters with the model's defaults filled in."""
+
+    format: str
+    width: Annotated[int, msgspec.Meta(ge=1)]
+    height: Annotated[int, msgspec.Meta(ge=1)]
+    steps: Annotated[int, msgspec.Meta(ge=1)]
+    guidance_scale: float | None
+    # Image k's seed (the request's seed + k, or drawn by the stage).
+    seeds: list[Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]]
+    # Images drawn in the same pipeline call (this request's and its batch mates').
+    batch_images: Annotated[int, msgspec.Meta(ge=1)]
 
 
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass; `true` is never a step count.
-    return isinstance(value, int) and not isinstance(value, bool)
+class ImageStats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Requests waiting for a pipeline call, images generated, and the calls that drew them
+    # (images_generated / pipeline_calls is the batch size the stage achieves).
+    requests_queued: Count = 0
+    images_generated: Count = 0
+    pipeline_calls: Count = 0
+
+
+CONTRACT: Contract[ImageParams, ImageReply, ImageStats] = Contract(
+    ROLE, ImageParams, ImageReply, ImageStats
+)
 
 
 def _check_text(name: str, text: str, limits: ImageLimits, required: bool) -> None:

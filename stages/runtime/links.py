@@ -1,0 +1,255 @@
+"""A stage replica's links to its orchestrators: one DEALER per API process, on one I/O thread.
+
+`omni serve --api-server-count N` runs N API processes, each with its own router; a replica
+joins all of them and serves each as if it were the only one. Per link the thread says HELLO
+until WELCOMEd, heartbeats, and says HELLO again when that orchestrator goes quiet or asks.
+Incoming messages are decoded and handed on with the index of the link they came from, so that
+the replies go back the same way; link 0 also carries the replica's peer calls.
+
+The busy loop sends its frames over an inproc PUSH socket, each message preceded by one frame
+holding its link's index (`ALL_LINKS` for every link); an empty frame asks the thread to flush
+and exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import msgspec
+import zmq
+from omni.stages.runtime.config import StageConfig
+from omni.transport.codec import ProtocolError
+from omni.transport.messages import (
+    Abort,
+    Heartbeat,
+    Hello,
+    HelloRequired,
+    Shutdown,
+    StageError,
+    StageReplies,
+    StageReply,
+    StageRequest,
+    Welcome,
+    stage_codec,
+)
+from omni.transport.sockets import connect_dealer
+
+logger = logging.getLogger(__name__)
+
+ALL_LINKS = 255
+CLOSE = b""
+# What the busy loop is handed: work for this stage, or answers to its peer calls.
+Inbound: TypeAlias = StageRequest | Abort | StageReply | StageError
+
+
+@dataclass
+class _Link:
+    endpoint: str
+    dealer: zmq.Socket
+    welcomed: bool = False
+    last_heard: float = field(default_factory=time.monotonic)
+    backlog: deque[Sequence[zmq.Frame]] = field(default_factory=deque)
+
+
+class RouterLinks:
+    """The I/O thread's side of a replica (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: StageConfig,
+        context: zmq.Context,
+        out_endpoint: str,
+        deliver: Callable[[int, Inbound], None],
+        heartbeat: Callable[[], Heartbeat],
+        hello: Callable[[], Hello],
+        stop: Callable[[str], None],
+    ) -> None:
+        self.config = config
+        self._context = context
+        self._out_endpoint = out_endpoint
+        self._deliver = deliver
+        self._heartbeat = heartbeat
+        self._hello = hello
+        self._stop = stop
+        self._codec = stage_codec()
+        self.protocol_errors = 0
+        # Set from link 0's WELCOME: whether replies may use shared memory, and the interval.
+        self.shared_memory = False
+        self.heartbeat_interval_s = config.heartbeat_interval_s
+        self.all_welcomed = threading.Event()
+        self.ready = threading.Event()
+        self.failure: BaseException | None = None
+        self._links: list[_Link] = []
+
+    def run(self) -> None:
+        """The thread's body: connect, then serve until the close marker."""
+        links = self._links
+        try:
+            for endpoint in self.config.endpoints:
+                dealer = connect_dealer(
+                    self._context, endpoint, self.config.sockets, self.config.curve
+                )
+                links.append(_Link(endpoint, dealer))
+            pull = self._context.socket(zmq.PULL)
+            pull.bind(self._out_endpoint)
+        except BaseException as exc:
+            self.failure = exc
+            self.ready.set()
+            for link in links:
+                link.dealer.close()
+            raise
+        self.ready.set()
+        try:
+            self._loop(links, pull)
+        except Exception as exc:
+            logger.exception("stage I/O thread failed; the stage exits")
+            self._stop(f"I/O failed: {type(exc).__name__}: {exc}")
+            # Keep taking what the busy loop sends until its close marker, so it never blocks
+            # on a socket nobody reads.
+            while True:
+                frames = pull.recv_multipart(copy=False)
+                if len(frames) == 1 and len(frames[0]) == 0:
+                    break
+            raise
+        finally:
+            pull.close(linger=0)
+            for link in links:
+                link.dealer.close()
+
+    def _loop(self, links: list[_Link], pull: zmq.Socket) -> None:
+        closing = False
+        next_beat = 0.0
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        while True:
+            for link in links:
+                poller.register(link.dealer, zmq.POLLIN | (zmq.POLLOUT if link.backlog else 0))
+            wait_ms = max(0.0, next_beat - time.monotonic()) * 1000
+            events = dict(poller.poll(0 if closing else int(wait_ms)))
+            if events.get(pull):
+                closing = self._take_outgoing(pull, links)
+            for index, link in enumerate(links):
+                if events.get(link.dealer, 0) & zmq.POLLIN:
+                    link.last_heard = time.monotonic()
+                    self._receive(index, link)
+                _flush(link)
+            if closing:
+                # Give queued replies and the GOODBYE their chance before the sockets close.
+                deadline = time.monotonic() + self.config.sockets.linger_ms / 1000
+                while any(link.backlog for link in links) and time.monotonic() < deadline:
+                    for link in links:
+                        _flush(link)
+                    time.sleep(0.001)
+                return
+            now = time.monotonic()
+            for link in links:
+                if link.welcomed and now - link.last_heard > self.config.server_timeout_s:
+                    logger.warning(
+                        "no word from %s for %.1f s; saying HELLO again",
+                        link.endpoint,
+                        now - link.last_heard,
+                    )
+                    link.welcomed = False
+                    self.all_welcomed.clear()
+            if now >= next_beat:
+                for link in links:
+                    self._beat(link)
+                next_beat = now + self.heartbeat_interval_s
+                if self.config.parent_pid is not None and os.getppid() != self.config.parent_pid:
+                    self._stop("parent process exited")
+
+    def _take_outgoing(self, pull: zmq.Socket, links: list[_Link]) -> bool:
+        """Queue what the busy loop sent on its links; True at the close marker."""
+        while True:
+            try:
+                frames = pull.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            if len(frames) == 1 and len(frames[0]) == 0:
+                return True
+            target = frames[0].bytes[0]
+            for index, link in enumerate(links):
+                if target in (index, ALL_LINKS):
+                    link.backlog.append(frames[1:])
+
+    def _beat(self, link: _Link) -> None:
+        message = self._heartbeat() if link.welcomed else self._hello()
+        # Dropped when the orchestrator is unreachable: the next beat says it again.
+        with contextlib.suppress(zmq.Again):
+            link.dealer.send_multipart(self._codec.encode(message), flags=zmq.NOBLOCK)
+
+    def _receive(self, index: int, link: _Link) -> None:
+        while True:
+            try:
+                frames = link.dealer.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = self._codec.decode(frames)
+            except ProtocolError as exc:
+                self.protocol_errors += 1
+                logger.warning("dropped an undecodable message: %s", exc)
+                _reply_now(
+                    link,
+                    self._codec.encode(
+                        StageError(request_id="", message=f"undecodable message: {exc}")
+                    ),
+                )
+                continue
+            self._handle(index, link, message)
+
+    def _handle(self, index: int, link: _Link, message: msgspec.Struct) -> None:
+        if isinstance(message, StageRequest | Abort | StageReply | StageError):
+            # A StageReply or StageError from the orchestrator answers a peer call.
+            if isinstance(message, StageError) and not message.request_id:
+                logger.warning("%s reported: %s", link.endpoint, message.message)
+            else:
+                self._deliver(index, message)
+        elif isinstance(message, StageReplies):
+            for reply in message.replies:
+                self._deliver(index, reply)
+        elif isinstance(message, Welcome):
+            if index == 0:
+                self.shared_memory = message.shared_memory
+                self.heartbeat_interval_s = message.heartbeat_interval_s
+            link.welcomed = True
+            logger.info(
+                "replica %s joined %s (shared memory: %s)",
+                message.replica_id,
+                link.endpoint,
+                message.shared_memory,
+            )
+            if all(other.welcomed for other in self._links):
+                self.all_welcomed.set()
+        elif isinstance(message, HelloRequired):
+            link.welcomed = False
+            self.all_welcomed.clear()
+            self._beat(link)
+        elif isinstance(message, Shutdown):
+            reason = message.reason
+            self._stop(f"orchestrator asked: {reason}" if reason else "orchestrator asked")
+        elif not isinstance(message, Heartbeat):
+            error = StageError(request_id="", message=f"unexpected {type(message).__name__}")
+            _reply_now(link, self._codec.encode(error))
+
+
+def _flush(link: _Link) -> None:
+    while link.backlog:
+        try:
+            link.dealer.send_multipart(link.backlog[0], copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return  # high-water mark reached: wait for POLLOUT
+        link.backlog.popleft()
+
+
+def _reply_now(link: _Link, frames: list[bytes | bytearray | memoryview]) -> None:
+    with contextlib.suppress(zmq.Again):
+        link.dealer.send_multipart(frames, flags=zmq.NOBLOCK)
