@@ -98,6 +98,7 @@ def test_config_file_settings_and_flags_that_win(tmp_path: Path) -> None:
         "enable_prefix_caching": "false",
         "cpu_kv_cache_gib": "2",
         "max_model_len": "4096",
+        "encoder_cache_mib": "512",
     }
 
 

@@ -31,7 +31,13 @@ from omni.server.stage_metrics import StageCollector
 from omni.stages.contracts import audio, vision
 from omni.stages.contracts.image import ROLE as IMAGE_ROLE
 from omni.stages.contracts.speech import ROLE as SPEECH_ROLE
-from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, create_worker
+from omni.stages.runtime import (
+    StageConfig,
+    StageRuntime,
+    WorkerOptions,
+    check_worker_options,
+    create_worker,
+)
 from omni.supervision.router import RouterConfig, StageRouter
 from omni.supervision.supervisor import StageSpec, StageSupervisor
 
@@ -88,8 +94,16 @@ class Pipeline:
 
         config = self.config
         model_path, model_name = served_model(config)
-        # Tokenizer and context length first: a bad model fails here with one clear error.
-        # (A bad LLM option makes its stage exit as misconfigured, which fails the start.)
+        # Options, tokenizer and context length first: a bad option or model fails here, with
+        # one clear error, rather than as a stage process that dies on every restart.
+        check_worker_options(
+            LLM_ROLE,
+            WorkerOptions(
+                model=model_path,
+                device=config.stage_devices(LLM_ROLE)[0],
+                extra=config.llm_options(),
+            ),
+        )
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         max_model_len = context_length(model_path, config.max_model_len)
         mm = media_prompt_processor(model_path)

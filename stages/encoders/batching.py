@@ -103,11 +103,14 @@ class BatchingEncoderWorker(StageWorker):
     def cost(self, inputs: Inputs) -> int:
         """One request's cost in the budget's unit."""
 
+    def can_prepare(self, request: WorkerRequest) -> bool:
+        """Whether the request carries its items as they came, for `prepare`."""
+        return False
+
     def prepare(self, request: WorkerRequest) -> Inputs:
-        """The INPUT_NAMES tensors of a request that carries its items as they came; runs on
-        the preparation pool. Raises ValueError naming the item for what cannot be used."""
-        missing = [name for name in self.INPUT_NAMES if name not in request.inputs]
-        raise ValueError(f"request {request.request_id!r} lacks input tensors {missing}")
+        """The INPUT_NAMES tensors of a request that `can_prepare`; runs on the preparation
+        pool. Raises ValueError naming the item for what cannot be used."""
+        raise NotImplementedError(f"the {self.ROLE} stage prepares no requests")
 
     @property
     def encoder(self) -> Any:
@@ -129,7 +132,7 @@ class BatchingEncoderWorker(StageWorker):
             queued.request_id == request.request_id for queued in self._queue
         ):
             raise ValueError(f"request {request.request_id!r} is already active")
-        if all(name in request.inputs for name in self.INPUT_NAMES) or not self.PREPARE_THREADS:
+        if not (self.PREPARE_THREADS and self.can_prepare(request)):
             self._enqueue(request.request_id, request.inputs)
             return
         if self._pool is None:

@@ -200,6 +200,9 @@ class VisionWorker(BatchingEncoderWorker):
     def cost(self, inputs: Inputs) -> int:
         return int(inputs[PIXEL_VALUES].shape[0])
 
+    def can_prepare(self, request: WorkerRequest) -> bool:
+        return IMAGE in request.inputs
+
     def prepare(self, request: WorkerRequest) -> Inputs:
         """An image as the client sent it (or a rendered page) to the tower's inputs."""
         spec = CONTRACT.decode_request(request.body)

@@ -43,7 +43,7 @@ from omni.stages.runtime.worker import (
 
 # The stage's own options beside the engine's: the encoder-output cache's budget.
 ENCODER_CACHE_OPTION = "encoder_cache_mib"
-DEFAULT_ENCODER_CACHE_MIB = 1024
+DEFAULT_ENCODER_CACHE_MIB = 512
 
 _ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
 
@@ -95,16 +95,15 @@ class _Admitted:
 
 @register_worker("llm")
 class LLMWorker(StageWorker):
+    @classmethod
+    def check_options(cls, options: WorkerOptions) -> None:
+        engine_config(options)
+        _encoder_cache_mib(options)
+
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__(options)
         self.engine: LLMEngine | None = None
-        text = options.extra.get(ENCODER_CACHE_OPTION, str(DEFAULT_ENCODER_CACHE_MIB))
-        try:
-            cache_mib = int(text)
-        except ValueError:
-            raise ValueError(
-                f"option {ENCODER_CACHE_OPTION} must be an int, got {text!r}"
-            ) from None
+        cache_mib = _encoder_cache_mib(options)
         # Embeddings by item hash: an image seen before after other text (no prefix hit), or
         # whose cached blocks were evicted, needs no encoder pass.
         cache = EncoderCache(cache_mib * 1024 * 1024) if cache_mib > 0 else None
@@ -272,6 +271,17 @@ class LLMWorker(StageWorker):
     def close(self) -> None:
         if self.items.cache is not None:
             self.items.cache.close()
+
+
+def _encoder_cache_mib(options: WorkerOptions) -> int:
+    text = options.extra.get(ENCODER_CACHE_OPTION, str(DEFAULT_ENCODER_CACHE_MIB))
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"option {ENCODER_CACHE_OPTION} must be an int, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"option {ENCODER_CACHE_OPTION} is {value}; it must be >= 0")
+    return value
 
 
 def _placeholders(spec: GenerateRequest) -> list[MultiModalPlaceholder]:

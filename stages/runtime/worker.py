@@ -102,6 +102,12 @@ class StageWorker(ABC):
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
 
+    @classmethod  # noqa: B027
+    def check_options(cls, options: WorkerOptions) -> None:
+        """Raise ValueError naming a bad option, without loading anything: the server calls
+        it (through `check_worker_options`) before it starts any stage process. Optional:
+        empty on purpose."""
+
     def load(self) -> None:  # noqa: B027 - optional hook, empty on purpose
         """Load weights and warm up; runs once in the stage process before it says HELLO."""
 
@@ -242,6 +248,12 @@ def worker_class(role: str) -> type[StageWorker]:
     except KeyError:
         known = sorted(set(_WORKERS) | set(BUILTIN_WORKER_MODULES))
         raise ValueError(f"no stage worker for role {role!r}; known roles: {known}") from None
+
+
+def check_worker_options(role: str, options: WorkerOptions) -> None:
+    """The role's worker's `check_options`: a bad option fails here, with one clear error,
+    rather than as a stage process that exits at start-up."""
+    worker_class(role).check_options(options)
 
 
 def create_worker(role: str, options: WorkerOptions) -> StageWorker:
