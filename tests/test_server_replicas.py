@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -71,19 +71,24 @@ def server(folder: Path) -> Iterator[str]:
     process = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, "omni serve exited early"
-            assert time.monotonic() < deadline, "omni serve did not come up"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                    break
-            time.sleep(0.2)
+        wait_until_up(process, lambda: httpx.get(f"{url}/health", timeout=10))
         yield url
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(60)
     assert code == 0
+
+
+def wait_until_up(process: subprocess.Popen[bytes], probe: Callable[[], httpx.Response]) -> None:
+    """Until `probe` answers 200; fails if the server exits or takes over 300 s."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None, "omni serve exited early"
+        assert time.monotonic() < deadline, "omni serve did not come up"
+        with contextlib.suppress(httpx.TransportError):
+            if probe().status_code == 200:
+                return
+        time.sleep(0.2)
 
 
 def stage_requests(url: str) -> dict[str, float]:
@@ -155,14 +160,7 @@ def test_two_api_processes_share_the_port_and_each_serves(tmp_path: Path) -> Non
     url = f"http://127.0.0.1:{port}"
     body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 5, "temperature": 0}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, "omni serve exited early"
-            assert time.monotonic() < deadline, "omni serve did not come up"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.post(f"{url}/v1/completions", json=body, timeout=10).status_code == 200:
-                    break
-            time.sleep(0.2)
+        wait_until_up(process, lambda: httpx.post(f"{url}/v1/completions", json=body, timeout=10))
         [other] = [pid for pid, args in children(process.pid) if "--api-server-rank" in args]
         assert listening_socket(process.pid) == listening_socket(other) is not None
         expected = httpx.post(f"{url}/v1/completions", json=body, timeout=30).json()

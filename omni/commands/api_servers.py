@@ -49,7 +49,10 @@ def serve_with_api_servers(
         try:
             listener = socket.create_server((config.host, config.port), backlog=LISTEN_BACKLOG)
         except OSError as exc:
-            print(f"omni serve: error: cannot listen on {config.host}:{config.port}: {exc}")
+            print(
+                f"omni serve: error: cannot listen on {config.host}:{config.port}: {exc}",
+                file=sys.stderr,
+            )
             return 2
         with listener:
             listener.set_inheritable(True)
