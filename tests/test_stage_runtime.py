@@ -220,10 +220,11 @@ def test_clean_stop_fails_in_flight_requests_and_leaves_routing() -> None:
         stream.next(timeout=10)
         runtime.stop("test says stop")
         expected = (
-            r"replica echo-0 \(pid \d+\) failed request long: "
+            r"request long failed: stage 'echo' replica echo-0 \(pid \d+\): "
             r"the replica shut down \(test says stop\)"
         )
-        with pytest.raises(StageRequestError, match=expected):
+        # Lost, not refused: another replica could serve it (a 503 over HTTP, not a 400).
+        with pytest.raises(ReplicaLostError, match=expected):
             stream.result(timeout=5)
         assert runtime.join(10)
         deadline = time.monotonic() + 5
@@ -308,8 +309,8 @@ def test_a_failing_step_fails_held_requests_and_stops_the_stage() -> None:
         runtime = StageRuntime(config, _BrokenBatchWorker(WorkerOptions())).start()
         assert router.wait_for_replicas("broken", 1, timeout=10)
         with pytest.raises(
-            StageRequestError,
-            match=r"failed request r: the replica shut down "
+            ReplicaLostError,
+            match=r"request r failed: .*: the replica shut down "
             r"\(worker failed: RuntimeError: CUDA out of memory",
         ):
             router.submit("broken", request_id="r").result(timeout=5)

@@ -311,14 +311,20 @@ class RoutingState:
             logger.warning("%s reported: %s", replica.describe(), error.message)
             return
         request = self.requests.get(error.request_id)
-        if request is not None and request.replica is replica:
-            self.fail(
-                request,
-                StageRequestError(
-                    f"{replica.describe()} failed request {error.request_id}: {error.message}",
-                    stage_message=error.message,
-                ),
+        if request is None or request.replica is not replica:
+            return
+        if error.code == "replica_lost":
+            # The replica is going away (shutting down): not the request's fault, and another
+            # replica may serve it.
+            failure: StageFailure = ReplicaLostError(
+                f"request {error.request_id} failed: {replica.describe()}: {error.message}"
             )
+        else:
+            failure = StageRequestError(
+                f"{replica.describe()} failed request {error.request_id}: {error.message}",
+                stage_message=error.message,
+            )
+        self.fail(request, failure)
 
     def dispatch(self) -> None:
         now = time.monotonic()

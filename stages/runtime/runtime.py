@@ -350,6 +350,7 @@ class StageRuntime:
         for request_id, link in sorted(self._active.items()):
             self.worker.abort(request_id)
             message = f"the replica shut down ({reason})"
-            self._send(push, StageError(request_id=request_id, message=message), link)
+            error = StageError(request_id=request_id, message=message, code="replica_lost")
+            self._send(push, error, link)
         self._active.clear()
         self._send(push, Goodbye(replica_id=self.replica_id, reason=reason[:1000]), ALL_LINKS)
