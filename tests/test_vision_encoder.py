@@ -10,7 +10,7 @@ import pytest
 import torch
 from fixtures_vl import load_reference_vl, make_tiny_qwen2_5_vl, noise_image
 from omni.stages.checkpoint import load_prefixed_state_dict
-from omni.stages.contracts.encoder import EncodeReply
+from omni.stages.contracts.encoder import EncodeReply, EncoderStats
 from omni.stages.encoders.vision import VISION_PREFIXES, VisionEncoder, VisionWorker
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, worker_class
 from omni.stages.runtime.worker import WorkerRequest
@@ -138,23 +138,23 @@ def test_worker_batches_queued_requests_within_the_patch_budget(
     for index in (0, 1, 2, 3):
         pixels, grid = image_inputs[index]
         worker.add_request(
-            WorkerRequest(f"r{index}", {"pixel_values": pixels, "image_grid_thw": grid}, {})
+            WorkerRequest(f"r{index}", {"pixel_values": pixels, "image_grid_thw": grid})
         )
-    worker.add_request(WorkerRequest("gone", _request_inputs(*image_inputs[0]), {}))
+    worker.add_request(WorkerRequest("gone", _request_inputs(*image_inputs[0])))
     worker.abort("gone")
     with pytest.raises(ValueError, match="lacks input tensors \\['image_grid_thw'\\]"):
-        worker.add_request(WorkerRequest("bad", {"pixel_values": image_inputs[0][0]}, {}))
+        worker.add_request(WorkerRequest("bad", {"pixel_values": image_inputs[0][0]}))
     with pytest.raises(ValueError, match="'r1' is already active"):
-        worker.add_request(WorkerRequest("r1", _request_inputs(*image_inputs[1]), {}))
+        worker.add_request(WorkerRequest("r1", _request_inputs(*image_inputs[1])))
 
-    queued = {"encoder_requests_queued": 4, "encoder_requests_encoded": 0, "encoder_forwards": 0}
+    queued = EncoderStats(requests_queued=4, requests_encoded=0, forwards=0)
     assert worker.stats() == queued
     first = worker.step()
     assert [o.request_id for o in first] == ["r0", "r1", "r2"]
     second = worker.step()
     assert [o.request_id for o in second] == ["r3"]
     assert not worker.has_work() and worker.step() == []
-    done = {"encoder_requests_queued": 0, "encoder_requests_encoded": 4, "encoder_forwards": 2}
+    done = EncoderStats(requests_queued=0, requests_encoded=4, forwards=2)
     assert worker.stats() == done
     for output in first + second:
         pixels, grid = image_inputs[int(output.request_id[1:])]
