@@ -480,3 +480,10 @@ def test_bench_dataset_builds_media_parts() -> None:
     assert build_requests(spec)[0].content == first.content  # deterministic
     with pytest.raises(ValueError, match="num_prompts must be at least 1, got 0"):
         DatasetSpec(num_prompts=0)
+    # JPEG, as vLLM's random-mm client sends: the media type and the bytes say so.
+    [jpeg] = build_requests(DatasetSpec(num_prompts=1, num_images=1, image_format="jpeg"))
+    header, data = jpeg.content[0]["image_url"]["url"].split(",", 1)
+    assert header == "data:image/jpeg;base64"
+    assert base64.b64decode(data)[:3] == b"\xff\xd8\xff"
+    with pytest.raises(ValueError, match="image_format must be one of"):
+        DatasetSpec(image_format="gif")

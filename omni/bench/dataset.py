@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+# The image formats a random image can be sent in, with their media types.
+IMAGE_FORMATS = {"png": "image/png", "jpeg": "image/jpeg"}
+
 # A small word list: random prompts of about the asked number of tokens for any tokenizer.
 _WORDS = [
     "the",
@@ -92,6 +95,8 @@ class DatasetSpec:
     # Per request: this many images of this size, audio clips of this length, PDF pages.
     num_images: int = 0
     image_size: tuple[int, int] = (448, 448)
+    # PNG (lossless, the heavier decode) or JPEG (what vLLM's random-mm client sends).
+    image_format: str = "png"
     num_audio: int = 0
     audio_seconds: float = 5.0
     pdf_pages: int = 0
@@ -103,6 +108,10 @@ class DatasetSpec:
             raise ValueError(f"num_prompts must be at least 1, got {self.num_prompts}")
         if self.output_tokens < 1:
             raise ValueError(f"output_tokens must be at least 1, got {self.output_tokens}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(
+                f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {self.image_format!r}"
+            )
         for name in ("input_words", "num_images", "num_audio", "pdf_pages"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -124,7 +133,8 @@ def build_requests(spec: DatasetSpec) -> list[BenchRequest]:
         parts: list[dict[str, Any]] = []
         media: list[str] = []
         for k in range(spec.num_images):
-            parts.append(_image_part(spec.image_size, spec.seed * 1_000_003 + index * 97 + k))
+            seed = spec.seed * 1_000_003 + index * 97 + k
+            parts.append(_image_part(spec.image_size, seed, spec.image_format))
             media.append("image")
         for k in range(spec.num_audio):
             parts.append(_audio_part(spec.audio_seconds, 220.0 + 10 * ((index + k) % 50)))
@@ -141,16 +151,18 @@ def build_requests(spec: DatasetSpec) -> list[BenchRequest]:
     return requests
 
 
-def _png_data_url(image: Image.Image) -> str:
+def _image_data_url(image: Image.Image, image_format: str = "png") -> str:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    image.save(buffer, format=image_format.upper())
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return f"data:{IMAGE_FORMATS[image_format]};base64,{encoded}"
 
 
-def _image_part(size: tuple[int, int], seed: int) -> dict[str, Any]:
+def _image_part(size: tuple[int, int], seed: int, image_format: str = "png") -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    return {"type": "image_url", "image_url": {"url": _png_data_url(Image.fromarray(pixels))}}
+    url = _image_data_url(Image.fromarray(pixels), image_format)
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def _audio_part(seconds: float, frequency: float, rate: int = 16000) -> dict[str, Any]:

@@ -24,6 +24,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--num-images", type=int, default=0, help="random images per request")
     p.add_argument("--image-size", default="448x448", help="WIDTHxHEIGHT")
+    p.add_argument(
+        "--image-format",
+        choices=("png", "jpeg"),
+        default="png",
+        help="how random images are sent (vLLM's random-mm client sends JPEG)",
+    )
     p.add_argument("--num-audio", type=int, default=0, help="audio clips per request")
     p.add_argument("--audio-seconds", type=float, default=5.0)
     p.add_argument("--pdf-pages", type=int, default=0, help="pages of a PDF per request")
@@ -54,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             output_tokens=args.output_tokens,
             num_images=args.num_images,
             image_size=(width, height),
+            image_format=args.image_format,
             num_audio=args.num_audio,
             audio_seconds=args.audio_seconds,
             pdf_pages=args.pdf_pages,
