@@ -31,13 +31,14 @@ from omni.transport.messages import (
     Goodbye,
     Heartbeat,
     Hello,
+    PeerRequest,
     StageReplies,
     StageReply,
     StageRequest,
     Welcome,
     stage_codec,
 )
-from stage_helpers import SHM_PREFIX, echo_runtime, ipc_endpoint, our_segments, running_router
+from stage_helpers import FAST, SHM_PREFIX, echo_runtime, ipc_endpoint, our_segments, running_router
 
 from omni.supervision.router import StageRouter
 from omni.supervision.streams import Reply
@@ -427,3 +428,60 @@ def test_a_call_withdrawn_before_it_was_sent_never_leaves_the_replica() -> None:
             _, sent = router.load_snapshot()
             assert sent == {("test-asker", "asker-0"): 1}  # nothing went to the echo stage
             assert worker.heard == []
+
+
+def test_a_peer_call_waits_until_its_link_is_welcomed() -> None:
+    """With several API processes a replica can be WELCOMEd by one router, and given work
+    there, before router 0 (which carries its peer calls) has welcomed it. A router drops what
+    an unknown replica sends, so a call sent then would be lost and its request would hang:
+    the call must wait for router 0's WELCOME."""
+    codec = stage_codec()
+    with ipc_endpoint() as first, ipc_endpoint() as second, running_router(second) as router:
+        bare: zmq.Socket = zmq.Context.instance().socket(zmq.ROUTER)
+        bare.bind(first)
+        worker = AskerWorker(WorkerOptions(model="asker"))
+        config = StageConfig(
+            role="test-asker",
+            connect=first,
+            also_connect=(second,),
+            heartbeat_interval_s=0.05,
+            server_timeout_s=1.0,
+            shm_prefix=SHM_PREFIX,
+            replica_id="asker-0",
+        )
+        try:
+            with _started(StageRuntime(config, worker)):
+                assert router.wait_for_replicas("test-asker", 1, timeout=10)
+                body = ASKER.encode(EchoParams())
+                stream = router.submit("test-asker", {"x": torch.tensor([5])}, body, request_id="r")
+                # Router 0 has not answered: for half a second it hears only HELLOs.
+                heard: list[msgspec.Struct] = []
+                deadline = time.monotonic() + 0.5
+                while time.monotonic() < deadline:
+                    if bare.poll(20):
+                        identity, *frames = bare.recv_multipart()
+                        heard.append(codec.decode(frames))
+                assert heard and {type(m) for m in heard} == {Hello}
+                # The same interval as router 1's: the replica beats at link 0's on every link.
+                welcome = Welcome(replica_id="asker-0", **FAST)
+                bare.send_multipart([identity, *codec.encode(welcome)])
+                # Now the call comes; answer it as the router would relay an echo's reply.
+                while True:
+                    assert bare.poll(5000), "the peer call never came"
+                    identity, *frames = bare.recv_multipart()
+                    call = codec.decode(frames)
+                    if isinstance(call, PeerRequest):
+                        break
+                assert (call.request_id, call.role) == ("r/echo", "echo")
+                answer = StageReply(
+                    request_id="r/echo",
+                    outputs={"x": torch.tensor([11])},
+                    body=ECHO.encode(EchoReply(chunk=0, device="fake", model="fake")),
+                    finished=True,
+                )
+                bare.send_multipart([identity, *codec.encode(answer)])
+                [reply] = stream.result(timeout=10)
+        finally:
+            bare.close(linger=0)
+    assert ASKER.decode_reply(reply.body) == Asked([0], echo_model="fake")
+    assert reply.tensors["x"].tolist() == [1011]

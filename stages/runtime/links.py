@@ -131,7 +131,8 @@ class RouterLinks:
         poller.register(pull, zmq.POLLIN)
         while True:
             for link in links:
-                poller.register(link.dealer, zmq.POLLIN | (zmq.POLLOUT if link.backlog else 0))
+                writable = zmq.POLLOUT if link.backlog and link.welcomed else 0
+                poller.register(link.dealer, zmq.POLLIN | writable)
             wait_ms = max(0.0, next_beat - time.monotonic()) * 1000
             events = dict(poller.poll(0 if closing else int(wait_ms)))
             if events.get(pull):
@@ -140,7 +141,11 @@ class RouterLinks:
                 if events.get(link.dealer, 0) & zmq.POLLIN:
                     link.last_heard = time.monotonic()
                     self._receive(index, link)
-                _flush(link)
+                # An orchestrator drops what a replica it has not WELCOMEd sends (it answers
+                # HelloRequired), so messages wait until it has: a peer call made while link
+                # 0 is still joining, say, once another API process gave this replica work.
+                if link.welcomed:
+                    _flush(link)
             if closing:
                 # Give queued replies and the GOODBYE their chance before the sockets close.
                 deadline = time.monotonic() + self.config.sockets.linger_ms / 1000
