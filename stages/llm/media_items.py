@@ -165,9 +165,6 @@ class ItemFetcher:
             for request_id in {w[0] for w in encoding.waiters}:
                 self._fail(request_id, error)
             return
-        # A copy of our own: the reply may map the encoder's shared memory, which is handed
-        # back once the tensor is dropped.
-        embeddings = embeddings.clone()
         if self.cache is not None:
             footprint = self.cache.storage.footprint(embeddings)
             if self.cache.can_put(footprint):

@@ -17,6 +17,7 @@ are failed with a clear error, GOODBYE is sent, shared memory is unlinked.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -72,7 +73,7 @@ class StageRuntime:
             config,
             self._context,
             out_endpoint,
-            lambda link, message: self._inbound.put((link, message)),
+            self._deliver,
             self._heartbeat,
             self._hello,
             self._fail_io,
@@ -83,6 +84,8 @@ class StageRuntime:
         self._peer_calls: set[str] = set()
         self._pool: SharedTensorPool | None = None
         self._reader = SharedTensorReader(prefix=config.shm_prefix)
+        # The I/O thread's own, for copying peer answers out of shared memory (see _deliver).
+        self._peer_reader = SharedTensorReader(prefix=config.shm_prefix)
         self._io_thread: threading.Thread | None = None
         self._loop_thread: threading.Thread | None = None
 
@@ -172,6 +175,31 @@ class StageRuntime:
             logger.exception("stage %s: worker stats failed", self.replica_id)
             return b""
 
+    def _deliver(self, link: int, message: Inbound) -> None:
+        """Runs on the I/O thread. A peer call's answer can map another replica's shared
+        memory (an encoder's embeddings); its tensors are copied out and the memory handed
+        back here, so the copy (milliseconds for megabytes of freshly mapped pages) runs
+        beside the busy loop instead of inside a step, and the worker keeps plain tensors."""
+        if link == _PEER_LINK and isinstance(message, StageReply) and message.shm_outputs:
+            message = self._copy_out(message)
+        self._inbound.put((link, message))
+
+    def _copy_out(self, reply: StageReply) -> StageReply | StageError:
+        tensors = dict(reply.outputs)
+        try:
+            for name, handle in reply.shm_outputs.items():
+                tensors[name] = self._peer_reader.open(handle).clone()
+                self._peer_reader.release(handle)
+        except (OSError, ValueError) as exc:
+            for handle in reply.shm_outputs.values():
+                with contextlib.suppress(OSError, ValueError):
+                    self._peer_reader.discard(handle)
+            message = f"unreadable shared tensor: {exc}"
+            return StageError(request_id=reply.request_id, message=message)
+        return StageReply(
+            request_id=reply.request_id, outputs=tensors, body=reply.body, finished=reply.finished
+        )
+
     # -- busy loop ----------------------------------------------------------------------------
 
     def _serve(self) -> None:
@@ -193,6 +221,7 @@ class StageRuntime:
             if self._pool is not None:
                 self._pool.close()
             self._reader.close()
+            self._peer_reader.close()
 
     def _step(self, push: zmq.Socket) -> None:
         try:
@@ -233,25 +262,15 @@ class StageRuntime:
     def _peer_answer(self, message: StageReply | StageError) -> None:
         """Hand the worker an answer to one of its peer calls (a withdrawn call's is dropped)."""
         if message.request_id not in self._peer_calls:
-            if isinstance(message, StageReply):
-                for handle in message.shm_outputs.values():
-                    self._reader.discard(handle)
             return
         reply: PeerReply
         if isinstance(message, StageError):
             lost = message.code in ("replica_lost", "no_replica")
             reply = PeerReply(message.request_id, error=message.message, lost=lost)
-        else:
-            try:
-                tensors = dict(message.outputs)
-                for name, handle in message.shm_outputs.items():
-                    tensors[name] = self._reader.open(handle, release_on_gc=True)
-            except (OSError, ValueError) as exc:
-                reply = PeerReply(message.request_id, error=f"unreadable shared tensor: {exc}")
-            else:
-                reply = PeerReply(
-                    message.request_id, tensors, bytes(message.body), finished=message.finished
-                )
+        else:  # its tensors were copied out of shared memory on arrival (_deliver)
+            tensors = dict(message.outputs)
+            body = bytes(message.body)
+            reply = PeerReply(message.request_id, tensors, body, finished=message.finished)
         if reply.finished or reply.error is not None:
             self._peer_calls.discard(message.request_id)
         self.worker.on_peer_reply(reply)

@@ -86,7 +86,8 @@ class PeerCall:
 @dataclass(frozen=True)
 class PeerReply:
     """One answer to a `PeerCall`: a reply (the last has `finished`), or its failure, where
-    `lost` means the serving replica died or none was free, so asking again may succeed."""
+    `lost` means the serving replica died or none was free, so asking again may succeed.
+    `tensors` are the worker's own to keep: none maps another process's shared memory."""
 
     request_id: str
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
