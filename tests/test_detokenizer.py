@@ -1,5 +1,6 @@
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from omni.stages.llm.detokenizer import IncrementalDetokenizer, find_stop_string
@@ -15,8 +16,28 @@ CORPUS = [
 WORDS = ["the", "dog", "héllo", "世界", "🙂", "world", "stop", "here", "naïve", "lazy", ",", "!"]
 
 
-@pytest.fixture(scope="module")
-def byte_tok() -> PreTrainedTokenizerFast:
+class _WithoutBackend:
+    """The tokenizer as one without a `tokenizers` backend sees it: the detokenizer then
+    takes its window path instead of the Rust DecodeStream, and must give the same text."""
+
+    backend_tokenizer = None
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+
+def _both_paths(request: pytest.FixtureRequest, tok: PreTrainedTokenizerFast) -> Any:
+    return tok if request.param == "stream" else _WithoutBackend(tok)
+
+
+@pytest.fixture(scope="module", params=["stream", "window"])
+def byte_tok(request: pytest.FixtureRequest) -> PreTrainedTokenizerFast:
     """Byte-level BPE like GPT-2/Qwen2; the small vocabulary splits every multi-byte
     character into one token per byte."""
     tok = Tokenizer(models.BPE())
@@ -27,13 +48,14 @@ def byte_tok() -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 3, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", clean_up_tokenization_spaces=False
     )
+    return _both_paths(request, fast)
 
 
-@pytest.fixture(scope="module")
-def metaspace_tok() -> PreTrainedTokenizerFast:
+@pytest.fixture(scope="module", params=["stream", "window"])
+def metaspace_tok(request: pytest.FixtureRequest) -> PreTrainedTokenizerFast:
     """SentencePiece-style: the decoder drops the leading space of the first token."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -41,8 +63,9 @@ def metaspace_tok() -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"],
                                   show_progress=False)
     tok.train_from_iterator(CORPUS * 3, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
                                    clean_up_tokenization_spaces=False)
+    return _both_paths(request, fast)
 
 
 def _stream(detok: IncrementalDetokenizer, token_ids: Sequence[int]) -> list[str]:

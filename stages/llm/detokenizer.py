@@ -26,6 +26,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -98,6 +101,18 @@ class IncrementalDetokenizer:
         self._min_tokens = min_tokens
 
         context = list(prompt_token_ids[-(INITIAL_DETOKENIZATION_OFFSET + 2):])
+        # A tokenizer backed by the `tokenizers` library decodes incrementally in Rust
+        # (DecodeStream, as vLLM's fast detokenizer does): one call per token instead of three,
+        # which is most of the LLM stage's per-token host work at large batches. Others take
+        # the window path (`_decode_new_text`).
+        self._backend: Tokenizer | None = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream: DecodeStream | None = None
+        if self._backend is not None:
+            self._stream = DecodeStream(
+                ids=[t for t in context if 0 <= t < self._vocab_size],
+                skip_special_tokens=skip_special_tokens,
+            )
+            context = []
         self._tokens: list[str] = self._convert_ids(context)
         self._read_offset = len(self._tokens)
         self._prefix_offset = max(self._read_offset - INITIAL_DETOKENIZATION_OFFSET, 0)
@@ -126,8 +141,11 @@ class IncrementalDetokenizer:
         if self.stopped_by is not None:
             return ""
         self.output_token_ids.append(token_id)
-        self._tokens.extend(self._convert_ids([token_id]))
-        self._text += self._decode_new_text()
+        if self._stream is not None:
+            self._text += self._step_stream(token_id)
+        else:
+            self._tokens.extend(self._convert_ids([token_id]))
+            self._text += self._decode_new_text()
         self._check_stop_strings()
         return self._take_delta(final=self.stopped_by is not None)
 
@@ -163,6 +181,21 @@ class IncrementalDetokenizer:
         ]
         tokens = self._tokenizer.convert_ids_to_tokens(kept)
         return [token or "" for token in tokens]
+
+    def _step_stream(self, token_id: int) -> str:
+        assert self._stream is not None and self._backend is not None
+        if not 0 <= token_id < self._vocab_size:
+            return ""
+        try:
+            text = self._stream.step(self._backend, token_id)
+        except Exception as exc:
+            # tokenizers raises this when a decoder's output stops extending its earlier
+            # output; as vLLM does, start a fresh stream at this token.
+            if "Invalid prefix" not in str(exc):
+                raise
+            self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
+            text = self._stream.step(self._backend, token_id)
+        return text or ""  # None: the token ends inside a character still being completed
 
     def _decode_new_text(self) -> str:
         window = self._tokens[self._prefix_offset:]
