@@ -10,6 +10,7 @@ import torch
 from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.cuda_graphs import DecodeGraphs
+from omni.stages.llm.host_to_device import copy_to_device
 from omni.stages.llm.kv_cache_sizing import allocate_kv_caches, num_blocks_for_memory
 from omni.stages.llm.models.loader import load_model
 from omni.stages.llm.sampler import Sampler, SamplingBatch
@@ -101,9 +102,8 @@ class ModelRunner:
         if host.mm_splices:
             inputs_embeds = self.model.embed_tokens(inputs.token_ids)
             for start, rows in host.mm_splices:
-                inputs_embeds[start : start + rows.shape[0]] = rows.to(
-                    inputs_embeds.device, inputs_embeds.dtype
-                )
+                on_device = copy_to_device(rows, inputs_embeds.device)
+                inputs_embeds[start : start + rows.shape[0]] = on_device.to(inputs_embeds.dtype)
         hidden = self.model(
             None if inputs_embeds is not None else inputs.token_ids,
             inputs.positions,
@@ -170,12 +170,8 @@ class TokenFeed:
 
 
 def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    """int64 indices on `device` without waiting for the device: a copy from pageable host
-    memory would block until the stream drains, undoing asynchronous scheduling."""
-    tensor = torch.tensor(values, dtype=torch.int64)
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    """int64 indices on `device`, without waiting for the device."""
+    return copy_to_device(torch.tensor(values, dtype=torch.int64), device)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from omni.stages.contracts.sampling import GREEDY_TEMPERATURE_EPS, SamplingParams
+from omni.stages.llm.host_to_device import copy_to_device
 
 # Padding value for ragged token-id lists; the sampler maps it to a spill column past the
 # vocabulary, so no host-side knowledge of the vocabulary size is needed at build time.
@@ -39,7 +40,7 @@ def _pad_token_lists(
     for row, ids in enumerate(lists):
         if ids:
             padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-    return padded.to(device, non_blocking=True)
+    return copy_to_device(padded, device)
 
 
 @dataclass
@@ -132,7 +133,7 @@ class SamplingBatch:
             needs_min_p=any(p.min_p > 0.0 for p in random_params),
         )
         for name in ("temperature", "top_k", "top_p", "min_p"):
-            setattr(batch, name, getattr(batch, name).to(device, non_blocking=True))
+            setattr(batch, name, copy_to_device(getattr(batch, name), device))
 
         if any(p.has_penalties for p in params):
             batch._set_penalties(params, device, output_token_ids, prompt_token_ids)
@@ -149,12 +150,12 @@ class SamplingBatch:
     ) -> None:
         if output_token_ids is None:
             raise ValueError("output_token_ids are required when a row uses penalties")
-        self.repetition_penalty = torch.tensor(
-            [p.repetition_penalty for p in params], dtype=torch.float32).to(device)
-        self.presence_penalty = torch.tensor(
-            [p.presence_penalty for p in params], dtype=torch.float32).to(device)
-        self.frequency_penalty = torch.tensor(
-            [p.frequency_penalty for p in params], dtype=torch.float32).to(device)
+        self.repetition_penalty = copy_to_device(torch.tensor(
+            [p.repetition_penalty for p in params], dtype=torch.float32), device)
+        self.presence_penalty = copy_to_device(torch.tensor(
+            [p.presence_penalty for p in params], dtype=torch.float32), device)
+        self.frequency_penalty = copy_to_device(torch.tensor(
+            [p.frequency_penalty for p in params], dtype=torch.float32), device)
         self.output_token_ids = _pad_token_lists(output_token_ids, device)
         if any(p.repetition_penalty != 1.0 for p in params):
             if prompt_token_ids is None:
@@ -183,8 +184,10 @@ class SamplingBatch:
                 rows.append(row)
                 token_ids.append(token_id)
         if rows:
-            self.banned_rows = torch.tensor(rows, dtype=torch.int64).to(device)
-            self.banned_token_ids = torch.tensor(token_ids, dtype=torch.int64).to(device)
+            self.banned_rows = copy_to_device(torch.tensor(rows, dtype=torch.int64), device)
+            self.banned_token_ids = copy_to_device(
+                torch.tensor(token_ids, dtype=torch.int64), device
+            )
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from omni.stages.llm.attention.metadata import AttentionMetadata
+from omni.stages.llm.host_to_device import copy_to_device
 from omni.stages.llm.scheduler import ScheduledRequest
 
 
@@ -183,10 +184,7 @@ class DeviceStepInputs:
 
 def to_device(host: HostStepInputs, device: torch.device) -> DeviceStepInputs:
     def move(array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if device.type == "cuda":
-            return tensor.pin_memory().to(device, non_blocking=True)
-        return tensor
+        return copy_to_device(torch.from_numpy(array), device)
 
     attn = AttentionMetadata(
         query_start_loc=move(host.query_start_loc),
