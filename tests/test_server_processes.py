@@ -119,6 +119,22 @@ def test_bad_config_files_are_named(tmp_path: Path, text: str, message: str) -> 
         serve_config(args)
 
 
+def test_colocated_encoders_flag_and_what_it_excludes() -> None:
+    args = build_parser().parse_args(["serve", "--colocate-encoders", "--llm-replicas", "2"])
+    config = serve_config(args)
+    assert config.colocate_encoders
+    # One encoder replica in each LLM replica's process.
+    assert (config.encoder_replicas("vision"), config.encoder_replicas("audio")) == (2, 2)
+    assert ServeConfig(llm_replicas=2, vision_replicas=3).encoder_replicas("vision") == 3
+    for fields, message in (
+        ({"single_process": True}, "colocate_encoders needs stage processes"),
+        ({"vision_replicas": 2}, r"vision_replicas \(2\) does not apply"),
+        ({"devices": {"audio": ("cpu",)}}, "the audio encoder runs on its LLM replica's device"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ServeConfig(colocate_encoders=True, **fields)  # type: ignore[arg-type]
+
+
 def test_devices_flag() -> None:
     assert parse_devices("llm=0,1;vision=cpu") == {
         "llm": ("cuda:0", "cuda:1"),

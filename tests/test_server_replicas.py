@@ -209,3 +209,115 @@ def listening_socket(pid: int) -> str | None:
             if target.startswith("socket:[") and target[8:-1] in listening:
                 return target[8:-1]
     return None
+
+
+def test_encoders_colocated_in_the_llm_replicas_processes(folder: Path) -> None:
+    """`--colocate-encoders --llm-replicas 2`: each LLM replica's process also runs a vision
+    replica, and no vision process is started; image chats are answered as transformers
+    answers them, each image encoded once. A SIGKILLed LLM process takes its vision replica
+    along: both are restarted, in one process again, and serve."""
+    processor = Qwen2VLPromptProcessor.from_pretrained(str(folder))
+    seeds = [*range(8), *range(100, 104)]  # the last four after the kill
+    expected = {}
+    for seed in seeds:
+        prompt = prepare_qwen2_vl_prompt(processor, messages=messages(noise_image(56, 56, seed)))
+        tokens = reference(folder, prompt)
+        expected[seed] = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    port = free_port()
+    command = [
+        sys.executable, "-m", "omni.cli", "serve", str(folder), "--port", str(port),
+        "--served-model-name", MODEL, "--llm-replicas", "2", "--colocate-encoders",
+        "--devices", "llm=cpu", "--no-speech", "--option", "num_kv_blocks=256",
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+
+    def ask(seed: int) -> str:
+        body = {
+            "model": MODEL,
+            "messages": messages(png_url(seed)),
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        return str(reply.json()["choices"][0]["message"]["content"])
+
+    try:
+        wait_until_up(process, lambda: httpx.get(f"{url}/health", timeout=10))
+        stages = [args for _, args in children(process.pid) if "stage" in args]
+        assert sorted(args[args.index("stage") + 1] for args in stages) == ["llm", "llm"]
+        assert sorted(args[args.index("--colocate") + 1] for args in stages) == ["vision"] * 2
+        assert {seed: ask(seed) for seed in range(8)} == {s: expected[s] for s in range(8)}
+        # Heartbeats carry the counts (every second): eight distinct images, eight encodes.
+        deadline = time.monotonic() + 30
+        while sum(encoder_requests(url).values()) < 8:
+            assert time.monotonic() < deadline, encoder_requests(url)
+            time.sleep(0.2)
+        encoded = encoder_requests(url)
+        assert sorted(encoded) == ["vision-0", "vision-1"] and sum(encoded.values()) == 8
+        [victim] = [
+            pid
+            for pid, args in children(process.pid)
+            if "--colocate-replica-id" in args
+            and args[args.index("--colocate-replica-id") + 1] == "vision-0"
+        ]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while metric(url, "omni:stage_restarts_total") < 1 or live_replicas(url) != {
+            "llm-0",
+            "llm-1",
+            "vision-0",
+            "vision-1",
+        }:
+            assert time.monotonic() < deadline, "the killed process was not restarted"
+            time.sleep(0.2)
+        [restarted] = [
+            args
+            for pid, args in children(process.pid)
+            if "--colocate-replica-id" in args
+            and args[args.index("--colocate-replica-id") + 1] == "vision-0"
+        ]
+        assert restarted[restarted.index("stage") + 1] == "llm"
+        after = range(100, 104)
+        assert {seed: ask(seed) for seed in after} == {s: expected[s] for s in after}
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(60)
+    assert code == 0
+    assert children(process.pid) == []
+
+
+def png_url(seed: int) -> str:
+    buffer = io.BytesIO()
+    noise_image(56, 56, seed).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def encoder_requests(url: str) -> dict[str, float]:
+    """`omni:encoder_requests_encoded_total` by replica id."""
+    found = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("omni:encoder_requests_encoded_total{"):
+            labels, _, value = line.rpartition(" ")
+            found[labels.split('replica="', 1)[1].split('"', 1)[0]] = float(value)
+    return found
+
+
+def live_replicas(url: str) -> set[str]:
+    """The replica ids the router routes to (`omni:stage_requests_running`)."""
+    found = set()
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("omni:stage_requests_running{"):
+            found.add(line.split('replica="', 1)[1].split('"', 1)[0])
+    return found
+
+
+def metric(url: str, name: str) -> float:
+    """An unlabelled metric's value."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")

@@ -48,6 +48,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--speech-replicas", type=int, default=None)
     p.add_argument("--devices", default=None, help="per-role devices, for example llm=0,1")
     p.add_argument(
+        "--colocate-encoders",
+        action="store_true",
+        default=None,
+        help="run the model's encoder inside each LLM replica's process, on its device (one "
+        "GPU for both: two processes would take turns on it)",
+    )
+    p.add_argument(
         "--single-process",
         action="store_true",
         default=None,
@@ -133,7 +140,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         options[key] = value
     for name in (
         "model", "served_model_name", "host", "port", "llm_replicas", "devices",
-        "single_process", "api_key", "max_model_len", "max_num_seqs", "max_body_bytes",
+        "single_process", "colocate_encoders", "api_key", "max_model_len", "max_num_seqs",
+        "max_body_bytes",
         "image_model", "image_replicas", "speech", "speech_model", "vision_replicas",
         "audio_replicas", "speech_replicas", "encoder_cache_mib", "allowed_media_domains",
         "allowed_local_media_path", "media_fetch_timeout_s", "pdf_dpi", "pdf_min_dpi",

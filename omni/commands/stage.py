@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import sys
@@ -59,6 +60,17 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--curve-keys-file", default="", help="this stage's secret CURVE certificate file"
     )
+    parser.add_argument(
+        "--colocate",
+        default="",
+        metavar="ROLE",
+        help="also run a replica of ROLE in this process, on the same device (an encoder beside "
+        "the LLM on one GPU: one process runs both replicas' kernels side by side, two "
+        "processes take turns on the GPU)",
+    )
+    parser.add_argument("--colocate-model", default="", help="its model (default: --model)")
+    parser.add_argument("--colocate-replica-id", default="", help="its replica id")
+    parser.add_argument("--colocate-capacity", type=int, default=8, help="its capacity")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="INFO")
     parser.set_defaults(func=run)
@@ -87,10 +99,28 @@ def run(args: argparse.Namespace) -> int:
     """Serve until told to stop; 2 with a one-line message for a bad flag or unknown role."""
     try:
         config, worker = _build(args)
+        colocated = [_colocated(args, config)] if args.colocate else []
     except ValueError as exc:
         print(f"omni stage: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    return run_stage_process(config, worker)
+    return run_stage_process(config, worker, colocated)
+
+
+def _colocated(args: argparse.Namespace, host: StageConfig) -> tuple[StageConfig, StageWorker]:
+    """The `--colocate` replica: its own role, model, id and capacity; the host's links,
+    device and settings."""
+    if args.colocate == args.role:
+        raise ValueError(f"--colocate {args.colocate} is this stage's own role")
+    model = args.colocate_model or args.model
+    config = dataclasses.replace(
+        host,
+        role=args.colocate,
+        model=model,
+        replica_id=args.colocate_replica_id,
+        capacity=args.colocate_capacity,
+    )
+    options = WorkerOptions(model=model, device=args.device)
+    return config, create_worker(args.colocate, options)
 
 
 def _build(args: argparse.Namespace) -> tuple[StageConfig, StageWorker]:

@@ -63,6 +63,10 @@ REPLICA_FIELDS = (
 )
 
 
+# The encoder roles `colocate_encoders` moves into the LLM replicas' processes.
+COLOCATED_ROLES = ("vision", "audio")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     # Model folder or hub id; None serves the embedded default (SmolLM2-135M-Instruct).
@@ -80,6 +84,10 @@ class ServeConfig:
     devices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Every stage inside the API process (threads over inproc://): tests and small demos.
     single_process: bool = False
+    # Each LLM replica's process also runs the model's encoder (one replica each, on the LLM
+    # replica's device): for an encoder and an LLM on one GPU, whose two processes would
+    # otherwise take turns on it (see omni.stages.runtime.process.run_stage_process).
+    colocate_encoders: bool = False
     api_key: str | None = None
     max_model_len: int | None = None
     max_num_seqs: int | None = None
@@ -133,6 +141,8 @@ class ServeConfig:
                 raise ValueError(f"{name} is {getattr(self, name)}; it must be >= 1")
         if self.api_server_count > 1 and self.single_process:
             raise ValueError("api_server_count > 1 needs stage processes, not single_process")
+        if self.colocate_encoders:
+            self._check_colocation()
         if not 0 <= self.api_server_rank < self.api_server_count:
             raise ValueError(
                 f"api_server_rank is {self.api_server_rank}; it must be in "
@@ -178,12 +188,32 @@ class ServeConfig:
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s is {self.startup_timeout_s}; it must be > 0")
 
+    def _check_colocation(self) -> None:
+        if self.single_process:
+            raise ValueError("colocate_encoders needs stage processes, not single_process")
+        for role in COLOCATED_ROLES:
+            if self.replicas(role) != 1:
+                raise ValueError(
+                    f"with colocate_encoders every LLM replica runs one {role} replica: "
+                    f"{role}_replicas ({self.replicas(role)}) does not apply"
+                )
+            if role in self.devices:
+                raise ValueError(
+                    f"with colocate_encoders the {role} encoder runs on its LLM replica's "
+                    "device: name llm's devices only"
+                )
+
     def replicas(self, role: str) -> int:
         """How many replicas of `role` to run (`llm`, `vision`, `audio`, `image`, `speech`)."""
         name = f"{role}_replicas"
         if name not in REPLICA_FIELDS:
             raise ValueError(f"no replica count for stage role {role!r}")
         return int(getattr(self, name))
+
+    def encoder_replicas(self, role: str) -> int:
+        """How many replicas of the model's encoder `role` run: one in each LLM replica's
+        process when colocated."""
+        return self.llm_replicas if self.colocate_encoders else self.replicas(role)
 
     def pdf_settings(self) -> PdfSettings:
         return PdfSettings(

@@ -109,8 +109,9 @@ class Pipeline:
         mm = media_prompt_processor(model_path)
         roles = [(LLM_ROLE, config.llm_replicas)]
         if mm is not None:
-            # A vision- or audio-language model: its encoder runs as a stage of its own.
-            roles.append((mm[1], config.replicas(mm[1])))
+            # A vision- or audio-language model: its encoder runs as a stage of its own (in
+            # the LLM replicas' processes when colocated).
+            roles.append((mm[1], config.encoder_replicas(mm[1])))
         if config.image_model is not None:
             roles.append((IMAGE_ROLE, config.image_replicas))
         self.speech_model = speech_stage_model(config)
@@ -121,7 +122,8 @@ class Pipeline:
             if config.single_process:
                 self._start_in_process(router, model_path, roles)
             elif config.api_server_rank == 0:
-                self._start_processes(router, model_path, roles)
+                colocated = mm[1] if mm is not None and config.colocate_encoders else ""
+                self._start_processes(router, model_path, roles, colocated)
             for role, count in roles:
                 self._wait_for_replicas(router, role, count)
         except BaseException:
@@ -251,11 +253,18 @@ class Pipeline:
                 runtime.start()
 
     def _start_processes(
-        self, router: StageRouter, model_path: str, roles: list[tuple[str, int]]
+        self,
+        router: StageRouter,
+        model_path: str,
+        roles: list[tuple[str, int]],
+        colocated: str = "",
     ) -> None:
+        """A process per replica; a `colocated` role's replicas run in the LLM replicas'."""
         config = self.config
         specs = []
         for role, count in roles:
+            if role == colocated:
+                continue
             extra: list[str] = []
             if config.api_server_count > 1:
                 for endpoint in config.router_endpoints()[1:]:
@@ -271,6 +280,8 @@ class Pipeline:
                     model=self._stage_model(role, model_path),
                     capacity=config.llm_capacity,
                     extra_args=tuple(extra),
+                    colocated_role=colocated if role == LLM_ROLE else "",
+                    colocated_model=self._stage_model(colocated, model_path) if colocated else "",
                 )
             )
         self.supervisor = StageSupervisor(router, specs).start()

@@ -43,6 +43,10 @@ class StageSpec:
     # Modules to import in the stage process so that its worker is registered.
     worker_modules: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
+    # A role whose replica i runs inside this role's replica i process, on its device
+    # (`omni stage --colocate`): an encoder beside the LLM on one GPU.
+    colocated_role: str = ""
+    colocated_model: str = ""
 
     def __post_init__(self) -> None:
         if not self.role:
@@ -91,9 +95,16 @@ class _Child:
     replica_id: str
     spec: StageSpec
     device: str
+    colocated_id: str = ""  # the replica its process also runs, if any
     process: subprocess.Popen[bytes] | None = None
     start_at: float = 0.0
     deaths: deque[float] = field(default_factory=deque)
+
+
+    @property
+    def replica_ids(self) -> tuple[str, ...]:
+        """The replicas its process runs."""
+        return (self.replica_id, self.colocated_id) if self.colocated_id else (self.replica_id,)
 
 
 def _exit_description(code: int) -> str:
@@ -126,7 +137,8 @@ class StageSupervisor:
                 if replica_id in self._children:
                     raise ValueError(f"stage {spec.role!r} is listed twice")
                 device = spec.devices[index % len(spec.devices)]
-                self._children[replica_id] = _Child(replica_id, spec, device)
+                colocated = f"{spec.colocated_role}-{index}" if spec.colocated_role else ""
+                self._children[replica_id] = _Child(replica_id, spec, device, colocated)
         self._thread: threading.Thread | None = None
         router.add_lost_listener(self._on_replica_lost)
 
@@ -137,11 +149,12 @@ class StageSupervisor:
     def pids(self) -> dict[str, int]:
         """Live child pids by replica id."""
         with self._lock:
-            return {
-                child.replica_id: child.process.pid
-                for child in self._children.values()
-                if child.process is not None and child.process.poll() is None
-            }
+            pids = {}
+            for child in self._children.values():
+                if child.process is not None and child.process.poll() is None:
+                    for replica_id in child.replica_ids:
+                        pids[replica_id] = child.process.pid
+            return pids
 
     def start(self) -> StageSupervisor:
         swept = sweep_dead_owners(self.router.config.shm_prefix)
@@ -200,6 +213,14 @@ class StageSupervisor:
         ]  # fmt: skip
         if spec.model:
             command += ["--model", spec.model]
+        if child.colocated_id:
+            command += [
+                "--colocate", spec.colocated_role,
+                "--colocate-replica-id", child.colocated_id,
+                "--colocate-capacity", str(spec.capacity),
+            ]  # fmt: skip
+            if spec.colocated_model:
+                command += ["--colocate-model", spec.colocated_model]
         for module in spec.worker_modules:
             command += ["--worker-module", module]
         return command + list(spec.extra_args)
@@ -230,7 +251,8 @@ class StageSupervisor:
         reason = _exit_description(code)
         child.process = None
         # Fail its requests first: callers should hear about the death before anything else.
-        self.router.fail_replica(child.replica_id, reason)
+        for replica_id in child.replica_ids:
+            self.router.fail_replica(replica_id, reason)
         self.router.forget_shm_owner(pid)
         swept = sweep_owner(pid, self.router.config.shm_prefix)
         child.deaths.append(now)
@@ -255,7 +277,9 @@ class StageSupervisor:
         if not silent:
             return
         with self._lock:
-            child = self._children.get(info.replica_id)
+            child = next(
+                (c for c in self._children.values() if info.replica_id in c.replica_ids), None
+            )
             if child is not None and child.process is not None and child.process.pid == info.pid:
                 logger.error("stage %s is silent; killing pid %d", info.replica_id, info.pid)
                 with contextlib.suppress(ProcessLookupError):

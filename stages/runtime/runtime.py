@@ -88,24 +88,41 @@ class StageRuntime:
         self._peer_reader = SharedTensorReader(prefix=config.shm_prefix)
         self._io_thread: threading.Thread | None = None
         self._loop_thread: threading.Thread | None = None
+        self._loaded = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self) -> StageRuntime:
-        """Load the worker and serve from background threads; returns at once."""
-        self.worker.load()
+    def load(self) -> None:
+        """Load the worker (once); `start` and `run` do it if it was not done before."""
+        if not self._loaded:
+            self.worker.load()
+            self._loaded = True
+
+    def start(self, own_cuda_stream: bool = False) -> StageRuntime:
+        """Load the worker and serve from background threads; returns at once.
+
+        `own_cuda_stream`: the busy loop queues its kernels on a CUDA stream of its own, for a
+        replica that shares its process (and GPU) with another: their kernels then run side
+        by side instead of one after the other on the default stream."""
+        self.load()
         self._start_io()
+        target = self._serve_on_own_stream if own_cuda_stream else self._serve
         self._loop_thread = threading.Thread(
-            target=self._serve, name=f"stage-{self.replica_id}", daemon=True
+            target=target, name=f"stage-{self.replica_id}", daemon=True
         )
         self._loop_thread.start()
         return self
 
     def run(self) -> None:
         """Load the worker and serve in this thread until `stop()`."""
-        self.worker.load()
+        self.load()
         self._start_io()
         self._serve()
+
+    @property
+    def running(self) -> bool:
+        """Whether a `start()`ed runtime's busy loop is still going."""
+        return self._loop_thread is not None and self._loop_thread.is_alive()
 
     def stop(self, reason: str = "stopped") -> None:
         """Ask the runtime to shut down cleanly (safe from signal handlers and other threads)."""
@@ -201,6 +218,13 @@ class StageRuntime:
         )
 
     # -- busy loop ----------------------------------------------------------------------------
+
+    def _serve_on_own_stream(self) -> None:
+        device = torch.device(self.config.device)
+        if device.type == "cuda":
+            # The current stream is per thread: everything this loop launches goes here.
+            torch.cuda.set_stream(torch.cuda.Stream(device))
+        self._serve()
 
     def _serve(self) -> None:
         push = self._context.socket(zmq.PUSH)
