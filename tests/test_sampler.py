@@ -266,3 +266,32 @@ def test_bad_inputs_raise_clear_errors() -> None:
         _batch([SamplingParams(min_tokens=1)])
     with pytest.raises(ValueError, match=r"logits shape \(3, 5\) does not match 2 rows"):
         Sampler()(torch.zeros(3, 5), _batch(params))
+
+
+def test_logit_bias_adds_to_its_row_only() -> None:
+    logits = torch.tensor([[0.0, 2.0, 1.0, 0.5], [0.0, 2.0, 1.0, 0.5]])
+    biased = SamplingParams(temperature=0.0, logit_bias={3: 1.75, 1: -100})
+    out = Sampler()(logits, _batch([biased, SamplingParams(temperature=0.0)]))
+    # Row 0: token 1 banned, token 3 now 2.25 > token 2's 1.0; row 1 untouched.
+    assert out.token_ids.tolist() == [3, 1]
+
+
+def test_grammar_bitmask_masks_only_the_constrained_rows() -> None:
+    import xgrammar
+
+    vocab = 40
+    logits = torch.arange(vocab, dtype=torch.float32).repeat(3, 1)  # argmax: the last token
+    bitmask = xgrammar.allocate_token_bitmask(3, vocab)
+    bitmask[0].zero_()
+    bitmask[0, 0] = 1 << 5  # row 0 allows token 5 only
+    bitmask[1].zero_()
+    bitmask[1, 0] = (1 << 7) | (1 << 9)  # row 1 draws from tokens 7 and 9
+    bitmask[2].zero_()  # row 2's bits say nothing may pass, but row 2 is not constrained
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1),
+              SamplingParams(temperature=0.0)]
+    batch = _batch(params, [None, _seeded(1), None])
+    batch.grammar_bitmask, batch.grammar_rows = bitmask, [0, 1]
+    out = Sampler()(logits, batch)
+    assert out.token_ids[0].item() == 5
+    assert out.token_ids[2].item() == vocab - 1
+    assert out.token_ids[1].item() in (7, 9)

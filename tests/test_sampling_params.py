@@ -50,7 +50,11 @@ def test_frozen_and_replace_revalidates() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"n": 2}, "n=2 is not supported; only n=1 is"),
+        ({"n": 0}, "n=0 must be in [1, 128]"),
+        ({"n": 129}, "n=129 must be in [1, 128]"),
+        ({"logit_bias": {5: 101}}, "logit_bias[5]=101.0 must be in [-100, 100]"),
+        ({"logit_bias": {-1: 1}}, "logit_bias keys must be token ids >= 0, got -1"),
+        ({"logit_bias": {"x": 1}}, "logit_bias key must be an integer, got 'x'"),
         ({"n": True}, "n must be an integer, got True"),
         ({"temperature": -0.1}, "temperature=-0.1 must be >= 0 (0 means greedy)"),
         ({"temperature": float("nan")}, "temperature must be finite, got nan"),

@@ -10,11 +10,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from omni.stages.contracts.structured_outputs import StructuredOutputs
+
 # Below this temperature a request is greedy: dividing logits by ~0 would overflow, and the
 # distribution is a point mass on the argmax anyway. Same threshold as vLLM.
 GREEDY_TEMPERATURE_EPS = 1e-5
 # Top-N alternatives cost a top-k over the vocabulary per row; OpenAI caps `top_logprobs` at 20.
 MAX_LOGPROBS = 20
+# OpenAI's bounds: at most 128 choices, and a logit bias in [-100, 100] (-100 bans a token,
+# 100 all but forces it).
+MAX_N = 128
+MAX_LOGIT_BIAS = 100.0
+# Each biased token is one scatter into the logits; OpenAI sends at most 300.
+MAX_LOGIT_BIAS_TOKENS = 300
 # torch.Generator.manual_seed accepts exactly this range.
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
@@ -47,6 +55,32 @@ def _normalise_stop(stop: list[str] | str | None) -> list[str]:
     return list(items)
 
 
+def _normalise_logit_bias(bias: dict[int, float] | None) -> dict[int, float] | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}")
+    if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise ValueError(
+            f"logit_bias has {len(bias)} tokens; the limit is {MAX_LOGIT_BIAS_TOKENS}"
+        )
+    normalised: dict[int, float] = {}
+    for token_id, value in bias.items():
+        # JSON object keys are strings ("50256"); OpenAI accepts those.
+        if isinstance(token_id, str) and token_id.isdigit():
+            token_id = int(token_id)
+        if _require_int("logit_bias key", token_id) < 0:
+            raise ValueError(f"logit_bias keys must be token ids >= 0, got {token_id}")
+        number = _require_float(f"logit_bias[{token_id}]", value)
+        if not -MAX_LOGIT_BIAS <= number <= MAX_LOGIT_BIAS:
+            raise ValueError(
+                f"logit_bias[{token_id}]={number} must be in [-{MAX_LOGIT_BIAS:g}, "
+                f"{MAX_LOGIT_BIAS:g}]"
+            )
+        normalised[token_id] = number
+    return normalised
+
+
 def _normalise_stop_token_ids(ids: list[int] | None) -> list[int]:
     if ids is None:
         return []
@@ -60,8 +94,8 @@ def _normalise_stop_token_ids(ids: list[int] | None) -> list[int]:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    # Completions per prompt. Only 1 for now: n > 1 needs forked sequences sharing prompt
-    # blocks, which the scheduler does not do yet.
+    # Completions per prompt: n samples of one prompt, which share its prefilled KV blocks
+    # through the prefix cache (each with its own seed stream, seed + i).
     n: int = 1
     # 0 means greedy (argmax); larger flattens the distribution.
     temperature: float = 1.0
@@ -94,11 +128,15 @@ class SamplingParams:
     # token seen at least once, frequency subtracts per occurrence.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias).
+    logit_bias: dict[int, float] | None = None
+    # Constrains the output to a JSON schema, a regex, a choice or a grammar.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         n = _require_int("n", self.n)
-        if n != 1:
-            raise ValueError(f"n={n} is not supported; only n=1 is")
+        if not 1 <= n <= MAX_N:
+            raise ValueError(f"n={n} must be in [1, {MAX_N}]")
 
         temperature = _require_float("temperature", self.temperature)
         if temperature < 0:
@@ -151,6 +189,11 @@ class SamplingParams:
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
         object.__setattr__(self, "top_k", 0 if top_k == -1 else top_k)
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias) or None)
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputs
+        ):
+            raise ValueError("structured_outputs must be a StructuredOutputs")
 
     @property
     def is_greedy(self) -> bool:

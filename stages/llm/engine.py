@@ -7,7 +7,9 @@ stage process wraps it in its busy loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from omni.cache.block_hash import MultiModalPlaceholder
@@ -21,6 +23,7 @@ from omni.stages.llm.models.loader import resolve_model_path
 from omni.stages.llm.outputs import CompletionOutput, RequestOutput
 from omni.stages.llm.request import Request, RequestStatus
 from omni.stages.llm.scheduler import Scheduler, SchedulerOutput
+from omni.stages.llm.structured_output import GrammarCompiler, GrammarState
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
@@ -65,6 +68,10 @@ class LLMEngine:
         self._inflight: _InFlightStep | None = None
         # Requests set aside for media items that take_needs_items has reported.
         self._items_asked: set[str] = set()
+        # Structured-output requests whose grammar is compiling (off the step loop); they
+        # reach the scheduler once it is ready.
+        self._grammars: GrammarCompiler | None = None
+        self._compiling: dict[str, tuple[Request, futures.Future[Any]]] = {}
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -104,7 +111,12 @@ class LLMEngine:
         if params.seed is not None:
             request.generator = torch.Generator(device=self.runner.device)
             request.generator.manual_seed(params.seed)
-        self.scheduler.add_request(request)
+        if params.structured_outputs is not None:
+            self._compiling[request_id] = (
+                request, self._grammar_compiler().submit(params.structured_outputs)
+            )
+        else:
+            self.scheduler.add_request(request)
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(
@@ -116,6 +128,37 @@ class LLMEngine:
                 min_tokens=params.min_tokens,
             )
         self._outputs[request_id] = _OutputState(text, detok, stream)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs needs the engine's tokenizer")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammars
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammar has compiled go to the scheduler; those whose constraint
+        did not compile fail. When nothing else can run, wait a moment for one, rather than
+        spin the step loop."""
+        if not self._compiling:
+            return []
+        pending = [future for _, future in self._compiling.values()]
+        if self.scheduler.num_unfinished == 0 and self._inflight is None:
+            futures.wait(pending, timeout=0.05, return_when=futures.FIRST_COMPLETED)
+        failed = []
+        for request_id, (request, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            error = future.exception()
+            if error is None:
+                request.grammar = GrammarState(future.result())
+                self.scheduler.add_request(request)
+                continue
+            request.status = RequestStatus.FINISHED_ABORTED
+            request.error = str(error)
+            failed.append(self._failed_output(request))
+        return failed
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -135,11 +178,12 @@ class LLMEngine:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         for request_id in ids:
+            self._compiling.pop(request_id, None)
             self._outputs.pop(request_id, None)
             self._items_asked.discard(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or (
+        return self.scheduler.num_unfinished > 0 or bool(self._compiling) or (
             self._inflight is not None and not self._inflight.all_finished
         )
 
@@ -147,7 +191,8 @@ class LLMEngine:
         """Whether `step` can make progress: unfinished requests other than those set aside
         for their media items (see `take_needs_items`)."""
         runnable = self.scheduler.num_unfinished - len(self.scheduler.needs_items)
-        return runnable > 0 or (self._inflight is not None and not self._inflight.all_finished)
+        in_flight = self._inflight is not None and not self._inflight.all_finished
+        return runnable > 0 or bool(self._compiling) or in_flight
 
     @property
     def has_new_needs_items(self) -> bool:
@@ -186,10 +231,11 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one forward pass; returns an output for every request that gained tokens."""
+        compile_failures = self._admit_compiled()
         if self.config.async_scheduling:
-            return self._step_async()
+            return compile_failures + self._step_async()
         out = self.scheduler.schedule()
-        outputs = [self._failed_output(request) for request in out.failed]
+        outputs = compile_failures + [self._failed_output(request) for request in out.failed]
         if out.is_empty:
             return outputs
         tokens, logprobs = self.runner.execute(out)
@@ -226,8 +272,10 @@ class LLMEngine:
         return outputs
 
     def _needs_output_history(self) -> bool:
+        # Constrained requests too: a grammar's next mask depends on the token just sampled.
         return any(
             r.sampling_params.has_penalties or r.sampling_params.min_tokens
+            or r.grammar is not None
             for r in self.scheduler.running
         )
 
@@ -272,6 +320,8 @@ class LLMEngine:
         """Feeds the new token to the request's text (which may hit a stop string) and builds
         its output, if the request streams or has finished."""
         state = self._outputs[request.request_id]
+        if request.grammar is not None:
+            request.grammar.accept(token)
         detok = state.detokenizer
         delta = ""
         if detok is not None:

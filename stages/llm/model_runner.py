@@ -21,6 +21,7 @@ from omni.stages.llm.step_inputs import (
     build_host_inputs,
     to_device,
 )
+from omni.stages.llm.structured_output import grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.table_width = math.ceil(self.max_model_len / self.block_size)
         self.sampler = Sampler()
+        # The logits' width, which grammar bitmasks cover (may exceed the tokenizer's size).
+        self.vocab_size = int(self.hf_config.get_text_config().vocab_size)
         # Qwen2-VL-family models rotate by [3, T] M-RoPE positions instead of [T].
         self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
 
@@ -134,8 +137,10 @@ class ModelRunner:
             return step
         if len(rows) != len(out.scheduled):
             hidden = hidden[index_tensor(rows, hidden.device)]
-        logits = self.model.compute_logits(hidden)
         requests = [out.scheduled[i].request for i in rows]
+        # The grammar masks are filled on the host while the device runs the forward above.
+        constrained = grammar_bitmask([r.grammar for r in requests], self.vocab_size)
+        logits = self.model.compute_logits(hidden)
         if all(_plain_greedy(r.sampling_params) for r in requests):
             # Nothing to mask, penalise or report: skip building the sampling batch, whose
             # host-to-device copies are a measurable share of a batch-1 decode step.
@@ -149,6 +154,8 @@ class ModelRunner:
             prompt_token_ids=[r.prompt_token_ids for r in requests],
             eos_token_ids=[r.eos_token_ids for r in requests],
         )
+        if constrained is not None:
+            batch.grammar_bitmask, batch.grammar_rows = constrained
         sampled = self.sampler(logits, batch)
         step.set_tokens(sampled.token_ids, sampled.logprobs)
         return step
@@ -219,4 +226,6 @@ def _plain_greedy(params: SamplingParams) -> bool:
         and params.logprobs is None
         and not params.has_penalties
         and params.min_tokens == 0
+        and not params.logit_bias
+        and params.structured_outputs is None
     )

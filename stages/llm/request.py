@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from omni.cache.block_hash import MultiModalPlaceholder
 from omni.stages.contracts.sampling import SamplingParams
+from omni.stages.llm.structured_output import GrammarState
 
 # Stands for a sampled token still on the device; never a real token id.
 PENDING_TOKEN = -1
@@ -84,6 +85,8 @@ class Request:
     # The request's own random stream when it set a seed (made by the engine on the device
     # that samples), so its tokens do not depend on what else shares the batch.
     generator: torch.Generator | None = None
+    # Where a structured-output request stands in its grammar (None: unconstrained).
+    grammar: GrammarState | None = None
 
     def __post_init__(self) -> None:
         # Prompt and output tokens in one list, because the KV cache and block hashes treat

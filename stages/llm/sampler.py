@@ -4,10 +4,13 @@ The runner builds a `SamplingBatch` once per step (`SamplingBatch.from_params`),
 `Sampler()(logits, batch)`. The order of operations on each row:
 
 1. raw logprobs (log-softmax of the untouched logits), when any row asked for logprobs;
-2. min_tokens: EOS and stop token ids are banned until the row has produced enough tokens;
-3. repetition / presence / frequency penalties;
-4. greedy rows take the argmax here;
-5. random rows: temperature, then top-k, top-p, min-p masking, then one draw with the
+2. structured output: the grammar's token bitmask (one bit per vocabulary entry, built by
+   `structured_output.GrammarMatchers` before the step) sets disallowed tokens to -inf, for the
+   constrained rows only, in one batched kernel; then logit_bias adds each row's biases;
+3. min_tokens: EOS and stop token ids are banned until the row has produced enough tokens;
+4. repetition / presence / frequency penalties;
+5. greedy rows take the argmax here;
+6. random rows: temperature, then top-k, top-p, min-p masking, then one draw with the
    exponential race (`argmax(probs / q)`, `q ~ Exp(1)`), which samples exactly from `probs`
    without a cumulative sum and lets each seeded row draw its noise from its own generator.
 
@@ -72,6 +75,14 @@ class SamplingBatch:
     # min_tokens: (rows, token ids) pairs to set to -inf this step, or None.
     banned_rows: torch.Tensor | None = None
     banned_token_ids: torch.Tensor | None = None
+    # Structured output: int32 [N, ceil(V / 32)] allowed-token bits, and the rows it
+    # constrains (the others' bits are not read). Set by the model runner.
+    grammar_bitmask: torch.Tensor | None = None
+    grammar_rows: list[int] | None = None
+    # logit_bias: (rows, token ids, values) to add, or None when no row has a bias.
+    bias_rows: torch.Tensor | None = None
+    bias_token_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -139,7 +150,22 @@ class SamplingBatch:
             batch._set_penalties(params, device, output_token_ids, prompt_token_ids)
         if any(p.min_tokens > 0 for p in params):
             batch._set_min_tokens_bans(params, device, output_token_ids, eos_token_ids)
+        if any(p.logit_bias for p in params):
+            batch._set_logit_bias(params, device)
         return batch
+
+    def _set_logit_bias(self, params: Sequence[SamplingParams], device: torch.device | str) -> None:
+        rows: list[int] = []
+        token_ids: list[int] = []
+        values: list[float] = []
+        for row, p in enumerate(params):
+            for token_id, value in (p.logit_bias or {}).items():
+                rows.append(row)
+                token_ids.append(token_id)
+                values.append(value)
+        self.bias_rows = torch.tensor(rows, dtype=torch.int64).to(device)
+        self.bias_token_ids = torch.tensor(token_ids, dtype=torch.int64).to(device)
+        self.bias_values = torch.tensor(values, dtype=torch.float32).to(device)
 
     def _set_penalties(
         self,
@@ -283,6 +309,18 @@ def sample_exponential_race(
     return probs.div_(q).argmax(dim=-1)
 
 
+def apply_grammar_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None
+) -> None:
+    """Set the tokens whose bit is 0 to -inf in `rows` (all rows when None), in place: one
+    xgrammar kernel over the batch (CUDA / Triton on the GPU, vectorised C++ on the CPU)."""
+    import xgrammar
+
+    xgrammar.apply_token_bitmask_inplace(
+        logits, bitmask.to(logits.device, non_blocking=True), indices=rows
+    )
+
+
 class Sampler:
     """Stateless: all per-request state lives in the SamplingBatch (and its generators)."""
 
@@ -295,6 +333,13 @@ class Sampler:
         logits = logits.to(torch.float32, copy=True)
         raw_logprobs = logits.log_softmax(dim=-1) if batch.needs_logprobs else None
 
+        if batch.grammar_bitmask is not None:
+            apply_grammar_bitmask(logits, batch.grammar_bitmask, batch.grammar_rows)
+        if batch.bias_rows is not None:
+            assert batch.bias_token_ids is not None and batch.bias_values is not None
+            logits.index_put_(
+                (batch.bias_rows, batch.bias_token_ids), batch.bias_values, accumulate=True
+            )
         if batch.banned_rows is not None:
             assert batch.banned_token_ids is not None
             logits[batch.banned_rows, batch.banned_token_ids] = float("-inf")
