@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
@@ -46,17 +47,19 @@ class LLM:
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generates for every prompt (text, or token ids) and returns outputs in prompt order."""
+        """Generates for every prompt (text, or token ids) and returns outputs in prompt order;
+        a prompt with n > 1 gets n completions in its output (`outputs[i].index == i`)."""
         batch = _as_batch(prompts)
         params = _broadcast_params(sampling_params, len(batch))
-        ids: list[str] = []
+        ids: list[list[str]] = []
         try:
             for prompt, p in zip(batch, params, strict=True):
-                ids.append(self._add(prompt, p, stream=False))
-            return self._run_to_completion(ids, use_tqdm)
+                ids.append([self._add(prompt, p.for_sample(i), stream=False) for i in range(p.n)])
+            done = self._run_to_completion([i for group in ids for i in group], use_tqdm)
         except BaseException:
-            self.engine.abort_request(ids)
+            self.engine.abort_request([i for group in ids for i in group])
             raise
+        return [_join_samples([done[i] for i in group]) for group in ids]
 
     def chat(
         self,
@@ -115,7 +118,7 @@ class LLM:
         self.engine.add_request(request_id, prompt, params, stream=stream)
         return request_id
 
-    def _run_to_completion(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_to_completion(self, ids: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
         wanted = set(ids)
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2) as bar:
@@ -124,7 +127,19 @@ class LLM:
                     if output.finished and output.request_id in wanted:
                         done[output.request_id] = output
                         bar.update(1)
-        return [done[i] for i in ids]
+        return done
+
+
+def _join_samples(samples: list[RequestOutput]) -> RequestOutput:
+    """One prompt's n sample outputs as one output with n completions."""
+    first = samples[0]
+    if len(samples) == 1:
+        return first
+    completions = [
+        dataclasses.replace(sample.outputs[0], index=index)
+        for index, sample in enumerate(samples)
+    ]
+    return dataclasses.replace(first, outputs=completions)
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

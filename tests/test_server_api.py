@@ -132,7 +132,9 @@ def test_chat_logprobs_are_the_chosen_tokens(
     reply = httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(logprobs=True), timeout=30)
     assert reply.status_code == 200, reply.text
     content = reply.json()["choices"][0]["logprobs"]["content"]
-    assert [entry["logprob"] for entry in content] == pytest.approx(expected.logprobs, abs=1e-5)
+    assert [entry["logprob"] for entry in content] == pytest.approx(
+        [lp.logprob for lp in expected.logprobs], abs=1e-5
+    )
     decode = pipeline.orchestrator.tokenizer.decode
     assert [entry["token"] for entry in content] == [decode([t]) for t in expected.token_ids]
 
@@ -186,7 +188,9 @@ def test_completion_equals_offline_greedy(base_url: str, offline: dict[str, Any]
     assert reply.status_code == 200, reply.text
     [choice] = reply.json()["choices"]
     assert choice["text"] == expected.text
-    assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected.logprobs, abs=1e-5)
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(
+        [lp.logprob for lp in expected.logprobs], abs=1e-5
+    )
     # Streaming gives the same text, chunk by chunk.
     body.pop("logprobs")
     with httpx.stream(
@@ -237,7 +241,17 @@ ERROR_CASES = {
     ),
     "bad temperature": (chat_body(temperature=-1), 400, "invalid_request_error", "temperature"),
     "bad top_p": (chat_body(top_p=0), 400, "invalid_request_error", "top_p"),
-    "n > 1": (chat_body(n=2), 400, "invalid_request_error", "n"),
+    "n > 128": (chat_body(n=129), 400, "invalid_request_error", "n"),
+    "made-up field": (chat_body(reasoning_effort="high"), 400, "invalid_request_error",
+                      "reasoning_effort"),
+    "top_logprobs > 20": (chat_body(logprobs=True, top_logprobs=21), 400,
+                          "invalid_request_error", "top_logprobs"),
+    "logit_bias outside the vocabulary": (chat_body(logit_bias={"100000": 5}), 400,
+                                          "invalid_request_error", "logit_bias"),
+    "two constraints": (chat_body(response_format={"type": "json_object"}, guided_regex="a+"),
+                        400, "invalid_request_error", "guided_regex"),
+    "tool_choice without tools": (chat_body(tool_choice="required"), 400,
+                                  "invalid_request_error", "tool_choice"),
     "prompt too long": (
         chat_body(messages=[{"role": "user", "content": "fox " * 3000}]),
         400, "invalid_request_error", "messages",

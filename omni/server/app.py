@@ -22,9 +22,11 @@ from omni.server.auth import check_api_key
 from omni.server.config import DEFAULT_MAX_BODY_BYTES
 from omni.server.orchestrator import LLM_ROLE, Orchestrator
 from omni.server.protocol import (
+    ANSWER_NEUTRAL_FIELDS,
     APIError,
     CompletionRequest,
     ModelCard,
+    SamplingFields,
     error_body,
     model_not_found,
 )
@@ -160,11 +162,22 @@ def build_app(
 def validate_body(payload: Any, model: type[M]) -> M:
     """`payload` as a `model`, or a 400 naming the first field that does not fit."""
     try:
-        return model.model_validate(payload)
+        parsed = model.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+    unknown = parsed.unknown_fields() if isinstance(parsed, SamplingFields) else []
+    if unknown:
+        raise APIError(
+            400,
+            f"unknown field {unknown[0]!r}: omni does not serve it, and ignoring it could "
+            f"change the answer (fields accepted and ignored: "
+            f"{', '.join(sorted(ANSWER_NEUTRAL_FIELDS))})",
+            param=unknown[0],
+            code="unsupported_field",
+        )
+    return parsed
 
 
 async def parse_body(request: Request, model: type[M], settings: AppSettings) -> M:

@@ -133,6 +133,9 @@ class ServeConfig:
     # POST /v1/uploads/chat (multipart): files make bodies larger than JSON requests.
     max_upload_bytes: int = 64 * 1024 * 1024
     max_upload_files: int = 8
+    # How tool calls are read out of answers ("hermes" or "llama3_json"); None: chosen from
+    # the model (see omni.server.tool_calls.default_parser).
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         self.pdf_settings()  # raises ValueError naming a bad PDF setting

@@ -28,6 +28,8 @@ from omni.server.documents import Documents
 from omni.server.media_prompt import MediaPrompts, has_media_parts
 from omni.server.metrics import ServerMetrics
 from omni.server.protocol import APIError, ChatMessage, usage
+from omni.server.tool_calls import HERMES, template_supports_tools
+from omni.server.tool_prompt import template_message, tools_as_text
 from omni.stages.contracts import llm
 from omni.stages.contracts.sampling import SamplingParams
 from omni.supervision.replicas import rendezvous
@@ -48,9 +50,8 @@ class TokenDelta:
 
     text: str
     token_ids: list[int]
-    # Log-probabilities of `token_ids`, when the request asked for them (the last delta
-    # carries all of them: the LLM stage reports logprobs once, at the end).
-    logprobs: list[float] | None = None
+    # One per token of `token_ids`, when the request asked for logprobs.
+    logprobs: list[llm.TokenLogprob] | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -76,8 +77,11 @@ class Orchestrator:
         media_limits: MediaLimits | None = None,
         fetch_policy: MediaFetchPolicy | None = None,
         documents: Documents | None = None,
+        tool_parser: str = HERMES,
     ) -> None:
         self.router = router
+        # How tool calls are read out of answers to `tool_choice` "auto" (tool_calls.PARSERS).
+        self.tool_parser = tool_parser
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -89,19 +93,25 @@ class Orchestrator:
 
     # ---- prompts ----------------------------------------------------------------------------
 
-    def prompt_for_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Token ids of the conversation after the model's chat template."""
+    def prompt_for_chat(
+        self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of the conversation after the model's chat template (which also renders
+        `tools` and the turns that call them; see `tool_prompt` for templates that cannot)."""
         if not messages:
             raise APIError(400, "messages is empty: send at least one message", param="messages")
-        conversation = [
-            {"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(messages)
-        ]
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(
                 400, f"model {self.model_name!r} has no chat template; use /v1/completions"
             )
+        conversation = [
+            template_message(m, _message_text(m, i)) for i, m in enumerate(messages)
+        ]
+        if not template_supports_tools(self.tokenizer):
+            conversation = tools_as_text(conversation, tools)
+            tools = None
         text = self.tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True
+            conversation, tools=tools, tokenize=False, add_generation_prompt=True
         )
         # The template already wrote the special tokens (BOS, role markers).
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -117,13 +127,16 @@ class Orchestrator:
         return prompt.prompt_token_ids, prompt
 
     async def prompt_for_chat_async(
-        self, messages: Sequence[ChatMessage]
+        self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None
     ) -> tuple[list[int], MultiModalPrompt | None]:
         """`prompt_for_chat_with_media` off the event loop when there are media parts (hashing
         files, decoding audio, making features); a text chat stays on it (a thread hop would
         cost more than its tokenization)."""
         if not any(has_media_parts(m) for m in messages):
-            return self.prompt_for_chat(messages), None
+            return self.prompt_for_chat(messages, tools), None
+        if tools:
+            raise APIError(400, "tools with image, audio or file parts are not served yet",
+                           param="tools")
         return await asyncio.to_thread(self.prompt_for_chat_with_media, messages)
 
     def prompt_for_completion(self, prompt: str | list[int]) -> list[int]:
@@ -160,6 +173,12 @@ class Orchestrator:
                 code="context_length_exceeded",
             )
         given = {k: v for k, v in fields.items() if v is not None}
+        vocab = len(self.tokenizer)
+        bad = next((t for t in given.get("logit_bias") or {} if not str(t).isdigit()
+                    or int(t) >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias key {bad!r} is not a token id in [0, {vocab})",
+                           param="logit_bias")
         try:
             return SamplingParams(**{"max_tokens": None, **given})
         except ValueError as exc:
@@ -175,15 +194,20 @@ class Orchestrator:
         prompt_token_ids: list[int],
         params: SamplingParams,
         mm_prompt: MultiModalPrompt | None = None,
+        affinity: str | None = None,
     ) -> AsyncIterator[TokenDelta]:
         """Stream the LLM stage's replies. Closing the iterator early (a client that left)
-        aborts the request, which frees its KV blocks in the stage."""
+        aborts the request, which frees its KV blocks in the stage. Requests with the same
+        `affinity` key (or first media item) prefer the same replica, whose caches hold
+        their common prefix."""
         started = time.monotonic()
         tensors, body = llm_request(prompt_token_ids, params, mm_prompt)
         prefer = None
         if mm_prompt is not None and mm_prompt.placeholders:
+            affinity = mm_prompt.placeholders[0].item_hash
+        if affinity is not None:
             replicas = self.router.replica_ids(LLM_ROLE)
-            prefer = rendezvous(mm_prompt.placeholders[0].item_hash, replicas)
+            prefer = rendezvous(affinity, replicas)
         try:
             stream = self.router.submit_async(LLM_ROLE, tensors, body, prefer=prefer)
         except StageFailure as exc:
@@ -211,7 +235,9 @@ class Orchestrator:
                     self.metrics.queue_time.observe(update.queue_time_s)
                 completion_tokens += len(delta_ids)
                 self.metrics.generation_tokens.inc(len(delta_ids))
-                delta = TokenDelta(text=update.text_delta, token_ids=delta_ids)
+                delta = TokenDelta(
+                    text=update.text_delta, token_ids=delta_ids, logprobs=update.logprobs
+                )
                 if reply.finished:
                     finish_reason = update.finish_reason or "stop"
                     prompt_tokens = update.prompt_tokens or len(prompt_token_ids)
@@ -219,7 +245,6 @@ class Orchestrator:
                     self.metrics.e2e_latency.observe(time.monotonic() - started)
                     delta = dataclasses.replace(
                         delta,
-                        logprobs=update.logprobs,
                         finish_reason=finish_reason,
                         prompt_tokens=prompt_tokens,
                         completion_tokens=update.completion_tokens or completion_tokens,

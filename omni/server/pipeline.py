@@ -28,6 +28,7 @@ from omni.server.metrics import ServerMetrics
 from omni.server.orchestrator import LLM_ROLE, Orchestrator
 from omni.server.speech_service import SpeechService, speech_stage_model
 from omni.server.stage_metrics import StageCollector
+from omni.server.tool_calls import default_parser
 from omni.stages.contracts import audio, vision
 from omni.stages.contracts.image import ROLE as IMAGE_ROLE
 from omni.stages.contracts.speech import ROLE as SPEECH_ROLE
@@ -64,6 +65,13 @@ def context_length(model_path: str, configured: int | None) -> int:
     from transformers import AutoConfig
 
     return int(AutoConfig.from_pretrained(model_path).get_text_config().max_position_embeddings)
+
+
+def model_type(model_path: str) -> str:
+    """The checkpoint's `model_type` ("llama", "qwen2", ...), which picks its tool parser."""
+    from transformers import AutoConfig
+
+    return str(AutoConfig.from_pretrained(model_path).model_type)
 
 
 class Pipeline:
@@ -148,6 +156,8 @@ class Pipeline:
                 timeout_s=config.media_fetch_timeout_s,
             ),
             documents=Documents(PdfRenderer(config.pdf_settings())),
+            tool_parser=config.tool_call_parser
+            or default_parser(tokenizer, model_type(model_path)),
         )
         if config.image_model is not None:
             self.image_service = ImageService(router, config.image_model)

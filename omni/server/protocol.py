@@ -1,8 +1,9 @@
 """OpenAI request and response shapes for chat completions and completions, and the error JSON.
 
 Request models reject unknown types loudly (pydantic validation becomes a 400 in OpenAI's error
-format); fields that OpenAI accepts but omni does not act on yet are accepted and ignored only
-where ignoring them cannot change the answer (`user`, `metadata`).
+format). The chat and completion requests also refuse every field they do not declare, with a
+400 naming it, except `ANSWER_NEUTRAL_FIELDS`: fields OpenAI or vLLM clients send that cannot
+change the answer, accepted and ignored. A field omni does not serve is never silently dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,15 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+# Accepted and ignored: none of these can change the tokens of the answer (who asked, what to
+# store, billing tiers, cache routing hints, scheduling priority).
+ANSWER_NEUTRAL_FIELDS = frozenset(
+    {
+        "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+        "priority", "request_id", "cache_salt",
+    }
+)  # fmt: skip
 
 
 class APIError(Exception):
@@ -98,15 +108,77 @@ class TextContentPart(_OpenAIModel):
     file: FileData | None = None
 
 
+class FunctionCall(_OpenAIModel):
+    name: str
+    # JSON text of the arguments, as OpenAI sends it.
+    arguments: str
+
+
+class ToolCall(_OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_OpenAIModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     # A string, or content parts; only `text` parts are served for now (the orchestrator
     # refuses the rest with a 400 that names the part type).
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    # An assistant turn's calls, and a tool turn's answer to one of them.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
-class _SamplingFields(_OpenAIModel):
+class FunctionDefinition(_OpenAIModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    # A JSON schema of the arguments (an object with no properties when absent).
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(_OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_OpenAIModel):
+    name: str = "response"
+    description: str | None = None
+    # `schema` would shadow pydantic's own attribute.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_OpenAIModel):
+    # vLLM's `structured_outputs` extension: exactly one kind.
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+class SamplingFields(_OpenAIModel):
+    # Undeclared fields are kept so that `unknown_fields` can refuse them by name.
+    model_config = ConfigDict(extra="allow")
+
     model: str
     temperature: float | None = None
     top_p: float | None = None
@@ -125,19 +197,37 @@ class _SamplingFields(_OpenAIModel):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    # Token id (as JSON keys are strings) -> bias in [-100, 100].
+    logit_bias: dict[str, float] | None = None
+    # Output constraints: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* spellings.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def unknown_fields(self) -> list[str]:
+        """Fields the client sent that this request does not declare and that could change
+        the answer."""
+        return sorted(set(self.model_extra or {}) - ANSWER_NEUTRAL_FIELDS)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     # omni's extension: the DPI PDF pages render at (within the server's bounds).
     pdf_dpi: float | None = None
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     # A string or a list of token ids; batches of prompts are not served (n=1, one prompt).
     prompt: str | list[int]
     max_tokens: int | None = 16

@@ -27,15 +27,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from omni.server import sse
+from omni.server.choices import first_delta, with_first
 from omni.server.completions import (
-    _first,
     _Header,
     _shared_sampling,
     _sse,
-    _with_first,
     chat_chunk,
     chat_stream_end,
 )
+from omni.server.constraints import output_constraint
 from omni.server.orchestrator import Orchestrator, TokenDelta
 from omni.server.protocol import APIError, ChatCompletionRequest, _OpenAIModel
 from omni.server.speech_service import HTTP_SAMPLE_RATE, SpeechService
@@ -98,8 +98,14 @@ async def chat_completion_with_audio(
             f"audio.format is {chat_format!r}, but a streamed audio answer must be 'pcm16'",
             param="audio.format",
         )
-    if request.logprobs:
-        raise APIError(400, "logprobs with audio output are not supported", param="logprobs")
+    for param, asked in (
+        ("logprobs", request.logprobs),
+        ("n", request.n != 1),
+        ("tools", bool(request.tools)),
+        ("response_format", output_constraint(request) is not None),
+    ):
+        if asked:
+            raise APIError(400, f"{param} with audio output is not supported", param=param)
     try:
         await service.check_voice(audio.voice)
     except APIError as exc:
@@ -117,7 +123,7 @@ async def chat_completion_with_audio(
     audio_id = f"audio_{uuid.uuid4().hex}"
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        first = await _first(events)
+        first = await first_delta(events)
         return _sse(_audio_chunks(header, audio_id, first, events, include_usage))
     texts: list[str] = []
     parts: list[np.ndarray] = []
@@ -214,7 +220,7 @@ async def _audio_chunks(
     yield chat_chunk(header, {"role": "assistant", "content": None})
     last: TokenDelta | None = None
     try:
-        async for event in _with_first(first, events):
+        async for event in with_first(first, events):
             if isinstance(event, TokenDelta):
                 last = event
                 if event.text:

@@ -21,7 +21,7 @@ from typing import Annotated, TypeVar
 
 import msgspec
 from omni.stages.contracts import Contract
-from omni.stages.contracts.sampling import SamplingParams
+from omni.stages.contracts.sampling import MAX_LOGPROBS, SamplingParams
 
 ROLE = "llm"
 MROPE_POSITIONS = "mrope_positions"
@@ -67,6 +67,15 @@ class GenerateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mrope_position_delta: int = 0
 
 
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A sampled token's log-probability (of the raw logits) and, when the request asked for
+    N alternatives, the N most likely tokens' ids and log-probabilities, best first."""
+
+    logprob: float
+    top_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_LOGPROBS)] = []
+    top_logprobs: Annotated[list[float], msgspec.Meta(max_length=MAX_LOGPROBS)] = []
+
+
 class TokenUpdate(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
     """What one step added to one request; the last carries the totals."""
 
@@ -80,8 +89,8 @@ class TokenUpdate(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknow
     # Prompt tokens served by the prefix cache.
     cached_tokens: Count = 0
     queue_time_s: float | None = None
-    # The chosen tokens' log-probabilities, on the last update, when asked for.
-    logprobs: list[float] | None = None
+    # One per token of `token_ids_delta`, when the request asked for logprobs.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class LLMStats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -7,6 +7,7 @@ the HTTP layer turns into a 400 for the client.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -194,6 +195,12 @@ class SamplingParams:
             self.structured_outputs, StructuredOutputs
         ):
             raise ValueError("structured_outputs must be a StructuredOutputs")
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """Sample `index` of n: one sequence with its own seed stream (seed + index, as vLLM
+        seeds its n children), so each choice of a seeded request is reproducible."""
+        seed = None if self.seed is None else (self.seed + index) % (_SEED_MAX + 1)
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def is_greedy(self) -> bool:

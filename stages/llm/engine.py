@@ -95,6 +95,7 @@ class LLMEngine:
         else:
             token_ids = list(prompt)
         self._check_prompt(token_ids)
+        self._check_params(params)
         if mm is not None:
             mm.check(len(token_ids), int(self.runner.hf_config.get_text_config().hidden_size))
         request = Request(
@@ -159,6 +160,17 @@ class LLMEngine:
             request.error = str(error)
             failed.append(self._failed_output(request))
         return failed
+
+    def _check_params(self, params: SamplingParams) -> None:
+        if params.n != 1:
+            # One sequence per request: LLM.generate and the server fan n out into requests
+            # that share the prompt's blocks through the prefix cache.
+            raise ValueError(f"n={params.n}: the engine runs one sequence per request")
+        bad = next((t for t in params.logit_bias or () if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"logit_bias token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+            )
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -349,6 +361,8 @@ class LLMEngine:
             text_delta=delta,
             token_ids_delta=[token],
             logprobs=list(request.output_logprobs) if wants_logprobs else None,
+            # One token a step: this step's is the last.
+            logprobs_delta=request.output_logprobs[-1:] if wants_logprobs else None,
             finish_reason=request.status.finish_reason,
             stop_reason=request.stop_reason,
         )

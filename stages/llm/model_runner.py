@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from omni.stages.contracts.llm import TokenLogprob
 from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.cuda_graphs import DecodeGraphs
@@ -118,7 +119,9 @@ class ModelRunner:
         return hidden[inputs.logits_indices]
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[list[int | None], list[float | None] | None]:
+    def execute(
+        self, out: SchedulerOutput
+    ) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
         """Runs one step; returns per scheduled request its sampled token (None for a prefill
         chunk that has not reached the last known token) and, if asked for, its logprob."""
         return self.launch(out).result()
@@ -158,6 +161,9 @@ class ModelRunner:
             batch.grammar_bitmask, batch.grammar_rows = constrained
         sampled = self.sampler(logits, batch)
         step.set_tokens(sampled.token_ids, sampled.logprobs)
+        if sampled.top_token_ids is not None:
+            step.top_token_ids, step.top_logprobs = sampled.top_token_ids, sampled.top_logprobs
+            step.num_top = [r.sampling_params.logprobs or 0 for r in requests]
         return step
 
 
@@ -190,6 +196,10 @@ class LaunchedStep:
     rows: list[int]  # indices into the step's scheduled requests that sampled a token
     tokens: torch.Tensor | None = None  # int64 [len(rows)] on the device
     logprobs: torch.Tensor | None = None
+    # [len(rows), K]: the best K alternatives, of which row j reports its first num_top[j].
+    top_token_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    num_top: list[int] | None = None
     _host_tokens: torch.Tensor | None = None
     _ready: torch.cuda.Event | None = None
 
@@ -201,7 +211,7 @@ class LaunchedStep:
             self._ready = torch.cuda.Event()
             self._ready.record()
 
-    def result(self) -> tuple[list[int | None], list[float | None] | None]:
+    def result(self) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
         tokens: list[int | None] = [None] * self.num_scheduled
         if self.tokens is None:
             return tokens, None
@@ -214,9 +224,15 @@ class LaunchedStep:
             tokens[i] = token_list[j]
         if self.logprobs is None:
             return tokens, None
-        logprobs: list[float | None] = [None] * self.num_scheduled
-        for j, value in enumerate(self.logprobs.tolist()):
-            logprobs[self.rows[j]] = value
+        logprobs: list[TokenLogprob | None] = [None] * self.num_scheduled
+        values = self.logprobs.tolist()
+        if self.top_token_ids is None or self.top_logprobs is None or self.num_top is None:
+            for j, value in enumerate(values):
+                logprobs[self.rows[j]] = TokenLogprob(value)
+            return tokens, logprobs
+        top_ids, top_values = self.top_token_ids.tolist(), self.top_logprobs.tolist()
+        for j, (value, k) in enumerate(zip(values, self.num_top, strict=True)):
+            logprobs[self.rows[j]] = TokenLogprob(value, top_ids[j][:k], top_values[j][:k])
         return tokens, logprobs
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omni.stages.contracts.llm import TokenLogprob
+
 
 @dataclass
 class CompletionOutput:
@@ -14,8 +16,10 @@ class CompletionOutput:
     token_ids: list[int]
     text_delta: str = ""
     token_ids_delta: list[int] = field(default_factory=list)
-    # Log-probability of each generated token, when the request asked for logprobs.
-    logprobs: list[float] | None = None
+    # Each generated token's log-probability (and its top alternatives when `logprobs` > 0 in
+    # the sampling params), when the request asked for logprobs; and those of this step's.
+    logprobs: list[TokenLogprob] | None = None
+    logprobs_delta: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     # The stop string or stop token id that ended the request (None for EOS and length).
     stop_reason: int | str | None = None

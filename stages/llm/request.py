@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from omni.cache.block_hash import MultiModalPlaceholder
+from omni.stages.contracts.llm import TokenLogprob
 from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.structured_output import GrammarState
 
@@ -69,7 +70,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     # Log-probability of each sampled token, when the request asked for logprobs.
-    output_logprobs: list[float] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
     # Tokens whose KV is in the cache (computed or served by a prefix hit). Catches up to
     # num_tokens step by step: no separate prefill and decode phases.
     num_computed_tokens: int = 0
@@ -118,7 +119,7 @@ class Request:
         self.all_token_ids.append(PENDING_TOKEN)
         self.num_pending_tokens += 1
 
-    def resolve_pending_token(self, token_id: int, logprob: float | None) -> None:
+    def resolve_pending_token(self, token_id: int, logprob: TokenLogprob | None) -> None:
         """Writes the oldest pending token's real id (pending tokens are always the tail)."""
         index = len(self.output_token_ids) - self.num_pending_tokens
         self.output_token_ids[index] = token_id
@@ -149,7 +150,7 @@ class Request:
             > num_cached_tokens
         ]
 
-    def append_output_token(self, token_id: int, logprob: float | None) -> None:
+    def append_output_token(self, token_id: int, logprob: TokenLogprob | None) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
         if logprob is not None:

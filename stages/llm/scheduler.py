@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from omni.cache.kv_cache_manager import KVCacheManager
+from omni.stages.contracts.llm import TokenLogprob
 from omni.stages.llm.request import Request, RequestStatus
 
 
@@ -206,7 +207,7 @@ class Scheduler:
         self,
         out: SchedulerOutput,
         sampled_token_ids: list[int | None],
-        logprobs: list[float | None] | None = None,
+        logprobs: list[TokenLogprob | None] | None = None,
     ) -> list[Request]:
         """Advances each scheduled request by the tokens it computed and appends its sampled
         token (None for a prefill chunk that did not reach the end of the known tokens).
@@ -251,7 +252,7 @@ class Scheduler:
         self,
         requests: list[Request],
         tokens: list[int],
-        logprobs: list[float | None] | None,
+        logprobs: list[TokenLogprob | None] | None,
     ) -> list[Request]:
         """A launched step's sampled tokens arrived: fill each request's oldest pending token
         and apply the stop rules. Returns the requests that finished (already freed)."""

@@ -299,19 +299,21 @@ def _item_index(name: str, tensor: str) -> int | None:
 def _to_stage_output(output: RequestOutput) -> StageOutput:
     completion = output.outputs[0]
     update = TokenUpdate(
-        text_delta=completion.text_delta, token_ids_delta=list(completion.token_ids_delta)
+        text_delta=completion.text_delta,
+        token_ids_delta=list(completion.token_ids_delta),
+        logprobs=completion.logprobs_delta,
     )
     if output.finished:
         update = TokenUpdate(
             text_delta=completion.text_delta,
             token_ids_delta=list(completion.token_ids_delta),
+            logprobs=completion.logprobs_delta,
             finish_reason=completion.finish_reason,
             stop_reason=completion.stop_reason,
             prompt_tokens=len(output.prompt_token_ids),
             completion_tokens=len(completion.token_ids),
             cached_tokens=output.num_cached_tokens,
             queue_time_s=output.queue_time_s,
-            logprobs=completion.logprobs,
         )
     return StageOutput(
         request_id=output.request_id, reply=update, finished=output.finished, error=output.error
