@@ -75,3 +75,12 @@ def metric(server: str, name: str, labels: str = "") -> float:
     text = httpx.get(f"{server}/metrics", timeout=10).text
     pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{[^}]*\})?")
     return sum(float(m) for m in re.findall(rf"^{pattern} (\S+)$", text, re.MULTILINE))
+
+
+def wait_for_metric(server: str, name: str, target: float, timeout_s: float = 15.0) -> None:
+    """Until `name` on /metrics reaches `target` (the LLM stage reports its counters with its
+    heartbeats, so they arrive a moment after the answer); fails naming the last value."""
+    deadline = time.monotonic() + timeout_s
+    while (value := metric(server, name)) < target:
+        assert time.monotonic() < deadline, f"{name} is {value}, waited for {target}"
+        time.sleep(0.1)

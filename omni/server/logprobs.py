@@ -60,10 +60,14 @@ def completion_logprobs(
         start_offset += len(token)
     top = None
     if num_top:
-        top = [
-            {text_of(i): v for i, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)}
-            for lp in logprobs
-        ]
+        top = []
+        for lp in logprobs:
+            # Best first; two ids with the same text (partial UTF-8 bytes all read "\ufffd")
+            # keep the better one's log-probability.
+            alternatives: dict[str, float] = {}
+            for token_id, value in zip(lp.top_token_ids, lp.top_logprobs, strict=True):
+                alternatives.setdefault(text_of(token_id), value)
+            top.append(alternatives)
     return {
         "tokens": tokens,
         "token_logprobs": [lp.logprob for lp in logprobs],
