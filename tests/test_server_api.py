@@ -501,3 +501,22 @@ def test_bench_dataset_builds_media_parts() -> None:
     assert base64.b64decode(data)[:3] == b"\xff\xd8\xff"
     with pytest.raises(ValueError, match="image_format must be one of"):
         DatasetSpec(image_format="gif")
+
+
+def test_tokenize_and_detokenize(base_url: str, model_dir: Path, pipeline: Pipeline) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    body = {"model": MODEL_NAME, "prompt": "Hello, world!"}
+    reply = httpx.post(f"{base_url}/tokenize", json=body)
+    expected = tokenizer.encode("Hello, world!")
+    assert reply.json() == {"count": len(expected), "max_model_len": 2048, "tokens": expected,
+                            "token_strs": None}
+    chat = httpx.post(f"{base_url}/tokenize", json={"messages": MESSAGES}).json()
+    assert chat["tokens"] == tokenizer.apply_chat_template(
+        MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    back = httpx.post(f"{base_url}/detokenize", json={"model": MODEL_NAME, "tokens": expected})
+    assert back.json() == {"prompt": "Hello, world!"}
+    bad = httpx.post(f"{base_url}/detokenize", json={"tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 import omni
 from omni.server import completions, metrics
+from omni.server import tokenize as tokenizing
 from omni.server.auth import check_api_key
 from omni.server.config import DEFAULT_MAX_BODY_BYTES
 from omni.server.orchestrator import LLM_ROLE, Orchestrator
@@ -31,6 +32,7 @@ from omni.server.protocol import (
     model_not_found,
 )
 from omni.server.speech_chat import AudioChatCompletionRequest, chat_completion_with_audio
+from omni.server.tokenize import DetokenizeRequest, TokenizeRequest
 from omni.server.uploads import UploadSettings, add_upload_routes
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,8 @@ def build_app(
     def validate(payload: Any, model: type[M]) -> M:
         """`payload` as a `model` request for the served model, or the APIError to answer."""
         parsed = validate_body(payload, model)
-        requested = getattr(parsed, "model", orchestrator.model_name)
+        # Optional where vLLM makes it so (/tokenize); required by the generation routes.
+        requested = getattr(parsed, "model", None) or orchestrator.model_name
         if requested != orchestrator.model_name:
             raise model_not_found(requested, f"serves {orchestrator.model_name!r}")
         return parsed
@@ -129,6 +132,14 @@ def build_app(
             return await completions.completion(orchestrator, parsed, request)
         except completions.ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return tokenizing.tokenize(orchestrator, await parse(request, TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return tokenizing.detokenize(orchestrator, await parse(request, DetokenizeRequest))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

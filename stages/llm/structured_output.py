@@ -107,6 +107,12 @@ class GrammarState:
             return False
         return bool(self._matcher.accept_token(token_id))
 
+    @property
+    def is_terminated(self) -> bool:
+        """Whether the grammar has accepted its end (a stop token): a request kept running
+        past it (ignore_eos, min_tokens) samples unconstrained."""
+        return bool(self._matcher.is_terminated())
+
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
@@ -116,7 +122,9 @@ def grammar_bitmask(
 ) -> tuple[torch.Tensor, list[int]] | None:
     """The bitmask rows of one step's sampled requests and the rows it constrains, or None
     when no request is constrained. Built on the host, while the device runs the forward."""
-    rows = [row for row, state in enumerate(states) if state is not None]
+    rows = [
+        row for row, state in enumerate(states) if state is not None and not state.is_terminated
+    ]
     if not rows:
         return None
     import xgrammar
