@@ -400,7 +400,9 @@ def test_every_role_has_a_contract_module() -> None:
         "vision": ("vision", "EncodeImage", "EncodeReply", "EncoderStats"),
     }
     # Shared pieces with no role of their own.
-    assert sorted(set(_contract_modules()) - set(described)) == ["encoder", "sampling"]
+    assert sorted(set(_contract_modules()) - set(described)) == [
+        "encoder", "sampling", "structured_outputs"
+    ]
     assert all(
         module.CONTRACT.role == module.ROLE
         for module in _contract_modules().values()
@@ -420,8 +422,11 @@ def test_no_contract_field_is_any() -> None:
     # What was walked (a struct that slipped out of this list would go unchecked).
     assert checked["image"] == ["ImageLimits", "ImageParams", "ImageReply", "ImageStats"]
     assert checked["speech"] == ["SpeechParams", "SpeechReply", "SpeechStats", "VoiceModel"]
-    assert checked["llm"] == ["GenerateRequest", "LLMStats", "MediaItem", "TokenUpdate"]
+    assert checked["llm"] == [
+        "GenerateRequest", "LLMStats", "MediaItem", "TokenLogprob", "TokenUpdate"
+    ]
     assert checked["sampling"] == ["SamplingParams"]
+    assert checked["structured_outputs"] == ["StructuredOutputs"]
 
 
 def test_no_contract_module_mentions_any() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 # Bounds the work one request can ask of the grammar compiler.
 MAX_CONSTRAINT_CHARS = 65536
@@ -33,7 +32,7 @@ class StructuredOutputs:
     grammar: str | None = None
 
     def __post_init__(self) -> None:
-        schema: Any = self.json
+        schema: object = self.json
         if schema is not None and not isinstance(schema, str):
             if not isinstance(schema, dict):
                 raise ValueError(f"structured_outputs.json must be an object, got {schema!r}")
