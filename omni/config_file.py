@@ -46,6 +46,8 @@ KNOWN_KEYS = frozenset(
         "allowed_media_domains",
         "allowed_local_media_path",
         "media_fetch_timeout_s",
+        "chat_template",
+        "tool_call_parser",
     }
 )
 

@@ -114,6 +114,17 @@ def add_parser(subparsers: Any) -> None:
         "--option", action="append", default=[], metavar="KEY=VALUE", help="LLM engine option"
     )
     p.add_argument(
+        "--chat-template", default=None,
+        help="a Jinja chat template (a file, or the template itself) instead of the model's",
+    )
+    p.add_argument(
+        "--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+        help="how tool calls are read out of answers (default: chosen from the model)",
+    )
+    # vLLM needs it for tool_choice "auto"; omni always serves "auto", so it is accepted as is.
+    p.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                   help=argparse.SUPPRESS)
+    p.add_argument(
         "--api-server-count",
         type=int,
         default=None,
@@ -148,7 +159,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         "pdf_max_dpi", "max_pdf_pages", "max_pdf_bytes", "pdf_text", "pdf_workers",
         "pdf_worker_memory_mib",
         "max_upload_bytes", "max_upload_files", "api_server_count", "api_server_rank",
-        "api_server_dir",
+        "api_server_dir", "chat_template", "tool_call_parser",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:

@@ -136,8 +136,16 @@ class ServeConfig:
     # How tool calls are read out of answers ("hermes" or "llama3_json"); None: chosen from
     # the model (see omni.server.tool_calls.default_parser).
     tool_call_parser: str | None = None
+    # A Jinja chat template (a file path, or the template text) instead of the model's own,
+    # for example one that renders tools.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
+        from omni.server.tool_calls import PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser {self.tool_call_parser!r} is unknown; known: "
+                             f"{', '.join(PARSERS)}")
         self.pdf_settings()  # raises ValueError naming a bad PDF setting
         for name in ("max_upload_bytes", "max_upload_files", "api_server_count"):
             if getattr(self, name) < 1:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from omni.media.fetch import MediaFetchPolicy
@@ -67,6 +68,16 @@ def context_length(model_path: str, configured: int | None) -> int:
     return int(AutoConfig.from_pretrained(model_path).get_text_config().max_position_embeddings)
 
 
+def read_chat_template(given: str) -> str:
+    """`--chat-template`: a file's text, or the template itself (as vLLM takes it)."""
+    path = Path(given).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" not in given:
+        raise ValueError(f"--chat-template {given!r} is neither a file nor a Jinja template")
+    return given
+
+
 def model_type(model_path: str) -> str:
     """The checkpoint's `model_type` ("llama", "qwen2", ...), which picks its tool parser."""
     from transformers import AutoConfig
@@ -113,6 +124,8 @@ class Pipeline:
             ),
         )
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if config.chat_template is not None:
+            tokenizer.chat_template = read_chat_template(config.chat_template)
         max_model_len = context_length(model_path, config.max_model_len)
         mm = media_prompt_processor(model_path)
         roles = [(LLM_ROLE, config.llm_replicas)]
