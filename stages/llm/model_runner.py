@@ -22,7 +22,7 @@ from omni.stages.llm.step_inputs import (
     build_host_inputs,
     to_device,
 )
-from omni.stages.llm.structured_output import grammar_bitmask
+from omni.stages.llm.structured_output import BitmaskBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class ModelRunner:
         self.sampler = Sampler()
         # The logits' width, which grammar bitmasks cover (may exceed the tokenizer's size).
         self.vocab_size = int(self.hf_config.get_text_config().vocab_size)
+        self.bitmasks = BitmaskBuffers(self.vocab_size, pin=self.device.type == "cuda")
         # Qwen2-VL-family models rotate by [3, T] M-RoPE positions instead of [T].
         self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
 
@@ -142,7 +143,7 @@ class ModelRunner:
             hidden = hidden[index_tensor(rows, hidden.device)]
         requests = [out.scheduled[i].request for i in rows]
         # The grammar masks are filled on the host while the device runs the forward above.
-        constrained = grammar_bitmask([r.grammar for r in requests], self.vocab_size)
+        constrained = self.bitmasks.fill([r.grammar for r in requests])
         logits = self.model.compute_logits(hidden)
         if all(_plain_greedy(r.sampling_params) for r in requests):
             # Nothing to mask, penalise or report: skip building the sampling batch, whose

@@ -117,21 +117,46 @@ class GrammarState:
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
 
-def grammar_bitmask(
-    states: Sequence[GrammarState | None], vocab_size: int
-) -> tuple[torch.Tensor, list[int]] | None:
-    """The bitmask rows of one step's sampled requests and the rows it constrains, or None
-    when no request is constrained. Built on the host, while the device runs the forward."""
-    rows = [
-        row for row, state in enumerate(states) if state is not None and not state.is_terminated
-    ]
-    if not rows:
-        return None
-    import xgrammar
+class BitmaskBuffers:
+    """Host bitmasks that one step's constrained rows are filled into, built while the device
+    runs the step's forward.
 
-    bitmask = xgrammar.allocate_token_bitmask(len(states), vocab_size)
-    for row in rows:
-        state = states[row]
-        assert state is not None
-        state.fill(bitmask, row)
-    return bitmask, rows
+    Reused step after step rather than allocated (at 256 rows and a 152k vocabulary a mask is
+    5 MB), and pinned on a CUDA host so that its copy to the device does not wait. Two buffers
+    alternate: with asynchronous scheduling one step may still be copying its mask while the
+    next one is filled. Only the constrained rows are written; the sampler reads no other.
+    """
+
+    def __init__(self, vocab_size: int, pin: bool) -> None:
+        self.vocab_size = vocab_size
+        self.pin = pin
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._next = 0
+
+    def fill(
+        self, states: Sequence[GrammarState | None]
+    ) -> tuple[torch.Tensor, list[int]] | None:
+        """The step's bitmask and the rows it constrains, or None when none is."""
+        rows = [
+            row for row, s in enumerate(states) if s is not None and not s.is_terminated
+        ]
+        if not rows:
+            return None
+        bitmask = self._buffer(len(states))
+        for row in rows:
+            state = states[row]
+            assert state is not None
+            state.fill(bitmask, row)
+        return bitmask, rows
+
+    def _buffer(self, num_rows: int) -> torch.Tensor:
+        import xgrammar
+
+        index, self._next = self._next, 1 - self._next
+        buffer = self._buffers[index]
+        if buffer is None or buffer.shape[0] < num_rows:
+            buffer = xgrammar.allocate_token_bitmask(max(num_rows, 64), self.vocab_size)
+            if self.pin:
+                buffer = buffer.pin_memory()
+            self._buffers[index] = buffer
+        return buffer[:num_rows]
