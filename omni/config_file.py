@@ -19,6 +19,13 @@ from typing import Any
 
 import yaml
 
+# vLLM's engine flags that `omni serve` takes as they are (`--dtype`, `--block-size`, ...):
+# each is the LLM engine option (an EngineConfig field) of the same name, in a file too.
+ENGINE_FLAGS = (
+    "dtype", "gpu_memory_utilization", "enforce_eager", "max_num_batched_tokens", "block_size",
+    "enable_prefix_caching",
+)  # fmt: skip
+
 # Settings a file may hold, by their canonical (underscore) names.
 KNOWN_KEYS = frozenset(
     {
@@ -49,7 +56,8 @@ KNOWN_KEYS = frozenset(
         "chat_template",
         "tool_call_parser",
     }
-)
+) | frozenset(ENGINE_FLAGS)
+
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -80,6 +88,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         if not isinstance(options, dict):
             raise ValueError(f"config file {path}: options must be a mapping of key: value")
         settings["options"] = {str(k): _option_text(v) for k, v in options.items()}
+    engine = {key: _option_text(settings.pop(key)) for key in ENGINE_FLAGS if key in settings}
+    if engine:
+        settings["options"] = {**settings.get("options", {}), **engine}
     return settings
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import openai
 import pytest
-from fixtures_tools import QWEN_STYLE_TEMPLATE, make_tool_checkpoint
+from fixtures_tools import make_tool_checkpoint
 from pydantic import BaseModel, ConfigDict, Field
 from server_fixtures import CONTEXT, live_server
 
@@ -221,27 +221,3 @@ def test_auto_stream_sends_content_then_the_calls(parser: str) -> None:
         "arguments": '{"city": "Rome", "unit": "celsius"}'}
     assert plan.finish_reason(stream.calls, "stop") == "tool_calls"
 
-
-def test_serve_flags_and_config_keys_for_tools(tmp_path: Path) -> None:
-    from omni.cli import build_parser
-    from omni.commands.serve import serve_config
-    from omni.server.pipeline import read_chat_template
-
-    template = tmp_path / "tools.jinja"
-    template.write_text(QWEN_STYLE_TEMPLATE)
-    args = build_parser().parse_args(
-        ["serve", "--tool-call-parser", "llama3_json", "--chat-template", str(template),
-         "--enable-auto-tool-choice"])
-    config = serve_config(args)
-    assert (config.tool_call_parser, config.chat_template) == ("llama3_json", str(template))
-    assert read_chat_template(config.chat_template) == QWEN_STYLE_TEMPLATE
-    assert read_chat_template("{{ messages }}") == "{{ messages }}"
-    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
-        read_chat_template(str(tmp_path / "missing.jinja"))
-    settings = tmp_path / "serve.yaml"
-    settings.write_text("tool-call-parser: hermes\n")
-    assert serve_config(build_parser().parse_args(
-        ["serve", "--config", str(settings)])).tool_call_parser == "hermes"
-    settings.write_text("tool-call-parser: mistral\n")
-    with pytest.raises(ValueError, match="tool_call_parser 'mistral' is unknown"):
-        serve_config(build_parser().parse_args(["serve", "--config", str(settings)]))

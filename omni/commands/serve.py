@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from omni.config_file import load_config_file
+from omni.config_file import ENGINE_FLAGS, load_config_file
 
 API_KEY_ENV = "OMNI_API_KEY"
 
@@ -113,6 +113,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="LLM engine option"
     )
+    engine = p.add_argument_group("LLM engine (vLLM's flags; each is also an --option)")
+    engine.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16",
+                                                           "float32"])
+    engine.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="share of GPU memory for weights and KV cache (0.9)")
+    engine.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="no CUDA graphs")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per forward pass (8192)")
+    engine.add_argument("--block-size", type=int, default=None, help="tokens per KV block (16)")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=None, help="reuse KV blocks of shared prefixes (on)")
     p.add_argument(
         "--chat-template", default=None,
         help="a Jinja chat template (a file, or the template itself) instead of the model's",
@@ -149,6 +161,10 @@ def serve_config(args: argparse.Namespace) -> Any:
         if not sep or not key:
             raise ValueError(f"--option {pair!r} must be KEY=VALUE")
         options[key] = value
+    for name in ENGINE_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = str(value).lower() if isinstance(value, bool) else str(value)
     for name in (
         "model", "served_model_name", "host", "port", "llm_replicas", "devices",
         "single_process", "colocate_encoders", "api_key", "max_model_len", "max_num_seqs",

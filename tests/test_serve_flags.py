@@ -1,0 +1,51 @@
+"""vLLM-shaped flags of `omni serve` and their config-file keys: the engine's (each an LLM
+engine option), the chat template and the tool-call parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fixtures_tools import QWEN_STYLE_TEMPLATE
+
+from omni.cli import build_parser
+from omni.commands.serve import serve_config
+from omni.server.pipeline import read_chat_template
+
+
+def test_engine_flags_are_llm_options_and_win_over_the_file(tmp_path: Path) -> None:
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("block-size: 32\nenable-prefix-caching: false\ndtype: float16\n"
+                        "options: {max_num_batched_tokens: 1024}\n")
+    args = build_parser().parse_args(
+        ["serve", "--config", str(settings), "--dtype", "bfloat16", "--enforce-eager",
+         "--gpu-memory-utilization", "0.5", "--max-num-batched-tokens", "2048",
+         "--enable-prefix-caching"])
+    assert serve_config(args).llm_options() == {
+        "block_size": "32", "dtype": "bfloat16", "enable_prefix_caching": "true",
+        "enforce_eager": "true", "gpu_memory_utilization": "0.5",
+        "max_num_batched_tokens": "2048", "encoder_cache_mib": "512",
+    }
+    args = build_parser().parse_args(["serve", "--no-enable-prefix-caching"])
+    assert serve_config(args).llm_options()["enable_prefix_caching"] == "false"
+
+
+def test_serve_flags_and_config_keys_for_tools(tmp_path: Path) -> None:
+    template = tmp_path / "tools.jinja"
+    template.write_text(QWEN_STYLE_TEMPLATE)
+    args = build_parser().parse_args(
+        ["serve", "--tool-call-parser", "llama3_json", "--chat-template", str(template),
+         "--enable-auto-tool-choice"])
+    config = serve_config(args)
+    assert (config.tool_call_parser, config.chat_template) == ("llama3_json", str(template))
+    assert read_chat_template(config.chat_template) == QWEN_STYLE_TEMPLATE
+    assert read_chat_template("{{ messages }}") == "{{ messages }}"
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("tool-call-parser: hermes\n")
+    assert serve_config(build_parser().parse_args(
+        ["serve", "--config", str(settings)])).tool_call_parser == "hermes"
+    settings.write_text("tool-call-parser: mistral\n")
+    with pytest.raises(ValueError, match="tool_call_parser 'mistral' is unknown"):
+        serve_config(build_parser().parse_args(["serve", "--config", str(settings)]))
