@@ -14,10 +14,13 @@ Flags given on the command line win over the file.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from omni.server.config import ServeConfig
 
 # vLLM's engine flags that `omni serve` takes as they are (`--dtype`, `--block-size`, ...):
 # each is the LLM engine option (an EngineConfig field) of the same name, in a file too.
@@ -26,37 +29,17 @@ ENGINE_FLAGS = (
     "enable_prefix_caching",
 )  # fmt: skip
 
-# Settings a file may hold, by their canonical (underscore) names.
-KNOWN_KEYS = frozenset(
-    {
-        "model",
-        "served_model_name",
-        "host",
-        "port",
-        "llm_replicas",
-        "devices",
-        "single_process",
-        "api_key",
-        "max_model_len",
-        "max_num_seqs",
-        "options",
-        "max_body_bytes",
-        "startup_timeout_s",
-        "vision_replicas",
-        "audio_replicas",
-        "image_model",
-        "image_replicas",
-        "speech",
-        "speech_model",
-        "speech_replicas",
-        "encoder_cache_mib",
-        "allowed_media_domains",
-        "allowed_local_media_path",
-        "media_fetch_timeout_s",
-        "chat_template",
-        "tool_call_parser",
-    }
-) | frozenset(ENGINE_FLAGS)
+# ServeConfig fields that `omni serve` sets itself, not a file.
+_NOT_SETTINGS = frozenset({"engine_options", "api_server_rank", "api_server_dir"})
+# Settings a file may hold, by their canonical (underscore) names: every ServeConfig field (so
+# every flag has its key), the engine flags, and `options`.
+KNOWN_KEYS = (
+    frozenset(f.name for f in dataclasses.fields(ServeConfig)) - _NOT_SETTINGS
+    | frozenset(ENGINE_FLAGS)
+    | {"options"}
+)
+# What the serve command's flags may set, under the same names as ServeConfig's fields.
+FLAG_SETTINGS = frozenset(f.name for f in dataclasses.fields(ServeConfig)) - {"engine_options"}
 
 
 

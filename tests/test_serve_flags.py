@@ -49,3 +49,19 @@ def test_serve_flags_and_config_keys_for_tools(tmp_path: Path) -> None:
     settings.write_text("tool-call-parser: mistral\n")
     with pytest.raises(ValueError, match="tool_call_parser 'mistral' is unknown"):
         serve_config(build_parser().parse_args(["serve", "--config", str(settings)]))
+
+
+def test_every_setting_of_a_flag_is_a_config_key(tmp_path: Path) -> None:
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("pdf-dpi: 150\nmax-pdf-pages: 8\nno-such-setting: 1\n")
+    with pytest.raises(ValueError, match="unknown setting 'no-such-setting'"):
+        serve_config(build_parser().parse_args(["serve", "--config", str(settings)]))
+    settings.write_text("pdf-dpi: 150\nmax-pdf-pages: 8\npdf-workers: 3\nmax-upload-files: 4\n"
+                        "max-upload-bytes: 1000\napi-server-count: 1\n")
+    config = serve_config(build_parser().parse_args(["serve", "--config", str(settings)]))
+    assert (config.pdf_dpi, config.max_pdf_pages, config.pdf_workers) == (150, 8, 3)
+    assert (config.max_upload_files, config.max_upload_bytes) == (4, 1000)
+    # A flag still wins over the file.
+    config = serve_config(build_parser().parse_args(
+        ["serve", "--config", str(settings), "--max-upload-files", "2"]))
+    assert config.max_upload_files == 2

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from omni.config_file import ENGINE_FLAGS, load_config_file
+from omni.config_file import ENGINE_FLAGS, FLAG_SETTINGS, load_config_file
 
 API_KEY_ENV = "OMNI_API_KEY"
 
@@ -165,19 +165,9 @@ def serve_config(args: argparse.Namespace) -> Any:
         value = getattr(args, name)
         if value is not None:
             options[name] = str(value).lower() if isinstance(value, bool) else str(value)
-    for name in (
-        "model", "served_model_name", "host", "port", "llm_replicas", "devices",
-        "single_process", "colocate_encoders", "api_key", "max_model_len", "max_num_seqs",
-        "max_body_bytes",
-        "image_model", "image_replicas", "speech", "speech_model", "vision_replicas",
-        "audio_replicas", "speech_replicas", "encoder_cache_mib", "allowed_media_domains",
-        "allowed_local_media_path", "media_fetch_timeout_s", "pdf_dpi", "pdf_min_dpi",
-        "pdf_max_dpi", "max_pdf_pages", "max_pdf_bytes", "pdf_text", "pdf_workers",
-        "pdf_worker_memory_mib",
-        "max_upload_bytes", "max_upload_files", "api_server_count", "api_server_rank",
-        "api_server_dir", "chat_template", "tool_call_parser",
-    ):  # fmt: skip
-        value = getattr(args, name)
+    for name in sorted(FLAG_SETTINGS):
+        # A setting with no flag (startup_timeout_s) comes from the file only.
+        value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
     # The environment keeps the key out of `ps` listings; a flag or the file still wins.

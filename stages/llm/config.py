@@ -46,9 +46,10 @@ class EngineConfig:
     # Schedule and launch step N+1 before step N's sampled tokens reach the host (they are fed
     # to N+1 on the device), hiding the host's per-step work behind the GPU's. Steps fall back
     # to synchronous while a running request uses penalties or min_tokens, which read the
-    # output tokens on the host, or structured output, whose next mask needs the last token. On by default: on an H100 it took Qwen2.5-7B-size batch-1
-    # decode from 1.31x to 1.25x its floor and throughput from 67% to 75% of its floor
-    # (docs/benchmarks.md); greedy tokens are the same either way.
+    # output tokens on the host, or structured output, whose next mask needs the last token.
+    # On by default: on an H100 it took Qwen2.5-7B-size batch-1 decode from 1.31x to 1.25x its
+    # floor and throughput from 67% to 75% of its floor (docs/benchmarks.md); greedy tokens
+    # are the same either way.
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:
