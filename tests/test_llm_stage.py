@@ -40,7 +40,7 @@ def test_options_parse_to_engine_fields(checkpoint: Path) -> None:
     )
     with pytest.raises(ValueError, match="unknown LLM stage option 'max_seqs'"):
         engine_config(WorkerOptions(model="x", extra={"max_seqs": "4"}))
-    with pytest.raises(ValueError, match="option max_num_seqs must be a int, got 'many'"):
+    with pytest.raises(ValueError, match="option max_num_seqs must be an integer, got 'many'"):
         engine_config(WorkerOptions(model="x", extra={"max_num_seqs": "many"}))
 
 

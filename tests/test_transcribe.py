@@ -88,7 +88,7 @@ def test_worker_options_and_registration() -> None:
     assert (batch, config.max_audio_seconds, config.max_batch_windows) == (3, 12.5, 8)
     with pytest.raises(ValueError, match="unknown asr stage option 'batch'"):
         asr_settings(WorkerOptions(extra={"batch": "3"}))
-    with pytest.raises(ValueError, match="option max_batch_requests must be a int, got 'x'"):
+    with pytest.raises(ValueError, match="option max_batch_requests must be an integer, got 'x'"):
         asr_settings(WorkerOptions(extra={"max_batch_requests": "x"}))
     with pytest.raises(ValueError, match="max_batch_requests is 0; it must be >= 1"):
         asr_settings(WorkerOptions(extra={"max_batch_requests": "0"}))

@@ -13,10 +13,8 @@ Options (`--option key=value`): `max_batch_requests`, and the `TranscriberConfig
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import OrderedDict
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +25,7 @@ from omni.stages.contracts.asr import (
     ASRStats,
     Transcript,
 )
+from omni.stages.runtime.options import field_types, parse_options
 from omni.stages.runtime.worker import (
     StageOutput,
     StageWorker,
@@ -39,33 +38,17 @@ from omni.speech.transcribe import Transcriber, TranscriberConfig, check_audio
 
 logger = logging.getLogger(__name__)
 
-_TRANSCRIBER_FIELDS = {f.name: f.type for f in dataclasses.fields(TranscriberConfig)}
 DEFAULT_MAX_BATCH_REQUESTS = 8
 
 
 def asr_settings(options: WorkerOptions) -> tuple[TranscriberConfig, int]:
     """The transcriber config and the batch size from the stage's `--option`s."""
-    kwargs: dict[str, Any] = {}
-    max_batch_requests = DEFAULT_MAX_BATCH_REQUESTS
-    for key, text in options.extra.items():
-        if key == "max_batch_requests":
-            max_batch_requests = _parse_number(key, text, int)
-        elif key in _TRANSCRIBER_FIELDS:
-            kind = int if _TRANSCRIBER_FIELDS[key] in (int, "int") else float
-            kwargs[key] = _parse_number(key, text, kind)
-        else:
-            known = sorted([*_TRANSCRIBER_FIELDS, "max_batch_requests"])
-            raise ValueError(f"unknown asr stage option {key!r}; known: {known}")
+    fields = {**field_types(TranscriberConfig), "max_batch_requests": int}
+    kwargs = parse_options(options.extra, fields, "asr")
+    max_batch_requests = kwargs.pop("max_batch_requests", DEFAULT_MAX_BATCH_REQUESTS)
     if max_batch_requests < 1:
         raise ValueError(f"max_batch_requests is {max_batch_requests}; it must be >= 1")
     return TranscriberConfig(**kwargs), max_batch_requests
-
-
-def _parse_number(key: str, text: str, kind: type[int] | type[float]) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"option {key} must be a {kind.__name__}, got {text!r}") from None
 
 
 @register_worker(ROLE)

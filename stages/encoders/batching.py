@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from omni.stages.contracts.encoder import EMBEDDINGS, EncodeReply, EncoderStats
+from omni.stages.runtime.options import parse_option
 from omni.stages.runtime.worker import StageOutput, StageWorker, WorkerOptions, WorkerRequest
 
 logger = logging.getLogger(__name__)
@@ -84,10 +85,7 @@ class BatchingEncoderWorker(StageWorker):
             raise ValueError(f"the {self.ROLE} stage needs --model ({self.MODEL_KIND})")
         self.dtype = options.extra.get("dtype", "auto")
         text = options.extra.get(self.BUDGET_OPTION, str(self.DEFAULT_BUDGET))
-        try:
-            self.max_batch_cost = int(text)
-        except ValueError:
-            raise ValueError(f"option {self.BUDGET_OPTION} must be an int, got {text!r}") from None
+        self.max_batch_cost: int = parse_option(self.BUDGET_OPTION, text, int)
         if self.max_batch_cost < 1:
             raise ValueError(f"{self.BUDGET_OPTION} is {self.max_batch_cost}; it must be >= 1")
         self._queue: deque[_Queued] = deque()

@@ -36,7 +36,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from omni.stages.contracts.image import (
@@ -52,6 +51,7 @@ from omni.stages.contracts.image import (
 )
 from omni.stages.generators.image_encode import DEFAULT_PNG_COMPRESS_LEVEL, encode_image
 from omni.stages.generators.image_pipeline import BatchShape, DiffusionImageGenerator, ImageJob
+from omni.stages.runtime.options import field_types, parse_options
 from omni.stages.runtime.worker import (
     StageOutput,
     StageWorker,
@@ -101,34 +101,11 @@ class ImageStageSettings:
 
     @classmethod
     def from_options(cls, extra: Mapping[str, str]) -> ImageStageSettings:
-        own = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "limits"}
-        limit_fields = {f.name: f.type for f in dataclasses.fields(ImageLimits)}
-        settings: dict[str, Any] = {}
-        limits: dict[str, Any] = {}
-        for key, text in extra.items():
-            if key in own:
-                settings[key] = _parse_option(key, text, str(own[key]))
-            elif key in limit_fields:
-                limits[key] = _parse_option(key, text, str(limit_fields[key]))
-            else:
-                known = sorted([*own, *limit_fields])
-                raise ValueError(f"unknown image stage option {key!r}; known: {known}")
-        return cls(**settings, limits=ImageLimits(**limits))
-
-
-def _parse_option(key: str, text: str, kind: str) -> Any:
-    if kind == "str":
-        return text
-    if kind in ("bool", "bool | None"):
-        lowered = text.lower()
-        choices = ("true", "false", "auto") if kind == "bool | None" else ("true", "false")
-        if lowered in choices:
-            return None if lowered == "auto" else lowered == "true"
-        raise ValueError(f"option {key} must be {', '.join(choices)}, got {text!r}")
-    try:
-        return int(text) if kind == "int" else float(text)
-    except ValueError:
-        raise ValueError(f"option {key} must be a number, got {text!r}") from None
+        own = {k: v for k, v in field_types(cls).items() if k != "limits"}
+        limit_fields = field_types(ImageLimits)
+        parsed = parse_options(extra, {**own, **limit_fields}, "image")
+        limits = {k: parsed.pop(k) for k in list(parsed) if k in limit_fields}
+        return cls(**parsed, limits=ImageLimits(**limits))
 
 
 @dataclass(frozen=True)

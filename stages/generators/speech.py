@@ -35,6 +35,7 @@ from omni.stages.contracts.speech import (
     VoiceModel,
 )
 from omni.stages.generators.tts_models import load_synthesizer
+from omni.stages.runtime.options import parse_option
 from omni.stages.runtime.worker import (
     StageOutput,
     StreamingStageWorker,
@@ -53,10 +54,7 @@ def _int_option(options: dict[str, str], key: str, default: int) -> int:
     text = options.pop(key, None)
     if text is None:
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"option {key} must be an integer, got {text!r}") from None
+    value: int = parse_option(key, text, int)
     if value < 1:
         raise ValueError(f"option {key} is {value}; it must be >= 1")
     return value

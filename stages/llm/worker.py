@@ -9,10 +9,8 @@ engine, until an encoder stage has answered for them.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from omni.cache.block_hash import MultiModalPlaceholder
@@ -31,6 +29,7 @@ from omni.stages.llm.engine import LLMEngine
 from omni.stages.llm.media_items import ItemFetcher, call_id_counter
 from omni.stages.llm.mm_inputs import MultiModalInputs
 from omni.stages.llm.outputs import RequestOutput
+from omni.stages.runtime.options import field_types, parse_option, parse_options
 from omni.stages.runtime.worker import (
     PeerCall,
     PeerReply,
@@ -45,7 +44,11 @@ from omni.stages.runtime.worker import (
 ENCODER_CACHE_OPTION = "encoder_cache_mib"
 DEFAULT_ENCODER_CACHE_MIB = 512
 
-_ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
+# Options that name the engine's model and device come from the stage's own flags.
+_ENGINE_OPTIONS = {
+    name: kind for name, kind in field_types(EngineConfig).items()
+    if name not in ("model", "device")
+}
 
 
 def engine_config(options: WorkerOptions) -> EngineConfig:
@@ -56,33 +59,10 @@ def engine_config(options: WorkerOptions) -> EngineConfig:
         from omni.default_model import default_model_path
 
         model = default_model_path()
-    kwargs: dict[str, Any] = {"model": model, "device": options.device}
-    for key, text in options.extra.items():
-        if key == ENCODER_CACHE_OPTION:
-            continue
-        if key not in _ENGINE_FIELDS or key in ("model", "device"):
-            raise ValueError(f"unknown LLM stage option {key!r}; known: {sorted(_ENGINE_FIELDS)}")
-        kwargs[key] = _parse_option(key, text, _ENGINE_FIELDS[key].default)
-    return EngineConfig(**kwargs)
-
-
-def _parse_option(key: str, text: str, default: Any) -> Any:
-    if text.lower() in ("none", "null"):
-        return None
-    if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"option {key} must be true or false, got {text!r}")
-        return text.lower() in ("true", "1")
-    for kind in (int, float):
-        if isinstance(default, kind) or default is None:
-            try:
-                return kind(text)
-            except ValueError:
-                if isinstance(default, kind):
-                    raise ValueError(
-                        f"option {key} must be a {kind.__name__}, got {text!r}"
-                    ) from None
-    return text
+    extra = {k: v for k, v in options.extra.items() if k != ENCODER_CACHE_OPTION}
+    return EngineConfig(
+        model=model, device=options.device, **parse_options(extra, _ENGINE_OPTIONS, "LLM")
+    )
 
 
 @dataclass
@@ -275,10 +255,7 @@ class LLMWorker(StageWorker):
 
 def _encoder_cache_mib(options: WorkerOptions) -> int:
     text = options.extra.get(ENCODER_CACHE_OPTION, str(DEFAULT_ENCODER_CACHE_MIB))
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"option {ENCODER_CACHE_OPTION} must be an int, got {text!r}") from None
+    value: int = parse_option(ENCODER_CACHE_OPTION, text, int)
     if value < 0:
         raise ValueError(f"option {ENCODER_CACHE_OPTION} is {value}; it must be >= 0")
     return value
