@@ -121,6 +121,33 @@ def test_a_header_that_understates_the_length_is_caught_while_decoding(monkeypat
     assert error.limit == "max_audio_seconds"
 
 
+def streamed_flac(samples: np.ndarray) -> bytes:
+    """`samples` as a FLAC whose STREAMINFO says total_samples 0 ("unknown"), as an encoder
+    writing to a pipe leaves it."""
+    data = bytearray(encode(samples, "FLAC"))
+    # "fLaC", a 4-byte block header, then STREAMINFO: total_samples is the low 36 bits of its
+    # third 8-byte field.
+    field = int.from_bytes(data[18:26], "big")
+    data[18:26] = (field & ~((1 << 36) - 1)).to_bytes(8, "big")
+    return bytes(data)
+
+
+def test_a_streamed_flac_of_unknown_length_decodes_whole():
+    samples = stereo(40_000)
+    data = streamed_flac(samples)
+    assert soundfile.info(io.BytesIO(data)).frames == audio_module.UNKNOWN_FRAMES
+    decoded = load_audio(data, name="a", sampling_rate=RATE, limits=LIMITS)
+    assert np.array_equal(decoded, reference_mono(encode(samples, "FLAC")))
+
+
+def test_a_streamed_flac_past_the_limit_is_caught_while_decoding():
+    error = refusal(streamed_flac(stereo(1601)), limits=MediaLimits(max_audio_seconds=0.1))
+    assert str(error) == (
+        "audio 1 decodes to more than 0.1 seconds though its header claims fewer; "
+        "the limit is 0.1 seconds"
+    )
+
+
 def test_exactly_at_the_length_limit_is_accepted():
     samples = load_audio(
         encode(stereo(1600), "WAV"),

@@ -232,6 +232,12 @@ def test_models_version_and_health(base_url: str) -> None:
 
 ERROR_CASES = {
     "malformed json": (b'{"model": ', 400, "invalid_request_error", None),
+    # Issue 14: two bodies that json.loads takes but that used to end as a 500.
+    "nested 100,000 deep": (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_request_error", None),
+    "lone surrogate": (
+        json.dumps(chat_body(messages=[{"role": "user", "content": "\ud800"}])).encode(),
+        400, "invalid_request_error", "messages[0].content",
+    ),
     "wrong type": (chat_body(messages="hello"), 400, "invalid_request_error", "messages"),
     "unknown model": (chat_body(model="gpt-9"), 404, "invalid_request_error", "model"),
     "empty messages": (chat_body(messages=[]), 400, "invalid_request_error", "messages"),
@@ -278,6 +284,24 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(base_url: str, c
     assert httpx.get(f"{base_url}/health").status_code == 200
 
 
+def test_deep_and_lone_surrogate_bodies_get_exact_messages(base_url: str) -> None:
+    url = f"{base_url}/v1/chat/completions"
+    headers = {"content-type": "application/json"}
+    deep = httpx.post(url, content=ERROR_CASES["nested 100,000 deep"][0], headers=headers)
+    assert deep.json()["error"]["message"] == (
+        "request body is nested more than 100 levels deep; the limit is 100"
+    )
+    surrogate = httpx.post(url, content=ERROR_CASES["lone surrogate"][0], headers=headers)
+    assert surrogate.json()["error"]["message"] == (
+        "messages[0].content is a string with a lone UTF-16 surrogate (\\ud800 at character "
+        "0); JSON text must be valid Unicode"
+    )
+    # A surrogate pair is one character, not an error.
+    pair = chat_body(messages=[{"role": "user", "content": "\ud83d\ude00"}], max_tokens=1)
+    reply = httpx.post(url, content=json.dumps(pair).encode(), headers=headers, timeout=30)
+    assert reply.status_code == 200, reply.text
+
+
 def test_context_error_names_the_numbers(base_url: str) -> None:
     reply = httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(max_tokens=2047))
     error = reply.json()["error"]
@@ -316,6 +340,35 @@ def test_api_key_and_body_limit(pipeline: Pipeline) -> None:
     assert "the limit is 2048 bytes" in too_big.json()["error"]["message"]
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
     assert health.status_code == 200
+
+
+# Every route but /health needs the key: these describe the deployment or its traffic.
+GUARDED_GETS = ("/metrics", "/docs", "/redoc", "/openapi.json", "/version", "/v1/models")
+
+
+@pytest.mark.parametrize("public_metrics", [False, True])
+def test_api_key_guards_every_route_but_health(pipeline: Pipeline, public_metrics: bool) -> None:
+    settings = AppSettings(api_key="sekrit", public_metrics=public_metrics)
+    app = build_app(pipeline.orchestrator, settings)
+
+    async def calls() -> dict[str, tuple[int, int]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://omni") as client:
+            good = {"Authorization": "Bearer sekrit"}
+            return {
+                path: (
+                    (await client.get(path)).status_code,
+                    (await client.get(path, headers=good)).status_code,
+                )
+                for path in (*GUARDED_GETS, "/health")
+            }
+
+    statuses = asyncio.run(calls())
+    expected = {path: (401, 200) for path in GUARDED_GETS}
+    expected["/health"] = (200, 200)
+    if public_metrics:
+        expected["/metrics"] = (200, 200)
+    assert statuses == expected
 
 
 # ---- disconnects and metrics ----------------------------------------------------------------

@@ -119,6 +119,12 @@ def test_audio_chat_equals_transformers_and_repeats_skip_the_encoder(
             f"{PART}: model 'tiny-audio' does not take images",
         ),
         ({"type": "input_audio"}, "an input_audio part needs 'input_audio'"),
+        (
+            # 20 ms at 16 kHz: two mel frames, which the tower turns into no token at all.
+            audio_part(wav_base64(tone(0.02, 440.0, 1))),
+            f"{PART} is 320 samples at 16000 Hz, too short to yield an audio token; the "
+            "shortest clip is 321 samples (20.0625 ms)",
+        ),
     ],
 )
 def test_bad_audio_gets_a_400_naming_the_part(base_url: str, part: dict, message: str) -> None:

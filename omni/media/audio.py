@@ -25,6 +25,10 @@ _FORMAT_NAMES = "a WAV, FLAC, OGG or MP3 audio file"
 # all its channels in memory at the same time.
 _BLOCK_FRAMES = 1 << 16
 
+# What libsndfile reports as the length of a file whose header does not say (a streamed FLAC's
+# STREAMINFO total_samples of 0 means "unknown"): SF_COUNT_MAX.
+UNKNOWN_FRAMES = 2**63 - 1
+
 _SOUNDFILE_ERRORS = (soundfile.SoundFileError, RuntimeError, TypeError, ValueError, EOFError)
 
 
@@ -100,6 +104,8 @@ def _check_header(info: soundfile._SoundFileInfo, *, name: str, limits: MediaLim
         )
     if info.frames == 0:
         raise MediaError(f"{name} has no audio samples", item=name)
+    if info.frames == UNKNOWN_FRAMES:
+        return  # the decode stops one frame past the limit instead
     seconds = info.frames / info.samplerate
     if seconds > limits.max_audio_seconds:
         raise MediaError(
@@ -110,12 +116,21 @@ def _check_header(info: soundfile._SoundFileInfo, *, name: str, limits: MediaLim
         )
 
 
+class _SequentialSoundFile(soundfile.SoundFile):
+    """A SoundFile read front to back. soundfile seeks to its own position after every read
+    of a seekable file, which libsndfile refuses for a FLAC of unknown length; a reader that
+    never seeks needs no length."""
+
+    def seekable(self) -> bool:
+        return False
+
+
 def _decode_mono(data: bytes, *, max_frames: int, name: str) -> np.ndarray:
     """Up to `max_frames + 1` frames mixed to mono (one more than allowed shows an overrun)."""
     blocks: list[np.ndarray] = []
     remaining = max_frames + 1
     try:
-        with soundfile.SoundFile(io.BytesIO(data)) as audio_file:
+        with _SequentialSoundFile(io.BytesIO(data)) as audio_file:
             while remaining > 0:
                 block = audio_file.read(
                     min(_BLOCK_FRAMES, remaining), dtype="float32", always_2d=True

@@ -58,6 +58,10 @@ def num_audio_tokens(num_frames: int) -> int:
     return (after_conv - 2) // 2 + 1
 
 
+# The fewest mel frames `num_audio_tokens` turns into a token.
+MIN_FRAMES = 3
+
+
 @dataclass(frozen=True)
 class ProcessedAudio:
     """One clip as the audio encoder takes it, with its content hash."""
@@ -128,6 +132,9 @@ class Qwen2AudioPromptProcessor:
         self.sampling_rate = int(feature_extractor.sampling_rate)
         # The tower's fixed window; a longer clip would be cut by the extractor.
         self.max_samples = int(feature_extractor.n_samples)
+        # The shortest clip that yields an audio token: one mel frame per hop (the last one
+        # partial), and the tower needs MIN_FRAMES of them for one token.
+        self.min_samples = (MIN_FRAMES - 1) * int(feature_extractor.hop_length) + 1
         token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {AUDIO_TOKEN} token; is this Qwen2-Audio?")
@@ -146,6 +153,15 @@ class Qwen2AudioPromptProcessor:
     @property
     def max_seconds(self) -> float:
         return self.max_samples / self.sampling_rate
+
+    def too_short(self, name: str, num_samples: int) -> str:
+        """The refusal of a clip that would yield no audio token (its placeholder would be
+        empty)."""
+        return (
+            f"{name} is {num_samples} samples at {self.sampling_rate} Hz, too short to yield an "
+            f"audio token; the shortest clip is {self.min_samples} samples "
+            f"({1000 * self.min_samples / self.sampling_rate:g} ms)"
+        )
 
     def prepare(
         self,
@@ -204,6 +220,8 @@ class Qwen2AudioPromptProcessor:
             )
         if samples.size == 0:
             raise ValueError(f"audio {index} has no samples")
+        if samples.size < self.min_samples:
+            raise ValueError(self.too_short(f"audio {index}", samples.size))
         if samples.size > self.max_samples:
             raise ValueError(
                 f"audio {index} is {samples.size / self.sampling_rate:.2f} seconds long; "

@@ -6,9 +6,7 @@ Bodies are read by hand rather than by FastAPI's parameter binding so that every
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -19,9 +17,10 @@ from pydantic import BaseModel, ValidationError
 import omni
 from omni.server import completions, metrics
 from omni.server import tokenize as tokenizing
-from omni.server.auth import check_api_key
+from omni.server.auth import APIKeyMiddleware
 from omni.server.config import DEFAULT_MAX_BODY_BYTES
-from omni.server.orchestrator import LLM_ROLE, Orchestrator
+from omni.server.json_body import parse_json_body
+from omni.server.orchestrator import Orchestrator
 from omni.server.protocol import (
     ANSWER_NEUTRAL_FIELDS,
     APIError,
@@ -44,8 +43,11 @@ CLIENT_CLOSED_REQUEST = 499
 
 @dataclass(frozen=True)
 class AppSettings:
-    # None leaves the /v1 routes open (the server binds loopback by default).
+    # None leaves every route open (the server binds loopback by default); a key guards every
+    # route but /health (see omni.server.auth).
     api_key: str | None = None
+    # With a key: /metrics answers without it too (a Prometheus scraping without credentials).
+    public_metrics: bool = False
     # Bounds what a client can make the server buffer. Chat bodies carry media as base64
     # (images, audio, a PDF up to --max-pdf-bytes' 20 MB is 27 MB encoded), so the default
     # leaves room for them; per-item limits bound the work done on what is inside.
@@ -60,20 +62,15 @@ class AppSettings:
             raise ValueError("api_key is empty; leave it unset to serve without a key")
 
 
-def build_app(
-    orchestrator: Orchestrator,
-    settings: AppSettings | None = None,
-    healthy: Callable[[], bool] | None = None,
-) -> FastAPI:
-    """The app for one served model. `healthy` defaults to "an LLM replica is live"."""
+def build_app(orchestrator: Orchestrator, settings: AppSettings | None = None) -> FastAPI:
+    """The app for one served model."""
     settings = settings or AppSettings()
     app = FastAPI(title="omni", version=omni.__version__)
     app.state.orchestrator = orchestrator
-
-    def is_healthy() -> bool:
-        if healthy is not None:
-            return healthy()
-        return bool(orchestrator.router.replicas(LLM_ROLE))
+    if settings.api_key is not None:
+        app.add_middleware(
+            APIKeyMiddleware, api_key=settings.api_key, public_metrics=settings.public_metrics
+        )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -87,7 +84,6 @@ def build_app(
         )
 
     async def parse(request: Request, model: type[M]) -> M:
-        check_api_key(settings.api_key, request.headers.get("authorization"))
         payload = await _read_json(request, settings.max_body_bytes)
         return validate(payload, model)
 
@@ -123,7 +119,7 @@ def build_app(
     async def chat(request: Request) -> Response:
         return await answer_chat(await parse(request, AudioChatCompletionRequest), request)
 
-    add_upload_routes(app, settings.api_key, settings.uploads, read_body)
+    add_upload_routes(app, settings.uploads, read_body)
 
     @app.post("/v1/completions")
     async def complete(request: Request) -> Response:
@@ -143,7 +139,6 @@ def build_app(
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        check_api_key(settings.api_key, request.headers.get("authorization"))
         # The LLM, then the generator stages' models (set on app.state by their routes).
         names = [orchestrator.model_name]
         for service in (getattr(app.state, "images", None), getattr(app.state, "speech", None)):
@@ -153,10 +148,15 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        if is_healthy():
+        # Every stage role the pipeline needs must have a live replica: with the LLM up but no
+        # vision replica, image requests would wait and fail, so the server is not ready.
+        missing = orchestrator.missing_roles()
+        if not missing:
             return Response(status_code=200)
+        roles = ", ".join(repr(role) for role in missing)
         return JSONResponse(
-            error_body("no live LLM stage replica", "service_unavailable"), status_code=503
+            error_body(f"no live replica of stage {roles}", "service_unavailable"),
+            status_code=503,
         )
 
     @app.get("/version")
@@ -192,8 +192,8 @@ def validate_body(payload: Any, model: type[M]) -> M:
 
 
 async def parse_body(request: Request, model: type[M], settings: AppSettings) -> M:
-    """A JSON route's body: the API key checked, the size bounded, then `validate_body`."""
-    check_api_key(settings.api_key, request.headers.get("authorization"))
+    """A JSON route's body: the size bounded, then `validate_body` (the API key is the
+    middleware's)."""
     return validate_body(await _read_json(request, settings.max_body_bytes), model)
 
 
@@ -211,11 +211,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    body = await read_body(request, limit)
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    return parse_json_body(await read_body(request, limit))
 
 
 def _too_large(size: int, limit: int) -> APIError:

@@ -200,12 +200,15 @@ class MediaPrompts:
             part.input_audio.data, limits.max_audio_bytes, "max_audio_bytes", name=name
         )
         max_seconds = min(limits.max_audio_seconds, self.mm_processor.max_seconds)
-        return load_audio(
+        samples = load_audio(
             data,
             name=name,
             sampling_rate=self.mm_processor.sampling_rate,
             limits=dataclasses.replace(limits, max_audio_seconds=max_seconds),
         )
+        if samples.size < self.mm_processor.min_samples:
+            raise MediaError(self.mm_processor.too_short(name, samples.size), item=name)
+        return samples
 
 
 def has_media_parts(message: ChatMessage) -> bool:

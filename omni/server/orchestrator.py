@@ -78,10 +78,14 @@ class Orchestrator:
         fetch_policy: MediaFetchPolicy | None = None,
         documents: Documents | None = None,
         tool_parser: str = HERMES,
+        roles: Sequence[str] = (LLM_ROLE,),
     ) -> None:
         self.router = router
         # How tool calls are read out of answers to `tool_choice` "auto" (tool_calls.PARSERS).
         self.tool_parser = tool_parser
+        # The stage roles a request may need (the LLM, its encoder, generators): the server is
+        # healthy only while each has a live replica.
+        self.roles = tuple(roles)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -90,6 +94,10 @@ class Orchestrator:
             model_name, documents or Documents(PdfRenderer()), mm_processor, media_limits,
             fetch_policy,
         )  # fmt: skip
+
+    def missing_roles(self) -> list[str]:
+        """The needed stage roles that have no live replica now (empty: healthy)."""
+        return [role for role in self.roles if not self.router.replica_ids(role)]
 
     # ---- prompts ----------------------------------------------------------------------------
 

@@ -171,6 +171,7 @@ class Pipeline:
             documents=Documents(PdfRenderer(config.pdf_settings())),
             tool_parser=config.tool_call_parser
             or default_parser(tokenizer, model_type(model_path)),
+            roles=[role for role, _ in roles],
         )
         if config.image_model is not None:
             self.image_service = ImageService(router, config.image_model)

@@ -30,7 +30,6 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from omni.media.sniff import FileType, sniff
-from omni.server.auth import check_api_key
 from omni.server.media_prompt import MEDIA_PARTS
 from omni.server.protocol import APIError
 from omni.server.speech_chat import AudioChatCompletionRequest
@@ -87,7 +86,6 @@ class _Upload:
 
 def add_upload_routes(
     app: FastAPI,
-    api_key: str | None,
     settings: UploadSettings,
     read_body: Callable[[Request, int], Awaitable[bytes]],
 ) -> None:
@@ -95,7 +93,6 @@ def add_upload_routes(
 
     @app.post(UPLOAD_ROUTE)
     async def upload_chat(request: Request) -> Response:
-        check_api_key(api_key, request.headers.get("authorization"))
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
             shown = f"of type {content_type!r}" if content_type else "without a Content-Type"
