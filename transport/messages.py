@@ -34,7 +34,8 @@ import torch
 from omni.transport.codec import MessageCodec
 from omni.transport.shm import SharedTensorHandle
 
-PROTOCOL_VERSION = 2
+# 3: heartbeats carry `stalled_s`.
+PROTOCOL_VERSION = 3
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 RequestId = Annotated[str, msgspec.Meta(max_length=256)]
@@ -68,6 +69,10 @@ Stats = Annotated[bytes, msgspec.Meta(max_length=64 * 1024)]
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     replica_id: Name
     load: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Seconds since the replica's worker last finished a step while it held requests (0 when
+    # it holds none). The I/O thread heartbeats even while the worker is wedged, so being
+    # heard is not proof of progress: this is.
+    stalled_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # The worker's `stats()` in its role's contract; the orchestrator's echo leaves it empty.
     stats: Stats = b""
 

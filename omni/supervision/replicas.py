@@ -40,6 +40,8 @@ class Replica:
     # When it was last sent a request (the table's dispatch count), for breaking ties.
     dispatch_seq: int = 0
     stats: bytes = b""
+    # Its latest heartbeat's `stalled_s` (see `Heartbeat`).
+    stalled_s: float = 0.0
     # Ids of the requests it asked of other roles that are still open.
     peer_calls: set[str] = field(default_factory=set)
 

@@ -47,7 +47,8 @@ from omni.transport.sockets import BoundRouter
 
 logger = logging.getLogger(__name__)
 
-# listener(info, reason, silent): silent means alive as far as we know but not heartbeating.
+# listener(info, reason, silent): silent means alive as far as we know but not heartbeating,
+# or heartbeating while its worker is hung: either way, a process to kill.
 LostListener = Callable[[ReplicaInfo, str, bool], None]
 
 

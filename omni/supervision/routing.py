@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -63,6 +64,9 @@ class RouterConfig:
     # A request waits this long for a replica with room before it fails.
     pending_timeout_s: float = 30.0
     max_pending: int = 10_000
+    # A replica whose heartbeats report its worker stalled this long while holding requests is
+    # hung (a wedged worker behind a live I/O thread): dropped and, when supervised, killed.
+    stall_timeout_s: float = 60.0
     shared_memory: bool = True
     shm_prefix: str = DEFAULT_PREFIX
     sockets: SocketOptions = field(default_factory=SocketOptions)
@@ -79,6 +83,8 @@ class RouterConfig:
             )
         if self.pending_timeout_s <= 0:
             raise ValueError(f"pending_timeout_s is {self.pending_timeout_s}; it must be > 0")
+        if self.stall_timeout_s <= 0:
+            raise ValueError(f"stall_timeout_s is {self.stall_timeout_s}; it must be > 0")
         if self.max_pending < 1:
             raise ValueError(f"max_pending is {self.max_pending}; it must be >= 1")
 
@@ -144,6 +150,7 @@ class RoutingState:
             return
         replica.last_seen = time.monotonic()
         if isinstance(message, Heartbeat):
+            replica.stalled_s = message.stalled_s
             if message.stats:
                 replica.stats = message.stats
             self._send_message(identity, Heartbeat(replica_id=replica.replica_id))
@@ -180,9 +187,21 @@ class RoutingState:
         if known is not None and known.replica_id == hello.replica_id:
             known.hello = hello  # the replica lost sight of us and said HELLO again
         else:
+            previous = self.replicas.by_id(hello.replica_id)
+            if previous is not None and not self._gone(previous):
+                # Another connection claims a live replica's id: a misconfigured second copy,
+                # or a local process forging HELLOs. Displacing the live one would fail its
+                # requests (and, repeated, make it flap); the newcomer waits instead, saying
+                # HELLO again each beat until the id is free.
+                message = (
+                    f"replica id {hello.replica_id!r} belongs to a live replica "
+                    f"(pid {previous.hello.pid}); this HELLO (pid {hello.pid}) is refused"
+                )
+                logger.warning("%s", message)
+                self._send_message(identity, StageError(request_id="", message=message))
+                return
             if known is not None:
                 self.drop(known, f"renamed itself to {hello.replica_id}")
-            previous = self.replicas.by_id(hello.replica_id)
             if previous is not None:
                 self.drop(previous, f"was replaced by a new process (pid {hello.pid})")
             shared = self.config.shared_memory and hello.host_id == self._host_id
@@ -206,6 +225,19 @@ class RoutingState:
             shared_memory=replica.shared_memory,
         )
         self._send_message(identity, welcome)
+
+    def _gone(self, replica: Replica) -> bool:
+        """Whether `replica`'s process is known to have exited: it runs on this host and its
+        pid is free (a replacement may then take its id before its heartbeats time out)."""
+        if replica.hello.host_id != self._host_id:
+            return False
+        try:
+            os.kill(replica.hello.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, under another user
+            return False
+        return False
 
     def _on_peer_request(self, origin: Replica, message: PeerRequest) -> None:
         """Queue a replica's request for another role; its replies go back to `origin`."""
@@ -365,6 +397,13 @@ class RoutingState:
             if silent > self.config.heartbeat_timeout_s:
                 self.drop(
                     replica, f"stopped responding (no heartbeat for {silent:.1f} s)", silent=True
+                )
+            elif replica.inflight and replica.stalled_s > self.config.stall_timeout_s:
+                self.drop(
+                    replica,
+                    f"is hung (its worker made no progress for {replica.stalled_s:.1f} s while "
+                    f"holding requests; the limit is {self.config.stall_timeout_s:g} s)",
+                    silent=True,
                 )
 
     def drop(self, replica: Replica, reason: str, silent: bool = False) -> None:

@@ -21,6 +21,8 @@ class EchoParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown
     delay_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.0
     # Raise instead of replying (at the first chunk).
     fail: bool = False
+    # Block the worker's step for good (a wedged worker whose I/O thread still heartbeats).
+    hang: bool = False
 
 
 class EchoReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 
 import msgspec
@@ -89,6 +90,9 @@ class StageRuntime:
         self._io_thread: threading.Thread | None = None
         self._loop_thread: threading.Thread | None = None
         self._loaded = False
+        # When the busy loop last went round (a step done, or an idle wait over); read by the
+        # I/O thread for the heartbeat's `stalled_s`.
+        self._progress_at = time.monotonic()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -178,8 +182,13 @@ class StageRuntime:
         )
 
     def _heartbeat(self) -> Heartbeat:
+        load = len(self._active)
+        stalled = time.monotonic() - self._progress_at if load else 0.0
         return Heartbeat(
-            replica_id=self.replica_id, load=len(self._active), stats=self._worker_stats()
+            replica_id=self.replica_id,
+            load=load,
+            stalled_s=max(0.0, stalled),
+            stats=self._worker_stats(),
         )
 
     def _worker_stats(self) -> bytes:
@@ -235,6 +244,7 @@ class StageRuntime:
                 self._take_inbound(push, block=not self.worker.has_work())
                 if self.worker.has_work():
                     self._step(push)
+                self._progress_at = time.monotonic()
             self._shut_down(push)
         finally:
             push.send(CLOSE)

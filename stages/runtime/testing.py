@@ -3,7 +3,7 @@
 `echo` (contract: `omni.stages.contracts.echo`) returns, for every input tensor `x`, the tensor
 `x * 2 + 1` in its own dtype, in `chunks` replies (each an `EchoReply` with the chunk index),
 sleeping `delay_s` before each so a test can catch a request in flight. `fail` makes the
-request raise. An empty body asks for the defaults (one chunk, no delay), so a test of the
+request raise; `hang` wedges the worker for good (only a kill ends it). An empty body asks for the defaults (one chunk, no delay), so a test of the
 runtime can send tensors alone.
 """
 
@@ -35,6 +35,8 @@ class EchoWorker(StreamingStageWorker):
                 time.sleep(params.delay_s)
             if params.fail:
                 raise RuntimeError(f"asked to fail at chunk {index}")
+            while params.hang:
+                time.sleep(3600)
             self.replies += 1
             yield StageOutput(
                 request_id=request.request_id,
