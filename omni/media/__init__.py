@@ -5,7 +5,7 @@ from omni.media.data_url import decode_base64, decode_data_url
 from omni.media.errors import MediaError
 from omni.media.hashing import hash_audio, hash_image, hash_media_item
 from omni.media.images import IMAGE_FORMATS, EncodedImage, load_image, probe_image, to_rgb
-from omni.media.limits import MediaLimits, check_item_count
+from omni.media.limits import MediaLimits, PixelBudget, check_item_count
 
 __all__ = [
     "AUDIO_FORMATS",
@@ -13,6 +13,7 @@ __all__ = [
     "EncodedImage",
     "MediaError",
     "MediaLimits",
+    "PixelBudget",
     "check_item_count",
     "decode_base64",
     "decode_data_url",

@@ -27,6 +27,10 @@ class MediaLimits:
     max_audio_sampling_rate: int = 192_000
     max_audio_channels: int = 8
     max_items_per_request: int = 16
+    # All of one request's images together, from their headers: sixteen images each under
+    # max_image_pixels (a 6000x6000 PNG of one colour is 35 KB) would decode to 1.7 GB. Four
+    # images at the per-image limit, or thirteen 12-megapixel photos, fit.
+    max_request_pixels: int = 160_000_000
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -49,6 +53,25 @@ def check_item_count(count: int, limits: MediaLimits, *, item: str = "request") 
             item=item,
             limit="max_items_per_request",
         )
+
+
+class PixelBudget:
+    """One request's images counted against `max_request_pixels` as their headers are read,
+    so the item that passes the budget is refused before any of them is decoded."""
+
+    def __init__(self, limits: MediaLimits) -> None:
+        self.limit = limits.max_request_pixels
+        self.used = 0
+
+    def spend(self, width: int, height: int, *, name: str) -> None:
+        self.used += width * height
+        if self.used > self.limit:
+            raise MediaError(
+                f"{name} ({width}x{height} pixels) brings the request's images to {self.used} "
+                f"pixels; the limit is {self.limit} pixels per request (max_request_pixels)",
+                item=name,
+                limit="max_request_pixels",
+            )
 
 
 def check_num_bytes(num_bytes: int, limit: int, limit_name: str, *, name: str) -> None:

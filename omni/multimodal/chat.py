@@ -40,10 +40,11 @@ class ChatText:
     text: str
     literals: tuple[str, ...] = ()
 
-    def encode(self, tokenizer: Any) -> list[int]:
-        """Token ids of the prompt; without literals exactly `tokenizer(text)`."""
+    def encode(self, tokenizer: Any, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of the prompt; without literals exactly `tokenizer(text)`.
+        `add_special_tokens=False` for a template that writes its own (a BOS, say)."""
         if not self.literals:
-            return list(tokenizer(self.text)["input_ids"])
+            return list(tokenizer(self.text, add_special_tokens=add_special_tokens)["input_ids"])
         pieces = _LITERAL.split(self.text)
         ids: list[int] = []
         for index, piece in enumerate(pieces):
@@ -53,17 +54,21 @@ class ChatText:
                     "input_ids"
                 ]
             elif piece:
-                ids += tokenizer(piece, add_special_tokens=index == 0)["input_ids"]
+                first = index == 0 and add_special_tokens
+                ids += tokenizer(piece, add_special_tokens=first)["input_ids"]
         return ids
 
 
 def render_chat(
     tokenizer: Any,
     messages: Sequence[Mapping[str, Any]],
-    kind: MediaKind,
+    kind: MediaKind | None,
     add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[ChatText, list[Any]]:
-    """The chat template's prompt with one marker per media item, and the items in order."""
+    """The chat template's prompt with one marker per media item, and the items in order.
+    `kind` None: a text-only conversation (string contents or text parts); `tools` go to the
+    template as they are."""
     items: list[Any] = []
     rendered: list[dict[str, Any]] = []
     literals: list[str] = []
@@ -90,7 +95,7 @@ def render_chat(
             part_type = part.get("type")
             if part_type == "text":
                 parts.append({"type": "text", "text": plain(str(part.get("text", "")))})
-            elif part_type == kind.name:
+            elif kind is not None and part_type == kind.name:
                 item = part.get(kind.name)
                 if not isinstance(item, kind.item_type):
                     raise ValueError(
@@ -100,15 +105,16 @@ def render_chat(
                 items.append(item)
                 parts.append({"type": kind.name})
             else:
+                supported = "'text'" if kind is None else f"'text', {kind.name!r}"
                 raise ValueError(
                     f"message {m_index} item {i_index} has type {part_type!r}; supported: "
-                    f"'text', {kind.name!r}"
+                    f"{supported}"
                 )
         rendered.append({**message, "content": parts})
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the model has no chat template; pass a text prompt instead")
     text = tokenizer.apply_chat_template(
-        rendered, tokenize=False, add_generation_prompt=add_generation_prompt
+        rendered, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
     )
     return ChatText(str(text), tuple(literals)), items
 

@@ -16,6 +16,7 @@ from typing import Any
 from omni.media import (
     MediaError,
     MediaLimits,
+    PixelBudget,
     check_item_count,
     decode_base64,
     decode_data_url,
@@ -63,7 +64,8 @@ class MediaPrompts:
         self.check_media_count(messages)
         # PDFs not rendered by `render_documents` (synchronous callers) render here.
         self.documents.render_all(messages, self._media_kind)
-        conversation = [self._mm_message(m, i) for i, m in enumerate(messages)]
+        budget = PixelBudget(self.media_limits)
+        conversation = [self._mm_message(m, i, budget) for i, m in enumerate(messages)]
         assert self.mm_processor is not None
         try:
             prompt: MultiModalPrompt = self.mm_processor.prepare(messages=conversation)
@@ -128,7 +130,9 @@ class MediaPrompts:
             if isinstance(result, BaseException):
                 raise result
 
-    def _mm_message(self, message: ChatMessage, index: int) -> dict[str, Any]:
+    def _mm_message(
+        self, message: ChatMessage, index: int, budget: PixelBudget
+    ) -> dict[str, Any]:
         if message.content is None or isinstance(message.content, str):
             return {"role": message.role, "content": message.content or ""}
         items: list[dict[str, Any]] = []
@@ -144,7 +148,7 @@ class MediaPrompts:
                 continue
             try:
                 if kind == "image":
-                    items.append({"type": "image", "image": self._image(part, name)})
+                    items.append({"type": "image", "image": self._image(part, name, budget)})
                 else:
                     items.append({"type": "audio", "audio": self._audio(part, name)})
             except MediaError as exc:
@@ -174,15 +178,18 @@ class MediaPrompts:
             raise APIError(400, f"{name}: an {part.type} part needs {part.type!r}", param=name)
         return kind
 
-    def _image(self, part: TextContentPart, name: str) -> Any:
-        """The image's bytes with its header checked; the vision stage decodes it."""
+    def _image(self, part: TextContentPart, name: str, budget: PixelBudget) -> Any:
+        """The image's bytes with its header checked, its pixels counted against the
+        request's budget; the vision stage decodes it."""
         assert part.image_url is not None
         data = part.image_url._fetched
         if data is None:
             if not is_data_url(part.image_url.url):
                 raise MediaError(f"{name} is an image URL that was not fetched", item=name)
             _, data = decode_data_url(part.image_url.url, name=name, limits=self.media_limits)
-        return probe_image(data, name=name, limits=self.media_limits)
+        image = probe_image(data, name=name, limits=self.media_limits)
+        budget.spend(image.width, image.height, name=name)
+        return image
 
     def _audio(self, part: TextContentPart, name: str) -> Any:
         """Mono float32 samples at the model's rate; a clip longer than the model's window is

@@ -22,6 +22,7 @@ from typing import Any
 from omni.media import MediaLimits
 from omni.media.fetch import MediaFetchPolicy
 from omni.media.pdf import PdfRenderer
+from omni.multimodal.chat import render_chat
 from omni.multimodal.prompt import MultiModalPrompt
 from omni.multimodal.requests import llm_request
 from omni.server.documents import Documents
@@ -118,11 +119,12 @@ class Orchestrator:
         if not template_supports_tools(self.tokenizer):
             conversation = tools_as_text(conversation, tools)
             tools = None
-        text = self.tokenizer.apply_chat_template(
-            conversation, tools=tools, tokenize=False, add_generation_prompt=True
-        )
+        # Message texts that spell a special token (`<|im_end|>`, `<|image_pad|>`) are
+        # tokenized as the plain text they are: a user's words must not end a turn or become
+        # an image placeholder (which the LLM stage would refuse with no image to fill it).
+        chat, _ = render_chat(self.tokenizer, conversation, None, tools=tools)
         # The template already wrote the special tokens (BOS, role markers).
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return chat.encode(self.tokenizer, add_special_tokens=False)
 
     def prompt_for_chat_with_media(
         self, messages: Sequence[ChatMessage]
