@@ -5,12 +5,33 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
 from omni.config_file import ENGINE_FLAGS, FLAG_SETTINGS, load_config_file
 
 API_KEY_ENV = "OMNI_API_KEY"
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind through every `finally`, so the pipeline's cleanup runs."""
+
+
+_terminating = False
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # uvicorn handles SIGTERM itself while it serves (a graceful shutdown), then restores this
+    # handler and raises the signal again; the default action would end the process before
+    # `Pipeline.close()` stopped the stages, swept /dev/shm and removed the ipc folder, which
+    # is what systemd, Docker and Kubernetes send SIGTERM for. A second SIGTERM during the
+    # cleanup is ignored rather than cutting it short.
+    global _terminating
+    if not _terminating:
+        _terminating = True
+        raise Terminated
 
 
 def add_parser(subparsers: Any) -> None:
@@ -64,6 +85,34 @@ def add_parser(subparsers: Any) -> None:
         "--api-key",
         default=None,
         help=f"require 'Authorization: Bearer KEY' (or set ${API_KEY_ENV})",
+    )
+    p.add_argument(
+        "--public-metrics",
+        action="store_true",
+        default=None,
+        help="with --api-key, serve /metrics without the key (every other route but /health "
+        "needs it)",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=None,
+        help="bytes of an HTTP request's headers; more gets 431 (64 KiB)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        dest="header_timeout_s",
+        type=float,
+        default=None,
+        help="seconds a client may take to send a request's headers; then 408 (10)",
+    )
+    p.add_argument(
+        "--stage-stall-timeout",
+        dest="stage_stall_timeout_s",
+        type=float,
+        default=None,
+        help="seconds a stage worker may hold requests without progress before it is "
+        "declared hung and restarted (60)",
     )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -187,6 +236,15 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    except Terminated:
+        logging.getLogger(__name__).info("stopped by SIGTERM")
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     if (args.api_server_count or 1) > 1 and args.api_server_dir is None:
         # The first API process: the others share its listening socket and its folder.
         from omni.commands.api_servers import serve_with_api_servers
@@ -201,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from omni.server.app import AppSettings, build_app
+    from omni.server.http_limits import bounded_http_protocol
     from omni.server.images import add_image_routes
     from omni.server.pipeline import Pipeline
     from omni.server.speech import add_speech_routes
@@ -214,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = AppSettings(
             api_key=config.api_key,
+            public_metrics=config.public_metrics,
             max_body_bytes=config.max_body_bytes,
             uploads=UploadSettings(config.max_upload_bytes, config.max_upload_files),
         )
@@ -222,11 +282,14 @@ def run(args: argparse.Namespace) -> int:
             add_image_routes(app, pipeline.image_service, settings)
         if pipeline.speech_service is not None:
             add_speech_routes(app, pipeline.speech_service, settings)
+        # uvicorn's httptools protocol plus the header size and time limits it lacks.
+        http = bounded_http_protocol(config.http_limits())
+        log_level = args.log_level.lower()
         if args.api_server_fd is not None:
             # One of several API processes: they all accept on the socket the first one bound.
-            uvicorn.run(app, fd=args.api_server_fd, log_level=args.log_level.lower())
+            uvicorn.run(app, fd=args.api_server_fd, log_level=log_level, http=http)
         else:
-            uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower())
+            uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, http=http)
     finally:
         pipeline.close()
     return 0

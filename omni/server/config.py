@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from omni.media.pdf import PdfSettings
+from omni.server.http_limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, HttpLimits
 
 # The JSON body limit of the /v1 routes (see AppSettings).
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -89,6 +90,16 @@ class ServeConfig:
     # otherwise take turns on it (see omni.stages.runtime.process.run_stage_process).
     colocate_encoders: bool = False
     api_key: str | None = None
+    # With api_key: /metrics answers without the key too (every other route but /health needs it).
+    public_metrics: bool = False
+    # HTTP request heads: bytes before the headers end, and seconds to send them (nginx's
+    # large_client_header_buffers and client_header_timeout; see omni.server.http_limits).
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    # A stage replica whose worker makes no progress for this long while it holds requests is
+    # hung, however well its I/O thread heartbeats: its requests fail (503) and it is
+    # restarted. Longer than any one step of a stage's worker takes.
+    stage_stall_timeout_s: float = 60.0
     max_model_len: int | None = None
     max_num_seqs: int | None = None
     # More LLM engine options, as `--option key=value` (EngineConfig fields).
@@ -147,6 +158,11 @@ class ServeConfig:
             raise ValueError(f"tool_call_parser {self.tool_call_parser!r} is unknown; known: "
                              f"{', '.join(PARSERS)}")
         self.pdf_settings()  # raises ValueError naming a bad PDF setting
+        self.http_limits()  # and a bad HTTP limit
+        if not self.stage_stall_timeout_s > 0:
+            raise ValueError(
+                f"stage_stall_timeout_s is {self.stage_stall_timeout_s}; it must be > 0"
+            )
         for name in ("max_upload_bytes", "max_upload_files", "api_server_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} is {getattr(self, name)}; it must be >= 1")
@@ -236,6 +252,11 @@ class ServeConfig:
             text=self.pdf_text,
             workers=self.pdf_workers,
             worker_memory_mib=self.pdf_worker_memory_mib,
+        )
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(
+            max_header_bytes=self.max_header_bytes, header_timeout_s=self.header_timeout_s
         )
 
     def stage_devices(self, role: str) -> tuple[str, ...]:

@@ -239,7 +239,9 @@ class Pipeline:
             self._ipc_dir = tempfile.mkdtemp(prefix="omni-", dir="/tmp")
             endpoint = f"ipc://{self._ipc_dir}/router.sock"
         router_config = RouterConfig(
-            endpoint=endpoint, shared_memory=not self.config.single_process
+            endpoint=endpoint,
+            shared_memory=not self.config.single_process,
+            stall_timeout_s=self.config.stage_stall_timeout_s,
         )
         self.router = StageRouter(router_config).start()
         return self.router
