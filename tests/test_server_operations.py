@@ -39,6 +39,7 @@ import openai
 import pytest
 from fixtures_vl import make_tiny_qwen2_5_vl, noise_image
 from media_server import media_server
+from PIL import Image
 from server_fixtures import free_port
 
 from omni.cli import build_parser
@@ -313,7 +314,29 @@ def _bad_requests(server: Server) -> list[tuple[str, bytes | dict[str, Any], int
         return {"model": MODEL, "max_tokens": 2, "messages": image_message(url)}
 
     many = [{"type": "image_url", "image_url": {"url": data_url(1)}}] * 17
+    blank = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(blank, format="PNG", optimize=True)
+    huge = "data:image/png;base64," + base64.b64encode(blank.getvalue()).decode()
+    sixteen = [{"type": "image_url", "image_url": {"url": huge}}] * 16
     return [
+        (
+            "nested 100,000 deep",
+            b"[" * 100_000 + b"]" * 100_000,
+            400,
+            "nested more than 100 levels deep; the limit is 100",
+        ),
+        (
+            "lone surrogate",
+            b'{"model": "tiny-vl", "messages": [{"role": "user", "content": "\\ud800"}]}',
+            400,
+            "messages[0].content is a string with a lone UTF-16 surrogate",
+        ),
+        (
+            "sixteen 6000x6000 images",
+            {"model": MODEL, "messages": [{"role": "user", "content": sixteen}]},
+            400,
+            "the limit is 160000000 pixels per request (max_request_pixels)",
+        ),
         ("malformed JSON", b'{"model": "tiny-vl", "messages": [', 400, "not valid JSON"),
         ("not an object", b"[1, 2]", 400, ""),
         ("messages of the wrong type", {"model": MODEL, "messages": "hi"}, 400, "messages"),
