@@ -3,8 +3,8 @@
 `echo` (contract: `omni.stages.contracts.echo`) returns, for every input tensor `x`, the tensor
 `x * 2 + 1` in its own dtype, in `chunks` replies (each an `EchoReply` with the chunk index),
 sleeping `delay_s` before each so a test can catch a request in flight. `fail` makes the
-request raise; `hang` wedges the worker for good (only a kill ends it). An empty body asks for the defaults (one chunk, no delay), so a test of the
-runtime can send tensors alone.
+request raise; `hang` wedges the worker for good (only a kill ends it). An empty body asks for
+the defaults (one chunk, no delay), so a test of the runtime can send tensors alone.
 """
 
 from __future__ import annotations
