@@ -189,6 +189,12 @@ def test_prompt_errors_name_the_item_and_the_limit(processor: Qwen2AudioPromptPr
         processor.prepare(prompt="<|AUDIO|>", audios=[np.zeros((2, 100), np.float32)])
     with pytest.raises(ValueError, match="audio 0 has samples that are NaN"):
         processor.prepare(prompt="<|AUDIO|>", audios=[np.full(100, np.nan, np.float32)])
+    with pytest.raises(
+        ValueError,
+        match=r"audio 0 is 320 samples at 16000 Hz, too short to yield an audio token; the "
+        r"shortest clip is 321 samples \(20\.0625 ms\)",
+    ):
+        processor.prepare(prompt="<|AUDIO|>", audios=[np.zeros(320, np.float32)])
     with pytest.raises(ValueError, match="the prompt has 0 <\\|AUDIO\\|> markers for 1 audio"):
         processor.prepare(prompt="hello", audios=[tone(1.0, 440.0, 1)])
     with pytest.raises(ValueError, match="message 0 item 0: an audio item needs float32 mono"):

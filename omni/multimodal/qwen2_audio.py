@@ -220,8 +220,6 @@ class Qwen2AudioPromptProcessor:
             )
         if samples.size == 0:
             raise ValueError(f"audio {index} has no samples")
-        if samples.size < self.min_samples:
-            raise ValueError(self.too_short(f"audio {index}", samples.size))
         if samples.size > self.max_samples:
             raise ValueError(
                 f"audio {index} is {samples.size / self.sampling_rate:.2f} seconds long; "
@@ -229,6 +227,8 @@ class Qwen2AudioPromptProcessor:
             )
         if not np.isfinite(samples).all():
             raise ValueError(f"audio {index} has samples that are NaN or infinite")
+        if samples.size < self.min_samples:
+            raise ValueError(self.too_short(f"audio {index}", samples.size))
         samples = np.ascontiguousarray(samples, dtype=np.float32)
         out = self.feature_extractor(
             samples,
