@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -246,6 +245,7 @@ class Soak:
     kills: list[tuple[float, str, int]] = field(default_factory=list)  # (t, label, pid)
     samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     pids_seen: set[int] = field(default_factory=set)
+    folders: set[str] = field(default_factory=set)  # the servers' ipc folders under /tmp
 
     async def watch(self, stop_event: asyncio.Event) -> None:
         """Sample RSS, and SIGKILL a random stage replica every `kill_every` seconds."""
@@ -253,6 +253,7 @@ class Soak:
         while not stop_event.is_set():
             procs = await asyncio.to_thread(processes, self.servers)
             self.pids_seen.update(p.pid for p in procs.values())
+            self.folders |= ipc_folders(procs)
             self.samples.append((time.monotonic() - self.started, rss_mib(procs)))
             if time.monotonic() >= next_kill:
                 stages = sorted(
@@ -296,13 +297,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def leftovers(pids: set[int], tmp_before: set[str]) -> dict[str, list[str]]:
+def ipc_folders(procs: dict[str, psutil.Process]) -> set[str]:
+    """The /tmp folders of the servers' router endpoints, from their stages' --connect."""
+    folders = set()
+    for process in procs.values():
+        with contextlib.suppress(psutil.Error):
+            argv = process.cmdline()
+            if "--connect" in argv:
+                endpoint = argv[argv.index("--connect") + 1]
+                folders.add(str(Path(endpoint.removeprefix("ipc://")).parent))
+    return folders
+
+
+def leftovers(pids: set[int], folders: set[str]) -> dict[str, list[str]]:
     owned = [
         name for name in os.listdir("/dev/shm")
         if name.startswith("omni_") and name.split("_")[1].isdigit()
         and int(name.split("_")[1]) in pids
     ]  # fmt: skip
-    tmp = sorted(set(n for n in os.listdir("/tmp") if re.match(r"omni-", n)) - tmp_before)
+    # Only this run's folders: other programs (a test suite) may be using /tmp/omni-* now.
+    tmp = sorted(folder for folder in folders if Path(folder).exists())
     alive = sorted(str(pid) for pid in pids if psutil.pid_exists(pid))
     return {"/dev/shm": owned, "/tmp/omni-*": tmp, "processes": alive}
 
@@ -365,7 +379,6 @@ def main() -> int:
     args = parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="soak-"))
     work.mkdir(parents=True, exist_ok=True)
-    tmp_before = {n for n in os.listdir("/tmp") if n.startswith("omni-")}
     servers = start_servers(args, work)
     soak = Soak(servers, random.Random(args.seed), args.kill_every, args.sample_every)
     try:
@@ -392,7 +405,7 @@ def main() -> int:
         for server in servers:
             stop(server.process)
     time.sleep(1)
-    left = leftovers(soak.pids_seen, tmp_before)
+    left = leftovers(soak.pids_seen, soak.folders)
     results = report(args, soak, outcomes, wall_s, baseline, final, left)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
