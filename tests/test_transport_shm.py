@@ -57,6 +57,23 @@ def test_handoff_is_exact_and_zero_copy(pool: SharedTensorPool, reader: SharedTe
     assert list_segments(PREFIX) == [handle.segment]
 
 
+def test_copy_out_gives_copies_and_releases_each_share(
+    pool: SharedTensorPool, reader: SharedTensorReader
+) -> None:
+    page = _page()
+    handles = {"page": pool.put(page), "ids": pool.put(torch.arange(5))}
+    assert None not in handles.values()
+    copies = reader.copy_out(handles)  # type: ignore[arg-type]
+    assert torch.equal(copies["page"], page) and copies["ids"].tolist() == [0, 1, 2, 3, 4]
+    for handle in handles.values():
+        assert handle is not None
+        assert reader.release(handle) is False  # already given back
+    # Both segments are free again: the next tensor reuses one, and the copies stay intact.
+    reused = pool.put(torch.zeros(5, dtype=torch.int64))
+    assert reused is not None and reused.segment in {h.segment for h in handles.values() if h}
+    assert torch.equal(copies["page"], page) and copies["ids"].tolist() == [0, 1, 2, 3, 4]
+
+
 def test_segment_is_reused_only_after_last_reader(
     pool: SharedTensorPool, reader: SharedTensorReader
 ) -> None:

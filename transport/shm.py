@@ -28,7 +28,7 @@ import secrets
 import threading
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -281,6 +281,16 @@ class SharedTensorReader:
         if release_on_gc:
             weakref.finalize(view, self._deferred.append, handle)
         return tensor
+
+    def copy_out(self, handles: Mapping[str, SharedTensorHandle]) -> dict[str, torch.Tensor]:
+        """Copies of the tensors of `handles`, by name, each share released once copied: for
+        a consumer that hands them on rather than reading them in place. Raises OSError or
+        ValueError for a handle that cannot be read."""
+        tensors = {}
+        for name, handle in handles.items():
+            tensors[name] = self.open(handle).clone()
+            self.release(handle)
+        return tensors
 
     def release(self, handle: SharedTensorHandle) -> bool:
         """Give back this consumer's share; False if it was already released or is gone."""

@@ -284,11 +284,8 @@ class RoutingState:
         origin = request.origin
         assert origin is not None
         if reply.shm_outputs and not (origin.shared_memory and replica.shared_memory):
-            tensors = dict(reply.outputs)
             try:
-                for name, handle in reply.shm_outputs.items():
-                    tensors[name] = self._reader.open(handle).clone()
-                    self._reader.release(handle)
+                tensors = {**reply.outputs, **self._reader.copy_out(reply.shm_outputs)}
             except (OSError, ValueError) as exc:  # as in _on_reply: fail it, keep routing
                 self.fail(
                     request,

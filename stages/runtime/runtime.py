@@ -211,11 +211,8 @@ class StageRuntime:
         self._inbound.put((link, message))
 
     def _copy_out(self, reply: StageReply) -> StageReply | StageError:
-        tensors = dict(reply.outputs)
         try:
-            for name, handle in reply.shm_outputs.items():
-                tensors[name] = self._peer_reader.open(handle).clone()
-                self._peer_reader.release(handle)
+            tensors = {**reply.outputs, **self._peer_reader.copy_out(reply.shm_outputs)}
         except (OSError, ValueError) as exc:
             for handle in reply.shm_outputs.values():
                 with contextlib.suppress(OSError, ValueError):
