@@ -105,6 +105,20 @@ def test_multibyte_characters_split_over_tokens(byte_tok: PreTrainedTokenizerFas
     assert detok.stopped_by is None and detok.output_token_ids == output
 
 
+def test_prompt_ending_in_broken_characters_stays_out_of_the_output(
+    byte_tok: PreTrainedTokenizerFast,
+) -> None:
+    # A prompt of raw token ids may end with lone bytes of multi-byte characters: here the
+    # first byte of 世, then the first two bytes of 界.
+    lone_bytes = byte_tok.convert_tokens_to_ids(["ä", "ç", "ķ"])
+    prompt = _encode(byte_tok, "hello world,") + lone_bytes
+    assert "\ufffd" in byte_tok.decode(prompt)
+    output = _encode(byte_tok, " the lazy dog")
+    detok = IncrementalDetokenizer(byte_tok, prompt)
+    assert _stream(detok, output) == [" the", " ", "laz", "y", " dog"]
+    assert detok.output_text == " the lazy dog"
+
+
 def test_first_token_is_decoded_in_prompt_context(
     metaspace_tok: PreTrainedTokenizerFast,
 ) -> None:

@@ -109,8 +109,7 @@ class IncrementalDetokenizer:
         self._stream: DecodeStream | None = None
         if self._backend is not None:
             self._stream = DecodeStream(
-                ids=[t for t in context if 0 <= t < self._vocab_size],
-                skip_special_tokens=skip_special_tokens,
+                ids=self._clean_context(context), skip_special_tokens=skip_special_tokens
             )
             context = []
         self._tokens: list[str] = self._convert_ids(context)
@@ -181,6 +180,18 @@ class IncrementalDetokenizer:
         ]
         tokens = self._tokenizer.convert_ids_to_tokens(kept)
         return [token or "" for token in tokens]
+
+    def _clean_context(self, context: list[int]) -> list[int]:
+        """The prompt tail a DecodeStream starts from, without the leading tokens that decode
+        to broken characters: a stream whose starting text holds U+FFFD emits that whole text
+        with the first output token (a prompt of raw token ids can end anywhere)."""
+        assert self._backend is not None
+        kept = [t for t in context if 0 <= t < self._vocab_size]
+        while kept and _REPLACEMENT_CHAR in self._backend.decode(
+            kept, skip_special_tokens=self._skip_special_tokens
+        ):
+            kept = kept[1:]
+        return kept
 
     def _step_stream(self, token_id: int) -> str:
         assert self._stream is not None and self._backend is not None
