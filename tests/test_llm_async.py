@@ -1,18 +1,22 @@
 """Asynchronous scheduling (step N+1 launched before step N's tokens are read) gives exactly
 the outputs of synchronous stepping: greedy and seeded tokens, stops, limits, preemption,
-chunked prefill, prefix hits, aborts, and penalties (which fall back to synchronous steps)."""
+chunked prefill, prefix hits, aborts, penalties and grammars (whose sampling waits for the
+previous step's tokens, but whose forward pass does not)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from fixtures_models import make_tiny_checkpoint
+from omni.stages.contracts.structured_outputs import StructuredOutputs
 
 from omni import LLM, SamplingParams
 
 PROMPT_LENGTHS = [5, 32, 17, 45, 9, 3]
+CODE = r"[a-f]{3}-[0-9]{2}"
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +86,40 @@ def test_async_equals_sync(checkpoint: Path, engine_options: dict) -> None:
         assert engine.scheduler.num_preemptions > 0
 
 
-def test_penalties_fall_back_to_synchronous_steps(checkpoint: Path) -> None:
-    params = SamplingParams(
+def test_penalties_and_grammars_equal_synchronous_steps(checkpoint: Path) -> None:
+    penalised = SamplingParams(
         temperature=0.0, max_tokens=10, repetition_penalty=1.3, min_tokens=4, ignore_eos=True
     )
+    constrained = SamplingParams(
+        temperature=0.0, max_tokens=14, structured_outputs=StructuredOutputs(regex=CODE)
+    )
+    seeded = SamplingParams(
+        temperature=1.0, seed=5, max_tokens=9, frequency_penalty=0.8, ignore_eos=True
+    )
+    params = [penalised, constrained, seeded, constrained, penalised, seeded]
     sync = LLM(str(checkpoint), device="cpu", num_kv_blocks=64, async_scheduling=False)
     llm = LLM(str(checkpoint), device="cpu", num_kv_blocks=64, async_scheduling=True)
-    assert outputs_of(llm, [params] * 6) == outputs_of(sync, [params] * 6)
+    expected = outputs_of(sync, params)
+    assert re.fullmatch(CODE, expected[1][1]) and re.fullmatch(CODE, expected[3][1])
+    assert outputs_of(llm, params) == expected
+
+
+def test_a_grammar_step_is_launched_before_the_previous_is_read(checkpoint: Path) -> None:
+    """The forward pass of step N+1 is queued before step N's tokens are read; only the
+    sampling waits for them."""
+    llm = LLM(str(checkpoint), device="cpu", num_kv_blocks=64, async_scheduling=True)
+    engine = llm.engine
+    events: list[str] = []
+    launch_forward, resolve = engine.runner.launch_forward, engine._resolve
+    engine.runner.launch_forward = lambda *a: events.append("forward") or launch_forward(*a)
+    engine._resolve = lambda *a: events.append("resolve") or resolve(*a)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=4, ignore_eos=True,
+        structured_outputs=StructuredOutputs(regex=CODE),
+    )
+    llm.generate(prompts()[0], params, use_tqdm=False)
+    assert events == ["forward", "forward", "resolve", "forward", "resolve", "forward",
+                      "resolve", "resolve"]
 
 
 def test_stream_abandoned_in_async_mode_frees_everything(checkpoint: Path) -> None:

@@ -265,31 +265,26 @@ class LLMEngine:
         previous step's tokens: the host's work overlaps the device's."""
         outputs: list[RequestOutput] = []
         previous = self._inflight
-        if previous is not None and self._needs_output_history():
-            outputs += self._resolve(previous)
-            previous = self._inflight = None
         out = self.scheduler.schedule()
         outputs += [self._failed_output(request) for request in out.failed]
         launched = None
         if not out.is_empty:
             feed = None if previous is None else previous.feed_for(out)
-            step = self.runner.launch(out, feed)
-            launched = _InFlightStep(step, [out.scheduled[i].request for i in step.rows])
+            forwarded = self.runner.launch_forward(out, feed)
+            launched = _InFlightStep(forwarded.step, forwarded.requests)
             self.scheduler.advance(out)
+            if previous is not None and _samples_from_history(forwarded.requests):
+                # The previous step's tokens decide this step's grammar masks, penalties or
+                # min_tokens bans: read them first, while the device runs this step's forward.
+                outputs += self._resolve(previous)
+                previous = None
+            self.runner.sample(forwarded)
         if previous is not None:
             outputs += self._resolve(previous)
         # A step whose requests all finished meanwhile has nothing left to report; the device
         # finishes it before anything launched later, so its results can simply be dropped.
         self._inflight = None if launched is None or launched.all_finished else launched
         return outputs
-
-    def _needs_output_history(self) -> bool:
-        # Constrained requests too: a grammar's next mask depends on the token just sampled.
-        return any(
-            r.sampling_params.has_penalties or r.sampling_params.min_tokens
-            or r.grammar is not None
-            for r in self.scheduler.running
-        )
 
     def _resolve(self, inflight: _InFlightStep) -> list[RequestOutput]:
         tokens, logprobs = inflight.step.result()
@@ -417,3 +412,11 @@ class _OutputState:
     prompt: str | None
     detokenizer: IncrementalDetokenizer | None
     stream: bool
+
+
+def _samples_from_history(requests: Sequence[Request]) -> bool:
+    """Whether any request's sampling depends on the tokens it has sampled so far."""
+    return any(
+        r.sampling_params.has_penalties or r.sampling_params.min_tokens or r.grammar is not None
+        for r in requests
+    )

@@ -14,6 +14,7 @@ from omni.stages.llm.cuda_graphs import DecodeGraphs
 from omni.stages.llm.host_to_device import copy_to_device
 from omni.stages.llm.kv_cache_sizing import allocate_kv_caches, num_blocks_for_memory
 from omni.stages.llm.models.loader import load_model
+from omni.stages.llm.request import Request
 from omni.stages.llm.sampler import Sampler, SamplingBatch
 from omni.stages.llm.scheduler import SchedulerOutput
 from omni.stages.llm.step_inputs import (
@@ -131,6 +132,15 @@ class ModelRunner:
     def launch(self, out: SchedulerOutput, feed: TokenFeed | None = None) -> LaunchedStep:
         """Queues one step on the device and returns without waiting for it. `feed` supplies
         input tokens that an earlier, still unread step sampled (asynchronous scheduling)."""
+        return self.sample(self.launch_forward(out, feed))
+
+    @torch.inference_mode()
+    def launch_forward(
+        self, out: SchedulerOutput, feed: TokenFeed | None = None
+    ) -> ForwardedStep:
+        """Queues one step's forward pass and logits, not its sampling: `sample` follows,
+        once the host knows what the sampling depends on (the token an earlier step sampled
+        decides a grammar's next mask, penalties and min_tokens)."""
         host = build_host_inputs(
             out.scheduled, self.block_size, self.table_width, mrope=self.uses_mrope
         )
@@ -138,23 +148,34 @@ class ModelRunner:
         rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
         step = LaunchedStep(num_scheduled=len(out.scheduled), rows=rows)
         if not rows:
-            return step
+            return ForwardedStep(step, [], None)
         if len(rows) != len(out.scheduled):
             hidden = hidden[index_tensor(rows, hidden.device)]
         requests = [out.scheduled[i].request for i in rows]
-        # The grammar masks are filled on the host while the device runs the forward above.
-        constrained = self.bitmasks.fill([r.grammar for r in requests])
-        logits = self.model.compute_logits(hidden)
+        return ForwardedStep(step, requests, self.model.compute_logits(hidden))
+
+    @torch.inference_mode()
+    def sample(self, forwarded: ForwardedStep) -> LaunchedStep:
+        """Queues the sampling of a forwarded step; the grammar masks are filled on the host
+        while the device still runs the forward."""
+        step, requests, logits = forwarded.step, forwarded.requests, forwarded.logits
+        if logits is None:
+            return step
         if all(_plain_greedy(r.sampling_params) for r in requests):
             # Nothing to mask, penalise or report: skip building the sampling batch, whose
             # host-to-device copies are a measurable share of a batch-1 decode step.
             step.set_tokens(logits.argmax(dim=-1))
             return step
+        constrained = self.bitmasks.fill([r.grammar for r in requests])
         batch = SamplingBatch.from_params(
             [r.sampling_params for r in requests],
             [r.generator for r in requests],
             self.device,
-            output_token_ids=[r.output_token_ids for r in requests],
+            # Without the tail that this very step is sampling (asynchronous scheduling holds
+            # its place with a pending token).
+            output_token_ids=[
+                r.output_token_ids[: r.num_resolved_output_tokens] for r in requests
+            ],
             prompt_token_ids=[r.prompt_token_ids for r in requests],
             eos_token_ids=[r.eos_token_ids for r in requests],
         )
@@ -166,6 +187,15 @@ class ModelRunner:
             step.top_token_ids, step.top_logprobs = sampled.top_token_ids, sampled.top_logprobs
             step.num_top = [r.sampling_params.logprobs or 0 for r in requests]
         return step
+
+
+@dataclass
+class ForwardedStep:
+    """A step whose forward pass is queued and whose tokens are not sampled yet."""
+
+    step: LaunchedStep
+    requests: list[Request]  # the requests of step.rows, in order
+    logits: torch.Tensor | None  # [len(rows), vocab] on the device; None if no row samples
 
 
 @dataclass
