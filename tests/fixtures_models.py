@@ -21,7 +21,7 @@ import torch
 from omni.stages.llm.attention import AttentionMetadata
 from omni.stages.llm.models import CausalLM
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "deepseek_v2")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -74,8 +74,17 @@ def build_tokenizer(
 
 
 def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
-    """A 2-layer, hidden-64, GQA (4 query / 2 KV heads) config of the given family."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    """A 2-layer, hidden-64, GQA (4 query / 2 KV heads) config of the given family (the
+    mixture-of-experts ones: 8 experts, 2 or 3 per token, and a dense layer beside the sparse
+    ones where the family has them)."""
+    from transformers import (
+        DeepseekV2Config,
+        LlamaConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common: dict[str, Any] = {
         "vocab_size": vocab_size,
@@ -100,6 +109,51 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     elif arch == "qwen3":
         # An explicit head_dim that differs from hidden / heads (16), as real Qwen3 has.
         config = Qwen3Config(**{**common, "head_dim": 32, **overrides})
+    elif arch == "qwen3_moe":
+        # Qwen3-30B-A3B's shape in miniature: renormalised top-k, an explicit head_dim; the
+        # middle of three layers is dense (mlp_only_layers) so both kinds are exercised.
+        moe = {
+            "head_dim": 32,
+            "num_hidden_layers": 3,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [1],
+        }
+        config = Qwen3MoeConfig(**{**common, **moe, **overrides})
+    elif arch == "qwen2_moe":
+        # A shared expert behind a sigmoid gate, plain (not renormalised) top-k weights.
+        moe = {
+            "num_experts": 8,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "norm_topk_prob": False,
+        }
+        config = Qwen2MoeConfig(**{**common, **moe, **overrides})
+    elif arch == "deepseek_v2":
+        # DeepSeek-V2-Lite's shape in miniature: MLA without a q compression (q_lora_rank
+        # None), a dense first layer, two shared experts, group-limited greedy routing over 4
+        # groups of 2 experts, scaled weights.
+        mla = {
+            "num_key_value_heads": 4,
+            "q_lora_rank": None,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "first_k_dense_replace": 1,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "n_shared_experts": 2,
+            "topk_method": "group_limited_greedy",
+            "n_group": 4,
+            "topk_group": 2,
+            "routed_scaling_factor": 1.5,
+        }
+        config = DeepseekV2Config(**{**common, **mla, **overrides})
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
     return config
@@ -213,7 +267,7 @@ def build_meta(
 
 def new_caches(model: CausalLM, num_blocks: int = NUM_BLOCKS) -> list[torch.Tensor]:
     spec = model.kv_cache_spec
-    shape = (2, num_blocks, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim)
+    shape = spec.layer_shape(num_blocks, BLOCK_SIZE)
     device = model.model.embed_tokens.weight.device
     return [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(spec.num_layers)]
 

@@ -278,9 +278,11 @@ def test_registry_rejects_unknown_architecture() -> None:
         "LlamaForCausalLM",
         "Qwen2AudioForConditionalGeneration",
         "Qwen2ForCausalLM",
+        "Qwen2MoeForCausalLM",
         "Qwen2VLForConditionalGeneration",
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
     ]
 
 

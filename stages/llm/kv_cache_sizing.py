@@ -23,17 +23,17 @@ _GPU_HEADROOM_BYTES = 1 << 30
 
 
 def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
-    element = torch.empty((), dtype=dtype).element_size()
-    per_layer = 2 * block_size * model.num_kv_heads * model.head_dim * element
-    return int(per_layer * model.num_layers)
+    return model.kv_cache_spec.block_bytes(block_size, dtype)
 
 
 def allocate_kv_caches(
     model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> list[torch.Tensor]:
-    # Zero-filled, so the null block and padded graph rows read finite values.
-    shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+    # Zero-filled, so the null block and padded graph rows read finite values. The layout is
+    # the model's: [2, ...] keys and values, or MLA's single latent plane [1, ...].
+    spec = model.kv_cache_spec
+    shape = spec.layer_shape(num_blocks, block_size)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
 
 
 def _profile_inputs(num_tokens: int, block_size: int, mrope: bool) -> HostStepInputs:

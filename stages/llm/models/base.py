@@ -32,18 +32,36 @@ from torch import nn
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """What the runner needs to size one `[2, blocks, block_size, kv_heads, head_dim]` cache
-    tensor per layer."""
+    """What the runner needs to size one `[planes, blocks, block_size, kv_heads, head_dim]`
+    cache tensor per layer.
+
+    planes is 2 for attention that caches keys and values apart (plane 0 keys, plane 1
+    values); MLA caches one compressed latent per token that serves as both, so its spec has
+    one plane, one "head" and head_dim = kv_lora_rank + qk_rope_head_dim.
+    """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    planes: int = 2
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
             if value <= 0:
                 raise ValueError(f"KVCacheSpec.{name} must be positive, got {value}")
+        if self.planes not in (1, 2):
+            raise ValueError(f"KVCacheSpec.planes must be 1 or 2, got {self.planes}")
+
+    def layer_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int, int]:
+        """The shape of one layer's cache tensor."""
+        return (self.planes, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def block_bytes(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes over all layers."""
+        element = torch.empty((), dtype=dtype).element_size()
+        per_layer = self.planes * block_size * self.num_kv_heads * self.head_dim * element
+        return int(per_layer * self.num_layers)
 
 
 @dataclass(frozen=True)
@@ -145,14 +163,18 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
+    """Pre-norm attention then pre-norm MLP. The attention and MLP modules are the model's
+    choice (`CausalLM.make_attention` / `make_mlp`): a mixture-of-experts layer or MLA slots
+    in with the same forward signatures."""
+
+    def __init__(
+        self, geo: Geometry, self_attn: nn.Module, mlp: nn.Module, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(geo.hidden_size, geo.rms_norm_eps, dtype)
-        self.self_attn = Attention(geo, arch, dtype)
+        self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(geo.hidden_size, geo.rms_norm_eps, dtype)
-        self.mlp = GatedMLP(
-            geo.hidden_size, geo.intermediate_size, arch.mlp_bias, geo.hidden_act, dtype
-        )
+        self.mlp = mlp
 
     def forward(
         self,
@@ -185,10 +207,12 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embeddings, layers and the final norm: `model.*` in checkpoint names."""
 
-    def __init__(self, config: Any, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: Any, geo: Geometry, layers: Iterable[DecoderLayer], dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.embed_tokens = Embedding(geo.vocab_size, geo.hidden_size, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(geo, arch, dtype) for _ in range(geo.num_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(geo.hidden_size, geo.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(config, geo.head_dim)
 
@@ -205,7 +229,12 @@ class CausalLM(nn.Module):
         self.config = config
         self.dtype = dtype
         self.geometry = Geometry.from_config(config)
-        self.model = DecoderModel(config, self.geometry, self.decoder_arch(config), dtype)
+        self.arch = self.decoder_arch(config)
+        layers = (
+            DecoderLayer(self.geometry, self.make_attention(i), self.make_mlp(i), dtype)
+            for i in range(self.geometry.num_layers)
+        )
+        self.model = DecoderModel(config, self.geometry, layers, dtype)
         # Tied models read logits straight off the embedding table: one parameter, so a
         # checkpoint's redundant lm_head.weight (if any) is simply ignored.
         self.lm_head = (
@@ -217,6 +246,18 @@ class CausalLM(nn.Module):
     @classmethod
     def decoder_arch(cls, config: Any) -> DecoderArch:
         raise NotImplementedError
+
+    def make_attention(self, layer_idx: int) -> nn.Module:
+        """Layer `layer_idx`'s attention; called from `__init__` once `geometry`, `arch`,
+        `config` and `dtype` are set."""
+        return Attention(self.geometry, self.arch, self.dtype)
+
+    def make_mlp(self, layer_idx: int) -> nn.Module:
+        """Layer `layer_idx`'s MLP (a mixture-of-experts model returns its sparse block)."""
+        geo = self.geometry
+        return GatedMLP(
+            geo.hidden_size, geo.intermediate_size, self.arch.mlp_bias, geo.hidden_act, self.dtype
+        )
 
     # ---- cache geometry --------------------------------------------------------------------
 
@@ -299,14 +340,14 @@ class CausalLM(nn.Module):
                 param_name = name.replace(f".{part}.", f".{fused}.")
                 param = params.get(param_name)
                 if param is not None:
-                    start, size = self._shard_range(fused, shard)
-                    _copy_checked(param.data.narrow(0, start, size), tensor, name)
+                    start, size = self._shard_range(fused, shard, param)
+                    copy_checked(param.data.narrow(0, start, size), tensor, name)
                     shards_seen[param_name].add(shard)
                 break
             else:
                 param = params.get(name)
                 if param is not None:
-                    _copy_checked(param.data, tensor, name)
+                    copy_checked(param.data, tensor, name)
                     loaded.add(name)
         for param_name, shards in shards_seen.items():
             if len(shards) == len(self.checkpoint_names(param_name)):
@@ -324,17 +365,20 @@ class CausalLM(nn.Module):
                 ]
         return [param_name]
 
-    def _shard_range(self, fused: str, shard: str) -> tuple[int, int]:
+    def _shard_range(self, fused: str, shard: str, param: torch.Tensor) -> tuple[int, int]:
         """(start, size) of a checkpoint projection along its fused parameter's output dim."""
         geo = self.geometry
         if fused == "gate_up_proj":
-            return (0 if shard == "gate" else geo.intermediate_size), geo.intermediate_size
+            # Halves of the parameter itself: a shared expert or a dense layer of a
+            # mixture-of-experts model has its own intermediate size.
+            half = param.shape[0] // 2
+            return (0 if shard == "gate" else half), half
         q_size, kv_size = geo.num_heads * geo.head_dim, geo.num_kv_heads * geo.head_dim
         starts = {"q": 0, "k": q_size, "v": q_size + kv_size}
         return starts[shard], q_size if shard == "q" else kv_size
 
 
-def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+def copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(
             f"checkpoint tensor {name} has shape {tuple(tensor.shape)}; "

@@ -10,11 +10,14 @@ from omni.stages.llm.models.qwen2 import Qwen2ForCausalLM
 from omni.stages.llm.models.qwen2_audio import Qwen2AudioForCausalLM
 from omni.stages.llm.models.qwen2_vl import Qwen2VLForCausalLM
 from omni.stages.llm.models.qwen3 import Qwen3ForCausalLM
+from omni.stages.llm.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     # The language model only; the vision tower is the vision encoder stage.
     "Qwen2VLForConditionalGeneration": Qwen2VLForCausalLM,
     "Qwen2_5_VLForConditionalGeneration": Qwen2VLForCausalLM,
