@@ -15,19 +15,13 @@ steps can be checked exactly.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from triton_interpreter import IN_INTERPRETER_CHILD, in_child_only, run_interpreter_child
 
-IN_INTERPRETER_CHILD = os.environ.get("OMNI_TRITON_INTERPRETER_CHILD") == "1"
-in_child_only = pytest.mark.skipif(
-    not IN_INTERPRETER_CHILD, reason="runs in the TRITON_INTERPRET=1 child process"
-)
 NUM_INTERPRETER_TESTS = 14
 triton = pytest.importorskip("triton")
 
@@ -52,23 +46,7 @@ EPS = 1e-6
 
 @pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="this is the launcher")
 def test_kernels_in_child_process() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMNI_TRITON_INTERPRETER_CHILD="1")
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-k",
-        "interpreter_",
-        __file__,
-    ]
-    child = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    assert f"{NUM_INTERPRETER_TESTS} passed" in child.stdout, child.stdout[-2000:]
+    run_interpreter_child(__file__, NUM_INTERPRETER_TESTS)
 
 
 def _round_bf16_to_nearest_even() -> None:

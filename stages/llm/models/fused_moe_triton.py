@@ -1,0 +1,215 @@
+"""Host side of the fused mixture-of-experts path: sorting rows by expert, tile sizes, launches.
+
+`fused_moe_triton` runs an MoE layer's experts in two grouped GEMMs (see fused_moe_kernels.py):
+
+    rows = T * top_k (token t's k-th choice is row t * top_k + k)
+    1. align:   sort the rows by expert, pad each expert's run to a multiple of BLOCK_M
+    2. GEMM 1:  act[r]  = silu(x[r // top_k] @ w13[e_r, :I]^T) * (x[r // top_k] @ w13[e_r, I:]^T)
+    3. GEMM 2:  out[r]  = topk_weight[r] * act[r] @ w2[e_r]^T
+    4. reduce:  y[t]    = sum_k out[t * top_k + k]
+
+Every size here comes from host ints, and the sort is a fixed-size torch program (no
+`nonzero`, no `.item()`), so a decode step with MoE layers can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+from omni.stages.llm.models.fused_moe_kernels import fused_moe_kernel
+
+# tl.dot needs at least 16 rows, columns and inner elements.
+MIN_DOT_DIM = 16
+
+
+@dataclass(frozen=True)
+class MoELaunchConfig:
+    """Tile shape of both grouped GEMMs (they share the row sort, so they share BLOCK_M)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < MIN_DOT_DIM or value & (value - 1):
+                raise ValueError(f"{name} is {value}; it must be a power of two >= {MIN_DOT_DIM}")
+        if self.group_m < 1:
+            raise ValueError(f"group_m is {self.group_m}; it must be >= 1")
+
+
+@functools.lru_cache(maxsize=64)
+def choose_moe_config(num_rows: int, num_experts: int) -> MoELaunchConfig:
+    """Tiles by how many rows an expert gets on average.
+
+    Decode (a few rows per expert): BLOCK_M 16, the smallest tile the tensor cores take, so
+    padding wastes little; the weights dominate the traffic, so wide BLOCK_K slices stream them
+    in few steps. Prefill (hundreds of rows per expert): 64 x 128 tiles reuse each weight tile
+    over many rows, and GROUP_M ordering keeps the weight tiles in L2 across neighbours.
+    These are the shapes vLLM's tuned H100/H200 tables settle on for Qwen3-30B-A3B's
+    geometry (E=128, N=768 per projection); they have not been re-tuned here.
+    """
+    rows_per_expert = num_rows / max(num_experts, 1)
+    if rows_per_expert <= 16:
+        return MoELaunchConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4)
+    if rows_per_expert <= 96:
+        return MoELaunchConfig(block_m=32, block_n=64, block_k=128, group_m=8, num_warps=4)
+    return MoELaunchConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8)
+
+
+@dataclass(frozen=True)
+class AlignedRows:
+    """The rows sorted by expert, each expert's run padded to a multiple of block_m.
+
+    sorted_rows: int32 [max_padded]; a row index, or num_rows for padding.
+    tile_expert: int32 [max_padded // block_m]; the expert of each BLOCK_M tile.
+    num_padded_rows: int32 [1]; where the last expert's padded run ends (a device value).
+    """
+
+    sorted_rows: torch.Tensor
+    tile_expert: torch.Tensor
+    num_padded_rows: torch.Tensor
+    block_m: int
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.tile_expert.shape[0])
+
+
+def align_rows_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedRows:
+    """Sort the T * top_k rows by expert with fixed-size tensors (no host sync).
+
+    Ids outside [0, num_experts) (experts on another rank) are dropped: they get no slot.
+    The output is sized for the worst case, every expert's run one row short of a full tile:
+    rows + num_experts * (block_m - 1), rounded up to a tile.
+    """
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    num_rows = flat.numel()
+    device = flat.device
+    valid = (flat >= 0) & (flat < num_experts)
+    # Dropped rows go to an extra bucket E that gets no tiles.
+    bucket = torch.where(valid, flat, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    # Start of each bucket among the sorted rows, and among the padded slots; bucket E's
+    # slot start is the trash slot past the end.
+    max_padded = triton.cdiv(num_rows + num_experts * (block_m - 1), block_m) * block_m
+    count_start = torch.cumsum(counts, 0) - counts
+    slot_start = torch.cat([padded_end - padded, padded.new_full((1,), max_padded)])
+
+    order = torch.argsort(bucket, stable=True)  # by expert, each expert's rows in order
+    sorted_bucket = bucket[order]
+    rank = torch.arange(num_rows, device=device) - count_start[sorted_bucket]
+    slot = torch.where(
+        sorted_bucket < num_experts, slot_start[sorted_bucket] + rank, max_padded
+    )
+    sorted_rows = torch.full((max_padded + 1,), num_rows, dtype=torch.int32, device=device)
+    sorted_rows.scatter_(0, slot, order.to(torch.int32))
+
+    tile_starts = torch.arange(0, max_padded, block_m, device=device)
+    tile_expert = torch.searchsorted(padded_end, tile_starts, right=True)
+    # Tiles past the end are skipped by the kernel; clamp them to a real expert anyway.
+    tile_expert = tile_expert.clamp_(max=num_experts - 1).to(torch.int32)
+    return AlignedRows(
+        sorted_rows=sorted_rows[:max_padded],
+        tile_expert=tile_expert,
+        num_padded_rows=padded_end[-1:].to(torch.int32),
+        block_m=block_m,
+    )
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    aligned: AlignedRows,
+    top_k: int,
+    config: MoELaunchConfig,
+    *,
+    gated: bool,
+    topk_weights: torch.Tensor | None = None,
+) -> None:
+    """out[r] = (silu-gated) A[r // a_rows_per_row] @ w[e_r]^T for every sorted row r, scaled
+    by topk_weights[r] when given. `a` holds tokens (top_k rows each) when gated, else rows."""
+    num_rows = out.shape[0]
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    k = w.shape[2]
+    if out.shape[1] != n or a.shape[1] != k:
+        raise ValueError(f"grouped_gemm: A {tuple(a.shape)}, W {tuple(w.shape)} and out "
+                         f"{tuple(out.shape)} do not fit (gated={gated})")
+    # The CPU interpreter multiplies bf16 operands as raw bits; widen them there.
+    dot_in_fp32 = not a.is_cuda and a.dtype == torch.bfloat16
+    grid = (aligned.num_tiles * triton.cdiv(n, config.block_n),)
+    fused_moe_kernel[grid](
+        a,
+        w,
+        out,
+        topk_weights if topk_weights is not None else out,
+        aligned.sorted_rows,
+        aligned.tile_expert,
+        aligned.num_padded_rows,
+        num_rows,
+        aligned.num_tiles,
+        n,
+        k,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        out.stride(0),
+        A_ROWS_PER_ROW=top_k if gated else 1,
+        GATED=gated,
+        MUL_ROUTED_WEIGHT=topk_weights is not None,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        # fp32 stays fp32: TF32 would cost ~1e-3 relative error.
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 or dot_in_fp32 else "tf32",
+        DOT_IN_FP32=dot_in_fp32,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def fused_moe_triton(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    config: MoELaunchConfig | None = None,
+) -> torch.Tensor:
+    """The experts of one MoE layer in two grouped GEMMs; [T, H] in hidden's dtype. Ids
+    outside [0, E) contribute nothing (see `fused_moe`)."""
+    for name, tensor in (("hidden", hidden), ("w13", w13), ("w2", w2)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"fused_moe_triton needs {name} contiguous in its last dim")
+        if tensor.dtype != hidden.dtype:
+            raise ValueError(
+                f"fused_moe_triton: {name} is {tensor.dtype}; hidden is {hidden.dtype}"
+            )
+    num_tokens, hidden_size = hidden.shape
+    num_experts, intermediate = w13.shape[0], w13.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    num_rows = num_tokens * top_k
+    if num_tokens == 0:
+        return torch.zeros_like(hidden)
+    if config is None:
+        config = choose_moe_config(num_rows, num_experts)
+    aligned = align_rows_by_expert(topk_ids, num_experts, config.block_m)
+    act = torch.empty(num_rows, intermediate, dtype=hidden.dtype, device=hidden.device)
+    grouped_gemm(hidden, w13, act, aligned, top_k, config, gated=True)
+    # Zero-filled: a row whose expert lives on another rank is never written.
+    rows_out = torch.zeros(num_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    weights = topk_weights.reshape(-1).to(torch.float32)
+    grouped_gemm(act, w2, rows_out, aligned, top_k, config, gated=False, topk_weights=weights)
+    return rows_out.view(num_tokens, top_k, hidden_size).sum(dim=1)

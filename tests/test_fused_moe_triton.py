@@ -1,0 +1,171 @@
+"""The fused mixture-of-experts Triton kernel, run on the CPU by Triton's interpreter, against
+the torch path (`fused_moe_torch`), and compiled for sm_90 as the H100/H200 will run it.
+
+As in test_attention_triton.py, TRITON_INTERPRET must be set before triton is first imported,
+so the kernel tests (named test_interpreter_*) run in a child pytest with the variable set.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_interpreter import (
+    IN_INTERPRETER_CHILD,
+    fix_interpreter_index,
+    in_child_only,
+    run_interpreter_child,
+)
+
+NUM_INTERPRETER_TESTS = 5
+triton = pytest.importorskip("triton")
+
+from omni.stages.llm.models.fused_moe_kernels import fused_moe_kernel  # noqa: E402
+from omni.stages.llm.models.fused_moe_triton import (  # noqa: E402
+    MoELaunchConfig,
+    align_rows_by_expert,
+    choose_moe_config,
+    fused_moe_triton,
+)
+from omni.stages.llm.models.moe import Routing, fused_moe_torch  # noqa: E402
+
+
+@pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="this is the launcher")
+def test_kernels_in_child_process() -> None:
+    run_interpreter_child(__file__, NUM_INTERPRETER_TESTS)
+
+
+if IN_INTERPRETER_CHILD:
+    fix_interpreter_index()
+
+
+def moe_inputs(
+    num_tokens: int,
+    hidden: int,
+    intermediate: int,
+    num_experts: int,
+    top_k: int,
+    dtype: torch.dtype,
+    seed: int,
+) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    w13 = torch.randn(num_experts, 2 * intermediate, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, intermediate, generator=gen) / intermediate**0.5
+    # Skewed logits, so some experts get many rows (several tiles) and some none.
+    bias = torch.linspace(2.0, -2.0, num_experts)
+    logits = torch.randn(num_tokens, num_experts, generator=gen) + bias
+    weights, ids = Routing(top_k=top_k, renormalize=True).select(logits)
+    return x.to(dtype), w13.to(dtype), w2.to(dtype), ids, weights
+
+
+# ---- the row sort (plain torch: runs in this process) --------------------------------------
+
+
+def test_align_sorts_rows_by_expert_and_pads_each_run_to_a_tile() -> None:
+    # 4 tokens x top-2 = rows 0..7; expert 3 of 4 is never chosen; -1 is held elsewhere.
+    topk_ids = torch.tensor([[2, 0], [0, 2], [2, -1], [1, 2]])
+    aligned = align_rows_by_expert(topk_ids, num_experts=4, block_m=2)
+    pad = 8  # num_rows: the padding marker
+    # expert 0: rows 1, 2 | expert 1: row 6, pad | expert 2: rows 0, 3, 4, 7 | (3: none)
+    assert aligned.num_padded_rows.tolist() == [8]
+    assert aligned.sorted_rows[:8].tolist() == [1, 2, 6, pad, 0, 3, 4, 7]
+    assert aligned.tile_expert[:4].tolist() == [0, 1, 2, 2]
+    # Worst case: 8 rows + 4 experts x 1 short = 12 slots; the rest is padding.
+    assert aligned.sorted_rows.shape == (12,) and aligned.num_tiles == 6
+    assert aligned.sorted_rows[8:].tolist() == [pad] * 4
+
+
+def test_tile_choice_follows_rows_per_expert() -> None:
+    # Qwen3-30B-A3B: 128 experts, top 8. 256 decode tokens are 16 rows an expert.
+    assert choose_moe_config(256 * 8, 128).block_m == 16
+    assert choose_moe_config(1024 * 8, 128).block_m == 32
+    assert choose_moe_config(8192 * 8, 128).block_m == 64
+    with pytest.raises(ValueError, match="block_k is 24; it must be a power of two >= 16"):
+        MoELaunchConfig(block_m=16, block_n=16, block_k=24)
+
+
+# ---- the kernel under the interpreter ------------------------------------------------------
+
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
+
+
+@in_child_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "config",
+    [
+        # Hidden 48 and intermediate 40 are not multiples of the tiles: masked edges.
+        MoELaunchConfig(block_m=16, block_n=16, block_k=32),
+        MoELaunchConfig(block_m=32, block_n=32, block_k=16, group_m=2),
+    ],
+)
+def test_interpreter_kernel_matches_torch_path(
+    dtype: torch.dtype, config: MoELaunchConfig
+) -> None:
+    x, w13, w2, ids, weights = moe_inputs(19, 48, 40, 6, 3, dtype, seed=4)
+    out = fused_moe_triton(x, w13, w2, ids, weights.to(dtype), config)
+    expected = fused_moe_torch(x, w13, w2, ids, weights.to(dtype))
+    assert out.dtype == dtype and out.shape == (19, 48)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+@in_child_only
+def test_interpreter_dropped_experts_contribute_nothing() -> None:
+    # Expert parallelism: ids -1 (held by another rank) are skipped, as the torch path does.
+    x, w13, w2, ids, weights = moe_inputs(9, 32, 16, 4, 2, torch.float32, seed=5)
+    ids = torch.where(ids == 1, -1, ids)
+    config = MoELaunchConfig(block_m=16, block_n=16, block_k=16)
+    out = fused_moe_triton(x, w13, w2, ids, weights, config)
+    torch.testing.assert_close(out, fused_moe_torch(x, w13, w2, ids, weights), rtol=1e-5, atol=1e-5)
+
+
+# ---- compiled for the GPU ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="compiles for CUDA; the child interprets")
+def test_kernel_compiles_for_sm90_within_shared_memory() -> None:
+    # Every tile shape choose_moe_config can pick, for both GEMMs of Qwen3-30B-A3B's
+    # geometry, built for sm_90 on this GPU-less machine (Triton ships ptxas): it compiles,
+    # uses the tensor cores (wgmma or mma), and fits an H100/H200 SM's 227 KiB of shared
+    # memory, which a launch would otherwise refuse only on the GPU.
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {
+        **dict.fromkeys(
+            ["a_ptr", "w_ptr", "c_ptr"], "*bf16"
+        ),
+        "topk_weights_ptr": "*fp32",
+        "sorted_rows_ptr": "*i32",
+        "tile_expert_ptr": "*i32",
+        "num_padded_rows_ptr": "*i32",
+        **dict.fromkeys(
+            ["num_rows", "num_tiles_m", "N", "K", "stride_a_row", "stride_w_expert",
+             "stride_w_n", "stride_c_row"],
+            "i32",
+        ),
+    }
+    configs = {choose_moe_config(rows * 8, 128) for rows in (1, 256, 1024, 8192)}
+    assert len(configs) == 3
+    for config in configs:
+        for gated in (True, False):
+            constexprs = {
+                "A_ROWS_PER_ROW": 8 if gated else 1,
+                "GATED": gated,
+                "MUL_ROUTED_WEIGHT": not gated,
+                "BLOCK_M": config.block_m,
+                "BLOCK_N": config.block_n,
+                "BLOCK_K": config.block_k,
+                "GROUP_M": config.group_m,
+                "DOT_PRECISION": "tf32",
+                "DOT_IN_FP32": False,
+            }
+            full_signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+            source = ASTSource(fn=fused_moe_kernel, signature=full_signature,
+                               constexprs=constexprs)
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            ptx = str(compiled.asm["ptx"])
+            assert "wgmma" in ptx or "mma.sync" in ptx, (config, gated)
+            assert 0 < compiled.metadata.shared <= 227 * 1024, (config, gated)
