@@ -6,24 +6,18 @@ same kernels are checked on a GPU by benchmarks/attention_kernels.py.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-
-# Triton picks interpreted or compiled at decoration time, for its own standard library too
-# (tl.max, tl.cdiv), so TRITON_INTERPRET must be set before triton is first imported. Another
-# test may already have imported it in this process, and setting the variable here would
-# leak into later tests, so the kernel tests run in a child pytest with the variable set; in
-# this process only the launcher test below runs.
-IN_INTERPRETER_CHILD = os.environ.get("OMNI_TRITON_INTERPRETER_CHILD") == "1"
-# Tests that launch kernels are named test_interpreter_* and run only in the child.
-in_child_only = pytest.mark.skipif(
-    not IN_INTERPRETER_CHILD, reason="runs in the TRITON_INTERPRET=1 child process"
+from triton_interpreter import (
+    IN_INTERPRETER_CHILD,
+    fix_interpreter_index,
+    in_child_only,
+    run_interpreter_child,
 )
-NUM_INTERPRETER_TESTS = 8
+
+# Tests that launch kernels are named test_interpreter_* and run only in the child (see
+# tests/triton_interpreter.py); in this process only the launcher and host-side tests run.
+NUM_INTERPRETER_TESTS = 9
 triton = pytest.importorskip("triton")
 
 from omni.stages.llm.attention import attend  # noqa: E402
@@ -43,35 +37,11 @@ from omni.stages.llm.attention.triton_backend import (  # noqa: E402
 
 @pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="this is the launcher")
 def test_kernels_in_child_process() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMNI_TRITON_INTERPRETER_CHILD="1")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               "-k", "interpreter_", __file__]
-    child = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    assert f"{NUM_INTERPRETER_TESTS} passed" in child.stdout, child.stdout[-2000:]
-
-
-def _fix_interpreter_index() -> None:
-    """Triton 3.6's interpreter turns a loaded scalar into a Python int with int() of a
-    shape-(1,) array, which numpy >= 2.4 refuses ("only 0-dimensional arrays ..."); a
-    `range` over a loaded bound hits it. Convert through .item() instead."""
-    from triton.runtime import interpreter
-
-    original_patch = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor: object, scope: object) -> None:
-        original_patch(tensor, scope)
-        scope.set_attr(  # type: ignore[attr-defined]
-            tensor, "__index__", lambda self: int(self.handle.data.item())
-        )
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
+    run_interpreter_child(__file__, NUM_INTERPRETER_TESTS)
 
 
 if IN_INTERPRETER_CHILD:
-    _fix_interpreter_index()
+    fix_interpreter_index()
 
 # Decode requests, chunks on cached prefixes, a fresh prompt, a request with no new tokens.
 MIXED = [
@@ -202,3 +172,73 @@ def test_triton_rejects_cache_dtype_unlike_query() -> None:
         attend(batch.query, batch.key, batch.value, batch.kv_cache.half(), batch.meta, 1.0,
                "triton")
     assert MAX_SPLITS == 64
+
+
+@in_child_only
+def test_interpreter_mla_absorbed_attention_matches_expanded() -> None:
+    # MLA's GPU path: the one latent plane passed as both key and value plane of the unified
+    # kernel (a 40-dim latent, padded to 64), against the expanded CPU path.
+    from omni.stages.llm.attention.mla import (
+        attend_mla_absorbed,
+        attend_mla_expanded,
+        write_latent_cache,
+    )
+    from omni.stages.llm.attention.triton_backend import paged_attention_mla_triton
+
+    heads, nope, rope, v_dim, rank = 4, 16, 8, 12, 32
+    batch = build_paged_batch(
+        MIXED, num_heads=heads, num_kv_heads=1, head_dim=rank + rope, block_size=16,
+        dtype=torch.float32, seed=5,
+    )
+    gen = torch.Generator().manual_seed(6)
+    cache = batch.kv_cache[:1].clone()
+    num_tokens = batch.query.shape[0]
+    write_latent_cache(torch.randn(num_tokens, rank, generator=gen),
+                       torch.randn(num_tokens, rope, generator=gen), cache, batch.meta.slot_mapping)
+    q_nope = torch.randn(num_tokens, heads, nope, generator=gen)
+    q_pe = torch.randn(num_tokens, heads, rope, generator=gen)
+    kv_b = torch.randn(heads * (nope + v_dim), rank, generator=gen) / rank**0.5
+    scale = (nope + rope) ** -0.5
+    expected = attend_mla_expanded(q_nope, q_pe, cache, batch.meta, kv_b, scale)
+    out = attend_mla_absorbed(q_nope, q_pe, cache, batch.meta, kv_b, scale,
+                              paged_attention_mla_triton)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="compiles for CUDA; the child interprets")
+def test_mla_tiles_compile_for_sm90_within_shared_memory() -> None:
+    # DeepSeek-V2-Lite's absorbed attention: 16 query heads over one 576-dim kv head (padded
+    # to 1024). The default tiles would not fit an SM; mla_launch_config's must.
+    from omni.stages.llm.attention import triton_kernels
+    from omni.stages.llm.attention.triton_backend import mla_launch_config
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    config = mla_launch_config(16)
+    pointers = ["out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr"]
+    signature = {
+        **dict.fromkeys(pointers, "*bf16"),
+        "block_tables_ptr": "*i32",
+        "seq_lens_ptr": "*i32",
+        "query_start_loc_ptr": "*i32",
+        **dict.fromkeys(["partial_out_ptr", "partial_max_ptr", "partial_sum_ptr"], "*fp32"),
+        "scale_log2": "fp32",
+        **dict.fromkeys(
+            ["num_reqs", "q_stride_token", "q_stride_head", "out_stride_token",
+             "out_stride_head", "block_table_stride", "cache_stride_block",
+             "cache_stride_offset", "cache_stride_head"],
+            "i32",
+        ),
+    }
+    constexprs = {
+        "NUM_HEADS": 16, "Q_PER_KV": 16, "HEAD_DIM": 576, "HEAD_DIM_PAD": 1024,
+        "BLOCK_SIZE": 16, "TILE": config.tile, "BLOCK_Q": config.block_q,
+        "BLOCK_M": config.block_m, "NUM_SPLITS": 1, "DOT_PRECISION": "tf32",
+        "DOT_IN_FP32": False,
+    }
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(fn=triton_kernels.unified_attention_kernel, signature=signature,
+                       constexprs=constexprs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    assert 0 < compiled.metadata.shared <= 227 * 1024

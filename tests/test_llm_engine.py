@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from omni import LLM, SamplingParams
 from tests.fixtures_models import make_tiny_checkpoint
 
-ARCHES = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"]
+ARCHES = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "deepseek_v2"]
 NEW_TOKENS = 12
 # Mixed lengths: shorter than a block, exactly two blocks, and ragged ones.
 PROMPT_LENGTHS = [5, 32, 17, 45, 9]

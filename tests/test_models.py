@@ -275,6 +275,7 @@ def test_registry_rejects_unknown_architecture() -> None:
     for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         assert name in str(info.value)
     assert supported_architectures() == [
+        "DeepseekV2ForCausalLM",
         "LlamaForCausalLM",
         "Qwen2AudioForConditionalGeneration",
         "Qwen2ForCausalLM",

@@ -277,3 +277,23 @@ def attend_triton(
         raise ValueError("the triton backend needs key and value contiguous in head_dim")
     write_kv_cache_triton(key, value, kv_cache, meta.slot_mapping)
     return paged_attention_triton(query, kv_cache, meta, scale)
+
+
+def mla_launch_config(num_heads: int) -> AttentionLaunchConfig:
+    """Tiles for MLA's absorbed attention: one kv head of kv_lora_rank + rope dims (576,
+    padded to 1024) shared by every query head. A program takes one token's query heads (16
+    rows for DeepSeek-V2-Lite) and streams 16 positions at a time, so the [rows, 1024] float32
+    accumulator stays in registers and the K and V tiles of two pipeline stages (4 x 32 KiB)
+    fit in shared memory; the default tiles would need 512 KiB."""
+    block_m = max(MIN_DOT_DIM, _next_power_of_two(num_heads))
+    return AttentionLaunchConfig(block_m=block_m, block_q=1, tile=16, num_warps=8, num_stages=2)
+
+
+def paged_attention_mla_triton(
+    query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Unified paged attention for MLA's absorbed form (`attention/mla.py`): query
+    [T, heads, kv_lora_rank + rope] over one shared kv head, whose key and value planes are the
+    same cached latents."""
+    check_triton_inputs(query, kv_cache)
+    return paged_attention_triton(query, kv_cache, meta, scale, mla_launch_config(query.shape[1]))

@@ -343,8 +343,9 @@ class CausalLM(nn.Module):
                     start, size = self._shard_range(fused, shard, param)
                     copy_checked(param.data.narrow(0, start, size), tensor, name)
                     shards_seen[param_name].add(shard)
-                break
+                    break
             else:
+                # Not part of a fused parameter (MLA's q_proj is a projection of its own).
                 param = params.get(name)
                 if param is not None:
                     copy_checked(param.data, tensor, name)

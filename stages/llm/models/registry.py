@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from omni.stages.llm.models.base import CausalLM
+from omni.stages.llm.models.deepseek_v2 import DeepseekV2ForCausalLM
 from omni.stages.llm.models.llama import LlamaForCausalLM
 from omni.stages.llm.models.qwen2 import Qwen2ForCausalLM
 from omni.stages.llm.models.qwen2_audio import Qwen2AudioForCausalLM
@@ -18,6 +19,7 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     # The language model only; the vision tower is the vision encoder stage.
     "Qwen2VLForConditionalGeneration": Qwen2VLForCausalLM,
     "Qwen2_5_VLForConditionalGeneration": Qwen2VLForCausalLM,
