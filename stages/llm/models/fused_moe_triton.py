@@ -187,9 +187,12 @@ def fused_moe_triton(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     config: MoELaunchConfig | None = None,
+    ids_may_be_dropped: bool = True,
 ) -> torch.Tensor:
     """The experts of one MoE layer in two grouped GEMMs; [T, H] in hidden's dtype. Ids
-    outside [0, E) contribute nothing (see `fused_moe`)."""
+    outside [0, E) contribute nothing (see `fused_moe`) when `ids_may_be_dropped`; without
+    it every id must be a local expert, and the per-row outputs skip their zero fill (at a
+    prefill chunk of 8192 tokens, 256 MiB written a layer for nothing)."""
     for name, tensor in (("hidden", hidden), ("w13", w13), ("w2", w2)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"fused_moe_triton needs {name} contiguous in its last dim")
@@ -208,8 +211,9 @@ def fused_moe_triton(
     aligned = align_rows_by_expert(topk_ids, num_experts, config.block_m)
     act = torch.empty(num_rows, intermediate, dtype=hidden.dtype, device=hidden.device)
     grouped_gemm(hidden, w13, act, aligned, top_k, config, gated=True)
-    # Zero-filled: a row whose expert lives on another rank is never written.
-    rows_out = torch.zeros(num_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    # Zero-filled when a row's expert may live on another rank: that row is never written.
+    alloc = torch.zeros if ids_may_be_dropped else torch.empty
+    rows_out = alloc(num_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)
     weights = topk_weights.reshape(-1).to(torch.float32)
     grouped_gemm(act, w2, rows_out, aligned, top_k, config, gated=False, topk_weights=weights)
     return rows_out.view(num_tokens, top_k, hidden_size).sum(dim=1)

@@ -145,7 +145,9 @@ def fused_moe(
         # Imported here so CPU-only users never compile Triton.
         from omni.stages.llm.models.fused_moe_triton import fused_moe_triton
 
-        return fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights)
+        return fused_moe_triton(
+            hidden, w13, w2, topk_ids, topk_weights, ids_may_be_dropped=expert_map is not None
+        )
     return fused_moe_torch(hidden, w13, w2, topk_ids, topk_weights)
 
 
