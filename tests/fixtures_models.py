@@ -198,7 +198,8 @@ def make_tiny_checkpoint(
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
-    config = tiny_config(arch, len(tokenizer), **config_overrides)
+    vocab_size = config_overrides.pop("vocab_size", len(tokenizer))  # may exceed the tokenizer's
+    config = tiny_config(arch, vocab_size, **config_overrides)
     kwargs: dict[str, Any] = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     return save_random_model(
         path,

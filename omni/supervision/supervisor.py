@@ -13,16 +13,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from omni.stages.runtime.process import EXIT_BAD_CONFIG
+from omni.stages.runtime.process import EXIT_BAD_CONFIG, describe_exit
 from omni.supervision.replicas import ReplicaInfo
 from omni.supervision.router import StageRouter
 from omni.transport.shm import sweep_dead_owners, sweep_owner
@@ -36,8 +35,10 @@ class StageSpec:
 
     role: str
     replicas: int = 1
-    # Replica i runs on devices[i % len(devices)].
+    # Replica i runs on devices[i % len(devices)], or with several devices a replica (the
+    # ranks of a tensor-parallel LLM replica) on the next devices_per_replica of them.
     devices: tuple[str, ...] = ("cpu",)
+    devices_per_replica: int = 1
     model: str = ""
     capacity: int = 8
     # Modules to import in the stage process so that its worker is registered.
@@ -57,6 +58,22 @@ class StageSpec:
             raise ValueError(f"stage {self.role!r}: name at least one device")
         if self.capacity < 1:
             raise ValueError(f"stage {self.role!r}: capacity is {self.capacity}; it must be >= 1")
+        if self.devices_per_replica < 1:
+            raise ValueError(
+                f"stage {self.role!r}: devices_per_replica is {self.devices_per_replica}; "
+                "it must be >= 1"
+            )
+
+    def replica_device(self, index: int) -> str:
+        """Replica `index`'s device, or its ranks' devices as a comma list."""
+        return replica_device(self.devices, index, self.devices_per_replica)
+
+
+def replica_device(devices: Sequence[str], index: int, per_replica: int = 1) -> str:
+    """Replica `index`'s share of `devices`, round robin: one device, or `per_replica` of them
+    as a comma list (cuda:2,cuda:3 for replica 1 of two ranks each)."""
+    first = index * per_replica
+    return ",".join(devices[(first + rank) % len(devices)] for rank in range(per_replica))
 
 
 @dataclass(frozen=True)
@@ -107,13 +124,6 @@ class _Child:
         return (self.replica_id, self.colocated_id) if self.colocated_id else (self.replica_id,)
 
 
-def _exit_description(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"
-
-
 class StageSupervisor:
     """Runs stage replicas as child processes of this one; see the module docstring."""
 
@@ -136,7 +146,7 @@ class StageSupervisor:
                 replica_id = f"{spec.role}-{index}"
                 if replica_id in self._children:
                     raise ValueError(f"stage {spec.role!r} is listed twice")
-                device = spec.devices[index % len(spec.devices)]
+                device = spec.replica_device(index)
                 colocated = f"{spec.colocated_role}-{index}" if spec.colocated_role else ""
                 self._children[replica_id] = _Child(replica_id, spec, device, colocated)
         self._thread: threading.Thread | None = None
@@ -248,7 +258,7 @@ class StageSupervisor:
         if code is None:
             return
         pid = child.process.pid
-        reason = _exit_description(code)
+        reason = describe_exit(code)
         child.process = None
         # Fail its requests first: callers should hear about the death before anything else.
         for replica_id in child.replica_ids:

@@ -51,6 +51,13 @@ class EngineConfig:
     # floor and throughput from 67% to 75% of its floor (docs/benchmarks.md); greedy tokens
     # are the same either way.
     async_scheduling: bool = True
+    # Processes (one device each) that one replica's model is sharded over, with
+    # torch.distributed: NCCL on GPUs, gloo on the CPU. `device` then names every rank's
+    # device (`cuda:0,cuda:1`) or the first of consecutive ones (`cuda:2`: cuda:2, cuda:3, ...).
+    tensor_parallel_size: int = 1
+    # Mixture-of-experts layers: whole experts split across the ranks instead of every
+    # expert's intermediate features (vLLM's --enable-expert-parallel).
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -80,6 +87,10 @@ class EngineConfig:
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")

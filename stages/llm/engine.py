@@ -6,6 +6,8 @@ stage process wraps it in its busy loop.
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -18,9 +20,11 @@ from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.detokenizer import IncrementalDetokenizer
 from omni.stages.llm.mm_inputs import MultiModalInputs
-from omni.stages.llm.model_runner import LaunchedStep, ModelRunner, TokenFeed
+from omni.stages.llm.model_runner import LaunchedStep, ModelRunner, TokenFeed, resolve_device
 from omni.stages.llm.models.loader import resolve_model_path
 from omni.stages.llm.outputs import CompletionOutput, RequestOutput
+from omni.stages.llm.parallel.group import SINGLE
+from omni.stages.llm.parallel.ranks import FollowerRanks
 from omni.stages.llm.request import Request, RequestStatus
 from omni.stages.llm.scheduler import Scheduler, SchedulerOutput
 from omni.stages.llm.structured_output import GrammarCompiler, GrammarState
@@ -53,7 +57,25 @@ class LLMEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 resolve_model_path(config.tokenizer) if config.tokenizer else model_path
             )
-        self.runner = ModelRunner(config, model_path)
+        # Ranks 1..N-1 of a tensor-parallel replica: child processes that follow this one's
+        # step plans (see omni.stages.llm.parallel).
+        self.ranks: FollowerRanks | None = None
+        group = SINGLE
+        if config.tensor_parallel_size > 1:
+            self.ranks = FollowerRanks(config, model_path)
+            config = dataclasses.replace(config, device=self.ranks.devices[0])
+            try:
+                group = self.ranks.join(
+                    resolve_device(config.device), config.enable_expert_parallel
+                )
+                self.runner = ModelRunner(config, model_path, group)
+            except BaseException:
+                self.ranks.kill()
+                raise
+            # An engine dropped without close() still ends its ranks.
+            weakref.finalize(self, self.ranks.kill)
+        else:
+            self.runner = ModelRunner(config, model_path)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = int(self.runner.hf_config.get_text_config().vocab_size)
         self.kv_cache = KVCacheManager(
@@ -241,8 +263,40 @@ class LLMEngine:
 
     # ---- stepping -----------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Stops the other ranks of a tensor-parallel replica (without them, nothing to do).
+        The engine is unusable afterwards."""
+        ranks, self.ranks = self.ranks, None
+        if ranks is None:
+            return
+        if ranks.death is None:
+            ranks.expect_exit()
+            try:
+                self.runner.stop_followers("the engine closed")
+            except Exception:  # a rank died meanwhile: kill the rest
+                ranks.kill()
+                return
+            ranks.stop()
+        else:
+            ranks.kill()
+
     def step(self) -> list[RequestOutput]:
         """Runs one forward pass; returns an output for every request that gained tokens."""
+        if self.ranks is None:
+            return self._step()
+        if self.ranks.death is not None:
+            raise RuntimeError(f"the replica lost a rank: {self.ranks.death}")
+        try:
+            return self._step()
+        except Exception as exc:
+            # A rank's death fails rank 0's collectives, maybe before the watcher has seen it:
+            # say which rank died, not what gloo saw.
+            death = self.ranks.wait_for_death(1.0) if self.ranks is not None else None
+            if death is not None:
+                raise RuntimeError(f"the replica lost a rank: {death}") from exc
+            raise
+
+    def _step(self) -> list[RequestOutput]:
         compile_failures = self._admit_compiled()
         if self.config.async_scheduling:
             return compile_failures + self._step_async()

@@ -15,6 +15,8 @@ from omni.stages.llm.host_to_device import copy_to_device
 from omni.stages.llm.kv_cache_sizing import allocate_kv_caches, num_blocks_for_memory
 from omni.stages.llm.models.loader import load_model
 from omni.stages.llm.request import Request
+from omni.stages.llm.parallel.group import SINGLE, TensorParallel, building_with
+from omni.stages.llm.parallel.plan import PlanChannel, Shutdown, host_inputs_of, plan_for
 from omni.stages.llm.sampler import Sampler, SamplingBatch
 from omni.stages.llm.scheduler import SchedulerOutput
 from omni.stages.llm.step_inputs import (
@@ -39,19 +41,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str) -> None:
+    """Runs steps on one rank's shard of the model. Rank 0 (the only rank of an unsharded
+    replica) is given scheduler steps (`launch`); under tensor parallelism it broadcasts each
+    step's plan first, and the other ranks run `follow`, which replays the plans."""
+
+    def __init__(
+        self, config: EngineConfig, model_path: str, group: TensorParallel = SINGLE
+    ) -> None:
         self.config = config
+        self.group = group
+        self.plans = PlanChannel(group) if group.world_size > 1 else None
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
-        self.model, self.hf_config = load_model(
-            model_path,
-            dtype=config.dtype,
-            device=self.device,
-            load_format=config.load_format,
-            seed=config.seed,
-        )
+        with building_with(group):
+            self.model, self.hf_config = load_model(
+                model_path,
+                dtype=config.dtype,
+                device=self.device,
+                load_format=config.load_format,
+                # Dummy weights differ by rank: each rank's shard is its own random tensor.
+                seed=config.seed + group.rank,
+            )
         self.model.eval()
         self.dtype = next(self.model.parameters()).dtype
         self.attn_backend = config.attention_backend or (
@@ -69,7 +81,8 @@ class ModelRunner:
         # Qwen2-VL-family models rotate by [3, T] M-RoPE positions instead of [T].
         self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
 
-        num_blocks = config.num_kv_blocks or num_blocks_for_memory(self)
+        # Every rank must have room for every block rank 0 hands out.
+        num_blocks = config.num_kv_blocks or group.min_over_ranks(num_blocks_for_memory(self))
         self.num_kv_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(
             self.model, num_blocks, self.block_size, self.dtype, self.device
@@ -144,8 +157,10 @@ class ModelRunner:
         host = build_host_inputs(
             out.scheduled, self.block_size, self.table_width, mrope=self.uses_mrope
         )
-        hidden = self.forward_hidden(host, feed)
         rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
+        if self.plans is not None:
+            self._send_plan(host, feed, rows)
+        hidden = self.forward_hidden(host, feed)
         step = LaunchedStep(num_scheduled=len(out.scheduled), rows=rows)
         if not rows:
             return ForwardedStep(step, [], None)
@@ -187,6 +202,40 @@ class ModelRunner:
             step.top_token_ids, step.top_logprobs = sampled.top_token_ids, sampled.top_logprobs
             step.num_top = [r.sampling_params.logprobs or 0 for r in requests]
         return step
+
+    # ---- tensor parallelism ------------------------------------------------------------------
+
+    def _send_plan(self, host: HostStepInputs, feed: TokenFeed | None, rows: list[int]) -> None:
+        assert self.plans is not None
+        fed = None if feed is None else (feed.dst, feed.src_rows, int(feed.tokens.shape[0]))
+        self.plans.send(plan_for(host, self.block_size, fed, rows))
+        if feed is not None:
+            # The followers have no sampler: they take rank 0's tokens for this step's inputs.
+            self.group.broadcast(feed.tokens)
+
+    @torch.inference_mode()
+    def follow(self) -> str:
+        """A follower rank's loop: runs rank 0's step plans until told to stop; returns why."""
+        assert self.plans is not None and not self.group.is_first
+        while True:
+            plan = self.plans.receive()
+            if isinstance(plan, Shutdown):
+                return plan.reason
+            feed = None
+            if plan.num_fed:
+                tokens = torch.empty(plan.num_fed, dtype=torch.int64, device=self.device)
+                feed = TokenFeed(plan.feed_dst, plan.feed_src, self.group.broadcast(tokens))
+            hidden = self.forward_hidden(host_inputs_of(plan, self.table_width), feed)
+            if plan.logit_rows:
+                if len(plan.logit_rows) != hidden.shape[0]:
+                    hidden = hidden[index_tensor(plan.logit_rows, hidden.device)]
+                # Its share of the gather; only rank 0 samples.
+                self.model.compute_logits(hidden)
+
+    def stop_followers(self, reason: str) -> None:
+        """Rank 0: tells the other ranks to leave their `follow` loop."""
+        if self.plans is not None:
+            self.plans.send(Shutdown(reason))
 
 
 @dataclass

@@ -248,7 +248,14 @@ class LLMWorker(StageWorker):
             items_from_encoder_cache=self.items.items_from_cache,
         )
 
+    def broken(self) -> str | None:
+        """A tensor-parallel rank of this replica died: the replica stops whole."""
+        ranks = self.engine.ranks if self.engine is not None else None
+        return None if ranks is None or ranks.death is None else ranks.death
+
     def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()  # the other tensor-parallel ranks, if any
         if self.items.cache is not None:
             self.items.cache.close()
 

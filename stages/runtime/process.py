@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -23,8 +24,26 @@ EXIT_BAD_CONFIG = 2
 _GUEST_POLL_S = 0.1
 
 
+def describe_exit(code: int) -> str:
+    """A child process's exit status in words: "exited with code 1", "was killed by SIGKILL"."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
 def bind_device(device: str) -> torch.device:
-    """Make `device` this process's default accelerator; a clear error if it does not exist."""
+    """Make `device` this process's default accelerator; a clear error if it does not exist.
+    A comma list (the devices of a tensor-parallel replica's ranks) binds its first and
+    checks them all."""
+    names = [name.strip() for name in device.split(",")]
+    targets = [_checked_device(name) for name in names]
+    if targets[0].type == "cuda":
+        torch.cuda.set_device(targets[0].index or 0)
+    return targets[0]
+
+
+def _checked_device(device: str) -> torch.device:
     try:
         target = torch.device(device)
     except RuntimeError:
@@ -36,7 +55,6 @@ def bind_device(device: str) -> torch.device:
             raise ValueError(
                 f"device {device} was requested but this host has {count} CUDA devices"
             )
-        torch.cuda.set_device(index)
     elif target.type != "cpu":
         raise ValueError(f"device {device!r}: only cpu and cuda devices are supported")
     return target

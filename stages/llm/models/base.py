@@ -20,13 +20,20 @@ from typing import Any
 import torch
 from omni.stages.llm.attention import AttentionMetadata, attend
 from omni.stages.llm.models.layers import (
-    Embedding,
     GatedMLP,
-    Linear,
     RMSNorm,
     RotaryAngles,
     RotaryEmbedding,
 )
+from omni.stages.llm.models.parallel_layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    attention_head_shards,
+    copy_checked,
+    scaled,
+)
+from omni.stages.llm.parallel.group import current_group
 from torch import nn
 
 
@@ -126,18 +133,24 @@ class Geometry:
 
 
 class Attention(nn.Module):
+    """Self-attention over the paged KV cache. Under tensor parallelism each rank holds its
+    slice of the query heads and the KV heads they read (see `attention_head_shards`), so
+    attention itself needs no communication; o_proj's all-reduce joins the heads."""
+
     def __init__(self, geo: Geometry, arch: DecoderArch, dtype: torch.dtype) -> None:
         super().__init__()
-        self.num_heads = geo.num_heads
-        self.num_kv_heads = geo.num_kv_heads
+        heads, kv_heads = attention_head_shards(geo.num_heads, geo.num_kv_heads, current_group())
+        self.num_heads = heads.size
+        self.num_kv_heads = kv_heads.size
         self.head_dim = geo.head_dim
-        self.q_size = geo.num_heads * geo.head_dim
-        self.kv_size = geo.num_kv_heads * geo.head_dim
+        self.q_size = self.num_heads * geo.head_dim
+        self.kv_size = self.num_kv_heads * geo.head_dim
         self.scale = geo.head_dim**-0.5
-        self.qkv_proj = Linear(
-            geo.hidden_size, self.q_size + 2 * self.kv_size, arch.qkv_bias, dtype
+        q, kv = scaled(heads, geo.head_dim), scaled(kv_heads, geo.head_dim)
+        self.qkv_proj = ColumnParallelLinear(
+            geo.hidden_size, [q, kv, kv], arch.qkv_bias, dtype, part_names=("q", "k", "v")
         )
-        self.o_proj = Linear(self.q_size, geo.hidden_size, arch.o_bias, dtype)
+        self.o_proj = RowParallelLinear(q, geo.hidden_size, arch.o_bias, dtype)
         self.q_norm = RMSNorm(geo.head_dim, geo.rms_norm_eps, dtype) if arch.qk_norm else None
         self.k_norm = RMSNorm(geo.head_dim, geo.rms_norm_eps, dtype) if arch.qk_norm else None
 
@@ -211,7 +224,7 @@ class DecoderModel(nn.Module):
         self, config: Any, geo: Geometry, layers: Iterable[DecoderLayer], dtype: torch.dtype
     ) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(geo.vocab_size, geo.hidden_size, dtype)
+        self.embed_tokens = VocabParallelEmbedding(geo.vocab_size, geo.hidden_size, dtype)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(geo.hidden_size, geo.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(config, geo.head_dim)
@@ -236,12 +249,18 @@ class CausalLM(nn.Module):
         )
         self.model = DecoderModel(config, self.geometry, layers, dtype)
         # Tied models read logits straight off the embedding table: one parameter, so a
-        # checkpoint's redundant lm_head.weight (if any) is simply ignored.
+        # checkpoint's redundant lm_head.weight (if any) is simply ignored. Either way the
+        # vocabulary is split across tensor-parallel ranks like the embedding's.
         self.lm_head = (
             None
             if self.geometry.tie_word_embeddings
-            else Linear(self.geometry.hidden_size, self.geometry.vocab_size, False, dtype)
+            else VocabParallelEmbedding(self.geometry.vocab_size, self.geometry.hidden_size, dtype)
         )
+        geo = self.geometry
+        # KV heads this rank caches (all of them without tensor parallelism).
+        self.kv_heads_per_rank = attention_head_shards(
+            geo.num_heads, geo.num_kv_heads, current_group()
+        )[1].size
 
     @classmethod
     def decoder_arch(cls, config: Any) -> DecoderArch:
@@ -264,7 +283,7 @@ class CausalLM(nn.Module):
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
         geo = self.geometry
-        return KVCacheSpec(geo.num_layers, geo.num_kv_heads, geo.head_dim)
+        return KVCacheSpec(geo.num_layers, self.kv_heads_per_rank, geo.head_dim)
 
     @property
     def num_layers(self) -> int:
@@ -272,7 +291,8 @@ class CausalLM(nn.Module):
 
     @property
     def num_kv_heads(self) -> int:
-        return self.geometry.num_kv_heads
+        """KV heads in this rank's cache."""
+        return self.kv_heads_per_rank
 
     @property
     def head_dim(self) -> int:
@@ -319,18 +339,21 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in float32 (the matmul itself runs in the model dtype, like
-        transformers, and is upcast for the sampler)."""
-        weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        return torch.nn.functional.linear(hidden_states, weight).float()
+        transformers, and is upcast for the sampler). Under tensor parallelism every rank
+        must call it, and only rank 0's result is the whole vocabulary's."""
+        head = self.lm_head if self.lm_head is not None else self.model.embed_tokens
+        return head.logits(hidden_states)
 
     # ---- weights ---------------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into the parameters, casting to the
-        model's dtype and device. Returns the names of the parameters that were fully loaded
-        (a fused parameter counts once all its parts arrived). Tensors the model has no
-        parameter for (rotary `inv_freq`, a tied `lm_head.weight`) are ignored."""
+        model's dtype and device; a sharded layer copies only this rank's slice. Returns the
+        names of the parameters that were fully loaded (a fused parameter counts once all its
+        parts arrived). Tensors the model has no parameter for (rotary `inv_freq`, a tied
+        `lm_head.weight`) are ignored."""
         params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
         shards_seen: dict[str, set[str]] = defaultdict(set)
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -338,17 +361,14 @@ class CausalLM(nn.Module):
                 if f".{part}." not in name:
                     continue
                 param_name = name.replace(f".{part}.", f".{fused}.")
-                param = params.get(param_name)
-                if param is not None:
-                    start, size = self._shard_range(fused, shard, param)
-                    copy_checked(param.data.narrow(0, start, size), tensor, name)
+                if param_name in params:
+                    load_param(modules, param_name, tensor, name, shard)
                     shards_seen[param_name].add(shard)
                     break
             else:
                 # Not part of a fused parameter (MLA's q_proj is a projection of its own).
-                param = params.get(name)
-                if param is not None:
-                    copy_checked(param.data, tensor, name)
+                if name in params:
+                    load_param(modules, name, tensor, name)
                     loaded.add(name)
         for param_name, shards in shards_seen.items():
             if len(shards) == len(self.checkpoint_names(param_name)):
@@ -366,26 +386,23 @@ class CausalLM(nn.Module):
                 ]
         return [param_name]
 
-    def _shard_range(self, fused: str, shard: str, param: torch.Tensor) -> tuple[int, int]:
-        """(start, size) of a checkpoint projection along its fused parameter's output dim."""
-        geo = self.geometry
-        if fused == "gate_up_proj":
-            # Halves of the parameter itself: a shared expert or a dense layer of a
-            # mixture-of-experts model has its own intermediate size.
-            half = param.shape[0] // 2
-            return (0 if shard == "gate" else half), half
-        q_size, kv_size = geo.num_heads * geo.head_dim, geo.num_kv_heads * geo.head_dim
-        starts = {"q": 0, "k": q_size, "v": q_size + kv_size}
-        return starts[shard], q_size if shard == "q" else kv_size
 
-
-def copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if tuple(target.shape) != tuple(tensor.shape):
-        raise ValueError(
-            f"checkpoint tensor {name} has shape {tuple(tensor.shape)}; "
-            f"the model expects {tuple(target.shape)}"
-        )
-    target.copy_(tensor)
+def load_param(
+    modules: dict[str, nn.Module],
+    param_name: str,
+    tensor: torch.Tensor,
+    name: str,
+    part: str | None = None,
+) -> None:
+    """Fills parameter `param_name` from checkpoint tensor `name`: a sharded layer (one with a
+    `load` method) takes its slice, any other parameter is copied whole."""
+    module_name, _, attr = param_name.rpartition(".")
+    module = modules[module_name]
+    load = getattr(module, "load", None)
+    if load is not None:
+        load(attr, tensor, name, part)
+        return
+    copy_checked(getattr(module, attr).data, tensor, name)
 
 
 def check_full_attention(config: Any) -> None:

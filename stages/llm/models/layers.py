@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omni.stages.llm.models.fused_ops import (
     add_rms_norm,
     apply_rotary_torch,
@@ -26,32 +25,17 @@ from omni.stages.llm.models.fused_ops import (
     silu_and_mul,
     use_fused_kernels,
 )
+from omni.stages.llm.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from omni.stages.llm.parallel.group import Shard, current_group
 from torch import nn
 
 
-class Linear(nn.Module):
-    """`y = x @ W.T + b` with uninitialised parameters (the loader fills them)."""
+class Linear(ColumnParallelLinear):
+    """`y = x @ W.T + b` with uninitialised parameters (the loader fills them), held whole on
+    every rank (a mixture-of-experts router, for one)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class Embedding(nn.Module):
-    """Token embedding table with an uninitialised weight."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=dtype))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        super().__init__(in_features, [Shard(0, out_features, out_features)], bias, dtype)
 
 
 class RMSNorm(nn.Module):
@@ -79,7 +63,9 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU MLP with gate and up projections fused into one matmul (`gate_up_proj`)."""
+    """SwiGLU MLP with gate and up projections fused into one matmul (`gate_up_proj`). Under
+    tensor parallelism the intermediate features are split across ranks: gate_up is column-
+    parallel (each rank its slice of gate and of up), down is row-parallel (one all-reduce)."""
 
     def __init__(
         self, hidden_size: int, intermediate_size: int, bias: bool, act: str, dtype: torch.dtype
@@ -87,9 +73,12 @@ class GatedMLP(nn.Module):
         super().__init__()
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported; only 'silu' is")
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias, dtype)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias, dtype)
+        shard = current_group().split(intermediate_size, "intermediate_size")
+        self.intermediate_size = shard.size
+        self.gate_up_proj = ColumnParallelLinear(
+            hidden_size, [shard, shard], bias, dtype, part_names=("gate", "up")
+        )
+        self.down_proj = RowParallelLinear(shard, hidden_size, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
