@@ -26,7 +26,7 @@ from omni.server.config import ServeConfig
 # each is the LLM engine option (an EngineConfig field) of the same name, in a file too.
 ENGINE_FLAGS = (
     "dtype", "gpu_memory_utilization", "enforce_eager", "max_num_batched_tokens", "block_size",
-    "enable_prefix_caching",
+    "enable_prefix_caching", "tensor_parallel_size", "enable_expert_parallel",
 )  # fmt: skip
 
 # ServeConfig fields that `omni serve` sets itself, not a file.

@@ -65,3 +65,28 @@ def test_every_setting_of_a_flag_is_a_config_key(tmp_path: Path) -> None:
     config = serve_config(build_parser().parse_args(
         ["serve", "--config", str(settings), "--max-upload-files", "2"]))
     assert config.max_upload_files == 2
+
+
+def test_tensor_parallel_flags_give_each_replica_its_group_of_devices(tmp_path: Path) -> None:
+    from omni.supervision.supervisor import StageSpec
+
+    args = build_parser().parse_args(
+        ["serve", "--devices", "llm=0,1,2,3", "--tensor-parallel-size", "2",
+         "--enable-expert-parallel"])
+    config = serve_config(args)
+    # Four devices hold two replicas of two ranks each, as vLLM's data parallelism would.
+    assert (config.llm_replicas, config.tensor_parallel_size) == (2, 2)
+    options = config.llm_options()
+    assert (options["tensor_parallel_size"], options["enable_expert_parallel"]) == ("2", "true")
+    spec = StageSpec("llm", replicas=2, devices=config.stage_devices("llm"), devices_per_replica=2)
+    assert [spec.replica_device(i) for i in range(2)] == ["cuda:0,cuda:1", "cuda:2,cuda:3"]
+    # Flags and the file still say how many replicas; too few devices for them is an error.
+    args = build_parser().parse_args(
+        ["serve", "--devices", "llm=0,1,2", "-tp", "2", "--llm-replicas", "2"])
+    with pytest.raises(ValueError, match=r"2 LLM replica\(s\) of tensor_parallel_size 2 need 4 "
+                       "devices; --devices names 3 for llm"):
+        serve_config(args)
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("tensor-parallel-size: 2\n")
+    config = serve_config(build_parser().parse_args(["serve", "--config", str(settings)]))
+    assert (config.llm_replicas, config.tensor_parallel_size) == (1, 2)

@@ -86,6 +86,11 @@ def test_bad_configuration_exits_with_a_one_line_error(capsys: pytest.CaptureFix
     assert "'echo'" in error and error.count("\n") == 1
     assert main(["stage", "echo", "--connect", "udp://x:1"]) == 2
     assert "scheme must be ipc, inproc or tcp" in capsys.readouterr().err
+    assert main(["stage", "echo", "--connect", "ipc:///tmp/omni-none.sock",
+                 "--tensor-parallel-size", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "omni stage: error: --tensor-parallel-size applies to the llm role only, not 'echo'\n"
+    )
 
 
 def test_stage_command_registers_its_subcommand() -> None:

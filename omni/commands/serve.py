@@ -174,6 +174,10 @@ def add_parser(subparsers: Any) -> None:
     engine.add_argument("--block-size", type=int, default=None, help="tokens per KV block (16)")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=None, help="reuse KV blocks of shared prefixes (on)")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                        help="devices (processes) each LLM replica is sharded over (1)")
+    engine.add_argument("--enable-expert-parallel", action="store_true", default=None,
+                        help="split mixture-of-experts layers' experts across those ranks")
     p.add_argument(
         "--chat-template", default=None,
         help="a Jinja chat template (a file, or the template itself) instead of the model's",
@@ -224,6 +228,12 @@ def serve_config(args: argparse.Namespace) -> Any:
         settings["api_key"] = os.environ[API_KEY_ENV]
     if "devices" in settings:
         settings["devices"] = parse_devices(str(settings["devices"]))
+        llm_devices = settings["devices"].get("llm", ())
+        if "llm_replicas" not in settings and len(llm_devices) > 1:
+            # vLLM's data parallelism: the named devices hold as many replicas as they fit
+            # (--devices llm=0,1,2,3 -tp 2: two replicas of two GPUs each).
+            size = int(options.get("tensor_parallel_size", "1"))
+            settings["llm_replicas"] = max(1, len(llm_devices) // max(1, size))
     if "allowed_media_domains" in settings:
         settings["allowed_media_domains"] = parse_domains(settings["allowed_media_domains"])
     try:

@@ -35,7 +35,24 @@ def add_parser(subparsers: Any) -> None:
         help="another API process's endpoint to join too (omni serve --api-server-count)",
     )
     parser.add_argument("--model", default="", help="model path or name the stage serves")
-    parser.add_argument("--device", default="cpu", help="device, for example cpu or cuda:1")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="device, for example cpu or cuda:1; with --tensor-parallel-size N, each rank's "
+        "(cuda:0,cuda:1) or the first of N consecutive ones (cuda:2)",
+    )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=None,
+        help="llm: shard the model over this many processes, one device each",
+    )
+    parser.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        default=None,
+        help="llm: split mixture-of-experts layers' experts across the tensor-parallel ranks",
+    )
     parser.add_argument("--capacity", type=int, default=8, help="requests served at once")
     parser.add_argument("--replica-id", default="", help="stable name of this replica")
     parser.add_argument(
@@ -119,7 +136,10 @@ def _colocated(args: argparse.Namespace, host: StageConfig) -> tuple[StageConfig
         replica_id=args.colocate_replica_id,
         capacity=args.colocate_capacity,
     )
-    options = WorkerOptions(model=model, device=args.device)
+    # A tensor-parallel host's guest runs beside rank 0, on its device.
+    device = args.device.split(",")[0].strip()
+    config = dataclasses.replace(config, device=device)
+    options = WorkerOptions(model=model, device=device)
     return config, create_worker(args.colocate, options)
 
 
@@ -146,5 +166,20 @@ def _build(args: argparse.Namespace) -> tuple[StageConfig, StageWorker]:
         parent_pid=args.parent_pid,
     )
     bind_device(config.device)
-    options = WorkerOptions(model=args.model, device=args.device, extra=_options(args.option))
+    options = WorkerOptions(
+        model=args.model, device=args.device, extra=_options(args.option) | _llm_flags(args)
+    )
     return config, create_worker(args.role, options)
+
+
+def _llm_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The LLM engine's own flags, as the engine options they stand for."""
+    flags = {
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "enable_expert_parallel": args.enable_expert_parallel,
+    }
+    given = {name: str(value).lower() for name, value in flags.items() if value is not None}
+    if given and args.role != "llm":
+        names = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{names} applies to the llm role only, not {args.role!r}")
+    return given

@@ -214,6 +214,7 @@ class ServeConfig:
             raise ValueError("api_key is empty; leave it unset to serve without a key")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s is {self.startup_timeout_s}; it must be > 0")
+        self._check_tensor_parallel()
 
     def _check_colocation(self) -> None:
         if self.single_process:
@@ -261,6 +262,27 @@ class ServeConfig:
 
     def stage_devices(self, role: str) -> tuple[str, ...]:
         return tuple(self.devices.get(role, ())) or (default_device(),)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """Processes (devices) per LLM replica: the engine option of that name."""
+        text = self.engine_options.get("tensor_parallel_size", "1")
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"tensor_parallel_size must be an integer, got {text!r}") from None
+
+    def _check_tensor_parallel(self) -> None:
+        size = self.tensor_parallel_size
+        if size < 1:
+            raise ValueError(f"tensor_parallel_size is {size}; it must be >= 1")
+        devices = self.stage_devices("llm")
+        needed = size * self.llm_replicas
+        if size > 1 and devices != ("cpu",) and len(devices) < needed:
+            raise ValueError(
+                f"{self.llm_replicas} LLM replica(s) of tensor_parallel_size {size} need "
+                f"{needed} devices; --devices names {len(devices)} for llm"
+            )
 
     def llm_options(self) -> dict[str, str]:
         """The LLM stage's worker options (strings, as on its command line)."""

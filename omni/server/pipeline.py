@@ -41,7 +41,7 @@ from omni.stages.runtime import (
     create_worker,
 )
 from omni.supervision.router import RouterConfig, StageRouter
-from omni.supervision.supervisor import StageSpec, StageSupervisor
+from omni.supervision.supervisor import StageSpec, StageSupervisor, replica_device
 
 logger = logging.getLogger(__name__)
 
@@ -261,8 +261,9 @@ class Pipeline:
         for role, count in roles:
             devices = config.stage_devices(role)
             extra = config.llm_options() if role == LLM_ROLE else {}
+            per_replica = config.tensor_parallel_size if role == LLM_ROLE else 1
             for index in range(count):
-                device = devices[index % len(devices)]
+                device = replica_device(devices, index, per_replica)
                 model = self._stage_model(role, model_path)
                 options = WorkerOptions(model=model, device=device, extra=extra)
                 stage = StageConfig(
@@ -303,6 +304,7 @@ class Pipeline:
                     role=role,
                     replicas=count,
                     devices=config.stage_devices(role),
+                    devices_per_replica=config.tensor_parallel_size if role == LLM_ROLE else 1,
                     model=self._stage_model(role, model_path),
                     capacity=config.llm_capacity,
                     extra_args=tuple(extra),

@@ -242,6 +242,11 @@ class StageRuntime:
                 if self.worker.has_work():
                     self._step(push)
                 self._progress_at = time.monotonic()
+                broken = self.worker.broken()
+                if broken is not None:
+                    logger.error("stage %s: %s; the stage exits", self.replica_id, broken)
+                    self.failed = True
+                    self.stop(broken)
             self._shut_down(push)
         finally:
             push.send(CLOSE)

@@ -131,6 +131,12 @@ class StageWorker(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, empty on purpose
         """Free resources at shutdown."""
 
+    def broken(self) -> str | None:
+        """Why the worker can no longer serve (a process it needs, such as a tensor-parallel
+        rank, died), else None. The runtime looks every time round its loop and stops, failing
+        what the replica held, so that the supervisor starts it again. Optional."""
+        return None
+
     def stats(self) -> msgspec.Struct | None:
         """The role's stats struct, sent with each heartbeat for the orchestrator's metrics.
 
