@@ -14,9 +14,9 @@ from omni.stages.llm.cuda_graphs import DecodeGraphs
 from omni.stages.llm.host_to_device import copy_to_device
 from omni.stages.llm.kv_cache_sizing import allocate_kv_caches, num_blocks_for_memory
 from omni.stages.llm.models.loader import load_model
-from omni.stages.llm.request import Request
 from omni.stages.llm.parallel.group import SINGLE, TensorParallel, building_with
 from omni.stages.llm.parallel.plan import PlanChannel, Shutdown, host_inputs_of, plan_for
+from omni.stages.llm.request import Request
 from omni.stages.llm.sampler import Sampler, SamplingBatch
 from omni.stages.llm.scheduler import SchedulerOutput
 from omni.stages.llm.step_inputs import (
