@@ -12,6 +12,7 @@ from fixtures_vl import load_reference_vl, make_tiny_qwen2_5_vl, noise_image
 from omni.stages.checkpoint import load_prefixed_state_dict
 from omni.stages.contracts.encoder import EncodeReply, EncoderStats
 from omni.stages.encoders.vision import VISION_PREFIXES, VisionEncoder, VisionWorker
+from omni.stages.encoders.vision_patch_embed import LinearPatchEmbed
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, worker_class
 from omni.stages.runtime.worker import WorkerRequest
 from stage_helpers import SHM_PREFIX, running_router
@@ -109,6 +110,24 @@ def test_embeddings_match_transformers_per_image_and_batched(
     torch.testing.assert_close(
         batched[1], _reference_embeddings(reference, *second), rtol=0, atol=atol
     )
+
+
+def test_patch_embedding_is_one_gemm_equal_to_the_conv(
+    encoder: VisionEncoder, image_inputs: list[Any]
+) -> None:
+    embed = encoder.tower.patch_embed
+    assert isinstance(embed, LinearPatchEmbed)
+    pixels = image_inputs[2][0]
+    conv = embed.proj
+    expected = conv(pixels.view(-1, conv.in_channels, *conv.kernel_size)).flatten(1)
+    with torch.no_grad():
+        # fp32, summed in another order: equal to rounding.
+        torch.testing.assert_close(embed(pixels), expected, rtol=1e-5, atol=1e-5)
+    # Not a conv in disguise: the forward runs no convolution.
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        embed(pixels)
+    names = {event.key for event in prof.key_averages()}
+    assert "aten::linear" in names and not any("conv" in name for name in names)
 
 
 def test_bad_inputs_are_named(encoder: VisionEncoder, image_inputs: list[Any]) -> None:

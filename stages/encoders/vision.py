@@ -23,7 +23,8 @@ The tower is transformers' own module (`Qwen2_5_VisionTransformerPretrainedModel
 `Qwen2VisionTransformerPretrainedModel`) built from `config.vision_config`, with only the
 checkpoint's `visual.*` (or `model.visual.*`) tensors read, through safetensors; its attention
 is replaced by `PackedVisionAttention` (vision_attention.py), which attends every window or
-image of a length in one call instead of one call each.
+image of a length in one call instead of one call each, and its Conv3d patch embedding by the
+equivalent GEMM (vision_patch_embed.py).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from omni.stages.contracts.vision import (
 )
 from omni.stages.encoders.batching import BatchingEncoderWorker, EncodeOne, Inputs
 from omni.stages.encoders.vision_attention import RotaryFn, pack_vision_attention
+from omni.stages.encoders.vision_patch_embed import LinearPatchEmbed
 from omni.stages.runtime.worker import WorkerRequest, register_worker
 from torch import nn
 
@@ -121,6 +123,7 @@ class VisionEncoder(EncodeOne):
             tower = tower_class._from_config(vision_config, dtype=torch_dtype)  # type: ignore[attr-defined]
         load_module(tower, folder, VISION_PREFIXES, "vision tower")
         pack_vision_attention(tower, rotary)
+        tower.patch_embed = LinearPatchEmbed(tower.patch_embed)
         logger.info("loaded %s from %s (%s, %s)", tower_class.__name__, folder, torch_dtype, device)
         return cls(tower, VisionGeometry.from_config(vision_config))
 
