@@ -18,15 +18,21 @@ from triton_interpreter import (
     run_interpreter_child,
 )
 
-NUM_INTERPRETER_TESTS = 7
+NUM_INTERPRETER_TESTS = 11
 triton = pytest.importorskip("triton")
 
-from omni.stages.llm.models.fused_moe_kernels import fused_moe_kernel  # noqa: E402
+from omni.stages.llm.models.fused_moe_kernels import (  # noqa: E402
+    align_rows_kernel,
+    fused_moe_kernel,
+    softmax_topk_kernel,
+)
 from omni.stages.llm.models.fused_moe_triton import (  # noqa: E402
     MoELaunchConfig,
     align_rows_by_expert,
+    align_rows_by_expert_torch,
     choose_moe_config,
     fused_moe_triton,
+    softmax_topk_triton,
 )
 from omni.stages.llm.models.moe import Routing, fused_moe_torch  # noqa: E402
 
@@ -60,13 +66,13 @@ def moe_inputs(
     return x.to(dtype), w13.to(dtype), w2.to(dtype), ids, weights
 
 
-# ---- the row sort (plain torch: runs in this process) --------------------------------------
+# ---- the row sort (the torch reference runs in this process) -------------------------------
 
 
 def test_align_sorts_rows_by_expert_and_pads_each_run_to_a_tile() -> None:
     # 4 tokens x top-2 = rows 0..7; expert 3 of 4 is never chosen; -1 is held elsewhere.
     topk_ids = torch.tensor([[2, 0], [0, 2], [2, -1], [1, 2]])
-    aligned = align_rows_by_expert(topk_ids, num_experts=4, block_m=2)
+    aligned = align_rows_by_expert_torch(topk_ids, num_experts=4, block_m=2)
     pad = 8  # num_rows: the padding marker
     # expert 0: rows 1, 2 | expert 1: row 6, pad | expert 2: rows 0, 3, 4, 7 | (3: none)
     assert aligned.num_padded_rows.tolist() == [8]
@@ -110,6 +116,60 @@ def test_interpreter_kernel_matches_torch_path(
     assert out.dtype == dtype and out.shape == (19, 48)
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+@in_child_only
+@pytest.mark.parametrize(("num_tokens", "num_experts", "block_m"), [(37, 6, 16), (300, 10, 4)])
+def test_interpreter_align_kernel_places_rows_like_torch(
+    num_tokens: int, num_experts: int, block_m: int
+) -> None:
+    # More rows than one 1024-wide loop step (the second case), ids held elsewhere (-1), an
+    # expert nobody chose, and experts padded by several tiles.
+    gen = torch.Generator().manual_seed(num_tokens)
+    topk_ids = torch.randint(-1, num_experts - 1, (num_tokens, 4), generator=gen)
+    expected = align_rows_by_expert_torch(topk_ids, num_experts, block_m)
+    aligned = align_rows_by_expert(topk_ids, num_experts, block_m)
+    total = int(expected.num_padded_rows)
+    assert aligned.num_padded_rows.tolist() == [total]
+    assert torch.equal(aligned.tile_expert[: total // block_m],
+                       expected.tile_expert[: total // block_m])
+    assert aligned.sorted_rows.shape == expected.sorted_rows.shape
+    # The same rows in each expert's run (their order within it is the atomics' to pick),
+    # and padding everywhere else.
+    tile_experts = expected.tile_expert[: total // block_m].tolist()
+    for expert in set(tile_experts):
+        run = [t for t, e in enumerate(tile_experts) if e == expert]
+        start, end = run[0] * block_m, (run[-1] + 1) * block_m
+        got, want = aligned.sorted_rows[start:end], expected.sorted_rows[start:end]
+        assert sorted(got.tolist()) == sorted(want.tolist()), expert
+    assert (aligned.sorted_rows[total:] == topk_ids.numel()).all()
+
+
+@in_child_only
+@pytest.mark.parametrize(
+    "routing",
+    [
+        Routing(top_k=2, renormalize=True),  # Qwen3-MoE: weights back in the model dtype
+        Routing(top_k=4, scaling=1.5, float32_logits=True),  # DeepSeek's greedy: float32
+    ],
+)
+def test_interpreter_routing_kernel_matches_torch(routing: Routing) -> None:
+    gen = torch.Generator().manual_seed(routing.top_k)
+    # 60 experts (Qwen1.5-MoE's count): padded to 64 in the kernel. Each row a permutation
+    # of distinct multiples of 1/8, exact in bf16: no ties, which either side may break its
+    # own way.
+    logits = torch.stack([torch.randperm(60, generator=gen) for _ in range(37)]) / 8 - 3.0
+    if not routing.float32_logits:
+        logits = logits.to(torch.bfloat16)
+    expected_weights, expected_ids = routing.select(logits)
+    dtype = expected_weights.dtype
+    weights, ids = softmax_topk_triton(
+        logits, routing.top_k, routing.renormalize, routing.scaling, dtype
+    )
+    assert ids.dtype == torch.int64 and weights.dtype == dtype
+    assert torch.equal(ids, expected_ids)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(weights.float(), expected_weights.float(), rtol=rtol, atol=atol)
 
 
 @in_child_only
@@ -202,3 +262,28 @@ def test_kernel_compiles_for_sm90_within_shared_memory() -> None:
             ptx = str(compiled.asm["ptx"])
             assert "wgmma" in ptx or "mma.sync" in ptx, (config, gated)
             assert 0 < compiled.metadata.shared <= 227 * 1024, (config, gated)
+
+    # The row sort, as align_rows_by_expert launches it for 128 experts.
+    align_signature = {
+        "topk_ids_ptr": "*i64",
+        **dict.fromkeys(["counts_ptr", "cursor_ptr", "sorted_rows_ptr", "tile_expert_ptr",
+                         "num_padded_rows_ptr"], "*i32"),
+        "num_rows": "i32",
+        "max_padded": "i32",
+    }
+    constexprs = {"NUM_EXPERTS": 128, "EXPERTS_PAD": 128, "BLOCK_M": 16, "BLOCK": 1024,
+                  "BLOCK_TILES": 64}
+    align_signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(fn=align_rows_kernel, signature=align_signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    ptx = str(compiled.asm["ptx"])
+    assert "atom.global" in ptx and "bar.sync" in ptx
+
+    # Routing for Qwen3-30B-A3B: bf16 logits over 128 experts, top 8, renormalised.
+    routing_signature = {"logits_ptr": "*bf16", "weights_ptr": "*bf16", "ids_ptr": "*i64",
+                         "num_tokens": "i32", "stride_logits": "i32", "scaling": "fp32"}
+    constexprs = {"NUM_EXPERTS": 128, "EXPERTS_PAD": 128, "TOP_K": 8, "TOP_K_PAD": 8,
+                  "RENORMALIZE": True, "BLOCK_T": 32}
+    routing_signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(fn=softmax_topk_kernel, signature=routing_signature, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

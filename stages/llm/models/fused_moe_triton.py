@@ -8,8 +8,12 @@
     3. GEMM 2:  out[r]  = topk_weight[r] * act[r] @ w2[e_r]^T
     4. reduce:  y[t]    = sum_k out[t * top_k + k]
 
-Every size here comes from host ints, and the sort is a fixed-size torch program (no
-`nonzero`, no `.item()`), so a decode step with MoE layers can be captured in a CUDA graph.
+Routing (softmax, top-k, renormalisation) and the sort are one small kernel each
+(`softmax_topk_kernel`, `align_rows_kernel`): in torch they are some 40 kernels of a few
+microseconds each a layer, by estimate (not measured) several milliseconds of a 48-layer
+decode step, CUDA graph or not. Every size here comes from
+host ints and nothing reads a device value back, so a decode step with MoE layers can be
+captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from omni.stages.llm.models.fused_moe_kernels import fused_moe_kernel
+from omni.stages.llm.models.fused_moe_kernels import (
+    align_rows_kernel,
+    fused_moe_kernel,
+    softmax_topk_kernel,
+)
 
 # tl.dot needs at least 16 rows, columns and inner elements.
 MIN_DOT_DIM = 16
@@ -83,8 +91,50 @@ class AlignedRows:
         return int(self.tile_expert.shape[0])
 
 
+def _max_padded_rows(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Slots for the worst case, every expert's run one row short of a full tile."""
+    return triton.cdiv(num_rows + num_experts * (block_m - 1), block_m) * block_m
+
+
 def align_rows_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedRows:
-    """Sort the T * top_k rows by expert with fixed-size tensors (no host sync).
+    """Sort the T * top_k rows by expert: one Triton program (`align_rows_kernel`). Within an
+    expert the rows' order may vary from run to run; everything else equals
+    `align_rows_by_expert_torch`."""
+    flat = topk_ids.reshape(-1)
+    num_rows = flat.numel()
+    device = flat.device
+    max_padded = _max_padded_rows(num_rows, num_experts, block_m)
+    experts_pad = triton.next_power_of_2(num_experts)
+    counts = torch.empty(experts_pad, dtype=torch.int32, device=device)
+    cursor = torch.empty(experts_pad, dtype=torch.int32, device=device)
+    sorted_rows = torch.empty(max_padded, dtype=torch.int32, device=device)
+    tile_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+    num_padded_rows = torch.empty(1, dtype=torch.int32, device=device)
+    align_rows_kernel[(1,)](
+        flat,
+        counts,
+        cursor,
+        sorted_rows,
+        tile_expert,
+        num_padded_rows,
+        num_rows,
+        max_padded,
+        NUM_EXPERTS=num_experts,
+        EXPERTS_PAD=experts_pad,
+        BLOCK_M=block_m,
+        BLOCK=1024,
+        # [tiles x experts] comparisons in registers: about 8K elements a loop step.
+        BLOCK_TILES=max(16, 8192 // experts_pad),
+        num_warps=8,
+    )
+    return AlignedRows(sorted_rows, tile_expert, num_padded_rows, block_m)
+
+
+def align_rows_by_expert_torch(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> AlignedRows:
+    """Sort the T * top_k rows by expert with fixed-size torch ops (no host sync): the
+    reference for the kernel, each expert's rows in row order.
 
     Ids outside [0, num_experts) (experts on another rank) are dropped: they get no slot.
     The output is sized for the worst case, every expert's run one row short of a full tile:
@@ -102,7 +152,7 @@ def align_rows_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     padded_end = torch.cumsum(padded, 0)
     # Start of each bucket among the sorted rows, and among the padded slots; bucket E's
     # slot start is the trash slot past the end.
-    max_padded = triton.cdiv(num_rows + num_experts * (block_m - 1), block_m) * block_m
+    max_padded = _max_padded_rows(num_rows, num_experts, block_m)
     count_start = torch.cumsum(counts, 0) - counts
     slot_start = torch.cat([padded_end - padded, padded.new_full((1,), max_padded)])
 
@@ -217,3 +267,43 @@ def fused_moe_triton(
     weights = topk_weights.reshape(-1).to(torch.float32)
     grouped_gemm(act, w2, rows_out, aligned, top_k, config, gated=False, topk_weights=weights)
     return rows_out.view(num_tokens, top_k, hidden_size).sum(dim=1)
+
+
+def softmax_topk_triton(
+    logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    scaling: float,
+    weights_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, top_k] in weights_dtype, ids [T, top_k] int64): `Routing.select` without
+    expert groups, in one kernel instead of five."""
+    if logits.dim() != 2 or logits.stride(-1) != 1:
+        raise ValueError(
+            f"softmax_topk: logits must be [T, E] with a contiguous last dim, got "
+            f"{tuple(logits.shape)}"
+        )
+    num_tokens, num_experts = logits.shape
+    weights = torch.empty(num_tokens, top_k, dtype=weights_dtype, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    if num_tokens == 0:
+        return weights, ids
+    experts_pad = triton.next_power_of_2(num_experts)
+    # A program's [tokens x experts] tile stays around 4K float32 values.
+    block_t = max(1, min(64, 4096 // experts_pad))
+    softmax_topk_kernel[(triton.cdiv(num_tokens, block_t),)](
+        logits,
+        weights,
+        ids,
+        num_tokens,
+        logits.stride(0),
+        scaling,
+        NUM_EXPERTS=num_experts,
+        EXPERTS_PAD=experts_pad,
+        TOP_K=top_k,
+        TOP_K_PAD=triton.next_power_of_2(top_k),
+        RENORMALIZE=renormalize,
+        BLOCK_T=block_t,
+        num_warps=4,
+    )
+    return weights, ids

@@ -66,6 +66,13 @@ class Routing:
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, top_k], expert ids [T, top_k] int64) from router logits [T, E]."""
+        weights_dtype = torch.float32 if self.float32_logits else logits.dtype
+        if use_fused_kernels(logits) and self.num_groups == 1:
+            from omni.stages.llm.models.fused_moe_triton import softmax_topk_triton
+
+            return softmax_topk_triton(
+                logits, self.top_k, self.renormalize, self.scaling, weights_dtype
+            )
         scores = logits.softmax(dim=-1, dtype=torch.float32)
         if self.num_groups > 1:
             scores = _keep_best_groups(scores, self.num_groups, self.topk_groups)
@@ -74,9 +81,7 @@ class Routing:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.scaling != 1.0:
             weights = weights * self.scaling
-        if not self.float32_logits:
-            weights = weights.to(logits.dtype)
-        return weights, ids
+        return weights.to(weights_dtype), ids
 
 
 def _keep_best_groups(scores: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
