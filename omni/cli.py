@@ -9,7 +9,7 @@ import sys
 # Each entry names a module in omni.commands that defines `add_parser(subparsers)`, which
 # registers its subcommand and sets `func` on the parsed namespace. Modules are imported lazily
 # per entry so that `omni --help` stays fast and one broken extra cannot take down the rest.
-SUBCOMMANDS = ("bench", "generate", "serve", "stage")
+SUBCOMMANDS = ("bench", "generate", "keys", "serve", "stage")
 
 
 def build_parser() -> argparse.ArgumentParser:

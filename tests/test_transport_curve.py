@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import zmq
 import zmq.auth
+from omni.stages.contracts.echo import CONTRACT, EchoParams
 from omni.transport.messages import Hello, Welcome, stage_codec
 from omni.transport.sockets import (
     CurveKeys,
@@ -16,9 +20,10 @@ from omni.transport.sockets import (
     generate_curve_keypair,
     load_server_curve_keys,
 )
-from stage_helpers import running_router
+from stage_helpers import echo_runtime, ipc_endpoint, running_router
 
 from omni.supervision.router import StageRouter
+from omni.supervision.streams import ReplicaLostError
 
 
 def _hello(dealer: zmq.Socket, replica_id: str) -> Welcome | None:
@@ -105,3 +110,62 @@ def test_server_keys_load_from_certificate_files(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty holds no public certificates"):
         load_server_curve_keys(server_secret_file, tmp_path / "empty")
+
+
+def test_local_stages_join_over_plain_ipc_beside_a_curve_tcp_endpoint() -> None:
+    """`omni serve --stage-endpoint`: one ROUTER, ipc for its own stages (no keys, the folder's
+    permissions guard it) and tcp for other hosts' stages, which must hold a listed key."""
+    server_public, server_secret = generate_curve_keypair()
+    client_public, client_secret = generate_curve_keypair()
+    keys = CurveKeys(server_public, server_secret, authorized_clients=(client_public,))
+    with ipc_endpoint() as local, running_router(
+        local, remote_endpoint="tcp://127.0.0.1:0", curve=keys
+    ) as router:
+        assert router.endpoint == local
+        remote = router.remote_endpoint
+        assert remote is not None and remote.startswith("tcp://127.0.0.1:")
+        plain_tcp = _plain_dealer(remote)
+        try:
+            assert _hello(plain_tcp, "plain-tcp") is None
+        finally:
+            plain_tcp.close(linger=0)
+        client = CurveKeys(client_public, client_secret, server_public)
+        near = echo_runtime(local, "near-0").start()
+        far = echo_runtime(remote, "far-0", curve=client, shared_memory=False).start()
+        try:
+            assert router.wait_for_replicas("echo", 2, timeout=30)
+            shared = {info.replica_id: info.shared_memory for info in router.replicas("echo")}
+            assert shared == {"near-0": True, "far-0": False}
+        finally:
+            for runtime in (near, far):
+                runtime.stop()
+                runtime.join(10)
+
+
+def test_a_closed_tcp_connection_fails_its_requests_before_any_heartbeat_timeout() -> None:
+    """A stage on another host that dies closes its TCP connection: its requests fail at once,
+    not after heartbeat_timeout_s (here a minute, so only the closed connection can tell)."""
+    with running_router(
+        "tcp://127.0.0.1:0", allow_tcp=True, heartbeat_timeout_s=60.0
+    ) as router:
+        command = [
+            sys.executable, "-m", "omni.cli", "stage", "echo", "--connect", router.endpoint,
+            "--replica-id", "far-0", "--log-level", "WARNING",
+        ]  # fmt: skip
+        stage = subprocess.Popen(command)
+        try:
+            assert router.wait_for_replicas("echo", 1, timeout=60)
+            body = CONTRACT.encode(EchoParams(delay_s=600))
+            stream = router.submit("echo", {"x": torch.ones(2)}, body)
+            while not router.replicas("echo")[0].load:
+                time.sleep(0.01)
+            stage.kill()
+            with pytest.raises(
+                ReplicaLostError,
+                match=f"far-0 \\(pid {stage.pid}\\) closed its connection \\(its process or host",
+            ):
+                stream.result(timeout=30)
+            assert router.replicas("echo") == []
+        finally:
+            stage.kill()
+            stage.wait()

@@ -45,7 +45,8 @@ class SocketOptions:
             raise ValueError(f"linger_ms is {self.linger_ms}; it must be >= 0")
 
 
-def _check_key(name: str, key: str) -> None:
+def check_curve_key(name: str, key: str) -> None:
+    """ValueError naming `name` unless `key` is a 40-character Z85 CURVE key."""
     if not _Z85_KEY.match(key):
         raise ValueError(f"{name} must be a 40-character Z85 CURVE key")
 
@@ -65,12 +66,12 @@ class CurveKeys:
     authorized_clients: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_key("public_key", self.public_key)
-        _check_key("secret_key", self.secret_key)
+        check_curve_key("public_key", self.public_key)
+        check_curve_key("secret_key", self.secret_key)
         if self.server_key:
-            _check_key("server_key", self.server_key)
+            check_curve_key("server_key", self.server_key)
         for key in self.authorized_clients:
-            _check_key("an authorized client key", key)
+            check_curve_key("an authorized client key", key)
 
 
 def generate_curve_keypair() -> tuple[str, str]:
@@ -118,7 +119,9 @@ def check_endpoint(endpoint: str, *, binding: bool, allow_tcp: bool = False) -> 
         raise ValueError(f"endpoint {endpoint!r} must be tcp://HOST:PORT")
     if binding:
         if not allow_tcp:
-            raise ValueError(f"binding {endpoint} needs tcp enabled (allow_tcp / --allow-tcp)")
+            raise ValueError(
+                f"binding {endpoint} needs tcp enabled (allow_tcp; omni serve --stage-endpoint)"
+            )
         if host in ("*", ""):
             raise ValueError(f"endpoint {endpoint!r}: name the interface to bind, not a wildcard")
     return endpoint
@@ -128,13 +131,19 @@ class _AllowListedClients:
     """ZAP credentials provider: admits exactly the listed client public keys."""
 
     def __init__(self, keys: tuple[str, ...]) -> None:
-        self._keys = frozenset(key.encode("ascii") for key in keys)
+        self._keys = {key.encode("ascii") for key in keys}
+
+    def allow(self, key: str) -> None:
+        """Admit one more client key from now on (a Ray actor's, say)."""
+        check_curve_key("a client key", key)
+        self._keys.add(key.encode("ascii"))
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self._keys
         if not allowed:
             logger.warning(
-                "rejected a CURVE client with unknown key %s", key.decode("ascii", "replace")
+                "refused a stage connection: CURVE client key %s is not on the allow-list",
+                key.decode("ascii", "replace"),
             )
         return allowed
 
@@ -147,7 +156,18 @@ def _apply_limits(sock: zmq.Socket, options: SocketOptions) -> None:
 
 
 class BoundRouter:
-    """The orchestrator's ROUTER socket plus the ZAP authenticator guarding it, if any."""
+    """The orchestrator's ROUTER socket plus the ZAP authenticator guarding it, if any.
+
+    `remote_endpoint` (tcp) opens the same socket to stages on other hosts beside the local
+    `endpoint` (ipc): the local one is bound before the CURVE options are set, and ZeroMQ fixes
+    a listener's security when it binds, so local stages speak plain ipc (guarded by the ipc
+    folder's permissions) while remote ones must hold keys. Without `remote_endpoint`,
+    `curve` applies to `endpoint` itself.
+
+    With a tcp endpoint the socket is also monitored for closed connections (`disconnects`): a
+    stage on another host that dies is seen when its TCP connection closes, not only when its
+    heartbeats stop.
+    """
 
     def __init__(
         self,
@@ -156,35 +176,79 @@ class BoundRouter:
         options: SocketOptions | None = None,
         curve: CurveKeys | None = None,
         allow_tcp: bool = False,
+        remote_endpoint: str | None = None,
     ) -> None:
         check_endpoint(endpoint, binding=True, allow_tcp=allow_tcp)
+        if remote_endpoint is not None:
+            check_endpoint(remote_endpoint, binding=True, allow_tcp=True)
+            if not remote_endpoint.startswith("tcp://") or endpoint.startswith("tcp://"):
+                raise ValueError(
+                    f"remote_endpoint {remote_endpoint} must be tcp and endpoint {endpoint} "
+                    "local (ipc or inproc)"
+                )
         options = options or SocketOptions()
+        secured = remote_endpoint or endpoint
+        self._allow_list: _AllowListedClients | None = None
         self.authenticator: ThreadAuthenticator | None = None
         if curve is not None and curve.authorized_clients:
             # The authenticator must be running before the socket binds, or early handshakes
             # would be decided without it.
             self.authenticator = ThreadAuthenticator(context)
             self.authenticator.start()
+            self._allow_list = _AllowListedClients(curve.authorized_clients)
             self.authenticator.configure_curve_callback(
-                domain="*", credentials_provider=_AllowListedClients(curve.authorized_clients)
+                domain="*", credentials_provider=self._allow_list
             )
-        elif endpoint.startswith("tcp://") and curve is None:
+        elif secured.startswith("tcp://") and curve is None:
             logger.warning(
-                "%s is not encrypted: configure CURVE keys for untrusted networks", endpoint
+                "%s is not encrypted: configure CURVE keys for untrusted networks", secured
             )
         self.socket: zmq.Socket = context.socket(zmq.ROUTER)
         _apply_limits(self.socket, options)
         # Sending to a peer that has gone raises instead of silently dropping the message, so
         # the request it carried fails at once.
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if remote_endpoint is not None:
+            self.socket.bind(endpoint)
+            self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         if curve is not None:
             self.socket.setsockopt(zmq.CURVE_SERVER, 1)
             self.socket.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key.encode("ascii"))
             self.socket.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key.encode("ascii"))
-        self.socket.bind(endpoint)
-        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.socket.bind(secured)
+        bound = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        # The endpoint stages on other hosts connect to (with the real port when given 0);
+        # None when there is none.
+        self.remote_endpoint: str | None = bound if secured.startswith("tcp://") else None
+        if remote_endpoint is None:
+            self.endpoint = bound
+        self.disconnects: zmq.Socket | None = None
+        if self.remote_endpoint is not None:
+            self.disconnects = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    def allow_client(self, public_key: str) -> None:
+        """Admit stages holding `public_key` from now on; needs an allow-list to add to."""
+        if self._allow_list is None:
+            raise ValueError("this router has no client allow-list to add a key to")
+        self._allow_list.allow(public_key)
+
+    def take_disconnects(self) -> int:
+        """How many peer connections closed since the last call (0 without a monitor)."""
+        if self.disconnects is None:
+            return 0
+        count = 0
+        while True:
+            try:
+                self.disconnects.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return count
+            count += 1
 
     def close(self) -> None:
+        if self.disconnects is not None:
+            self.socket.disable_monitor()
+            self.disconnects.close(linger=0)
+            self.disconnects = None
         self.socket.close()
         if self.authenticator is not None:
             self.authenticator.stop()

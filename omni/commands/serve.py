@@ -48,7 +48,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
-    p.add_argument("--llm-replicas", type=int, default=None)
+    p.add_argument(
+        "--llm-replicas",
+        type=int,
+        default=None,
+        help="LLM replicas to start (0: only stages joining --stage-endpoint serve it; the "
+        "same holds for every --ROLE-replicas)",
+    )
     p.add_argument("--vision-replicas", type=int, default=None, help="image encoder replicas")
     p.add_argument("--audio-replicas", type=int, default=None, help="audio encoder replicas")
     p.add_argument(
@@ -113,6 +119,27 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="seconds a stage worker may hold requests without progress before it is "
         "declared hung and restarted (60)",
+    )
+    p.add_argument(
+        "--stage-endpoint",
+        default=None,
+        metavar="tcp://HOST:PORT",
+        help="also let stages on other hosts join, at this address (`omni stage ROLE "
+        "--connect tcp://HOST:PORT`); needs --stage-keys",
+    )
+    p.add_argument(
+        "--stage-keys",
+        default=None,
+        metavar="DIR",
+        help="CURVE keys from `omni keys generate DIR`: the server's key pair and the "
+        "clients/*.key of the stages allowed to join",
+    )
+    p.add_argument(
+        "--insecure-stage-endpoint",
+        action="store_true",
+        default=None,
+        help="allow --stage-endpoint without keys: unencrypted, and any host that reaches "
+        "the port may join (trusted private networks only)",
     )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)

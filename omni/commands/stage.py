@@ -12,8 +12,9 @@ from typing import Any
 from omni.stages.runtime.config import StageConfig
 from omni.stages.runtime.process import EXIT_BAD_CONFIG, bind_device, run_stage_process
 from omni.stages.runtime.worker import StageWorker, WorkerOptions, create_worker
+from omni.transport.key_folder import load_stage_keys
 from omni.transport.shm import DEFAULT_PREFIX
-from omni.transport.sockets import CurveKeys, SocketOptions, load_curve_keypair
+from omni.transport.sockets import CurveKeys, SocketOptions
 
 
 def add_parser(subparsers: Any) -> None:
@@ -73,9 +74,28 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="worker option"
     )
-    parser.add_argument("--curve-server-key", default="", help="server's public CURVE key (Z85)")
     parser.add_argument(
-        "--curve-keys-file", default="", help="this stage's secret CURVE certificate file"
+        "--server-key",
+        "--curve-server-key",
+        dest="server_key",
+        default="",
+        help="the server's public CURVE key: DIR/server.key from `omni keys generate DIR`, or "
+        "its 40 Z85 characters",
+    )
+    parser.add_argument(
+        "--client-key",
+        "--curve-keys-file",
+        dest="client_key",
+        default="",
+        help="this stage's CURVE key pair: DIR/clients/NAME.key_secret, whose public half the "
+        "server lists",
+    )
+    parser.add_argument(
+        "--no-shared-memory",
+        dest="shared_memory",
+        action="store_false",
+        help="share no /dev/shm with the server even on its host: tensors travel as frames, "
+        "as for a stage on another host",
     )
     parser.add_argument(
         "--colocate",
@@ -104,12 +124,11 @@ def _options(pairs: list[str]) -> dict[str, str]:
 
 
 def _curve(args: argparse.Namespace) -> CurveKeys | None:
-    if not args.curve_server_key and not args.curve_keys_file:
+    if not args.server_key and not args.client_key:
         return None
-    if not (args.curve_server_key and args.curve_keys_file):
-        raise ValueError("CURVE needs both --curve-server-key and --curve-keys-file")
-    public, secret = load_curve_keypair(args.curve_keys_file)
-    return CurveKeys(public_key=public, secret_key=secret, server_key=args.curve_server_key)
+    if not (args.server_key and args.client_key):
+        raise ValueError("CURVE needs both --server-key and --client-key")
+    return load_stage_keys(args.server_key, args.client_key)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -163,6 +182,7 @@ def _build(args: argparse.Namespace) -> tuple[StageConfig, StageWorker]:
         shm_prefix=args.shm_prefix,
         sockets=SocketOptions(max_message_bytes=args.max_message_bytes),
         curve=_curve(args),
+        shared_memory=args.shared_memory,
         parent_pid=args.parent_pid,
     )
     bind_device(config.device)

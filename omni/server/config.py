@@ -141,6 +141,13 @@ class ServeConfig:
     # which one this is, and the folder of the routers' ipc endpoints.
     api_server_rank: int = 0
     api_server_dir: str | None = None
+    # Stages on other hosts join at this tcp://HOST:PORT (beside the local stages' ipc
+    # endpoint), with the CURVE keys of `stage_keys` (a folder from `omni keys generate`):
+    # only stages holding a client key listed there get in. TCP without keys is refused unless
+    # `insecure_stage_endpoint` says so explicitly (a trusted, private network).
+    stage_endpoint: str | None = None
+    stage_keys: str | None = None
+    insecure_stage_endpoint: bool = False
     # POST /v1/uploads/chat (multipart): files make bodies larger than JSON requests.
     max_upload_bytes: int = 64 * 1024 * 1024
     max_upload_files: int = 8
@@ -183,8 +190,14 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} is {value!r}; it must be an integer")
-            if value < 1:
-                raise ValueError(f"{name} is {value}; it must be >= 1")
+            if value < 0:
+                raise ValueError(f"{name} is {value}; it must be >= 0")
+            if value == 0 and self.stage_endpoint is None:
+                raise ValueError(
+                    f"{name} is 0: a role with no local replica is served by stages on other "
+                    "hosts, which need --stage-endpoint tcp://HOST:PORT to join"
+                )
+        self._check_stage_endpoint()
         for domain in self.allowed_media_domains:
             if not isinstance(domain, str) or not domain or "/" in domain or ":" in domain:
                 raise ValueError(
@@ -215,6 +228,33 @@ class ServeConfig:
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s is {self.startup_timeout_s}; it must be > 0")
         self._check_tensor_parallel()
+
+    def _check_stage_endpoint(self) -> None:
+        from omni.transport.sockets import check_endpoint
+
+        if self.stage_endpoint is None:
+            if self.stage_keys is not None or self.insecure_stage_endpoint:
+                raise ValueError("stage_keys and insecure_stage_endpoint need a stage_endpoint")
+            return
+        if not self.stage_endpoint.startswith("tcp://"):
+            raise ValueError(
+                f"stage_endpoint {self.stage_endpoint!r} must be tcp://HOST:PORT (local stages "
+                "already join over ipc)"
+            )
+        check_endpoint(self.stage_endpoint, binding=True, allow_tcp=True)
+        if self.stage_keys is None and not self.insecure_stage_endpoint:
+            raise ValueError(
+                f"stage_endpoint {self.stage_endpoint} needs CURVE keys: --stage-keys DIR (make "
+                "them with `omni keys generate DIR`), or --insecure-stage-endpoint to let any "
+                "host that reaches the port join unencrypted and unauthenticated"
+            )
+        if self.stage_keys is not None and self.insecure_stage_endpoint:
+            raise ValueError("stage_keys and insecure_stage_endpoint contradict each other")
+        if self.api_server_count > 1:
+            raise ValueError(
+                "stage_endpoint with api_server_count > 1 is not supported: each API process "
+                "has its own router, and remote stages would have to join every one"
+            )
 
     def _check_colocation(self) -> None:
         if self.single_process:

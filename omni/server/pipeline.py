@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -42,6 +43,7 @@ from omni.stages.runtime import (
 )
 from omni.supervision.router import RouterConfig, StageRouter
 from omni.supervision.supervisor import StageSpec, StageSupervisor, replica_device
+from omni.transport.key_folder import load_server_keys
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ class Pipeline:
         # Serves /v1/audio/speech and chat audio when a speech stage runs ("" = default voice).
         self.speech_model: str | None = None
         self.speech_service: SpeechService | None = None
+        # Names the roles no remote stage has joined for, once startup_timeout_s has passed.
+        self._remote_watch: threading.Timer | None = None
 
     @property
     def orchestrator(self) -> Orchestrator:
@@ -147,6 +151,7 @@ class Pipeline:
                 self._start_processes(router, model_path, roles, colocated)
             for role, count in roles:
                 self._wait_for_replicas(router, role, count)
+            self._watch_remote_roles(router, [role for role, count in roles if count == 0])
         except BaseException:
             self.close()
             raise
@@ -191,6 +196,9 @@ class Pipeline:
         for runtime in self.runtimes:
             runtime.join(10)
         self.runtimes = []
+        if self._remote_watch is not None:
+            self._remote_watch.cancel()
+            self._remote_watch = None
         if self.router is not None:
             self.router.close()
             self.router = None
@@ -228,6 +236,36 @@ class Pipeline:
                 )
             time.sleep(0.05)
 
+    def _watch_remote_roles(self, router: StageRouter, remote_only: list[str]) -> None:
+        """Roles with no local replica wait for stages on other hosts: /health is 503 naming
+        them until each has one, and if one still has none after startup_timeout_s the log
+        says which, and how to start it."""
+        if not remote_only:
+            return
+        endpoint = router.remote_endpoint
+        logger.info(
+            "waiting for remote stages of %s to join %s (/health is 503 until they do)",
+            ", ".join(remote_only),
+            endpoint,
+        )
+
+        def report() -> None:
+            missing = [role for role in remote_only if not router.replica_ids(role)]
+            if missing:
+                logger.error(
+                    "no stage of %s has joined %s within %g s; start one on a stage host: "
+                    "omni stage ROLE --connect %s --model MODEL --server-key "
+                    "DIR/server.key --client-key DIR/clients/NAME.key_secret",
+                    ", ".join(repr(role) for role in missing),
+                    endpoint,
+                    self.config.startup_timeout_s,
+                    endpoint,
+                )
+
+        self._remote_watch = threading.Timer(self.config.startup_timeout_s, report)
+        self._remote_watch.daemon = True
+        self._remote_watch.start()
+
     def _start_router(self) -> StageRouter:
         if self.config.single_process:
             endpoint = f"inproc://omni-serve-{uuid.uuid4().hex}"
@@ -238,12 +276,21 @@ class Pipeline:
             # ipc paths are limited to ~100 bytes: a short folder of our own under /tmp.
             self._ipc_dir = tempfile.mkdtemp(prefix="omni-", dir="/tmp")
             endpoint = f"ipc://{self._ipc_dir}/router.sock"
+        keys = self.config.stage_keys
         router_config = RouterConfig(
             endpoint=endpoint,
+            remote_endpoint=self.config.stage_endpoint,
+            curve=load_server_keys(keys) if keys is not None else None,
             shared_memory=not self.config.single_process,
             stall_timeout_s=self.config.stage_stall_timeout_s,
         )
         self.router = StageRouter(router_config).start()
+        if self.router.remote_endpoint is not None:
+            logger.info(
+                "stages on other hosts join at %s (%s)",
+                self.router.remote_endpoint,
+                f"CURVE keys of {keys}" if keys else "INSECURE: no keys, anyone may join",
+            )
         return self.router
 
     def _stage_model(self, role: str, model_path: str) -> str:
@@ -290,7 +337,7 @@ class Pipeline:
         config = self.config
         specs = []
         for role, count in roles:
-            if role == colocated:
+            if role == colocated or count == 0:  # 0: served by stages on other hosts
                 continue
             extra: list[str] = []
             if config.api_server_count > 1:

@@ -47,6 +47,10 @@ from omni.transport.sockets import BoundRouter
 
 logger = logging.getLogger(__name__)
 
+# After a tcp connection closes, replicas are probed every tick for this long: the monitor's
+# event can come before the ROUTER has let go of the connection, when a send still succeeds.
+_PROBE_WINDOW_S = 1.0
+
 # listener(info, reason, silent): silent means alive as far as we know but not heartbeating,
 # or heartbeating while its worker is hung: either way, a process to kill.
 LostListener = Callable[[ReplicaInfo, str, bool], None]
@@ -80,6 +84,19 @@ class StageRouter:
             raise RuntimeError("the router is not started")
         return self._bound.endpoint
 
+    @property
+    def remote_endpoint(self) -> str | None:
+        """The tcp endpoint stages on other hosts join (real port), or None."""
+        if self._bound is None:
+            raise RuntimeError("the router is not started")
+        return self._bound.remote_endpoint if self.config.remote_endpoint else None
+
+    def allow_client(self, public_key: str) -> None:
+        """Admit stages holding the CURVE `public_key` from now on (a Ray actor's)."""
+        if self._bound is None:
+            raise RuntimeError("the router is not started")
+        self._bound.allow_client(public_key)
+
     def start(self) -> StageRouter:
         swept = sweep_dead_owners(self.config.shm_prefix)
         if swept:
@@ -90,6 +107,7 @@ class StageRouter:
             self.config.sockets,
             self.config.curve,
             self.config.allow_tcp,
+            self.config.remote_endpoint,
         )
         pull = self._context.socket(zmq.PULL)
         pull.bind(self._wake_endpoint)
@@ -276,10 +294,16 @@ class StageRouter:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        if self._bound.disconnects is not None:
+            poller.register(self._bound.disconnects, zmq.POLLIN)
         tick_ms = max(1, int(min(50.0, self.config.heartbeat_interval_s * 500)))
+        # Until when to look for replicas whose connection closed (see `_probe_closed`).
+        probe_until = 0.0
         try:
             while not self._closing.is_set():
                 events = dict(poller.poll(tick_ms))
+                if self._bound.take_disconnects():
+                    probe_until = time.monotonic() + _PROBE_WINDOW_S
                 if wake in events:
                     with contextlib.suppress(zmq.Again):
                         while True:
@@ -289,6 +313,8 @@ class StageRouter:
                 self._reader.release_deferred()  # replies whose tensors the caller dropped
                 with self._lock:
                     self._flush_outbox(router)
+                    if time.monotonic() < probe_until:
+                        self._state.probe_connections()
                     self._state.check_liveness()
                     self._state.dispatch()
                 self._notify_lost()

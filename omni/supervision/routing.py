@@ -58,6 +58,9 @@ class RouterConfig:
     # ipc://PATH for stages on this host; tcp://HOST:PORT (with allow_tcp) for other nodes.
     endpoint: str
     allow_tcp: bool = False
+    # A tcp://HOST:PORT bound beside a local `endpoint`, for stages on other hosts (`omni
+    # serve --stage-endpoint`); `curve` then guards this one, and local stages stay on ipc.
+    remote_endpoint: str | None = None
     # Replicas heartbeat this often; one silent for heartbeat_timeout_s is declared dead.
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
@@ -74,6 +77,8 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         check_endpoint(self.endpoint, binding=True, allow_tcp=self.allow_tcp)
+        if self.remote_endpoint is not None:
+            check_endpoint(self.remote_endpoint, binding=True, allow_tcp=True)
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s is {self.heartbeat_interval_s}; it must be > 0")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
@@ -386,6 +391,15 @@ class RoutingState:
                         f"no replica of stage {role!r} had room ({live} live)"
                     ),
                 )
+
+    def probe_connections(self) -> None:
+        """A peer's connection closed: find whose by sending each replica a heartbeat; the
+        router refuses to send to a connection that is gone, and that replica is dropped (its
+        requests fail now rather than after `heartbeat_timeout_s`)."""
+        for replica in list(self.replicas):
+            beat = self._codec.encode(Heartbeat(replica_id=replica.replica_id))
+            if self._send(replica.identity, beat) == "unreachable":
+                self.drop(replica, "closed its connection (its process or host went away)")
 
     def check_liveness(self) -> None:
         now = time.monotonic()

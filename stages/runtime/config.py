@@ -44,6 +44,9 @@ class StageConfig:
     shm_threshold_bytes: int = 1024 * 1024
     shm_prefix: str = DEFAULT_PREFIX
     shm_max_bytes: int = 4 * 1024**3
+    # False: behave as a stage on another host would, sharing no /dev/shm with the server
+    # (its HELLO names a host of its own, so tensors travel as frames both ways).
+    shared_memory: bool = True
     sockets: SocketOptions = field(default_factory=SocketOptions)
     curve: CurveKeys | None = None
     # Supervised stages exit when the process that started them is gone (no orphans).
@@ -75,6 +78,11 @@ class StageConfig:
         """Every router this replica joins; replies go back to the one that sent the request,
         peer calls to the first."""
         return (self.connect, *self.also_connect)
+
+    @property
+    def host_id(self) -> str:
+        """The host identity this replica's HELLO gives (see `host_id()`)."""
+        return host_id() if self.shared_memory else f"{host_id()}:no-shared-memory:{os.getpid()}"
 
     @property
     def effective_replica_id(self) -> str:

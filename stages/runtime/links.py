@@ -41,10 +41,14 @@ from omni.transport.messages import (
     stage_codec,
 )
 from omni.transport.sockets import connect_dealer
+from zmq.utils.monitor import recv_monitor_message
 
 logger = logging.getLogger(__name__)
 
 ALL_LINKS = 255
+# What a tcp link's monitor reports: the server refused our key, or spoke another mechanism.
+_HANDSHAKE_FAILURES = (
+zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
 CLOSE = b""
 # What the busy loop is handed: work for this stage, or answers to its peer calls.
 Inbound: TypeAlias = StageRequest | Abort | StageReply | StageError
@@ -54,6 +58,8 @@ Inbound: TypeAlias = StageRequest | Abort | StageReply | StageError
 class _Link:
     endpoint: str
     dealer: zmq.Socket
+    # Reports failed handshakes on tcp (a server that refuses this stage's key).
+    handshakes: zmq.Socket | None = None
     welcomed: bool = False
     last_heard: float = field(default_factory=time.monotonic)
     backlog: deque[Sequence[zmq.Frame]] = field(default_factory=deque)
@@ -85,6 +91,8 @@ class RouterLinks:
         self.shared_memory = False
         self.heartbeat_interval_s = config.heartbeat_interval_s
         self.all_welcomed = threading.Event()
+        # Set when a server refused this stage's CURVE key: no retry can succeed.
+        self.refused_by = ""
         self.ready = threading.Event()
         self.failure: BaseException | None = None
         self._links: list[_Link] = []
@@ -97,14 +105,17 @@ class RouterLinks:
                 dealer = connect_dealer(
                     self._context, endpoint, self.config.sockets, self.config.curve
                 )
-                links.append(_Link(endpoint, dealer))
+                handshakes = None
+                if endpoint.startswith("tcp://"):
+                    handshakes = dealer.get_monitor_socket(_HANDSHAKE_FAILURES)
+                links.append(_Link(endpoint, dealer, handshakes))
             pull = self._context.socket(zmq.PULL)
             pull.bind(self._out_endpoint)
         except BaseException as exc:
             self.failure = exc
             self.ready.set()
             for link in links:
-                link.dealer.close()
+                _close(link)
             raise
         self.ready.set()
         try:
@@ -122,7 +133,7 @@ class RouterLinks:
         finally:
             pull.close(linger=0)
             for link in links:
-                link.dealer.close()
+                _close(link)
 
     def _loop(self, links: list[_Link], pull: zmq.Socket) -> None:
         closing = False
@@ -133,11 +144,15 @@ class RouterLinks:
             for link in links:
                 writable = zmq.POLLOUT if link.backlog and link.welcomed else 0
                 poller.register(link.dealer, zmq.POLLIN | writable)
+                if link.handshakes is not None:
+                    poller.register(link.handshakes, zmq.POLLIN)
             wait_ms = max(0.0, next_beat - time.monotonic()) * 1000
             events = dict(poller.poll(0 if closing else int(wait_ms)))
             if events.get(pull):
                 closing = self._take_outgoing(pull, links)
             for index, link in enumerate(links):
+                if link.handshakes is not None and events.get(link.handshakes):
+                    self._handshake_failed(link)
                 if events.get(link.dealer, 0) & zmq.POLLIN:
                     link.last_heard = time.monotonic()
                     self._receive(index, link)
@@ -170,6 +185,33 @@ class RouterLinks:
                 next_beat = now + self.heartbeat_interval_s
                 if self.config.parent_pid is not None and os.getppid() != self.config.parent_pid:
                     self._stop("parent process exited")
+
+    def _handshake_failed(self, link: _Link) -> None:
+        assert link.handshakes is not None
+        while True:
+            try:
+                event = recv_monitor_message(link.handshakes, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                # The server's authenticator said no: this key is not on its allow-list. That
+                # will not change by trying again, so the stage stops with the reason.
+                key = self.config.curve.public_key if self.config.curve else "(none)"
+                self.refused_by = link.endpoint
+                logger.error(
+                    "%s refused this stage: its CURVE client key %s is not on the server's "
+                    "allow-list (the server's --stage-keys folder, clients/*.key)",
+                    link.endpoint,
+                    key,
+                )
+                self._stop(f"refused by {link.endpoint}: CURVE key not allowed")
+            else:
+                logger.warning(
+                    "handshake with %s failed (event %s): does the server use CURVE keys? "
+                    "Stages of a server with --stage-keys need --server-key and --client-key",
+                    link.endpoint,
+                    event["event"],
+                )
 
     def _take_outgoing(self, pull: zmq.Socket, links: list[_Link]) -> bool:
         """Queue what the busy loop sent on its links; True at the close marker."""
@@ -244,6 +286,13 @@ class RouterLinks:
         elif not isinstance(message, Heartbeat):
             error = StageError(request_id="", message=f"unexpected {type(message).__name__}")
             _reply_now(link, self._codec.encode(error))
+
+
+def _close(link: _Link) -> None:
+    if link.handshakes is not None:
+        link.dealer.disable_monitor()
+        link.handshakes.close(linger=0)
+    link.dealer.close()
 
 
 def _flush(link: _Link) -> None:

@@ -112,6 +112,8 @@ def run_stage_process(
         guest.join()
     for each in everyone:
         logger.info("stage %s exited: %s", each.replica_id, each.exit_reason)
+    if any(each.refused for each in everyone):
+        return EXIT_BAD_CONFIG
     return 1 if any(each.failed for each in everyone) else 0
 
 

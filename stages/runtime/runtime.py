@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import msgspec
 import torch
 import zmq
-from omni.stages.runtime.config import StageConfig, host_id
+from omni.stages.runtime.config import StageConfig
 from omni.stages.runtime.links import ALL_LINKS, CLOSE, Inbound, RouterLinks
 from omni.stages.runtime.worker import PeerReply, StageOutput, StageWorker, WorkerRequest
 from omni.transport.messages import (
@@ -64,6 +64,8 @@ class StageRuntime:
         self.replica_id = config.effective_replica_id
         self.exit_reason = ""
         self.failed = False  # the worker raised; the process should exit non-zero
+        # A server refused this replica's CURVE key: restarting it would be refused again.
+        self.refused = False
         self._context = context or zmq.Context.instance()
         self._codec = stage_codec()
         self._inbound: queue.Queue[tuple[int, Inbound]] = queue.Queue()
@@ -167,6 +169,8 @@ class StageRuntime:
     def _fail_io(self, reason: str) -> None:
         if reason.startswith("I/O failed"):
             self.failed = True
+        if self._links.refused_by:
+            self.refused = True
         self.stop(reason)
 
     def _hello(self) -> Hello:
@@ -178,7 +182,7 @@ class StageRuntime:
             capacity=config.capacity,
             device=config.device,
             pid=os.getpid(),
-            host_id=host_id(),
+            host_id=config.host_id,
         )
 
     def _heartbeat(self) -> Heartbeat:
