@@ -155,9 +155,11 @@ def test_a_closed_tcp_connection_fails_its_requests_before_any_heartbeat_timeout
         stage = subprocess.Popen(command)
         try:
             assert router.wait_for_replicas("echo", 1, timeout=60)
-            body = CONTRACT.encode(EchoParams(delay_s=600))
+            body = CONTRACT.encode(EchoParams(delay_s=60))
             stream = router.submit("echo", {"x": torch.ones(2)}, body)
+            deadline = time.monotonic() + 30
             while not router.replicas("echo")[0].load:
+                assert time.monotonic() < deadline, "the request never reached the stage"
                 time.sleep(0.01)
             stage.kill()
             with pytest.raises(
