@@ -60,6 +60,49 @@ def test_tensor_parallel_sizes_match_transformers(size: int, qwen3) -> None:
         assert warm.num_cached_tokens == 28
 
 
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list]]:
+    folders = {}
+    for arch in ("qwen3_moe", "qwen2_moe", "deepseek_v2"):
+        folders[arch] = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(arch))
+    prompts = make_prompts(384)
+    return {arch: (path, reference_greedy(path, prompts)) for arch, path in folders.items()}
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "expert_parallel"),
+    [
+        # Qwen3-MoE at 2 and 4 ranks: every expert's intermediate features split, or whole
+        # experts placed on the ranks (4 and 2 of the 8 each).
+        ("qwen3_moe", 2, False),
+        ("qwen3_moe", 4, False),
+        ("qwen3_moe", 2, True),
+        ("qwen3_moe", 4, True),
+        # The gated shared expert split like a dense MLP, summed with the routed experts'.
+        ("qwen2_moe", 2, False),
+        # MLA's heads split (the latent whole on each rank), shared experts beside whole
+        # experts per rank, group-limited routing.
+        ("deepseek_v2", 2, True),
+    ],
+)
+def test_mixture_of_experts_over_ranks_match_transformers(
+    arch: str, size: int, expert_parallel: bool, moe_checkpoints
+) -> None:
+    path, reference = moe_checkpoints[arch]
+    with LLM(
+        str(path),
+        dtype="float32",
+        device="cpu",
+        tensor_parallel_size=size,
+        enable_expert_parallel=expert_parallel,
+        num_kv_blocks=64,
+        block_size=8,
+        max_num_batched_tokens=24,  # the longer prompts prefill in chunks
+    ) as llm:
+        outputs = llm.generate(make_prompts(384), GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == reference
+
+
 # ---- each rank's shard, without starting any process --------------------------------------
 
 

@@ -27,6 +27,12 @@ from omni.stages.llm.attention.mla import (
 from omni.stages.llm.models.base import DecoderArch, KVCacheSpec
 from omni.stages.llm.models.layers import Linear, RMSNorm, RotaryAngles, rope_parameters_of
 from omni.stages.llm.models.moe import MoECausalLM, Routing, SparseMoeBlock
+from omni.stages.llm.models.parallel_layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    scaled,
+)
+from omni.stages.llm.parallel.group import current_group
 from torch import nn
 
 # DeepseekV2RMSNorm's default: the latent norms do not take config.rms_norm_eps.
@@ -72,26 +78,32 @@ class MLAttention(nn.Module):
         super().__init__()
         hidden = int(config.hidden_size)
         bias = bool(getattr(config, "attention_bias", False))
-        self.num_heads = int(config.num_attention_heads)
+        # Tensor parallelism splits the heads: q (or q_b), kv_b column-parallel and o
+        # row-parallel by head. The compressions (q_a, kv_a) and so the cached latent, which
+        # every head reads, are whole on every rank.
+        heads = current_group().split(int(config.num_attention_heads), "num_attention_heads")
+        self.num_heads = heads.size
         self.nope_dim = int(config.qk_nope_head_dim)
         self.rope_dim = int(config.qk_rope_head_dim)
         self.v_dim = int(config.v_head_dim)
         self.kv_lora_rank = int(config.kv_lora_rank)
-        q_width = self.num_heads * (self.nope_dim + self.rope_dim)
+        q_heads = [scaled(heads, self.nope_dim + self.rope_dim)]
         q_lora_rank = getattr(config, "q_lora_rank", None)
         if q_lora_rank is None:  # V2-Lite: q straight from the hidden state
-            self.q_proj: Linear | None = Linear(hidden, q_width, False, dtype)
+            self.q_proj: ColumnParallelLinear | None = ColumnParallelLinear(
+                hidden, q_heads, False, dtype
+            )
         else:  # V2: q through its own low-rank compression
             self.q_proj = None
             self.q_a_proj = Linear(hidden, int(q_lora_rank), bias, dtype)
             self.q_a_layernorm = RMSNorm(int(q_lora_rank), LATENT_NORM_EPS, dtype)
-            self.q_b_proj = Linear(int(q_lora_rank), q_width, False, dtype)
+            self.q_b_proj = ColumnParallelLinear(int(q_lora_rank), q_heads, False, dtype)
         self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias, dtype)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)
-        self.kv_b_proj = Linear(
-            self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), False, dtype
+        self.kv_b_proj = ColumnParallelLinear(
+            self.kv_lora_rank, [scaled(heads, self.nope_dim + self.v_dim)], False, dtype
         )
-        self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias, dtype)
+        self.o_proj = RowParallelLinear(scaled(heads, self.v_dim), hidden, bias, dtype)
         self.scale = softmax_scale(config)
 
     def forward(

@@ -68,8 +68,16 @@ class GatedMLP(nn.Module):
     parallel (each rank its slice of gate and of up), down is row-parallel (one all-reduce)."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, bias: bool, act: str, dtype: torch.dtype
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool,
+        act: str,
+        dtype: torch.dtype,
+        reduce: bool = True,
     ) -> None:
+        """`reduce=False` leaves each rank's partial output for the caller to sum (a
+        mixture-of-experts block sums its shared expert's with the routed experts')."""
         super().__init__()
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported; only 'silu' is")
@@ -78,7 +86,7 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(
             hidden_size, [shard, shard], bias, dtype, part_names=("gate", "up")
         )
-        self.down_proj = RowParallelLinear(shard, hidden_size, bias, dtype)
+        self.down_proj = RowParallelLinear(shard, hidden_size, bias, dtype, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omni.stages.llm.models.base import CausalLM, copy_checked
+from omni.stages.llm.models.base import CausalLM
 from omni.stages.llm.models.fused_ops import use_fused_kernels
 from omni.stages.llm.models.layers import GatedMLP, Linear
+from omni.stages.llm.models.parallel_layers import copy_shard
+from omni.stages.llm.parallel.group import Shard, current_group
 from torch import nn
 
 # ---- routing -------------------------------------------------------------------------------
@@ -192,25 +194,88 @@ def fused_moe_torch(
 
 
 class FusedExperts(nn.Module):
-    """E SwiGLU experts as two stacked parameters (transformers 5's names and layout)."""
+    """E SwiGLU experts as two stacked parameters (transformers 5's names and layout).
+
+    Over a tensor-parallel group, either every expert's intermediate features are split
+    across the ranks (each holds [E, 2 x I/N, H] and [E, H, I/N], a column- then row-parallel
+    MLP per expert), or, with expert parallelism, whole experts are (each holds E/N of them,
+    and `expert_map` sends the others' choices nowhere). Either way a rank's output is a
+    partial sum: the block all-reduces it once, with its shared expert's."""
 
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype
     ) -> None:
         super().__init__()
+        group = current_group()
         self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype)
-        )
-        self.down_proj = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype)
-        )
+        if group.expert_parallel and group.world_size > 1:
+            self.experts = group.split(num_experts, "the number of experts")
+            self.features = Shard(0, intermediate_size, intermediate_size)
+        else:
+            self.experts = Shard(0, num_experts, num_experts)
+            self.features = group.split(intermediate_size, "moe_intermediate_size")
+        self.intermediate_size = self.features.size
+        local, inter = self.experts.size, self.features.size
+        self.gate_up_proj = nn.Parameter(torch.empty(local, 2 * inter, hidden_size, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(local, hidden_size, inter, dtype=dtype))
+        # Global expert id -> row of this rank's parameters, -1 for another rank's expert.
+        expert_map = None
+        if local != num_experts:
+            ids = torch.arange(num_experts)
+            held = (ids >= self.experts.start) & (ids < self.experts.start + local)
+            expert_map = torch.where(held, ids - self.experts.start, -1)
+        self.expert_map: torch.Tensor | None
+        self.register_buffer("expert_map", expert_map, persistent=False)
 
     def forward(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        return fused_moe(hidden, self.gate_up_proj, self.down_proj, topk_ids, topk_weights)
+        return fused_moe(
+            hidden, self.gate_up_proj, self.down_proj, topk_ids, topk_weights, self.expert_map
+        )
+
+    def holds(self, expert: int) -> bool:
+        return self.experts.start <= expert < self.experts.start + self.experts.size
+
+    def load(self, param: str, tensor: torch.Tensor, name: str, part: str | None = None) -> None:
+        """A stacked checkpoint tensor ([E, 2I, H] gate then up, or [E, H, I]): this rank's
+        experts, and of each its slice of the intermediate features."""
+        experts = self.experts
+        if tensor.dim() != 3 or tensor.shape[0] != experts.full:
+            raise ValueError(
+                f"checkpoint tensor {name} has shape {tuple(tensor.shape)}; the model expects "
+                f"{experts.full} stacked experts"
+            )
+        mine = tensor.narrow(0, experts.start, experts.size)
+        if param == "down_proj":
+            copy_shard(self.down_proj.data, mine, 2, self.features, name)
+            return
+        full = self.features.full
+        for half in (0, 1):
+            self.load_half(mine.narrow(1, half * full, full), half, name)
+
+    def load_expert(self, proj: str, expert: int, tensor: torch.Tensor, name: str) -> None:
+        """One expert's checkpoint tensor (`gate_proj`, `up_proj` [I, H] or `down_proj`
+        [H, I]), when this rank holds that expert."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(
+                f"checkpoint tensor {name} names expert {expert}; the model has "
+                f"{self.num_experts}"
+            )
+        local = expert - self.experts.start
+        if proj == "down_proj":
+            copy_shard(self.down_proj.data[local], tensor, 1, self.features, name)
+        else:
+            self.load_half(tensor, 0 if proj == "gate_proj" else 1, name, local)
+
+    def load_half(
+        self, tensor: torch.Tensor, half: int, name: str, expert: int | None = None
+    ) -> None:
+        """Gate (half 0) or up (half 1) rows [(E,) I, H] into this rank's slice of them."""
+        target = self.gate_up_proj.data if expert is None else self.gate_up_proj.data[expert]
+        size = self.features.size
+        dim = target.dim() - 2
+        copy_shard(target.narrow(dim, half * size, size), tensor, dim, self.features, name)
 
 
 class SparseMoeBlock(nn.Module):
@@ -239,21 +304,26 @@ class SparseMoeBlock(nn.Module):
         self.experts = FusedExperts(num_experts, hidden_size, moe_intermediate_size, dtype)
         self.shared_name = shared_name
         if shared_intermediate_size > 0:
-            shared = GatedMLP(hidden_size, shared_intermediate_size, False, "silu", dtype)
+            shared = GatedMLP(
+                hidden_size, shared_intermediate_size, False, "silu", dtype, reduce=False
+            )
             self.add_module(shared_name, shared)
         self.shared_expert_gate = Linear(hidden_size, 1, False, dtype) if shared_gate else None
+        self.group = current_group()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.routing.logits(hidden, self.gate.weight)
         topk_weights, topk_ids = self.routing.select(logits)
+        # Under tensor parallelism both parts are this rank's partial sums: one all-reduce.
         out = self.experts(hidden, topk_ids, topk_weights)
         shared: nn.Module | None = getattr(self, self.shared_name, None)
-        if shared is None:
-            return out
-        shared_out = shared(hidden)
-        if self.shared_expert_gate is not None:
-            shared_out = torch.sigmoid(self.shared_expert_gate(hidden)) * shared_out
-        return out + shared_out
+        if shared is not None:
+            shared_out = shared(hidden)
+            if self.shared_expert_gate is not None:
+                # The gate is per token, so it may scale each rank's part before the sum.
+                shared_out = torch.sigmoid(self.shared_expert_gate(hidden)) * shared_out
+            out = out + shared_out
+        return self.group.all_reduce(out)
 
 
 # ---- loading per-expert checkpoint tensors -------------------------------------------------
@@ -274,7 +344,7 @@ class MoECausalLM(CausalLM):
     stacked expert parameters (stacked checkpoints load by name as they are)."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
         parts_seen: dict[str, set[tuple[int, str]]] = defaultdict(set)
 
         def others() -> Iterator[tuple[str, torch.Tensor]]:
@@ -283,23 +353,15 @@ class MoECausalLM(CausalLM):
                 if match is None:
                     yield name, tensor
                     continue
-                stacked, half = _STACKED_EXPERT[match["proj"]]
-                param_name = f"{match['experts']}.{stacked}"
-                param = params.get(param_name)
-                if param is None:
+                experts = modules.get(match["experts"])
+                if not isinstance(experts, FusedExperts):
                     continue
                 expert = int(match["expert"])
-                if expert >= param.shape[0]:
-                    raise ValueError(
-                        f"checkpoint tensor {name} names expert {expert}; the model has "
-                        f"{param.shape[0]}"
-                    )
-                target = param.data[expert]
-                if half is not None:
-                    size = target.shape[0] // 2
-                    target = target.narrow(0, half * size, size)
-                copy_checked(target, tensor, name)
-                parts_seen[param_name].add((expert, match["proj"]))
+                if not experts.holds(expert) and 0 <= expert < experts.num_experts:
+                    continue  # another rank's expert (expert parallelism)
+                experts.load_expert(match["proj"], expert, tensor, name)
+                stacked, _ = _STACKED_EXPERT[match["proj"]]
+                parts_seen[f"{match['experts']}.{stacked}"].add((expert, match["proj"]))
 
         loaded = super().load_weights(others())
         for param_name, parts in parts_seen.items():
@@ -308,15 +370,17 @@ class MoECausalLM(CausalLM):
         return loaded
 
     def checkpoint_names(self, param_name: str) -> list[str]:
+        """A stacked expert parameter is filled by the per-expert tensors of the experts
+        this rank holds."""
         for stacked in ("gate_up_proj", "down_proj"):
             suffix = f".experts.{stacked}"
             if param_name.endswith(suffix):
-                num_experts = self.get_parameter(param_name).shape[0]
                 prefix = param_name.removesuffix(f".{stacked}")
+                experts = self.get_submodule(prefix)
+                assert isinstance(experts, FusedExperts)
+                held = range(experts.experts.start, experts.experts.start + experts.experts.size)
                 projs = [p for p, (s, _) in _STACKED_EXPERT.items() if s == stacked]
-                return [
-                    f"{prefix}.{e}.{proj}.weight" for e in range(num_experts) for proj in projs
-                ]
+                return [f"{prefix}.{e}.{proj}.weight" for e in held for proj in projs]
         return super().checkpoint_names(param_name)
 
 

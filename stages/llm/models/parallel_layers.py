@@ -96,9 +96,19 @@ class RowParallelLinear(nn.Module):
     """`y = x @ W.T + b` with the input features sliced across ranks: each computes a
     partial product of its slice, and one all-reduce sums them."""
 
-    def __init__(self, in_shard: Shard, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        in_shard: Shard,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        reduce: bool = True,
+    ) -> None:
+        """`reduce=False` returns this rank's partial product (plus the bias on rank 0 only,
+        so that the caller's sum adds it once)."""
         super().__init__()
         self.group: TensorParallel = current_group()
+        self.reduce = reduce
         self.in_shard = in_shard
         self.in_features = in_shard.size
         self.out_features = out_features
@@ -108,7 +118,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group.world_size == 1:
             return F.linear(x, self.weight, self.bias)
-        out = self.group.all_reduce(F.linear(x, self.weight))
+        out = F.linear(x, self.weight)
+        if self.reduce:
+            out = self.group.all_reduce(out)
+        elif not self.group.is_first:
+            return out
         return out if self.bias is None else out + self.bias
 
     def load(self, param: str, tensor: torch.Tensor, name: str, part: str | None = None) -> None:
