@@ -84,12 +84,23 @@ def test_align_sorts_rows_by_expert_and_pads_each_run_to_a_tile() -> None:
 
 
 def test_tile_choice_follows_rows_per_expert() -> None:
-    # Qwen3-30B-A3B: 128 experts, top 8. 256 decode tokens are 16 rows an expert.
-    assert choose_moe_config(256 * 8, 128).block_m == 16
-    assert choose_moe_config(1024 * 8, 128).block_m == 32
-    assert choose_moe_config(8192 * 8, 128).block_m == 64
+    # Qwen3-30B-A3B (128 experts of 768, top 8) takes vLLM's measured H200 table by the
+    # nearest token count: a 256-row decode batch, one token, a prefill chunk of 8192.
+    assert choose_moe_config(256, 128, 768, 8) == MoELaunchConfig(32, 256, 128, 16, 4, 2)
+    assert choose_moe_config(1, 128, 768, 8) == MoELaunchConfig(16, 64, 64, 1, 4, 5)
+    assert choose_moe_config(8192, 128, 768, 8) == MoELaunchConfig(128, 256, 64, 16, 8, 4)
+    # Other geometries by rows per expert (DeepSeek-V2-Lite: 64 experts of 1408, top 6).
+    assert choose_moe_config(100, 64, 1408, 6).block_m == 16
+    assert choose_moe_config(256, 64, 1408, 6).block_m == 32
+    assert choose_moe_config(8192, 64, 1408, 6).block_m == 64
+    # Every tuned shape's pipeline fits an H100/H200 SM's 227 KiB of shared memory.
+    tuned = {choose_moe_config(t, 128, 768, 8) for t in range(1, 5000, 7)}
+    assert len(tuned) >= 10
+    assert max(c.shared_memory_bytes() for c in tuned) <= 227 * 1024
     with pytest.raises(ValueError, match="block_k is 24; it must be a power of two >= 16"):
-        MoELaunchConfig(block_m=16, block_n=16, block_k=24)
+        MoELaunchConfig(block_m=16, block_n=32, block_k=24)
+    with pytest.raises(ValueError, match="block_n is 16; it must be a power of two >= 32"):
+        MoELaunchConfig(block_m=16, block_n=16, block_k=32)
 
 
 # ---- the kernel under the interpreter ------------------------------------------------------
@@ -103,8 +114,8 @@ TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
     "config",
     [
         # Hidden 48 and intermediate 40 are not multiples of the tiles: masked edges.
-        MoELaunchConfig(block_m=16, block_n=16, block_k=32),
-        MoELaunchConfig(block_m=32, block_n=32, block_k=16, group_m=2),
+        MoELaunchConfig(block_m=16, block_n=32, block_k=32),
+        MoELaunchConfig(block_m=32, block_n=64, block_k=16, group_m=2),
     ],
 )
 def test_interpreter_kernel_matches_torch_path(
@@ -177,7 +188,7 @@ def test_interpreter_dropped_experts_contribute_nothing() -> None:
     # Expert parallelism: ids -1 (held by another rank) are skipped, as the torch path does.
     x, w13, w2, ids, weights = moe_inputs(9, 32, 16, 4, 2, torch.float32, seed=5)
     ids = torch.where(ids == 1, -1, ids)
-    config = MoELaunchConfig(block_m=16, block_n=16, block_k=16)
+    config = MoELaunchConfig(block_m=16, block_n=32, block_k=16)
     out = fused_moe_triton(x, w13, w2, ids, weights, config)
     torch.testing.assert_close(out, fused_moe_torch(x, w13, w2, ids, weights), rtol=1e-5, atol=1e-5)
 
@@ -218,10 +229,11 @@ def test_interpreter_model_forward_wired_to_the_kernel(
 
 @pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="compiles for CUDA; the child interprets")
 def test_kernel_compiles_for_sm90_within_shared_memory() -> None:
-    # Every tile shape choose_moe_config can pick, for both GEMMs of Qwen3-30B-A3B's
-    # geometry, built for sm_90 on this GPU-less machine (Triton ships ptxas): it compiles,
-    # uses the tensor cores (wgmma or mma), and fits an H100/H200 SM's 227 KiB of shared
-    # memory, which a launch would otherwise refuse only on the GPU.
+    # The tile shapes choose_moe_config picks for one token, a 256-token decode batch and a
+    # prefill chunk, for both GEMMs of Qwen3-30B-A3B's geometry, built for sm_90 on this
+    # GPU-less machine (Triton ships ptxas): each compiles, uses the tensor cores (wgmma or
+    # mma), and fits an H100/H200 SM's 227 KiB of shared memory, which a launch would
+    # otherwise refuse only on the GPU.
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -239,7 +251,7 @@ def test_kernel_compiles_for_sm90_within_shared_memory() -> None:
             "i32",
         ),
     }
-    configs = {choose_moe_config(rows * 8, 128) for rows in (1, 256, 1024, 8192)}
+    configs = {choose_moe_config(tokens, 128, 768, 8) for tokens in (1, 256, 8192)}
     assert len(configs) == 3
     for config in configs:
         for gated in (True, False):
@@ -248,7 +260,7 @@ def test_kernel_compiles_for_sm90_within_shared_memory() -> None:
                 "GATED": gated,
                 "MUL_ROUTED_WEIGHT": not gated,
                 "BLOCK_M": config.block_m,
-                "BLOCK_N": config.block_n,
+                "BLOCK_N": config.block_n // 2 if gated else config.block_n,
                 "BLOCK_K": config.block_k,
                 "GROUP_M": config.group_m,
                 "DOT_PRECISION": "tf32",

@@ -35,7 +35,11 @@ MIN_DOT_DIM = 16
 
 @dataclass(frozen=True)
 class MoELaunchConfig:
-    """Tile shape of both grouped GEMMs (they share the row sort, so they share BLOCK_M)."""
+    """Tile shape of both grouped GEMMs (they share the row sort, so they share BLOCK_M).
+
+    block_n counts output columns of the projection: of w2, or of w13's gate and up together
+    (vLLM's convention), so the gated GEMM gives each half block_n // 2 columns.
+    """
 
     block_m: int
     block_n: int
@@ -45,30 +49,69 @@ class MoELaunchConfig:
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
+        for name, least in (("block_m", MIN_DOT_DIM), ("block_n", 2 * MIN_DOT_DIM),
+                            ("block_k", MIN_DOT_DIM)):  # fmt: skip
             value = getattr(self, name)
-            if value < MIN_DOT_DIM or value & (value - 1):
-                raise ValueError(f"{name} is {value}; it must be a power of two >= {MIN_DOT_DIM}")
+            if value < least or value & (value - 1):
+                raise ValueError(f"{name} is {value}; it must be a power of two >= {least}")
         if self.group_m < 1:
             raise ValueError(f"group_m is {self.group_m}; it must be >= 1")
 
+    def shared_memory_bytes(self, element_size: int = 2) -> int:
+        """What the software pipeline keeps in shared memory: num_stages copies of an A tile
+        and a weight tile."""
+        per_stage = self.block_m * self.block_k + self.block_k * self.block_n
+        return self.num_stages * per_stage * element_size
 
-@functools.lru_cache(maxsize=64)
-def choose_moe_config(num_rows: int, num_experts: int) -> MoELaunchConfig:
-    """Tiles by how many rows an expert gets on average.
 
-    Decode (a few rows per expert): BLOCK_M 16, the smallest tile the tensor cores take, so
-    padding wastes little; the weights dominate the traffic, so wide BLOCK_K slices stream them
-    in few steps. Prefill (hundreds of rows per expert): 64 x 128 tiles reuse each weight tile
-    over many rows, and GROUP_M ordering keeps the weight tiles in L2 across neighbours.
-    These are the shapes vLLM's tuned H100/H200 tables settle on for Qwen3-30B-A3B's
-    geometry (E=128, N=768 per projection); they have not been re-tuned here.
+# The tile shapes vLLM's tuning measured fastest on an H200 for 128 experts of intermediate
+# size 768 in bf16 (Qwen3-30B-A3B on one GPU; vLLM's
+# fused_moe/configs/E=128,N=768,device_name=NVIDIA_H200.json), by the number of tokens in
+# the batch: (block_m, block_n, block_k, group_m, num_warps, num_stages). A batch takes the
+# entry with the nearest token count, as vLLM does.
+_TUNED_E128_I768 = {
+    1: (16, 64, 64, 1, 4, 5),
+    2: (16, 64, 64, 1, 4, 4),
+    4: (16, 64, 128, 16, 4, 2),
+    8: (16, 64, 128, 1, 4, 3),
+    16: (16, 64, 256, 1, 4, 2),
+    24: (16, 64, 128, 1, 4, 4),
+    32: (16, 64, 128, 16, 4, 2),
+    48: (16, 128, 128, 16, 4, 3),
+    64: (16, 256, 128, 1, 8, 2),
+    96: (16, 128, 128, 1, 4, 2),
+    128: (16, 128, 128, 1, 4, 2),
+    256: (32, 256, 128, 16, 4, 2),
+    512: (64, 128, 64, 1, 4, 3),
+    1024: (128, 256, 64, 16, 8, 4),
+    1536: (128, 256, 64, 1, 8, 4),
+    2048: (128, 256, 64, 1, 8, 4),
+    3072: (128, 256, 64, 1, 8, 4),
+    4096: (128, 256, 64, 16, 8, 4),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def choose_moe_config(
+    num_tokens: int, num_experts: int, intermediate_size: int, top_k: int
+) -> MoELaunchConfig:
+    """Tiles for a batch of `num_tokens` tokens.
+
+    Qwen3-30B-A3B's geometry takes vLLM's measured H200 table. Any other falls back to tiles
+    by rows per expert: a few (decode) get BLOCK_M 16, the smallest tile the tensor cores
+    take, so padding wastes little, and wide BLOCK_K slices to stream the weights, which
+    dominate the traffic; hundreds (prefill) get 64-row tiles that reuse each weight tile over
+    many rows, with GROUP_M ordering to keep weight tiles in L2 across neighbours.
     """
-    rows_per_expert = num_rows / max(num_experts, 1)
+    if (num_experts, intermediate_size) == (128, 768):
+        nearest = min(_TUNED_E128_I768, key=lambda tokens: abs(tokens - num_tokens))
+        block_m, block_n, block_k, group_m, warps, stages = _TUNED_E128_I768[nearest]
+        return MoELaunchConfig(block_m, block_n, block_k, group_m, warps, stages)
+    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
     if rows_per_expert <= 16:
-        return MoELaunchConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4)
+        return MoELaunchConfig(block_m=16, block_n=128, block_k=128, group_m=1, num_warps=4)
     if rows_per_expert <= 96:
-        return MoELaunchConfig(block_m=32, block_n=64, block_k=128, group_m=8, num_warps=4)
+        return MoELaunchConfig(block_m=32, block_n=128, block_k=128, group_m=8, num_warps=4)
     return MoELaunchConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8)
 
 
@@ -198,7 +241,9 @@ def grouped_gemm(
                          f"{tuple(out.shape)} do not fit (gated={gated})")
     # The CPU interpreter multiplies bf16 operands as raw bits; widen them there.
     dot_in_fp32 = not a.is_cuda and a.dtype == torch.bfloat16
-    grid = (aligned.num_tiles * triton.cdiv(n, config.block_n),)
+    # block_n counts the projection's output columns; gated, those are gate's and up's.
+    block_n = config.block_n // 2 if gated else config.block_n
+    grid = (aligned.num_tiles * triton.cdiv(n, block_n),)
     fused_moe_kernel[grid](
         a,
         w,
@@ -219,7 +264,7 @@ def grouped_gemm(
         GATED=gated,
         MUL_ROUTED_WEIGHT=topk_weights is not None,
         BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
+        BLOCK_N=block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
         # fp32 stays fp32: TF32 would cost ~1e-3 relative error.
@@ -257,7 +302,7 @@ def fused_moe_triton(
     if num_tokens == 0:
         return torch.zeros_like(hidden)
     if config is None:
-        config = choose_moe_config(num_rows, num_experts)
+        config = choose_moe_config(num_tokens, num_experts, intermediate, top_k)
     aligned = align_rows_by_expert(topk_ids, num_experts, config.block_m)
     act = torch.empty(num_rows, intermediate, dtype=hidden.dtype, device=hidden.device)
     grouped_gemm(hidden, w13, act, aligned, top_k, config, gated=True)
