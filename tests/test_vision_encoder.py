@@ -184,6 +184,11 @@ def test_worker_batches_queued_requests_within_the_patch_budget(
         )
     with pytest.raises(ValueError, match="unknown vision stage options \\['batch'\\]"):
         VisionWorker(WorkerOptions(model=str(vl_folder), extra={"batch": "2"}))
+    with pytest.raises(ValueError, match="option cuda_graphs must be true, false, got 'maybe'"):
+        VisionWorker(WorkerOptions(model=str(vl_folder), extra={"cuda_graphs": "maybe"}))
+    assert not VisionWorker(
+        WorkerOptions(model=str(vl_folder), extra={"cuda_graphs": "false"})
+    ).cuda_graphs
 
 
 def test_vision_stage_over_the_transport(

@@ -74,10 +74,12 @@ class BatchingEncoderWorker(StageWorker):
     DEFAULT_BUDGET: ClassVar[int]
     # Threads that run `prepare` (0: requests must carry INPUT_NAMES).
     PREPARE_THREADS: ClassVar[int] = 0
+    # Options of the subclass's own, beside dtype and the budget.
+    EXTRA_OPTIONS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__(options)
-        known = ("dtype", self.BUDGET_OPTION)
+        known = ("dtype", self.BUDGET_OPTION, *self.EXTRA_OPTIONS)
         unknown = sorted(set(options.extra) - set(known))
         if unknown:
             raise ValueError(f"unknown {self.ROLE} stage options {unknown}; known: {list(known)}")

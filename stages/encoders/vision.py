@@ -47,8 +47,10 @@ from omni.stages.contracts.vision import (
 )
 from omni.stages.encoders.batching import BatchingEncoderWorker, EncodeOne, Inputs
 from omni.stages.encoders.vision_attention import RotaryFn, pack_vision_attention
+from omni.stages.encoders.vision_graphs import VisionTowerGraphs, batch_grids
 from omni.stages.encoders.vision_patch_embed import LinearPatchEmbed
-from omni.stages.runtime.worker import WorkerRequest, register_worker
+from omni.stages.runtime.options import parse_option
+from omni.stages.runtime.worker import WorkerOptions, WorkerRequest, register_worker
 from torch import nn
 
 from omni.media import MediaError, MediaLimits, load_image
@@ -105,6 +107,12 @@ class VisionEncoder(EncodeOne):
         self.geometry = geometry
         parameter = next(tower.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        self.graphs: VisionTowerGraphs | None = None
+
+    def use_graphs(self, max_batch_patches: int, capture: bool = True) -> None:
+        """Run batches of same-size images through CUDA graphs of the tower (vision_graphs.py);
+        `capture=False` runs the same fixed-buffer forward without graphs."""
+        self.graphs = VisionTowerGraphs(self.tower, max_batch_patches, capture)
 
     @classmethod
     def from_pretrained(
@@ -171,8 +179,15 @@ class VisionEncoder(EncodeOne):
         if not requests:
             return []
         pixel_values = torch.cat([pixels for pixels, _ in requests]).to(self.device, self.dtype)
-        grid_thw = torch.cat([grid for _, grid in requests]).to(self.device, torch.int64)
-        embeddings = self.tower(pixel_values, grid_thw=grid_thw).pooler_output
+        grids = torch.cat([grid for _, grid in requests])
+        embeddings = None
+        if self.graphs is not None:
+            embeddings = self.graphs.run(
+                pixel_values, batch_grids(grids), self.geometry.spatial_merge_size
+            )
+        if embeddings is None:
+            grid_thw = grids.to(self.device, torch.int64)
+            embeddings = self.tower(pixel_values, grid_thw=grid_thw).pooler_output
         sizes = [self.num_image_tokens(grid) for _, grid in requests]
         return list(torch.split(embeddings, sizes))
 
@@ -180,10 +195,12 @@ class VisionEncoder(EncodeOne):
 @register_worker(ROLE)
 class VisionWorker(BatchingEncoderWorker):
     """The vision encoder behind the stage runtime. Options: `dtype` (auto, float32,
-    bfloat16, float16) and `max_batch_patches` (patches per forward; a larger single request
-    still runs, alone)."""
+    bfloat16, float16), `max_batch_patches` (patches per forward; a larger single request
+    still runs, alone) and `cuda_graphs` (true: same-size images run through CUDA graphs of
+    the tower on a GPU)."""
 
     ENCODER_CLASS = VisionEncoder
+    EXTRA_OPTIONS = ("cuda_graphs",)
     ROLE = ROLE
     MODEL_KIND = "a Qwen2-VL or Qwen2.5-VL folder"
     INPUT_NAMES = (PIXEL_VALUES, IMAGE_GRID_THW)
@@ -192,10 +209,18 @@ class VisionWorker(BatchingEncoderWorker):
     # Decoding and preprocessing an image is milliseconds of CPU, mostly outside the GIL.
     PREPARE_THREADS = 4
 
+    def __init__(self, options: WorkerOptions) -> None:
+        super().__init__(options)
+        text = options.extra.get("cuda_graphs", "true")
+        self.cuda_graphs: bool = parse_option("cuda_graphs", text, bool)
+
     def load(self) -> None:
         from transformers import AutoImageProcessor
 
         super().load()
+        encoder = self.encoder
+        if encoder.device.type == "cuda" and self.cuda_graphs:
+            encoder.use_graphs(self.max_batch_cost)
         self.image_processor = AutoImageProcessor.from_pretrained(
             resolve_model_path(self.options.model)
         )

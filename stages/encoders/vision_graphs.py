@@ -1,0 +1,173 @@
+"""CUDA graphs of the Qwen2-VL / Qwen2.5-VL vision tower, for batches of same-size images.
+
+The tower is transformers' eager module: 32 blocks of norms, projections, rotary and attention,
+a few thousand kernel launches and their Python a forward. Measured on an H200 serving image
+chats, that host work, not the GPU, bounded the encoder, and where the encoder shares the LLM
+stage's process (`--colocate-encoders`) it also took the GIL from the LLM's step loop. A graph
+replays the whole forward with one call.
+
+What a forward depends on besides the pixels (rotary positions, attention segments, window
+order) depends only on the images' patch grids, and transformers' tower takes all of it
+precomputed (`position_ids`, `cu_seqlens`, `window_index`, `cu_window_seqlens`). So a batch of
+N images of one grid is captured once per (grid, bucket), where the bucket is N rounded up to a
+power of two: the padding rows are whole extra images, and the tower attends within each
+image, so they change nothing for the real ones. Batches that mix grids, or exceed the patch
+budget, run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Grid = tuple[int, int, int]  # (t, h, w) patches of one image
+# Captured graphs kept; each holds its input and output buffers (its activations live in one
+# memory pool that every graph shares).
+MAX_CAPTURED = 16
+
+
+def static_tower_inputs(tower: nn.Module, grid_thw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Everything the tower's forward derives from `grid_thw` (with host syncs), computed once
+    and passed back in as keyword arguments, with which the forward runs no host sync."""
+    from transformers.vision_utils import (
+        get_vision_cu_seqlens,
+        get_vision_position_ids,
+        get_vision_window_index,
+    )
+
+    merge = int(getattr(tower, "spatial_merge_size"))  # noqa: B009
+    device = grid_thw.device
+    inputs = {
+        "position_ids": get_vision_position_ids(grid_thw, merge),
+        "cu_seqlens": get_vision_cu_seqlens(grid_thw),
+    }
+    window_size = getattr(tower, "window_size", None)
+    if window_size is not None:  # Qwen2.5-VL: most layers attend within windows
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=merge,
+            window_size=int(window_size),
+            patch_size=int(getattr(tower, "patch_size")),  # noqa: B009
+        )
+        inputs.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens)
+    # transformers builds the window order on the CPU; an index on another device would be
+    # copied inside the forward, which a graph cannot capture.
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+@dataclass
+class _Bucket:
+    """The tower's forward for `count` images of one grid, on fixed buffers."""
+
+    pixels: torch.Tensor  # [count * patches, patch_dim]
+    grid_thw: torch.Tensor  # [count, 3]
+    inputs: dict[str, torch.Tensor]
+    output: torch.Tensor | None = None  # [count * tokens, hidden] after `run`
+    graph: torch.cuda.CUDAGraph | None = None
+
+    def forward(self, tower: nn.Module) -> torch.Tensor:
+        return tower(self.pixels, grid_thw=self.grid_thw, **self.inputs).pooler_output
+
+    def run(self, tower: nn.Module) -> torch.Tensor:
+        if self.graph is None:
+            self.output = self.forward(tower)
+        else:
+            self.graph.replay()
+        assert self.output is not None
+        return self.output
+
+
+class VisionTowerGraphs:
+    """Runs a batch of same-grid images through a captured graph of the tower (or, with
+    `capture=False`, through the same fixed-buffer forward eagerly: what the CPU tests run)."""
+
+    def __init__(self, tower: nn.Module, max_batch_patches: int, capture: bool = True) -> None:
+        self.tower = tower
+        self.max_batch_patches = max_batch_patches
+        self.capture = capture
+        self._buckets: OrderedDict[tuple[Grid, int], _Bucket] = OrderedDict()
+        self._pool: Any = None  # torch.cuda.graph_pool_handle(), shared by every graph
+
+    def bucket_size(self, grid: Grid, count: int) -> int | None:
+        """The padded image count a batch of `count` images of `grid` runs as, or None where it
+        runs eagerly (over the patch budget)."""
+        patches = grid[0] * grid[1] * grid[2]
+        size = 1
+        while size < count:
+            size *= 2
+        if size > 1 and size * patches > self.max_batch_patches:
+            return None
+        return size
+
+    def run(
+        self, pixel_values: torch.Tensor, grids: list[Grid], merge_size: int
+    ) -> torch.Tensor | None:
+        """The merged embeddings `[tokens, hidden]` of the batch (a new tensor), or None if it
+        must run eagerly: mixed grids or over the budget."""
+        grid = grids[0]
+        if any(g != grid for g in grids):
+            return None
+        size = self.bucket_size(grid, len(grids))
+        if size is None:
+            return None
+        bucket = self._bucket(grid, size, pixel_values.dtype)
+        rows = pixel_values.shape[0]
+        bucket.pixels[:rows].copy_(pixel_values)
+        tokens = rows // merge_size**2
+        # Cloned: the next replay overwrites the graph's output buffer.
+        return bucket.run(self.tower)[:tokens].clone()
+
+    def _bucket(self, grid: Grid, size: int, dtype: torch.dtype) -> _Bucket:
+        key = (grid, size)
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            self._buckets.move_to_end(key)
+            return bucket
+        device = next(self.tower.parameters()).device
+        proj = getattr(getattr(self.tower, "patch_embed"), "proj")  # noqa: B009
+        patch_dim = int(proj.weight[0].numel())
+        patches = grid[0] * grid[1] * grid[2]
+        grid_thw = torch.tensor([grid] * size, dtype=torch.int64, device=device)
+        bucket = _Bucket(
+            pixels=torch.zeros(size * patches, patch_dim, dtype=dtype, device=device),
+            grid_thw=grid_thw,
+            inputs=static_tower_inputs(self.tower, grid_thw),
+        )
+        if self.capture:
+            self._capture(bucket)
+            logger.info("captured the vision tower for %d image(s) of grid %s", size, grid)
+        self._buckets[key] = bucket
+        while len(self._buckets) > MAX_CAPTURED:
+            self._buckets.popitem(last=False)
+        return bucket
+
+    def _capture(self, bucket: _Bucket) -> None:
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            # Warm-up: kernels pick their algorithms and the attention's gather plans are built
+            # (their host syncs must not happen while capturing).
+            bucket.forward(self.tower)
+        current.wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: an LLM stage sharing the process (colocated encoders) keeps stepping on
+        # its own thread and stream while this thread captures.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            bucket.output = bucket.forward(self.tower)
+        bucket.graph = graph
+
+
+def batch_grids(grid_thw: torch.Tensor) -> list[Grid]:
+    rows: list[list[int]] = grid_thw.tolist()
+    return [(int(t), int(h), int(w)) for t, h, w in rows]
+

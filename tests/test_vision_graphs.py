@@ -1,0 +1,105 @@
+"""The vision tower's fixed-buffer forward (vision_graphs.py) on tiny Qwen2.5-VL and Qwen2-VL
+checkpoints: the precomputed grid inputs give exactly transformers' forward, a padded bucket
+gives each real image its own embeddings, and batches that cannot use a bucket run eagerly.
+On a GPU, the captured graph replays the same numbers for new pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fixtures_vl import load_reference_vl, make_tiny_qwen2_5_vl, noise_image
+from omni.stages.encoders.vision import VisionEncoder
+from omni.stages.encoders.vision_graphs import static_tower_inputs
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def vl_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    family = str(request.param)
+    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp(family), family=family)
+
+
+def _inputs(folder: Path, sizes: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(folder)
+    inputs = []
+    for index, (width, height) in enumerate(sizes):
+        out = processor(images=[noise_image(width, height, seed=index)], return_tensors="pt")
+        inputs.append((out["pixel_values"], out["image_grid_thw"]))
+    return inputs
+
+
+def _reference(reference: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat(reference.model.get_image_features(pixels, grid).pooler_output)
+
+
+def test_precomputed_grid_inputs_give_the_same_forward(vl_folder: Path) -> None:
+    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
+    # Mixed sizes, several windows each (Qwen2.5-VL attends within 8x8-patch windows).
+    inputs = _inputs(vl_folder, [(140, 84), (112, 168), (84, 56)])
+    pixels = torch.cat([p for p, _ in inputs])
+    grid_thw = torch.cat([g for _, g in inputs])
+    with torch.no_grad():
+        plain = encoder.tower(pixels, grid_thw=grid_thw).pooler_output
+        given = encoder.tower(
+            pixels, grid_thw=grid_thw, **static_tower_inputs(encoder.tower, grid_thw)
+        ).pooler_output
+    assert torch.equal(given, plain)
+
+
+def test_a_padded_bucket_gives_each_image_its_own_embeddings(vl_folder: Path) -> None:
+    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
+    reference = load_reference_vl(vl_folder)
+    same = _inputs(vl_folder, [(112, 168)] * 3)
+    # Three images of one grid run as a bucket of four; the fourth is padding.
+    grid = tuple(same[0][1][0].tolist())
+    same = [(pixels + 0.1 * i, grid_thw) for i, (pixels, grid_thw) in enumerate(same)]
+    encoder.use_graphs(max_batch_patches=4 * 12 * 8, capture=False)
+    assert encoder.graphs is not None
+    assert encoder.graphs.bucket_size(grid, 3) == 4
+    batched = encoder.encode_batch(same)
+    assert list(encoder.graphs._buckets) == [(grid, 4)]
+    for (pixels, grid_thw), embeddings in zip(same, batched, strict=True):
+        torch.testing.assert_close(embeddings, _reference(reference, pixels, grid_thw),
+                                   rtol=0, atol=1e-5)
+    # The same bucket again, with other pixels: new results, not the last batch's.
+    again = encoder.encode_batch([same[2], same[0], same[1]])
+    assert torch.equal(again[0], batched[2]) and torch.equal(again[1], batched[0])
+
+
+def test_mixed_grids_and_over_budget_batches_run_eagerly(vl_folder: Path) -> None:
+    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
+    reference = load_reference_vl(vl_folder)
+    encoder.use_graphs(max_batch_patches=2 * 12 * 8, capture=False)
+    assert encoder.graphs is not None
+    mixed = _inputs(vl_folder, [(112, 168), (84, 56)])
+    assert encoder.graphs.bucket_size((1, 12, 8), 3) is None  # 4 x 96 patches > 192
+    assert encoder.graphs.bucket_size((1, 12, 8), 1) == 1
+    big = _inputs(vl_folder, [(112, 168)] * 3)
+    for batch in (mixed, big):
+        embeddings = encoder.encode_batch(batch)
+        for (pixels, grid_thw), got in zip(batch, embeddings, strict=True):
+            torch.testing.assert_close(got, _reference(reference, pixels, grid_thw),
+                                       rtol=0, atol=1e-5)
+    assert not encoder.graphs._buckets
+
+
+@needs_cuda
+def test_captured_graph_replays_the_eager_forward_on_a_gpu(vl_folder: Path) -> None:
+    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cuda", dtype="float32")
+    batches = [_inputs(vl_folder, [(112, 168)] * 2), _inputs(vl_folder, [(140, 84)] * 3)]
+    eager = [encoder.encode_batch(batch) for batch in batches]
+    encoder.use_graphs(max_batch_patches=16384)
+    assert encoder.graphs is not None
+    for _ in range(2):
+        for batch, expected in zip(batches, eager, strict=True):
+            got = encoder.encode_batch(batch)
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert all(bucket.graph is not None for bucket in encoder.graphs._buckets.values())
