@@ -103,3 +103,26 @@ def test_captured_graph_replays_the_eager_forward_on_a_gpu(vl_folder: Path) -> N
             for a, b in zip(got, expected, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert all(bucket.graph is not None for bucket in encoder.graphs._buckets.values())
+
+
+def test_a_refused_capture_falls_back_to_eager_for_good(
+    vl_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
+    reference = load_reference_vl(vl_folder)
+    encoder.use_graphs(max_batch_patches=16384, capture=True)
+    graphs = encoder.graphs
+    assert graphs is not None
+    calls = []
+
+    def refuse(bucket: Any) -> None:
+        calls.append(bucket)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", refuse)
+    batch = _inputs(vl_folder, [(84, 56)] * 2)
+    for _ in range(2):
+        for (pixels, grid_thw), got in zip(batch, encoder.encode_batch(batch), strict=True):
+            torch.testing.assert_close(got, _reference(reference, pixels, grid_thw),
+                                       rtol=0, atol=1e-5)
+    assert graphs.failed and len(calls) == 1 and not graphs._buckets

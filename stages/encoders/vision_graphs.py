@@ -93,6 +93,7 @@ class VisionTowerGraphs:
         self.max_batch_patches = max_batch_patches
         self.capture = capture
         self._buckets: OrderedDict[tuple[Grid, int], _Bucket] = OrderedDict()
+        self.failed = False  # a capture failed: every batch runs eagerly
         self._pool: Any = None  # torch.cuda.graph_pool_handle(), shared by every graph
 
     def bucket_size(self, grid: Grid, count: int) -> int | None:
@@ -115,9 +116,15 @@ class VisionTowerGraphs:
         if any(g != grid for g in grids):
             return None
         size = self.bucket_size(grid, len(grids))
-        if size is None:
+        if size is None or self.failed:
             return None
-        bucket = self._bucket(grid, size, pixel_values.dtype)
+        try:
+            bucket = self._bucket(grid, size, pixel_values.dtype)
+        except RuntimeError:
+            # A capture the device refused must not fail requests: the eager forward serves.
+            logger.exception("capturing the vision tower failed; it runs eagerly from now on")
+            self.failed = True
+            return None
         rows = pixel_values.shape[0]
         bucket.pixels[:rows].copy_(pixel_values)
         tokens = rows // merge_size**2
