@@ -72,14 +72,13 @@ def moe_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple
 @pytest.mark.parametrize(
     ("arch", "size", "expert_parallel"),
     [
-        # Qwen3-MoE at 2 and 4 ranks: every expert's intermediate features split, or whole
-        # experts placed on the ranks (4 and 2 of the 8 each).
+        # At 2 and 4 ranks, every expert's intermediate features split, or whole experts
+        # placed on the ranks (4 and 2 of the 8 each): Qwen3-MoE, and Qwen2-MoE, whose gated
+        # shared expert is split like a dense MLP and summed with the routed experts'.
         ("qwen3_moe", 2, False),
         ("qwen3_moe", 4, False),
         ("qwen3_moe", 2, True),
-        ("qwen3_moe", 4, True),
-        # The gated shared expert split like a dense MLP, summed with the routed experts'.
-        ("qwen2_moe", 2, False),
+        ("qwen2_moe", 4, True),
         # MLA's heads split (the latent whole on each rank), shared experts beside whole
         # experts per rank, group-limited routing.
         ("deepseek_v2", 2, True),

@@ -1,6 +1,6 @@
 """A tensor-parallel LLM stage (two gloo ranks on the CPU) under the supervisor: a SIGKILLed
-rank of either kind fails the replica's requests within 5 s, no rank outlives its replica,
-and the supervisor starts the whole replica again, which then serves the offline tokens."""
+rank of either kind fails the replica's requests within 5 s and no rank outlives its replica;
+the supervisor starts the whole replica again, which then serves the offline tokens."""
 
 from __future__ import annotations
 
@@ -74,7 +74,10 @@ def test_a_killed_rank_takes_its_replica_down_and_the_supervisor_restarts_it(
     )  # fmt: skip
     # A 2 s heartbeat timeout: generous for a busy 2-core machine, still well under 5 s.
     with ipc_endpoint() as endpoint, running_router(endpoint, heartbeat_timeout_s=2.0) as router:
-        supervisor = StageSupervisor(router, [spec], SupervisorConfig(restart_delay_s=0.0))
+        # One restart is enough to show: the second death ends the test's replica for good.
+        supervisor = StageSupervisor(
+            router, [spec], SupervisorConfig(restart_delay_s=0.0, max_restarts=1)
+        )
         supervisor.start()
         try:
             assert router.wait_for_replicas("llm", 1, timeout=120)
@@ -109,13 +112,12 @@ def test_a_killed_rank_takes_its_replica_down_and_the_supervisor_restarts_it(
             while _alive(follower) and time.monotonic() - killed_at < 5:
                 time.sleep(0.05)
             assert not _alive(follower)
-            last = _restarted(router, rank0)
-            assert _tokens(router) == expected
-            [follower] = _children(last)
-            assert [e.reason for e in supervisor.events] == [
-                "exited with code 1",  # rank 0 leaving after its follower's death
-                "was killed by SIGKILL",
+            deadline = time.monotonic() + 10
+            while len(supervisor.events) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [(e.reason, e.restarted) for e in supervisor.events] == [
+                ("exited with code 1", True),  # rank 0 leaving after its follower's death
+                ("was killed by SIGKILL", False),  # max_restarts=1: not started again
             ]
         finally:
             supervisor.stop()
-        assert not _alive(last) and not _alive(follower)

@@ -9,30 +9,28 @@ is gone (exit 1): it dies with its parent, so no rank outlives its replica.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 
-_PR_SET_PDEATHSIG = 1
+# How often a follower looks whether rank 0, its parent, is still there.
+_PARENT_POLL_S = 0.1
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL from the kernel when the parent dies, and a thread that checks for it too (the
-    kernel's signal follows the parent *thread*, and prctl is Linux-only)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    """Exit as soon as the parent (rank 0) is gone: a thread watches the parent pid, which
+    changes when the parent process dies (the orphan is re-parented). Not PR_SET_PDEATHSIG:
+    that signal follows the parent *thread*, and an offline `LLM` may be built on a thread
+    that ends long before the engine does."""
     if os.getppid() != parent_pid:
-        os._exit(1)  # the parent died before prctl took effect
+        os._exit(1)  # the parent died before this process got here
 
     def watch() -> None:
         while os.getppid() == parent_pid:
-            time.sleep(0.2)
+            time.sleep(_PARENT_POLL_S)
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

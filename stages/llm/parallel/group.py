@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -184,6 +185,12 @@ def join_group(
     store = dist.FileStore(store_path, world_size)
     host = _gloo(dist.PrefixStore("host", store), rank, world_size, _HOST_TIMEOUT)
     if device.type == "cuda":
+        # NVLink multicast (NVLS) stays off: NCCL reads this when the communicator starts.
+        os.environ["NCCL_NVLS_ENABLE"] = "0"
+        # NCCL's bootstrap sockets on loopback: the ranks share this host (their data moves
+        # over NVLink or PCIe), and nothing else should be able to reach them.
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        torch.cuda.set_device(device)  # the communicator belongs to this rank's device
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = _DEVICE_TIMEOUT
         device_group = cast(

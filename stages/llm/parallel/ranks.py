@@ -11,9 +11,9 @@ A replica lives and dies whole:
   process groups, so that a collective rank 0 may be blocked in raises instead of waiting for
   its timeout, and calls the `on_death` callbacks (an LLM stage stops, failing its requests,
   and exits, and the supervisor starts the replica again).
-* Rank 0 that dies takes the followers with it: they ask the kernel for SIGKILL when their
-  parent dies (PR_SET_PDEATHSIG) and also watch their parent's pid, and a collective whose
-  peer closed its sockets fails at once.
+* Rank 0 that dies takes the followers with it: each watches its parent's pid (and exits
+  within a tenth of a second of its death), and a collective whose peer closed its sockets
+  fails at once.
 """
 
 from __future__ import annotations
