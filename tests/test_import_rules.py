@@ -396,6 +396,7 @@ def test_every_role_has_a_contract_module() -> None:
         "echo": ("echo", "EchoParams", "EchoReply", "EchoStats"),
         "image": ("image", "ImageParams", "ImageReply", "ImageStats"),
         "llm": ("llm", "GenerateRequest", "TokenUpdate", "LLMStats"),
+        "ocr": ("ocr", "ReadRequest", "PageText", "OCRStats"),
         "speech": ("speech", "SpeechParams", "SpeechReply", "SpeechStats"),
         "vision": ("vision", "EncodeImage", "EncodeReply", "EncoderStats"),
     }
@@ -426,6 +427,8 @@ def test_no_contract_field_is_any() -> None:
         "GenerateRequest", "LLMStats", "MediaItem", "TokenLogprob", "TokenUpdate"
     ]
     assert checked["sampling"] == ["SamplingParams"]
+    assert checked["asr"] == ["ASRStats", "Segment", "TranscribeRequest", "Transcript"]
+    assert checked["ocr"] == ["OCRStats", "PageText", "ReadRequest", "TextLine"]
     assert checked["structured_outputs"] == ["StructuredOutputs"]
 
 

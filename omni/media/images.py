@@ -11,6 +11,7 @@ import io
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from omni.media.errors import MediaError
@@ -28,6 +29,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct
 # (`transformers.image_transforms.convert_to_rgb`), so that a transparent PNG gives the
 # model the same pixels here as there.
 _BACKGROUND = (255, 255, 255)
+# Grey modes wider than 8 bits (16-bit PNGs open as "I;16").
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """`image` as RGB, with any transparency composited over white."""
     if image.mode == "RGB":
         return image
+    if image.mode in _WIDE_GREY:
+        # PIL clips wide grey at 255 when it converts (a mid-grey of 30000 in a 16-bit PNG
+        # becomes white); scale the 16-bit range down to 8 bits instead. (16-bit PNGs open as
+        # "I;16", or as "I" holding the same 0-65535 values.)
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         image.mode == "P" and "transparency" in image.info
     )

@@ -224,6 +224,7 @@ BUILTIN_WORKER_MODULES: dict[str, str] = {
     "vision": "omni.stages.encoders.vision",
     "audio": "omni.stages.encoders.audio",
     "asr": "omni.stages.encoders.audio_asr",
+    "ocr": "omni.stages.encoders.ocr",
     "image": "omni.stages.generators.image",
     "speech": "omni.stages.generators.speech",
 }

@@ -1,0 +1,113 @@
+"""The "ocr" stage worker: PP-OCR (inside the rapidocr wheel, on onnxruntime) reads a rendered
+PDF page and a sign in every image kind a client may send; bad inputs are refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fixtures_perception import (
+    INVOICE,
+    encoded,
+    image_kinds,
+    invoice_pdf,
+    page_pixels,
+    sign_png,
+)
+from omni.stages.contracts.ocr import CONTRACT, PageText, ReadRequest, TextLine
+from omni.stages.encoders.ocr import OCRSettings, OCRWorker, ocr_settings, reading_order
+from omni.stages.runtime import WorkerOptions, worker_class
+from omni.stages.runtime.worker import WorkerRequest
+from PIL import Image
+
+SIGN_TEXT = "EXIT 24\nMain Street"
+
+
+def file_input(data: bytes) -> dict[str, torch.Tensor]:
+    return {"image_file": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+
+
+def body(item: str) -> bytes:
+    return CONTRACT.encode(ReadRequest(item=item))
+
+
+@pytest.fixture(scope="module")
+def worker() -> OCRWorker:
+    ocr = OCRWorker(WorkerOptions(extra={"lanes": "2", "threads": "2"}))
+    ocr.load()
+    return ocr
+
+
+def run(worker: OCRWorker, requests: list[WorkerRequest]) -> dict[str, tuple[str | None, object]]:
+    for request in requests:
+        worker.add_request(request)
+    results = {}
+    while worker.has_work():
+        for output in worker.step():
+            assert output.finished
+            results[output.request_id] = (output.error, output.reply)
+    return results
+
+
+def test_options_are_typed_and_checked() -> None:
+    assert worker_class("ocr") is OCRWorker
+    settings = ocr_settings(WorkerOptions(extra={"threads": "3", "lanes": "2", "use_cls": "0"}))
+    assert settings == OCRSettings(threads=3, lanes=2, use_cls=False)
+    with pytest.raises(ValueError, match="unknown ocr stage option 'thread'"):
+        ocr_settings(WorkerOptions(extra={"thread": "1"}))
+    with pytest.raises(ValueError, match="lanes is 0; it must be >= 1"):
+        OCRWorker.check_options(WorkerOptions(extra={"lanes": "0"}))
+
+
+def test_reading_order_joins_rows_left_to_right() -> None:
+    lines = [
+        TextLine("total", 0.9, [120, 52, 180, 70]),
+        TextLine("Invoice", 0.9, [10, 10, 90, 30]),
+        TextLine("35 EUR", 0.9, [200, 50, 260, 72]),
+        TextLine("4711", 0.9, [100, 12, 140, 28]),
+    ]
+    assert reading_order(lines) == "Invoice 4711\ntotal 35 EUR"
+    assert reading_order([]) == ""
+
+
+def test_reads_a_page_and_every_image_kind(worker: OCRWorker) -> None:
+    page = torch.from_numpy(np.asarray(page_pixels(invoice_pdf())).copy())
+    blank = encoded(Image.new("RGB", (200, 100), "white"), "PNG")
+    requests = [WorkerRequest("page", {"pixels": page}, body("page 1"))]
+    requests += [WorkerRequest(name, file_input(data), body(name))
+                 for name, (data, _) in image_kinds().items()]
+    requests.append(WorkerRequest("sign.png", file_input(sign_png()), body("sign.png")))
+    requests.append(WorkerRequest("blank", file_input(blank), body("blank")))
+    results = run(worker, requests)
+
+    error, page_text = results.pop("page")
+    assert error is None and page_text.text == INVOICE  # type: ignore[attr-defined]
+    assert page_text.lines[0].box == [13, 17, 236, 37]  # type: ignore[attr-defined]
+    assert results.pop("blank") == (None, PageText(text=""))
+    for name, (error, reply) in results.items():
+        assert error is None, name
+        assert reply.text == SIGN_TEXT, name  # type: ignore[attr-defined]
+        assert all(line.score > 0.9 for line in reply.lines), name  # type: ignore[attr-defined]
+    stats = worker.stats()
+    assert (stats.requests_queued, stats.images_read, stats.lines_found) == (0, 8, 13)
+
+
+def test_bad_inputs_are_refused_by_name(worker: OCRWorker) -> None:
+    wide = torch.zeros((4, 4, 3), dtype=torch.int16)
+    results = run(worker, [
+        WorkerRequest("junk", file_input(b"hello"), body("messages[0].content[1]")),
+        WorkerRequest("cut", file_input(sign_png()[:200]), body("upload 2 (sign.png)")),
+        WorkerRequest("wide", {"pixels": wide}, body("page 3")),
+        WorkerRequest("none", {"audio": wide}, body("x")),
+        WorkerRequest("no body", file_input(sign_png()), b"\x01"),
+    ])
+    assert {rid: error for rid, (error, _) in results.items()} == {
+        "junk": "messages[0].content[1] is not a PNG, JPEG, WebP, GIF or BMP image",
+        "cut": "upload 2 (sign.png) could not be decoded: the file is truncated or corrupt",
+        "wide": "page 3: input 'pixels' must be uint8 (height, width, 3), got torch.int16 "
+                "(4, 4, 3)",
+        "none": "an ocr request needs 'image_file' or 'pixels'; got ['audio']",
+        "no body": "bad ocr request: Expected `object`, got `int`",
+    }
+    stats = worker.stats()  # refusals read nothing
+    assert (stats.requests_queued, stats.images_read, stats.lines_found) == (0, 8, 13)
