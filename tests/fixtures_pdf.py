@@ -19,12 +19,14 @@ class Page:
     text: str = ""  # ASCII without parentheses or backslashes
 
 
-def minimal_pdf(pages: list[Page], trailer_extra: str = "", extra_objects: str = "") -> bytes:
+def minimal_pdf(
+    pages: list[Page], trailer_extra: str = "", extra_objects: str = "", font_extra: str = ""
+) -> bytes:
     kids = [4 + 2 * i for i in range(len(pages))]
     objects = {
         1: "<< /Type /Catalog /Pages 2 0 R >>",
         2: f"<< /Type /Pages /Kids [{' '.join(f'{k} 0 R' for k in kids)}] /Count {len(kids)} >>",
-        3: "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        3: f"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica{font_extra} >>",
     }
     for page, number in zip(pages, kids, strict=True):
         r, g, b = page.rgb
@@ -57,6 +59,33 @@ def encrypted_pdf(pages: list[Page]) -> bytes:
     handler = f"<< /Filter /Standard /V 1 /R 2 /O <{'11' * 32}> /U <{'22' * 32}> /P -4 >>"
     trailer = f" /Encrypt {number} 0 R /ID [<{'33' * 16}> <{'33' * 16}>]"
     return minimal_pdf(pages, trailer_extra=trailer, extra_objects=handler)
+
+
+# A ToUnicode map sending every printable character code to the private-use area: the page
+# still shows Helvetica's letters, but its text layer reads as glyph garbage.
+_PRIVATE_USE_CMAP = """/CIDInit /ProcSet findresource begin
+12 dict begin
+begincmap
+/CIDSystemInfo << /Registry (Adobe) /Ordering (UCS) /Supplement 0 >> def
+/CMapName /Adobe-Identity-UCS def
+/CMapType 2 def
+1 begincodespacerange
+<00> <FF>
+endcodespacerange
+1 beginbfrange
+<20> <7E> <E020>
+endbfrange
+endcmap
+CMapName currentdict /CMap defineresource pop
+end
+end"""
+
+
+def garbled_text_layer_pdf(page: Page) -> bytes:
+    """One page whose text layer maps its characters to private-use code points."""
+    number = 6  # after the catalog, the page tree, the font, the page and its contents
+    stream = f"<< /Length {len(_PRIVATE_USE_CMAP)} >>\nstream\n{_PRIVATE_USE_CMAP}\nendstream"
+    return minimal_pdf([page], extra_objects=stream, font_extra=f" /ToUnicode {number} 0 R")
 
 
 def page_count(data: bytes) -> int:

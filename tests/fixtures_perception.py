@@ -106,7 +106,7 @@ def audio_kinds(speech: np.ndarray) -> dict[str, tuple[bytes, str]]:
     import torch
     import torchaudio.functional as functional
 
-    clip = torch.from_numpy(np.ascontiguousarray(speech))
+    clip = torch.from_numpy(np.array(speech))
     at_8k = functional.resample(clip, 16_000, 8_000).numpy()
     at_48k = functional.resample(clip, 16_000, 48_000).numpy()
     stereo_8k = np.stack([at_8k, at_8k * 0.5], axis=1)

@@ -22,6 +22,10 @@ CONTEXT = 2048
 # A small KV cache: a few MiB instead of the CPU default of 1 GiB per engine.
 ENGINE_OPTIONS = {"num_kv_blocks": "512", "block_size": "16"}
 MESSAGES = [{"role": "user", "content": "The capital of France is"}]
+# No OCR or speech recognition stage: servers that test other things start faster, and media
+# a model does not take is refused as before (tests/test_perception_serve.py runs them).
+NO_PERCEPTION = {"ocr_replicas": 0, "asr_replicas": 0}
+NO_PERCEPTION_FLAGS = ["--ocr-replicas", "0", "--asr-replicas", "0"]
 
 
 def media_serve_config(
@@ -30,6 +34,7 @@ def media_serve_config(
     """A tiny multi-modal checkpoint served on the CPU: the LLM stage, its encoder stage
     (`vision` or `audio`), a small KV cache, and no speech stage."""
     return ServeConfig(
+        **NO_PERCEPTION,
         model=str(folder),
         served_model_name=model_name,
         single_process=single_process,

@@ -21,6 +21,7 @@ from fixtures_models import load_reference
 from server_fixtures import (
     ENGINE_OPTIONS,
     MESSAGES,
+    NO_PERCEPTION,
     live_server,
     metric,
     tiny_chat_model,
@@ -50,6 +51,7 @@ def llm(model_dir: Path) -> LLM:
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[str]:
     config = ServeConfig(
+        **NO_PERCEPTION,
         model=str(model_dir), served_model_name=MODEL, single_process=True, speech=False,
         devices={"llm": ("cpu",)}, engine_options={**ENGINE_OPTIONS, "dtype": "float32"},
     )  # fmt: skip

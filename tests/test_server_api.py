@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_fixtures import ENGINE_OPTIONS, MESSAGES, live_server, tiny_chat_model
+from server_fixtures import ENGINE_OPTIONS, MESSAGES, NO_PERCEPTION, live_server, tiny_chat_model
 
 from omni import LLM, SamplingParams
 from omni.server.app import AppSettings, build_app
@@ -52,6 +52,7 @@ def offline(model_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def pipeline(model_dir: Path) -> Iterator[Pipeline]:
     config = ServeConfig(
+        **NO_PERCEPTION,
         model=str(model_dir),
         served_model_name=MODEL_NAME,
         single_process=True,

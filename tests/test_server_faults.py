@@ -31,7 +31,7 @@ import httpx
 import pytest
 from fixtures_vl import make_tiny_qwen2_5_vl
 from PIL import Image
-from server_fixtures import free_port
+from server_fixtures import NO_PERCEPTION_FLAGS, free_port
 
 from omni.multimodal.chat import load_tokenizer_with_template
 
@@ -98,6 +98,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     command = [
         sys.executable, "-m", "omni.cli", "serve", str(folder), "--port", str(port),
         "--served-model-name", MODEL, "--devices", "llm=cpu,vision=cpu", "--no-speech",
+        *NO_PERCEPTION_FLAGS,
         "--option", "num_kv_blocks=128", "--option", "block_size=8", "--api-key", KEY,
         "--header-timeout", str(HEADER_TIMEOUT_S), "--log-level", "WARNING",
     ]  # fmt: skip

@@ -17,7 +17,7 @@ import torch
 from omni.stages.contracts.image import ImageLimits
 from omni.stages.generators.random_diffusion import save_random_sd_pipeline
 from PIL import Image
-from server_fixtures import ENGINE_OPTIONS, live_server, tiny_chat_model
+from server_fixtures import ENGINE_OPTIONS, NO_PERCEPTION, live_server, tiny_chat_model
 
 from omni.server.app import AppSettings, build_app
 from omni.server.config import ServeConfig
@@ -39,6 +39,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def base_url(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Iterator[str]:
     chat_folder = tiny_chat_model(tmp_path_factory.mktemp("chat"))
     config = ServeConfig(
+        **NO_PERCEPTION,
         model=str(chat_folder),
         single_process=True,
         devices={"llm": ("cpu",), "image": ("cpu",)},

@@ -40,7 +40,7 @@ import pytest
 from fixtures_vl import make_tiny_qwen2_5_vl, noise_image
 from media_server import media_server
 from PIL import Image
-from server_fixtures import free_port
+from server_fixtures import NO_PERCEPTION_FLAGS, free_port
 
 from omni.cli import build_parser
 from omni.commands.serve import serve_config
@@ -121,6 +121,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             sys.executable, "-m", "omni.cli", "serve", str(folder), "--port", str(port),
             "--served-model-name", MODEL, "--vision-replicas", "2",
             "--devices", "llm=cpu,vision=cpu", "--no-speech",
+        *NO_PERCEPTION_FLAGS,
             "--option", "num_kv_blocks=256", "--option", "block_size=8",
             "--allowed-media-domains", "127.0.0.1", "--allowed-local-media-path", str(media),
             "--media-fetch-timeout", "3", "--max-body-bytes", str(MAX_BODY),

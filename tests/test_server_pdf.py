@@ -25,7 +25,7 @@ import openai
 import pytest
 from fixtures_pdf import Page, encrypted_pdf, minimal_pdf
 from fixtures_vl import make_tiny_qwen2_5_vl
-from server_fixtures import free_port, metric
+from server_fixtures import NO_PERCEPTION_FLAGS, free_port, metric
 
 from omni.media.pdf import PdfRenderer, PdfSettings
 
@@ -50,6 +50,7 @@ def server(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     command = [
         sys.executable, "-m", "omni.cli", "serve", str(folder), "--port", str(port),
         "--served-model-name", MODEL, "--devices", "llm=cpu,vision=cpu", "--no-speech",
+        *NO_PERCEPTION_FLAGS,
         "--option", "num_kv_blocks=128", "--option", "block_size=8",
         "--pdf-dpi", "72", "--max-upload-bytes", str(UPLOAD_LIMIT), "--max-upload-files", "3",
         "--log-level", "warning",

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from fixtures_models import build_tokenizer
-from server_fixtures import ENGINE_OPTIONS, MESSAGES, free_port, tiny_chat_model
+from server_fixtures import ENGINE_OPTIONS, MESSAGES, NO_PERCEPTION, free_port, tiny_chat_model
 
 from omni import LLM, SamplingParams
 from omni.cli import build_parser
@@ -41,7 +41,10 @@ def test_llm_stage_as_a_subprocess_serves_and_is_restarted(tmp_path: Path) -> No
     expected = LLM(str(model), device="cpu", num_kv_blocks=64).chat(
         MESSAGES, greedy, use_tqdm=False
     )[0]
-    config = ServeConfig(model=str(model), devices={"llm": ("cpu",)}, engine_options=ENGINE_OPTIONS)
+    config = ServeConfig(
+        model=str(model), devices={"llm": ("cpu",)}, engine_options=ENGINE_OPTIONS,
+        **NO_PERCEPTION,
+    )
     body = {"model": str(model), "messages": MESSAGES, "temperature": 0, "max_tokens": 8}
     with Pipeline(config) as pipeline:
         assert pipeline.supervisor is not None and pipeline.runtimes == []

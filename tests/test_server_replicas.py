@@ -29,7 +29,7 @@ import httpx
 import openai
 import pytest
 from fixtures_vl import make_tiny_qwen2_5_vl, noise_image
-from server_fixtures import free_port, tiny_chat_model
+from server_fixtures import NO_PERCEPTION_FLAGS, free_port, tiny_chat_model
 from test_vl_engine import NEW_TOKENS, reference
 
 from omni.multimodal import Qwen2VLPromptProcessor, prepare_qwen2_vl_prompt
@@ -65,6 +65,7 @@ def server(folder: Path) -> Iterator[str]:
         sys.executable, "-m", "omni.cli", "serve", str(folder), "--port", str(port),
         "--served-model-name", MODEL, "--llm-replicas", "2", "--vision-replicas", "2",
         "--devices", "llm=cpu,vision=cpu", "--no-speech",
+        *NO_PERCEPTION_FLAGS,
         "--option", "num_kv_blocks=512", "--option", "block_size=8",
         "--log-level", "WARNING",
     ]  # fmt: skip
@@ -154,7 +155,8 @@ def test_two_api_processes_share_the_port_and_each_serves(tmp_path: Path) -> Non
     command = [
         sys.executable, "-m", "omni.cli", "serve", str(folder), "--port", str(port),
         "--served-model-name", "tiny", "--api-server-count", "2", "--devices", "llm=cpu",
-        "--no-speech", "--option", "num_kv_blocks=256", "--log-level", "WARNING",
+        "--no-speech",
+        *NO_PERCEPTION_FLAGS, "--option", "num_kv_blocks=256", "--log-level", "WARNING",
     ]  # fmt: skip
     process = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
@@ -227,7 +229,8 @@ def test_encoders_colocated_in_the_llm_replicas_processes(folder: Path) -> None:
     command = [
         sys.executable, "-m", "omni.cli", "serve", str(folder), "--port", str(port),
         "--served-model-name", MODEL, "--llm-replicas", "2", "--colocate-encoders",
-        "--devices", "llm=cpu", "--no-speech", "--option", "num_kv_blocks=256",
+        "--devices", "llm=cpu", "--no-speech",
+        *NO_PERCEPTION_FLAGS, "--option", "num_kv_blocks=256",
         "--log-level", "WARNING",
     ]  # fmt: skip
     process = subprocess.Popen(command)

@@ -20,7 +20,7 @@ import soundfile
 import torch
 from fixtures_audio import espeak_available
 from omni.stages.contracts.speech import SpeechParams
-from server_fixtures import ENGINE_OPTIONS, live_server, metric, tiny_chat_model
+from server_fixtures import ENGINE_OPTIONS, NO_PERCEPTION, live_server, metric, tiny_chat_model
 from speech_helpers import run_request, speech_worker
 
 from omni.server.app import AppSettings, build_app
@@ -42,6 +42,7 @@ SERVERS: dict[str, Any] = {}
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     chat_folder = tiny_chat_model(tmp_path_factory.mktemp("chat"))
     config = ServeConfig(
+        **NO_PERCEPTION,
         model=str(chat_folder),
         served_model_name="tiny",
         single_process=True,

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 import openai
 import pytest
 from pydantic import BaseModel, Field
-from server_fixtures import live_server
+from server_fixtures import NO_PERCEPTION, live_server
 
 from omni.server.app import build_app
 from omni.server.config import ServeConfig
@@ -105,6 +105,7 @@ MODELS: list[type[BaseModel]] = [
 @pytest.fixture(scope="module")
 def base_url(smollm2_dir: Path) -> Iterator[str]:
     config = ServeConfig(
+        **NO_PERCEPTION,
         model=str(smollm2_dir), served_model_name=MODEL, single_process=True, speech=False,
         devices={"llm": ("cpu",)}, max_num_seqs=64,
         engine_options={"num_kv_blocks": "512", "block_size": "16"},

@@ -18,7 +18,7 @@ import openai
 import pytest
 from fixtures_tools import make_tool_checkpoint
 from pydantic import BaseModel, ConfigDict, Field
-from server_fixtures import CONTEXT, live_server
+from server_fixtures import CONTEXT, NO_PERCEPTION, live_server
 
 from omni.server.app import build_app
 from omni.server.config import ServeConfig
@@ -77,6 +77,7 @@ def server(
         folder = tmp_path_factory.mktemp(f"tools-{request.param}")
         model = str(make_tool_checkpoint(request.param, folder, max_position_embeddings=CONTEXT))
     config = ServeConfig(
+        **NO_PERCEPTION,
         model=model, served_model_name="m", single_process=True, speech=False,
         devices={"llm": ("cpu",)}, engine_options={"num_kv_blocks": "256", "block_size": "16"},
     )  # fmt: skip

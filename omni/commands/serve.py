@@ -73,6 +73,21 @@ def add_parser(subparsers: Any) -> None:
         "--no-speech", dest="speech", action="store_false", default=None, help="no speech stage"
     )
     p.add_argument("--speech-replicas", type=int, default=None)
+    p.add_argument("--ocr-replicas", type=int, default=None,
+                   help="OCR stage replicas, for images and scanned PDF pages read as text "
+                   "(1; 0: none)")
+    p.add_argument("--asr-replicas", type=int, default=None,
+                   help="speech recognition replicas, for audio heard as text and "
+                   "/v1/audio/transcriptions (1; 0: none)")
+    p.add_argument("--pdf-mode", default=None, choices=["auto", "text", "image", "both"],
+                   help="PDF pages reach the model as text (text layer, else OCR), as images, "
+                   "or both (auto: images for a vision model, else text)")
+    p.add_argument("--image-mode", default=None, choices=["auto", "text", "image", "both"],
+                   help="images reach the model as OCR text, as images, or both (auto: images "
+                   "for a vision model, else text)")
+    p.add_argument("--audio-mode", default=None, choices=["auto", "text", "audio", "both"],
+                   help="audio reaches the model as its transcript, as audio, or both (auto: "
+                   "audio for an audio model, else text)")
     p.add_argument("--devices", default=None, help="per-role devices, for example llm=0,1")
     p.add_argument(
         "--colocate-encoders",
@@ -295,11 +310,12 @@ def _run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from omni.server.app import AppSettings, build_app
+    from omni.server.app import AppSettings, build_app, read_body
     from omni.server.http_limits import bounded_http_protocol
     from omni.server.images import add_image_routes
     from omni.server.pipeline import Pipeline
     from omni.server.speech import add_speech_routes
+    from omni.server.transcriptions import add_transcription_routes
     from omni.server.uploads import UploadSettings
 
     try:
@@ -319,6 +335,9 @@ def _run(args: argparse.Namespace) -> int:
             add_image_routes(app, pipeline.image_service, settings)
         if pipeline.speech_service is not None:
             add_speech_routes(app, pipeline.speech_service, settings)
+        if pipeline.transcription_service is not None:
+            add_transcription_routes(app, pipeline.transcription_service,
+                                     settings.uploads.max_body_bytes, read_body)
         # uvicorn's httptools protocol plus the header size and time limits it lacks.
         http = bounded_http_protocol(config.http_limits())
         log_level = args.log_level.lower()

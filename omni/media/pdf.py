@@ -100,11 +100,14 @@ class PdfSettings:
 
 @dataclass(frozen=True)
 class PdfPage:
-    """One rendered page: `index` counts from 0; `text` is "" where it has no text layer."""
+    """One page: `index` counts from 0; `text` is its text layer ("" where it has none);
+    `text_problem` says why that layer cannot stand in for the page ("no text layer", "glyph
+    garbage"), "" when it can. `image` is None for a page rendered only for its text."""
 
     index: int
-    image: Image.Image
+    image: Image.Image | None
     text: str
+    text_problem: str = ""
 
 
 class PdfRenderer:
@@ -128,10 +131,14 @@ class PdfRenderer:
         name: str,
         dpi: float | None = None,
         max_pages: int | None = None,
+        images: str = "all",
     ) -> list[PdfPage]:
         """Every page of the PDF `data` at `dpi` (default: the settings'), refusing it
         (MediaError naming `name`) past the limits; `max_pages` is what the request has left
-        of its page budget (default: all of it)."""
+        of its page budget (default: all of it). `images` "untexted" renders only the pages
+        whose text layer cannot stand in for them (the others come with text alone)."""
+        if images not in ("all", "untexted"):
+            raise ValueError(f"images is {images!r}; it must be 'all' or 'untexted'")
         settings = self.settings
         check_num_bytes(len(data), settings.max_bytes, "max_pdf_bytes", name=name)
         if not looks_like_pdf(data):
@@ -145,14 +152,20 @@ class PdfRenderer:
             "max_page_pixels": settings.max_page_pixels,
             "text": settings.text,
             "max_text_chars": settings.max_text_chars,
+            "images": images,
         }
         max_reply = pages_left * (3 * settings.max_page_pixels + 4 * settings.max_text_chars)
         reply = self._call(request, max_reply + _REPLY_SLACK_BYTES, name)
         if "error" in reply:
             raise _refusal(reply, name=name, dpi=dpi, pages_left=pages_left, settings=settings)
         return [
-            PdfPage(index, Image.frombytes("RGB", (int(width), int(height)), bytes(rgb)), text)
-            for index, (width, height, rgb, text) in enumerate(reply["pages"])
+            PdfPage(
+                index,
+                Image.frombytes("RGB", (int(width), int(height)), bytes(rgb)) if rgb else None,
+                text,
+                problem,
+            )
+            for index, (width, height, rgb, text, problem) in enumerate(reply["pages"])
         ]
 
     def worker_pids(self) -> list[int]:

@@ -7,8 +7,11 @@ msgpack frames over stdin/stdout (multiprocessing's channels pickle what they ca
 frames hold only bytes, numbers and strings).
 
 Request: {"data": bytes, "dpi": float, "max_pages": int, "max_page_pixels": int,
-"text": bool, "max_text_chars": int}.
-Reply: {"pages": [[width, height, rgb bytes, text], ...]}, or {"error": kind, ...} with kind
+"text": bool, "max_text_chars": int, "images": "all" | "untexted"}.
+Reply: {"pages": [[width, height, rgb bytes, text, problem], ...]}, where `problem` is why
+the text layer cannot stand in for the page ("no text layer", "glyph garbage") or "" when it
+can; with "images": "untexted" only such pages are rendered (the others' rgb is b"", and their
+text is what is wanted). Or {"error": kind, ...} with kind
 one of "encrypted", "corrupt", "no_pages", "too_many_pages" (+ "pages"), "page_too_large"
 (+ "page", "width", "height"), "out_of_memory". Every limit is checked before any page is
 rendered. `$OMNI_PDF_WORKER_MEMORY_MIB` caps the worker's address space: a document that needs
@@ -25,6 +28,8 @@ import sys
 from typing import IO, Any
 
 import msgpack
+
+from omni.media.text_layer import text_layer_problem
 
 # A frame is its msgpack payload's length (8 bytes, little endian), then the payload.
 _LENGTH = struct.Struct("<Q")
@@ -105,15 +110,21 @@ def render_document(request: dict[str, Any]) -> dict[str, Any]:
             if width * height > int(request["max_page_pixels"]) or min(width, height) < 1:
                 return {"error": "page_too_large", "page": index, "width": width, "height": height}
         rendered = []
+        every_image = request.get("images", "all") == "all"
         for page, (width, height) in zip(pages, sizes, strict=True):
-            # rev_byteorder: RGB rather than PDFium's native BGR; forms are not drawn (no
-            # form environment is set up, so widgets would not run anyway).
-            bitmap = page.render(scale=dpi / 72.0, rev_byteorder=True, may_draw_forms=False)
-            pixels = np.ascontiguousarray(bitmap.to_numpy()[:, :, :3])
-            if pixels.shape != (height, width, 3):
-                return {"error": "corrupt"}
-            text = _page_text(page, int(request["max_text_chars"])) if request["text"] else ""
-            rendered.append([width, height, pixels.tobytes(), text])
+            wants_text = request["text"] or not every_image
+            text = _page_text(page, int(request["max_text_chars"])) if wants_text else ""
+            problem = text_layer_problem(text) or ""
+            rgb = b""
+            if every_image or problem:
+                # rev_byteorder: RGB rather than PDFium's native BGR; forms are not drawn (no
+                # form environment is set up, so widgets would not run anyway).
+                bitmap = page.render(scale=dpi / 72.0, rev_byteorder=True, may_draw_forms=False)
+                pixels = np.ascontiguousarray(bitmap.to_numpy()[:, :, :3])
+                if pixels.shape != (height, width, 3):
+                    return {"error": "corrupt"}
+                rgb = pixels.tobytes()
+            rendered.append([width, height, rgb, text, problem])
         return {"pages": rendered}
     except pdfium.PdfiumError:
         return {"error": "corrupt"}

@@ -102,6 +102,8 @@ def build_app(orchestrator: Orchestrator, settings: AppSettings | None = None) -
         await orchestrator.media.fetch_media(parsed.messages)
         # PDF pages rendered in the render workers, also off the event loop.
         await orchestrator.media.render_documents(parsed.messages, parsed.pdf_dpi)
+        # Media the model does not take, read as text by the OCR and speech stages.
+        parsed.messages = await orchestrator.read_media_as_text(parsed.messages)
         try:
             if parsed.wants_audio():
                 speech = getattr(app.state, "speech", None)  # set by add_speech_routes

@@ -56,6 +56,8 @@ async def chat_completion(
     streams = await start_choices(orch, prompt_ids, params, mm_prompt)
     text_of = LogprobText(orch.tokenizer)
     if request.stream:
+        if request.return_token_ids:
+            raise APIError(400, "return_token_ids is served without stream", param="stream")
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return _sse(_chat_chunks(header, streams, tools, text_of, include_usage))
     results = await _collect_while_connected(http, streams)
@@ -75,8 +77,10 @@ async def chat_completion(
             "logprobs": {"content": chat_content(text_of, token_ids, logprobs)}
             if request.logprobs else None,
             "finish_reason": finish_reason,
+            **({"token_ids": token_ids} if request.return_token_ids else {}),
         })
-    return JSONResponse(header.body(choices=choices, usage=_usage(results)))
+    extra = {"prompt_token_ids": prompt_ids} if request.return_token_ids else {}
+    return JSONResponse(header.body(choices=choices, usage=_usage(results), **extra))
 
 
 async def completion(orch: Orchestrator, request: CompletionRequest, http: Request) -> Response:

@@ -64,6 +64,20 @@ REPLICA_FIELDS = (
 )
 
 
+# Perception stages (media to text for models that do not take the media): 0 replicas is none.
+PERCEPTION_REPLICA_FIELDS = ("ocr_replicas", "asr_replicas")
+
+# How each kind of media reaches the model (`--pdf-mode`, `--image-mode`, `--audio-mode`):
+# as the model's own input (a vision or audio stage), as text from a perception stage (OCR,
+# the text layer, a transcript), or both; "auto" picks the model's own input where it takes
+# the media, else text.
+MEDIA_MODES = {
+    "pdf_mode": ("auto", "text", "image", "both"),
+    "image_mode": ("auto", "text", "image", "both"),
+    "audio_mode": ("auto", "text", "audio", "both"),
+}
+
+
 # The encoder roles `colocate_encoders` moves into the LLM replicas' processes.
 COLOCATED_ROLES = ("vision", "audio")
 
@@ -116,6 +130,16 @@ class ServeConfig:
     speech: bool = True
     speech_model: str | None = None
     speech_replicas: int = 1
+    # Perception stages: OCR (PP-OCR on onnxruntime, for images and PDF pages without a usable
+    # text layer) and speech recognition (Whisper tiny.en; also /v1/audio/transcriptions).
+    # Either runs only where a media mode needs it (and asr for the transcription route).
+    ocr_replicas: int = 1
+    asr_replicas: int = 1
+    pdf_mode: str = "auto"
+    image_mode: str = "auto"
+    audio_mode: str = "auto"
+    # Perception results (OCR text, transcripts) each API process keeps by content hash.
+    perception_cache_entries: int = 4096
     # Encoder outputs each LLM replica keeps by content hash, so an image or clip seen before
     # (after different text, where the prefix cache cannot help) skips the encoder; 0: none.
     encoder_cache_mib: int = 512
@@ -186,18 +210,27 @@ class ServeConfig:
             raise ValueError("api_server_count > 1 needs api_server_dir (omni serve sets it)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port is {self.port}; it must be in [0, 65535]")
-        for name in REPLICA_FIELDS:
+        for name in REPLICA_FIELDS + PERCEPTION_REPLICA_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} is {value!r}; it must be an integer")
             if value < 0:
                 raise ValueError(f"{name} is {value}; it must be >= 0")
-            if value == 0 and self.stage_endpoint is None:
+            if value == 0 and name not in PERCEPTION_REPLICA_FIELDS and self.stage_endpoint is None:
                 raise ValueError(
                     f"{name} is 0: a role with no local replica is served by stages on other "
                     "hosts, which need --stage-endpoint tcp://HOST:PORT to join"
                 )
         self._check_stage_endpoint()
+        for name, choices in MEDIA_MODES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} is {getattr(self, name)!r}; it must be one of {', '.join(choices)}"
+                )
+        if self.perception_cache_entries < 0:
+            raise ValueError(
+                f"perception_cache_entries is {self.perception_cache_entries}; it must be >= 0"
+            )
         for domain in self.allowed_media_domains:
             if not isinstance(domain, str) or not domain or "/" in domain or ":" in domain:
                 raise ValueError(
@@ -272,9 +305,10 @@ class ServeConfig:
                 )
 
     def replicas(self, role: str) -> int:
-        """How many replicas of `role` to run (`llm`, `vision`, `audio`, `image`, `speech`)."""
+        """How many replicas of `role` to run (`llm`, `vision`, `audio`, `image`, `speech`,
+        `ocr`, `asr`)."""
         name = f"{role}_replicas"
-        if name not in REPLICA_FIELDS:
+        if name not in REPLICA_FIELDS + PERCEPTION_REPLICA_FIELDS:
             raise ValueError(f"no replica count for stage role {role!r}")
         return int(getattr(self, name))
 

@@ -38,12 +38,18 @@ def file_parts(messages: Sequence[ChatMessage]) -> Iterator[tuple[str, TextConte
                     yield f"messages[{m_index}].content[{p_index}]", part
 
 
-def page_items(pages: Sequence[PdfPage], with_text: bool) -> list[dict[str, Any]]:
-    """The chat items of one document: each page's image, then its text layer if any."""
+def page_items(
+    pages: Sequence[PdfPage], with_text: bool, page_texts: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """The chat items of one document: each page's image, then its text: as perception read
+    it (`page_texts`, marked where it came from), else its text layer if any."""
     items: list[dict[str, Any]] = []
-    for page in pages:
+    for index, page in enumerate(pages):
+        assert page.image is not None, "a document for the vision stage renders every page"
         items.append({"type": "image", "image": page.image})
-        if with_text and page.text:
+        if page_texts is not None:
+            items.append({"type": "text", "text": page_texts[index]})
+        elif with_text and page.text:
             items.append({"type": "text", "text": f"Page {page.index + 1} text: {page.text}\n"})
     return items
 
@@ -51,8 +57,11 @@ def page_items(pages: Sequence[PdfPage], with_text: bool) -> list[dict[str, Any]
 class Documents:
     """Decodes and renders the PDFs of one server's requests."""
 
-    def __init__(self, renderer: PdfRenderer) -> None:
+    def __init__(self, renderer: PdfRenderer, images: str = "all") -> None:
         self.renderer = renderer
+        # "all", or "untexted" when pages reach the model as text only: then only the pages
+        # that need OCR are rendered (see PdfRenderer.render).
+        self.images = images
 
     @property
     def with_text(self) -> bool:
@@ -94,7 +103,9 @@ class Documents:
             label = f"{name} ({part.file.filename})"
         try:
             data = self._file_bytes(part, name, label)
-            return self.renderer.render(data, name=label, dpi=dpi, max_pages=pages_left)
+            return self.renderer.render(
+                data, name=label, dpi=dpi, max_pages=pages_left, images=self.images
+            )
         except MediaError as exc:
             raise APIError(400, str(exc), param=name, code="invalid_media") from None
 

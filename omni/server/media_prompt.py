@@ -48,8 +48,12 @@ class MediaPrompts:
         mm_processor: Any = None,
         media_limits: MediaLimits | None = None,
         fetch_policy: MediaFetchPolicy | None = None,
+        read_as_text: frozenset[str] = frozenset(),
     ) -> None:
         self.model_name = model_name
+        # Part types that perception turns into text before prompt building (see
+        # omni.server.perceived_parts), so the model need not take them.
+        self.read_as_text = read_as_text
         # The model's multi-modal prompt processor (Qwen2-VL: images, Qwen2-Audio: audio);
         # None for a text-only model.
         self.mm_processor = mm_processor
@@ -144,7 +148,8 @@ class MediaPrompts:
             kind = self._media_kind(part, name)
             if part.type == "file":
                 pages = self.documents.pages_of(part)
-                items.extend(page_items(pages, self.documents.with_text))
+                assert part.file is not None
+                items.extend(page_items(pages, self.documents.with_text, part.file._page_texts))
                 continue
             try:
                 if kind == "image":
@@ -166,8 +171,7 @@ class MediaPrompts:
                 code="unsupported_content",
             )
         kind, plural = MEDIA_PARTS[part.type]
-        taken = getattr(self.mm_processor, "MEDIA", None)
-        if taken is None or taken.name != kind:
+        if not self.takes(part.type):
             raise APIError(
                 400,
                 f"{name}: model {self.model_name!r} does not take {plural}",
@@ -177,6 +181,14 @@ class MediaPrompts:
         if getattr(part, part.type) is None:
             raise APIError(400, f"{name}: an {part.type} part needs {part.type!r}", param=name)
         return kind
+
+    def takes(self, part_type: str) -> bool:
+        """Whether this server serves media parts of `part_type`: the model takes them, or
+        perception reads them as text."""
+        if part_type in self.read_as_text:
+            return True
+        taken = getattr(self.mm_processor, "MEDIA", None)
+        return taken is not None and taken.name == MEDIA_PARTS[part_type][0]
 
     def _image(self, part: TextContentPart, name: str, budget: PixelBudget) -> Any:
         """The image's bytes with its header checked, its pixels counted against the

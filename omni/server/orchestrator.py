@@ -28,6 +28,8 @@ from omni.multimodal.requests import llm_request
 from omni.server.documents import Documents
 from omni.server.media_prompt import MediaPrompts, has_media_parts
 from omni.server.metrics import ServerMetrics
+from omni.server.perceived_parts import PartReader
+from omni.server.perception import Perception
 from omni.server.protocol import APIError, ChatMessage, usage
 from omni.server.tool_calls import HERMES, template_supports_tools
 from omni.server.tool_prompt import template_message, tools_as_text
@@ -80,8 +82,11 @@ class Orchestrator:
         documents: Documents | None = None,
         tool_parser: str = HERMES,
         roles: Sequence[str] = (LLM_ROLE,),
+        perception: Perception | None = None,
     ) -> None:
         self.router = router
+        # OCR and speech recognition for media the model does not take (None: none).
+        self.perception = perception
         # How tool calls are read out of answers to `tool_choice` "auto" (tool_calls.PARSERS).
         self.tool_parser = tool_parser
         # The stage roles a request may need (the LLM, its encoder, generators): the server is
@@ -91,10 +96,22 @@ class Orchestrator:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.metrics = metrics
+        documents = documents or Documents(PdfRenderer())
+        read_as_text = frozenset(
+            part for part in ("image_url", "input_audio", "file")
+            if perception is not None and perception.modes.as_text(part)
+        )
         self.media = MediaPrompts(
-            model_name, documents or Documents(PdfRenderer()), mm_processor, media_limits,
-            fetch_policy,
-        )  # fmt: skip
+            model_name, documents, mm_processor, media_limits, fetch_policy, read_as_text
+        )
+        self._parts = None if perception is None else PartReader(perception, documents)
+
+    async def read_media_as_text(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+        """`messages` with the media parts the modes send as text replaced (or followed) by
+        their text; run after `media.fetch_media` and `media.render_documents`."""
+        if self._parts is None:
+            return list(messages)
+        return await self._parts.rewrite(messages)
 
     def missing_roles(self) -> list[str]:
         """The needed stage roles that have no live replica now (empty: healthy)."""

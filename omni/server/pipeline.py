@@ -28,11 +28,15 @@ from omni.server.documents import Documents
 from omni.server.images import ImageService
 from omni.server.metrics import ServerMetrics
 from omni.server.orchestrator import LLM_ROLE, Orchestrator
+from omni.server.perception import MediaModes, Perception
 from omni.server.speech_service import SpeechService, speech_stage_model
 from omni.server.stage_metrics import StageCollector
 from omni.server.tool_calls import default_parser
+from omni.server.transcriptions import ASR_MODEL_NAME, TranscriptionService
 from omni.stages.contracts import audio, vision
+from omni.stages.contracts.asr import ROLE as ASR_ROLE
 from omni.stages.contracts.image import ROLE as IMAGE_ROLE
+from omni.stages.contracts.ocr import ROLE as OCR_ROLE
 from omni.stages.contracts.speech import ROLE as SPEECH_ROLE
 from omni.stages.runtime import (
     StageConfig,
@@ -105,6 +109,8 @@ class Pipeline:
         self.speech_service: SpeechService | None = None
         # Names the roles no remote stage has joined for, once startup_timeout_s has passed.
         self._remote_watch: threading.Timer | None = None
+        # Serves /v1/audio/transcriptions when a speech recognition stage runs.
+        self.transcription_service: TranscriptionService | None = None
 
     @property
     def orchestrator(self) -> Orchestrator:
@@ -132,11 +138,19 @@ class Pipeline:
             tokenizer.chat_template = read_chat_template(config.chat_template)
         max_model_len = context_length(model_path, config.max_model_len)
         mm = media_prompt_processor(model_path)
+        takes = None if mm is None else {vision.ROLE: "image", audio.ROLE: "audio"}[mm[1]]
+        modes = MediaModes.resolve(config, takes)
         roles = [(LLM_ROLE, config.llm_replicas)]
         if mm is not None:
             # A vision- or audio-language model: its encoder runs as a stage of its own (in
             # the LLM replicas' processes when colocated).
             roles.append((mm[1], config.encoder_replicas(mm[1])))
+        # Perception: OCR where a mode reads images or pages as text; speech recognition for
+        # audio heard as text and for /v1/audio/transcriptions.
+        if modes.needs_ocr():
+            roles.append((OCR_ROLE, config.ocr_replicas))
+        if config.asr_replicas > 0:
+            roles.append((ASR_ROLE, config.asr_replicas))
         if config.image_model is not None:
             roles.append((IMAGE_ROLE, config.image_replicas))
         self.speech_model = speech_stage_model(config)
@@ -160,7 +174,8 @@ class Pipeline:
         def restarts() -> int:
             return supervisor.restarts if supervisor is not None else 0
 
-        metrics = ServerMetrics([StageCollector(router, restarts)])
+        perception = Perception(router, modes, config.perception_cache_entries)
+        metrics = ServerMetrics([StageCollector(router, restarts, perception=perception)])
         self._orchestrator = Orchestrator(
             router,
             tokenizer,
@@ -173,11 +188,17 @@ class Pipeline:
                 allowed_local_path=config.allowed_local_media_path,
                 timeout_s=config.media_fetch_timeout_s,
             ),
-            documents=Documents(PdfRenderer(config.pdf_settings())),
+            documents=Documents(
+                PdfRenderer(config.pdf_settings()),
+                images="untexted" if modes.pdf == "text" else "all",
+            ),
             tool_parser=config.tool_call_parser
             or default_parser(tokenizer, model_type(model_path)),
             roles=[role for role, _ in roles],
+            perception=perception,
         )
+        if config.asr_replicas > 0:
+            self.transcription_service = TranscriptionService(perception, ASR_MODEL_NAME)
         if config.image_model is not None:
             self.image_service = ImageService(router, config.image_model)
         if self.speech_model is not None:
@@ -295,9 +316,12 @@ class Pipeline:
 
     def _stage_model(self, role: str, model_path: str) -> str:
         """The image stage serves its own diffusers pipeline, the speech stage its voice model
-        ("" for the default voice); every other stage the model."""
+        ("" for the default voice), the perception stages their embedded models (""); every
+        other stage the model."""
         if role == SPEECH_ROLE:
             return self.speech_model or ""
+        if role in (OCR_ROLE, ASR_ROLE):
+            return ""
         image_model = self.config.image_model
         return image_model if role == IMAGE_ROLE and image_model is not None else model_path
 

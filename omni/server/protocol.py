@@ -94,8 +94,10 @@ class FileData(_OpenAIModel):
     file_data: str | None = None
     filename: str | None = None
     file_id: str | None = None
-    # The rendered pages once the server rendered them (never set by a client).
+    # The rendered pages once the server rendered them, and each page's text as perception
+    # read it (a `--pdf-mode both` document; never set by a client).
     _pages: list[Any] | None = PrivateAttr(default=None)
+    _page_texts: list[str] | None = PrivateAttr(default=None)
 
 
 class TextContentPart(_OpenAIModel):
@@ -225,6 +227,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     # omni's extension: the DPI PDF pages render at (within the server's bounds).
     pdf_dpi: float | None = None
+    # vLLM's extension: the answer also holds the prompt's token ids as the LLM stage got
+    # them (`prompt_token_ids`) and each choice's generated ids (`token_ids`).
+    return_token_ids: bool = False
 
 
 class CompletionRequest(SamplingFields):

@@ -25,10 +25,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from omni.cache.encoder_cache import EncoderCache
-from omni.stages.contracts import audio, image, llm, speech, vision
+from omni.server.perception import Perception
+from omni.stages.contracts import asr, audio, image, llm, ocr, speech, vision
+from omni.stages.contracts.asr import ASRStats
 from omni.stages.contracts.encoder import EncoderStats
 from omni.stages.contracts.image import ImageStats
 from omni.stages.contracts.llm import LLMStats
+from omni.stages.contracts.ocr import OCRStats
 from omni.stages.contracts.speech import SpeechStats
 from omni.supervision.replicas import ReplicaInfo
 from omni.supervision.router import StageRouter
@@ -144,6 +147,48 @@ _SPEECH_STATS: list[_Stat[SpeechStats]] = [
 ]  # fmt: skip
 
 
+_OCR_STATS: list[_Stat[OCRStats]] = [
+    _Stat(
+        "omni:ocr_requests_queued", "Images queued in an OCR stage replica", False,
+        lambda s: s.requests_queued,
+    ),
+    _Stat(
+        "omni:ocr_images_read", "Images and pages an OCR stage replica has read", True,
+        lambda s: s.images_read,
+    ),
+    _Stat(
+        "omni:ocr_lines_found", "Text lines an OCR stage replica has found", True,
+        lambda s: s.lines_found,
+    ),
+    _Stat(
+        "omni:ocr_busy_seconds", "Seconds an OCR stage replica spent reading", True,
+        lambda s: s.busy_seconds,
+    ),
+]  # fmt: skip
+_ASR_STATS: list[_Stat[ASRStats]] = [
+    _Stat(
+        "omni:asr_requests_queued", "Clips queued or being heard in an asr stage replica",
+        False, lambda s: s.requests_queued,
+    ),
+    _Stat(
+        "omni:asr_requests_transcribed", "Clips an asr stage replica has transcribed", True,
+        lambda s: s.requests_transcribed,
+    ),
+    _Stat(
+        "omni:asr_batches", "Batched passes of an asr stage replica", True,
+        lambda s: s.batches,
+    ),
+    _Stat(
+        "omni:asr_audio_seconds", "Seconds of audio an asr stage replica has heard", True,
+        lambda s: s.audio_seconds,
+    ),
+    _Stat(
+        "omni:asr_busy_seconds", "Seconds an asr stage replica spent hearing", True,
+        lambda s: s.busy_seconds,
+    ),
+]  # fmt: skip
+
+
 def replica_stats(
     contract: _StatsDecoder[S], replicas: Sequence[ReplicaInfo]
 ) -> list[tuple[ReplicaInfo, S]]:
@@ -182,10 +227,12 @@ class StageCollector(Collector):
         router: StageRouter,
         restarts: Callable[[], int],
         encoder_cache: EncoderCache | None = None,
+        perception: Perception | None = None,
     ) -> None:
         self._router = router
         self._restarts = restarts
         self._encoder_cache = encoder_cache
+        self._perception = perception
 
     def collect(self) -> Iterator[Metric]:
         yield from self._router_metrics()
@@ -193,6 +240,8 @@ class StageCollector(Collector):
         yield from self._worker_stage_metrics()
         if self._encoder_cache is not None:
             yield from self._encoder_cache_metrics(self._encoder_cache)
+        if self._perception is not None:
+            yield from self._perception_cache_metrics(self._perception)
 
     def _router_metrics(self) -> Iterator[Metric]:
         counters = self._router.counters
@@ -254,6 +303,28 @@ class StageCollector(Collector):
         yield from _stat_families(_IMAGE_STATS, images, by_stage=True)
         voices = replica_stats(speech.CONTRACT, self._router.replicas(speech.ROLE))
         yield from _stat_families(_SPEECH_STATS, voices, by_stage=True)
+        readers = replica_stats(ocr.CONTRACT, self._router.replicas(ocr.ROLE))
+        yield from _stat_families(_OCR_STATS, readers, by_stage=True)
+        hearers = replica_stats(asr.CONTRACT, self._router.replicas(asr.ROLE))
+        yield from _stat_families(_ASR_STATS, hearers, by_stage=True)
+
+    @staticmethod
+    def _perception_cache_metrics(perception: Perception) -> Iterator[Metric]:
+        """Lookups of OCR texts and transcripts by content hash, and those answered without
+        a stage request."""
+        queries = CounterMetricFamily(
+            "omni:perception_cache_queries", "Perception results looked up by content hash",
+            labels=["kind"],
+        )
+        hits = CounterMetricFamily(
+            "omni:perception_cache_hits", "Perception results served without a stage request",
+            labels=["kind"],
+        )
+        for kind, cache in (("ocr", perception.pages), ("asr", perception.transcripts)):
+            queries.add_metric([kind], cache.queries)
+            hits.add_metric([kind], cache.hits)
+        yield queries
+        yield hits
 
     @staticmethod
     def _encoder_cache_metrics(cache: EncoderCache) -> Iterator[Metric]:

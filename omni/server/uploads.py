@@ -104,12 +104,12 @@ def add_upload_routes(
             )
         body = await read_body(request, settings.max_body_bytes)
         fields, uploads = await _read_form(request, body, settings)
-        taken = getattr(app.state.orchestrator.media.mm_processor, "MEDIA", None)
+        media = app.state.orchestrator.media
         model_name = app.state.orchestrator.model_name
         for upload in uploads:
             kind = upload.file_type.kind
-            media_kind, plural = MEDIA_PARTS[_PART_TYPES[kind]]
-            if taken is None or taken.name != media_kind:
+            _, plural = MEDIA_PARTS[_PART_TYPES[kind]]
+            if not media.takes(_PART_TYPES[kind]):
                 raise APIError(
                     400,
                     f"{upload.label} is {_KIND_NOUNS[kind]}; model {model_name!r} does not "
