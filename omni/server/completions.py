@@ -79,7 +79,7 @@ async def chat_completion(
             "finish_reason": finish_reason,
             **({"token_ids": token_ids} if request.return_token_ids else {}),
         })
-    extra = {"prompt_token_ids": prompt_ids} if request.return_token_ids else {}
+    extra: dict[str, Any] = {"prompt_token_ids": prompt_ids} if request.return_token_ids else {}
     return JSONResponse(header.body(choices=choices, usage=_usage(results), **extra))
 
 
