@@ -76,6 +76,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--ocr-replicas", type=int, default=None,
                    help="OCR stage replicas, for images and scanned PDF pages read as text "
                    "(1; 0: none)")
+    p.add_argument("--ocr-threads", type=int, default=None,
+                   help="onnxruntime threads of each OCR replica (0: half the cores)")
+    p.add_argument("--ocr-lanes", type=int, default=None,
+                   help="images each OCR replica reads at once, each on threads / lanes (1)")
     p.add_argument("--asr-replicas", type=int, default=None,
                    help="speech recognition replicas, for audio heard as text and "
                    "/v1/audio/transcriptions (1; 0: none)")

@@ -135,6 +135,10 @@ class ServeConfig:
     # Either runs only where a media mode needs it (and asr for the transcription route).
     ocr_replicas: int = 1
     asr_replicas: int = 1
+    # The OCR stage's onnxruntime threads (0: half the cores) and the images each replica reads
+    # at once (each lane gets threads / lanes of them).
+    ocr_threads: int = 0
+    ocr_lanes: int = 1
     pdf_mode: str = "auto"
     image_mode: str = "auto"
     audio_mode: str = "auto"
@@ -227,6 +231,9 @@ class ServeConfig:
                 raise ValueError(
                     f"{name} is {getattr(self, name)!r}; it must be one of {', '.join(choices)}"
                 )
+        if self.ocr_threads < 0 or self.ocr_lanes < 1:
+            raise ValueError(f"ocr_threads is {self.ocr_threads} and ocr_lanes "
+                             f"{self.ocr_lanes}; they must be >= 0 and >= 1")
         if self.perception_cache_entries < 0:
             raise ValueError(
                 f"perception_cache_entries is {self.perception_cache_entries}; it must be >= 0"
@@ -368,6 +375,15 @@ class ServeConfig:
         # The LLM stage keeps the encoder outputs it fetched (the media items' embeddings).
         options.setdefault("encoder_cache_mib", str(self.encoder_cache_mib))
         return options
+
+    def stage_options(self, role: str) -> dict[str, str]:
+        """A role's worker options (strings, as on its command line): the LLM engine's, the
+        OCR stage's thread budget; none for the others."""
+        if role == "llm":
+            return self.llm_options()
+        if role == "ocr":
+            return {"threads": str(self.ocr_threads), "lanes": str(self.ocr_lanes)}
+        return {}
 
     def router_endpoints(self) -> list[str]:
         """Each API process's router endpoint (ipc, in api_server_dir), rank order."""

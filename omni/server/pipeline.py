@@ -148,6 +148,7 @@ class Pipeline:
         # Perception: OCR where a mode reads images or pages as text; speech recognition for
         # audio heard as text and for /v1/audio/transcriptions.
         if modes.needs_ocr():
+            check_worker_options(OCR_ROLE, WorkerOptions(extra=config.stage_options(OCR_ROLE)))
             roles.append((OCR_ROLE, config.ocr_replicas))
         if config.asr_replicas > 0:
             roles.append((ASR_ROLE, config.asr_replicas))
@@ -331,7 +332,7 @@ class Pipeline:
         config = self.config
         for role, count in roles:
             devices = config.stage_devices(role)
-            extra = config.llm_options() if role == LLM_ROLE else {}
+            extra = config.stage_options(role)
             per_replica = config.tensor_parallel_size if role == LLM_ROLE else 1
             for index in range(count):
                 device = replica_device(devices, index, per_replica)
@@ -367,9 +368,8 @@ class Pipeline:
             if config.api_server_count > 1:
                 for endpoint in config.router_endpoints()[1:]:
                     extra += ["--also-connect", endpoint]
-            if role == LLM_ROLE:
-                for key, value in config.llm_options().items():
-                    extra += ["--option", f"{key}={value}"]
+            for key, value in config.stage_options(role).items():
+                extra += ["--option", f"{key}={value}"]
             specs.append(
                 StageSpec(
                     role=role,

@@ -7,10 +7,11 @@ The models are the PP-OCR detection, direction and recognition networks that shi
 conversion to RGB as the vision stage (CMYK, 16-bit grey, transparency over white, a GIF's
 first frame).
 
-onnxruntime would otherwise start a thread per core for every session, taking the LLM stage's
-cores too; `threads` bounds it (default: half the cores, at least one). `lanes` engines read
-that many images at once, each on threads / lanes threads: throughput under concurrent
-requests rather than the latency of one.
+onnxruntime would otherwise start a thread per core for every session, and its idle threads
+spin waiting for work, taking the LLM stage's cores too. `threads` bounds the stage's threads
+(default: half the cores, at least one), and they sleep when idle. `lanes` engines read that
+many images at once, each on threads / lanes threads: throughput under concurrent requests
+rather than the latency of one.
 
 Options (`--option key=value`): the fields of `OCRSettings`.
 """
@@ -101,6 +102,31 @@ def reading_order(lines: list[TextLine]) -> str:
                      for row in rows)
 
 
+def _no_spinning_sessions() -> None:
+    """Make rapidocr's onnxruntime sessions park idle threads instead of spinning on them.
+
+    rapidocr builds its SessionOptions in one static method and exposes no way to add config
+    entries, so this wraps that method (once per process); if a rapidocr release moves it,
+    the sessions simply keep onnxruntime's default."""
+    try:
+        from rapidocr.inference_engine.onnxruntime.main import OrtInferSession
+    except ImportError:
+        return
+    original = OrtInferSession.__dict__.get("_init_sess_opts")
+    if not isinstance(original, staticmethod) or getattr(original, "_omni", False):
+        return
+
+    def options(cfg: Any) -> Any:
+        sess_opt = original.__func__(cfg)
+        sess_opt.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess_opt.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        return sess_opt
+
+    wrapped = staticmethod(options)
+    wrapped._omni = True  # type: ignore[attr-defined]
+    OrtInferSession._init_sess_opts = wrapped  # type: ignore[method-assign]
+
+
 @register_worker(ROLE)
 class OCRWorker(StageWorker):
     @classmethod
@@ -122,6 +148,7 @@ class OCRWorker(StageWorker):
     def load(self) -> None:
         from rapidocr import RapidOCR
 
+        _no_spinning_sessions()
         settings = self.settings
         per_lane = max(1, settings.total_threads // settings.lanes)
         params = {
