@@ -33,7 +33,7 @@ import zmq.auth
 from fixtures_vl import make_tiny_qwen2_5_vl, noise_image
 from omni.transport.key_folder import load_server_keys, load_stage_keys
 from omni.transport.shm import list_segments
-from server_fixtures import free_port
+from server_fixtures import NO_PERCEPTION_FLAGS, free_port
 from test_server_replicas import data_url, messages, wait_until_up
 from test_vl_engine import NEW_TOKENS, reference
 
@@ -174,6 +174,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         sys.executable, "-m", "omni.cli", "serve", str(folder), "--port", str(port),
         "--served-model-name", MODEL, "--llm-replicas", "0", "--vision-replicas", "0",
         "--stage-endpoint", stage_endpoint, "--stage-keys", str(keys), "--no-speech",
+        *NO_PERCEPTION_FLAGS,
     ]  # fmt: skip
     with server_log.open("wb") as out:
         server = subprocess.Popen(command, stdout=out, stderr=out)
