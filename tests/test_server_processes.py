@@ -108,7 +108,7 @@ def test_config_file_settings_and_flags_that_win(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("llm-replicas: 0\n", "llm_replicas is 0; it must be >= 1"),
+        ("llm-replicas: 0\n", "llm_replicas is 0: a role with no local replica"),
         ("gpus: 2\n", "unknown setting 'gpus'"),
         ("- just\n- a list\n", "must hold a mapping"),
         ("options: {max_model_len: 5}\n", "with their own flags"),
@@ -153,9 +153,9 @@ def test_devices_flag() -> None:
 def test_serve_exits_2_with_a_one_line_error_for_a_bad_flag(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    args = build_parser().parse_args(["serve", "--llm-replicas", "0"])
+    args = build_parser().parse_args(["serve", "--llm-replicas", "-1"])
     assert args.func(args) == 2
-    assert capsys.readouterr().err == ("omni serve: error: llm_replicas is 0; it must be >= 1\n")
+    assert capsys.readouterr().err == "omni serve: error: llm_replicas is -1; it must be >= 0\n"
 
 
 def test_unknown_engine_option_fails_before_any_stage_starts(tmp_path: Path) -> None:

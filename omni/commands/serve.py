@@ -83,6 +83,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--asr-replicas", type=int, default=None,
                    help="speech recognition replicas, for audio heard as text and "
                    "/v1/audio/transcriptions (1; 0: none)")
+    p.add_argument("--perception-cache-entries", type=int, default=None,
+                   help="OCR texts and transcripts each API process keeps by content hash (4096)")
     p.add_argument("--pdf-mode", default=None, choices=["auto", "text", "image", "both"],
                    help="PDF pages reach the model as text (text layer, else OCR), as images, "
                    "or both (auto: images for a vision model, else text)")
