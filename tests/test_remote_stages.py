@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,7 +40,7 @@ from test_vl_engine import NEW_TOKENS, reference
 
 from omni.cli import main
 from omni.multimodal import Qwen2VLPromptProcessor, prepare_qwen2_vl_prompt
-from omni.server.config import ServeConfig
+from omni.server.config import ServeConfig, parse_resources
 
 MODEL = "tiny-vl"
 
@@ -95,6 +96,27 @@ def test_a_tcp_stage_endpoint_needs_keys_and_zero_replicas_need_one(tmp_path: Pa
     assert main(["serve", "--stage-endpoint", "tcp://127.0.0.1:5555"]) == 2
 
 
+def test_ray_placement_settings_are_checked_before_anything_starts() -> None:
+    config = ServeConfig(placement="ray", llm_resources={"GPU": 1, "CPU": 4, "big_mem": 1})
+    assert config.resources("llm") == {"GPU": 1.0, "CPU": 4.0, "big_mem": 1.0}
+    assert config.resources("vision") == {"GPU": 1.0}  # a GPU each by default
+    # Ray brings its own keys: a tcp endpoint needs no --stage-keys there.
+    assert ServeConfig(placement="ray", stage_endpoint="tcp://10.0.0.1:5555").on_ray
+    assert parse_resources("llm_resources", "GPU=0.5,CPU=2") == {"GPU": 0.5, "CPU": 2.0}
+    with pytest.raises(ValueError, match="llm_resources 'GPU' must look like GPU=1,CPU=4"):
+        parse_resources("llm_resources", "GPU")
+    with pytest.raises(ValueError, match="vision_resources: GPU='x' is not a number"):
+        ServeConfig(placement="ray", vision_resources={"GPU": "x"})
+    with pytest.raises(ValueError, match="llm_resources needs placement 'ray'"):
+        ServeConfig(llm_resources={"GPU": 1})
+    with pytest.raises(ValueError, match="placement 'cloud' is not one of"):
+        ServeConfig(placement="cloud")
+    with pytest.raises(ValueError, match="placement 'ray' does not go with single_process"):
+        ServeConfig(placement="ray", single_process=True)
+    with pytest.raises(ValueError, match="placement 'ray' does not go with devices"):
+        ServeConfig(placement="ray", devices={"llm": ("cuda:0",)})
+
+
 @dataclass
 class Stage:
     process: subprocess.Popen[bytes]
@@ -147,14 +169,19 @@ class Deployment:
         return health
 
     def chat(self, seed: int) -> httpx.Response:
-        body = {
-            "model": MODEL, "messages": messages(data_url(seed)), "max_tokens": NEW_TOKENS,
-            "temperature": 0, "ignore_eos": True,
-        }  # fmt: skip
-        return httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=60)
+        return httpx.post(f"{self.url}/v1/chat/completions", json=chat_body(seed), timeout=60)
 
 
-def _expected(folder: Path, seed: int) -> str:
+def chat_body(seed: int) -> dict[str, Any]:
+    """A greedy image chat about `data_url(seed)`."""
+    return {
+        "model": MODEL, "messages": messages(data_url(seed)), "max_tokens": NEW_TOKENS,
+        "temperature": 0, "ignore_eos": True,
+    }  # fmt: skip
+
+
+def expected_answer(folder: Path, seed: int) -> str:
+    """transformers' greedy answer to `chat_body(seed)`."""
     processor = Qwen2VLPromptProcessor.from_pretrained(str(folder))
     image = noise_image(56 + 28 * (seed % 3), 56, seed)
     prompt = prepare_qwen2_vl_prompt(processor, messages=messages(image))
@@ -225,7 +252,7 @@ def test_remote_stages_join_over_curve_and_serve_image_chats(deployment: Deploym
     seeds = [0, 1, 2, 0]
     answers = [d.chat(seed) for seed in seeds]
     assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
-    expected = {seed: _expected(d.folder, seed) for seed in set(seeds)}
+    expected = {seed: expected_answer(d.folder, seed) for seed in set(seeds)}
     assert [a.json()["choices"][0]["message"]["content"] for a in answers] == [
         expected[seed] for seed in seeds
     ]

@@ -85,6 +85,22 @@ def read_public_key(given: str) -> str:
     return given
 
 
+def write_key_pair(path: str | Path, public: str, secret: str) -> Path:
+    """A key pair as a ZeroMQ secret certificate (what `--client-key` reads), owner-only."""
+    check_curve_key("public key", public)
+    check_curve_key("secret key", secret)
+    target = Path(path)
+    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(
+            "#   ZeroMQ CURVE secret certificate, written by omni\n"
+            "metadata\ncurve\n"
+            f'    public-key = "{public}"\n'
+            f'    secret-key = "{secret}"\n'
+        )
+    return target
+
+
 def load_stage_keys(server_key: str, client_key_file: str | Path) -> CurveKeys:
     """A stage's side: the server's public key and this stage's key pair."""
     if not Path(client_key_file).is_file():

@@ -57,13 +57,19 @@ class CurveKeys:
 
     The orchestrator (server) sets its own `public_key`/`secret_key` and, to admit only known
     stages, `authorized_clients`; with none listed, any peer that knows the server's public key
-    may connect. A stage (client) sets its own keypair and `server_key`.
+    may connect, unless `allow_list` says the list starts empty and grows (`allow_client`).
+    A stage (client) sets its own keypair and `server_key`.
     """
 
     public_key: str
     secret_key: str
     server_key: str = ""
     authorized_clients: tuple[str, ...] = ()
+    allow_list: bool = False
+
+    @property
+    def admits_listed_only(self) -> bool:
+        return self.allow_list or bool(self.authorized_clients)
 
     def __post_init__(self) -> None:
         check_curve_key("public_key", self.public_key)
@@ -190,7 +196,7 @@ class BoundRouter:
         secured = remote_endpoint or endpoint
         self._allow_list: _AllowListedClients | None = None
         self.authenticator: ThreadAuthenticator | None = None
-        if curve is not None and curve.authorized_clients:
+        if curve is not None and curve.admits_listed_only:
             # The authenticator must be running before the socket binds, or early handshakes
             # would be decided without it.
             self.authenticator = ThreadAuthenticator(context)

@@ -162,6 +162,26 @@ def add_parser(subparsers: Any) -> None:
         help="allow --stage-endpoint without keys: unencrypted, and any host that reaches "
         "the port may join (trusted private networks only)",
     )
+    p.add_argument(
+        "--placement",
+        default=None,
+        choices=["local", "ray"],
+        help="where stage replicas run: this host's processes (local, the default) or Ray "
+        "actors on any node of a Ray cluster with their resources (ray; pip install omni[ray])",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster to use with --placement ray: auto (the cluster this node "
+        "joined with `ray start`) or HOST:PORT (default: start a Ray instance on this host)",
+    )
+    for role in ("llm", "vision", "audio", "image", "speech"):
+        p.add_argument(
+            f"--{role}-resources",
+            default=None,
+            metavar="NAME=N,...",
+            help=f"Ray resources of one {role} replica (default GPU=1), e.g. GPU=1,CPU=4",
+        )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument(
@@ -253,7 +273,13 @@ def add_parser(subparsers: Any) -> None:
 
 def serve_config(args: argparse.Namespace) -> Any:
     """The ServeConfig from the config file (if any) overridden by the flags given."""
-    from omni.server.config import ServeConfig, parse_devices, parse_domains
+    from omni.server.config import (
+        RESOURCE_FIELDS,
+        ServeConfig,
+        parse_devices,
+        parse_domains,
+        parse_resources,
+    )
 
     settings = load_config_file(args.config) if args.config else {}
     options = dict(settings.pop("options", {}))
@@ -282,6 +308,9 @@ def serve_config(args: argparse.Namespace) -> Any:
             # (--devices llm=0,1,2,3 -tp 2: two replicas of two GPUs each).
             size = int(options.get("tensor_parallel_size", "1"))
             settings["llm_replicas"] = max(1, len(llm_devices) // max(1, size))
+    for name in RESOURCE_FIELDS:
+        if settings.get(name) is not None:
+            settings[name] = parse_resources(name, settings[name])
     if "allowed_media_domains" in settings:
         settings["allowed_media_domains"] = parse_domains(settings["allowed_media_domains"])
     try:

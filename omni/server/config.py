@@ -77,6 +77,35 @@ MEDIA_MODES = {
     "audio_mode": ("auto", "text", "audio", "both"),
 }
 
+# Per-role Ray resources (`--llm-resources GPU=1,CPU=4`), for `placement="ray"`.
+RESOURCE_FIELDS = tuple(name.replace("_replicas", "_resources") for name in REPLICA_FIELDS)
+PLACEMENTS = ("local", "ray")
+
+
+def parse_resources(name: str, value: object) -> dict[str, float]:
+    """`GPU=1,CPU=4,big_mem=1` (the flag) or a YAML mapping to {resource: amount}."""
+    if isinstance(value, Mapping):
+        items = [(str(key), amount) for key, amount in value.items()]
+    elif isinstance(value, str):
+        items = []
+        for pair in value.split(","):
+            key, sep, amount = pair.strip().partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{name} {value!r} must look like GPU=1,CPU=4")
+            items.append((key.strip(), amount.strip()))
+    else:
+        raise ValueError(f"{name} is {value!r}; give resources like GPU=1,CPU=4")
+    resources = {}
+    for key, amount in items:
+        try:
+            number = float(amount)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: {key}={amount!r} is not a number") from None
+        if not number >= 0:
+            raise ValueError(f"{name}: {key}={amount} must be >= 0")
+        resources[key] = number
+    return resources
+
 
 # The encoder roles `colocate_encoders` moves into the LLM replicas' processes.
 COLOCATED_ROLES = ("vision", "audio")
@@ -176,6 +205,17 @@ class ServeConfig:
     stage_endpoint: str | None = None
     stage_keys: str | None = None
     insecure_stage_endpoint: bool = False
+    # Where the stage replicas run: "local" (child processes of this one, on this host's
+    # devices) or "ray" (each a Ray actor on a node of the cluster at `ray_address` that has
+    # its role's resources; "auto" joins the cluster of this node, None starts a local one).
+    placement: str = "local"
+    ray_address: str | None = None
+    # What one replica of a role needs on Ray (default: one GPU), e.g. {"GPU": 1, "CPU": 4}.
+    llm_resources: Mapping[str, float] | None = None
+    vision_resources: Mapping[str, float] | None = None
+    audio_resources: Mapping[str, float] | None = None
+    image_resources: Mapping[str, float] | None = None
+    speech_resources: Mapping[str, float] | None = None
     # POST /v1/uploads/chat (multipart): files make bodies larger than JSON requests.
     max_upload_bytes: int = 64 * 1024 * 1024
     max_upload_files: int = 8
@@ -238,6 +278,7 @@ class ServeConfig:
             raise ValueError(
                 f"perception_cache_entries is {self.perception_cache_entries}; it must be >= 0"
             )
+        self._check_placement()
         for domain in self.allowed_media_domains:
             if not isinstance(domain, str) or not domain or "/" in domain or ":" in domain:
                 raise ValueError(
@@ -282,7 +323,7 @@ class ServeConfig:
                 "already join over ipc)"
             )
         check_endpoint(self.stage_endpoint, binding=True, allow_tcp=True)
-        if self.stage_keys is None and not self.insecure_stage_endpoint:
+        if self.stage_keys is None and not self.insecure_stage_endpoint and not self.on_ray:
             raise ValueError(
                 f"stage_endpoint {self.stage_endpoint} needs CURVE keys: --stage-keys DIR (make "
                 "them with `omni keys generate DIR`), or --insecure-stage-endpoint to let any "
@@ -295,6 +336,46 @@ class ServeConfig:
                 "stage_endpoint with api_server_count > 1 is not supported: each API process "
                 "has its own router, and remote stages would have to join every one"
             )
+
+    @property
+    def on_ray(self) -> bool:
+        return self.placement == "ray"
+
+    def _check_placement(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement {self.placement!r} is not one of {list(PLACEMENTS)}")
+        given = [name for name in RESOURCE_FIELDS if getattr(self, name) is not None]
+        if self.ray_address is not None:
+            given.insert(0, "ray_address")
+        if not self.on_ray:
+            if given:
+                raise ValueError(f"{given[0]} needs placement 'ray'")
+            return
+        for name in RESOURCE_FIELDS:
+            if getattr(self, name) is not None:
+                parse_resources(name, getattr(self, name))
+        clashes = {
+            "single_process": self.single_process,
+            "colocate_encoders": self.colocate_encoders,
+            "api_server_count > 1": self.api_server_count > 1,
+            "tensor_parallel_size > 1": self.tensor_parallel_size > 1,
+            "insecure_stage_endpoint (Ray's stages always get keys)": (
+                self.insecure_stage_endpoint
+            ),
+            "devices (Ray picks the GPUs; use --ROLE-resources)": bool(self.devices),
+        }
+        for what, present in clashes.items():
+            if present:
+                raise ValueError(f"placement 'ray' does not go with {what}")
+
+    def resources(self, role: str) -> dict[str, float]:
+        """What one replica of `role` needs on Ray: its --ROLE-resources, else one GPU (one
+        CPU for the perception stages, OCR and speech recognition, which have no flag)."""
+        name = f"{role}_resources"
+        if name not in RESOURCE_FIELDS:
+            return {"CPU": 1.0}
+        value = getattr(self, name)
+        return parse_resources(name, value) if value is not None else {"GPU": 1.0}
 
     def _check_colocation(self) -> None:
         if self.single_process:

@@ -12,6 +12,7 @@ Two ways to run the stages, one code path for requests:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -45,9 +46,12 @@ from omni.stages.runtime import (
     check_worker_options,
     create_worker,
 )
+from omni.supervision import ray_placement
+from omni.supervision.ray_placement import RayStageSupervisor
 from omni.supervision.router import RouterConfig, StageRouter
 from omni.supervision.supervisor import StageSpec, StageSupervisor, replica_device
 from omni.transport.key_folder import load_server_keys
+from omni.transport.sockets import CurveKeys, generate_curve_keypair
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +101,9 @@ class Pipeline:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.router: StageRouter | None = None
-        self.supervisor: StageSupervisor | None = None
+        self.supervisor: StageSupervisor | RayStageSupervisor | None = None
+        # Whether this process joined a Ray cluster (placement "ray"), to leave it on close.
+        self._on_ray = False
         # In-process replicas (single_process); their workers can be inspected by tests.
         self.runtimes: list[StageRuntime] = []
         self._ipc_dir: str | None = None
@@ -224,6 +230,9 @@ class Pipeline:
         if self.router is not None:
             self.router.close()
             self.router = None
+        if self._on_ray:
+            ray_placement.disconnect()
+            self._on_ray = False
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
             self._ipc_dir = None
@@ -299,10 +308,24 @@ class Pipeline:
             self._ipc_dir = tempfile.mkdtemp(prefix="omni-", dir="/tmp")
             endpoint = f"ipc://{self._ipc_dir}/router.sock"
         keys = self.config.stage_keys
+        remote = self.config.stage_endpoint
+        curve = load_server_keys(keys) if keys is not None else None
+        if self.config.on_ray:
+            # Ray's actors join over tcp on this node's address, each with a key pair it made
+            # and the router admits (`allow_client`); the server's pair is --stage-keys' or
+            # made now.
+            node_ip = ray_placement.connect(self.config.ray_address)
+            self._on_ray = True
+            remote = remote or f"tcp://{node_ip}:0"
+            curve = (
+                dataclasses.replace(curve, allow_list=True)
+                if curve is not None
+                else CurveKeys(*generate_curve_keypair(), allow_list=True)
+            )
         router_config = RouterConfig(
             endpoint=endpoint,
-            remote_endpoint=self.config.stage_endpoint,
-            curve=load_server_keys(keys) if keys is not None else None,
+            remote_endpoint=remote,
+            curve=curve,
             shared_memory=not self.config.single_process,
             stall_timeout_s=self.config.stage_stall_timeout_s,
         )
@@ -383,7 +406,11 @@ class Pipeline:
                     colocated_model=self._stage_model(colocated, model_path) if colocated else "",
                 )
             )
-        self.supervisor = StageSupervisor(router, specs).start()
+        if config.on_ray:
+            resources = {role: config.resources(role) for role, _ in roles}
+            self.supervisor = RayStageSupervisor(router, specs, resources).start()
+        else:
+            self.supervisor = StageSupervisor(router, specs).start()
 
 
 def media_prompt_processor(model_path: str) -> tuple[Any, str] | None:

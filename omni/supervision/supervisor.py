@@ -76,6 +76,40 @@ def replica_device(devices: Sequence[str], index: int, per_replica: int = 1) -> 
     return ",".join(devices[(first + rank) % len(devices)] for rank in range(per_replica))
 
 
+def stage_arguments(
+    spec: StageSpec,
+    replica_id: str,
+    device: str,
+    router: StageRouter,
+    endpoint: str,
+    colocated_id: str = "",
+) -> list[str]:
+    """`omni stage ...` arguments (after `omni`) for one replica of `spec` joining `router` at
+    `endpoint` (its local one, or its tcp one for a replica placed on another node)."""
+    command = [
+        "stage", spec.role,
+        "--connect", endpoint,
+        "--replica-id", replica_id,
+        "--device", device,
+        "--capacity", str(spec.capacity),
+        "--heartbeat-interval", str(router.config.heartbeat_interval_s),
+        "--shm-prefix", router.config.shm_prefix,
+    ]  # fmt: skip
+    if spec.model:
+        command += ["--model", spec.model]
+    if colocated_id:
+        command += [
+            "--colocate", spec.colocated_role,
+            "--colocate-replica-id", colocated_id,
+            "--colocate-capacity", str(spec.capacity),
+        ]  # fmt: skip
+        if spec.colocated_model:
+            command += ["--colocate-model", spec.colocated_model]
+    for module in spec.worker_modules:
+        command += ["--worker-module", module]
+    return command + list(spec.extra_args)
+
+
 @dataclass(frozen=True)
 class SupervisorConfig:
     restart: bool = True
@@ -210,30 +244,15 @@ class StageSupervisor:
     # -- internals ----------------------------------------------------------------------------
 
     def _command(self, child: _Child) -> list[str]:
-        spec = child.spec
-        command = [
-            sys.executable, "-m", "omni.cli", "stage", spec.role,
-            "--connect", self.router.endpoint,
-            "--replica-id", child.replica_id,
-            "--device", child.device,
-            "--capacity", str(spec.capacity),
-            "--heartbeat-interval", str(self.router.config.heartbeat_interval_s),
-            "--shm-prefix", self.router.config.shm_prefix,
-            "--parent-pid", str(os.getpid()),
-        ]  # fmt: skip
-        if spec.model:
-            command += ["--model", spec.model]
-        if child.colocated_id:
-            command += [
-                "--colocate", spec.colocated_role,
-                "--colocate-replica-id", child.colocated_id,
-                "--colocate-capacity", str(spec.capacity),
-            ]  # fmt: skip
-            if spec.colocated_model:
-                command += ["--colocate-model", spec.colocated_model]
-        for module in spec.worker_modules:
-            command += ["--worker-module", module]
-        return command + list(spec.extra_args)
+        arguments = stage_arguments(
+            child.spec,
+            child.replica_id,
+            child.device,
+            self.router,
+            self.router.endpoint,
+            child.colocated_id,
+        )
+        return [sys.executable, "-m", "omni.cli", *arguments, "--parent-pid", str(os.getpid())]
 
     def _spawn(self, child: _Child) -> None:
         child.process = subprocess.Popen(self._command(child), env=self._env)
