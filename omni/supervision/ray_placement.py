@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from omni.stages.runtime.process import EXIT_BAD_CONFIG, describe_exit
+from omni.stages.runtime.process import describe_exit
 from omni.supervision.replicas import ReplicaInfo
 from omni.supervision.router import StageRouter
 from omni.supervision.supervisor import StageEvent, StageSpec, SupervisorConfig, stage_arguments
@@ -287,11 +287,7 @@ class RayStageSupervisor:
     def _handle_death(self, placed: _Placed, reason: str, code: int | None) -> bool:
         """Fail its requests, count it; True when it is to be placed again."""
         self.router.fail_replica(placed.replica_id, reason)
-        now = time.monotonic()
-        placed.deaths.append(now)
-        while placed.deaths and now - placed.deaths[0] > self.config.restart_window_s:
-            placed.deaths.popleft()
-        restart = code != EXIT_BAD_CONFIG and len(placed.deaths) <= self.config.max_restarts
+        restart = self.config.may_restart(placed.deaths, time.monotonic(), code)
         self.events.append(StageEvent(placed.replica_id, placed.pid, reason, restart))
         logger.error(
             "stage %s (pid %d) %s; %s",

@@ -131,6 +131,18 @@ class SupervisorConfig:
             raise ValueError(f"restart_delay_s is {self.restart_delay_s}; it must be >= 0")
 
 
+    def may_restart(self, deaths: deque[float], now: float, code: int | None) -> bool:
+        """Count a death at `now` in `deaths` (a replica's recent ones) and say whether to
+        start it again: not after a bad configuration (exit code 2: it would fail the same
+        way), nor past max_restarts within restart_window_s."""
+        deaths.append(now)
+        while deaths and now - deaths[0] > self.restart_window_s:
+            deaths.popleft()
+        return (
+            self.restart and code != EXIT_BAD_CONFIG and len(deaths) <= self.max_restarts
+        )
+
+
 @dataclass(frozen=True)
 class StageEvent:
     """One death of a supervised replica."""
@@ -284,14 +296,7 @@ class StageSupervisor:
             self.router.fail_replica(replica_id, reason)
         self.router.forget_shm_owner(pid)
         swept = sweep_owner(pid, self.router.config.shm_prefix)
-        child.deaths.append(now)
-        while child.deaths and now - child.deaths[0] > self.config.restart_window_s:
-            child.deaths.popleft()
-        restart = (
-            self.config.restart
-            and code != EXIT_BAD_CONFIG
-            and len(child.deaths) <= self.config.max_restarts
-        )
+        restart = self.config.may_restart(child.deaths, now, code)
         self.events.append(StageEvent(child.replica_id, pid, reason, restart))
         logger.error(
             "stage %s (pid %d) %s; swept %d shared-memory segments; %s",
