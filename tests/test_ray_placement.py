@@ -30,7 +30,7 @@ import httpx
 import pytest
 from fixtures_vl import make_tiny_qwen2_5_vl
 from omni.transport.shm import list_segments
-from server_fixtures import free_port
+from server_fixtures import NO_PERCEPTION_FLAGS, free_port
 from test_remote_stages import MODEL, chat_body, expected_answer
 from test_server_replicas import wait_until_up
 
@@ -93,6 +93,7 @@ def test_ray_places_stages_on_the_node_with_their_resources(
         "--served-model-name", MODEL, "--placement", "ray", "--ray-address", address,
         "--llm-resources", "stage_host=1,CPU=1", "--vision-resources", "stage_host=1,CPU=1",
         "--no-speech", "--option", "num_kv_blocks=512", "--option", "block_size=8",
+        *NO_PERCEPTION_FLAGS,
     ]  # fmt: skip
     with log.open("wb") as out:
         server = subprocess.Popen(command, stdout=out, stderr=out)
