@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from omni.stages.llm.config import EngineConfig
-from omni.stages.llm.models.loader import load_model
+from omni.stages.llm.models.loader import check_shardable, load_model
 from omni.stages.llm.models.parallel_layers import attention_head_shards
 from omni.stages.llm.parallel.group import TensorParallel, building_with
 from omni.stages.llm.parallel.ranks import rank_devices
+from omni.stages.llm.worker import LLMWorker
+from omni.stages.runtime import WorkerOptions
 from safetensors.torch import load_file
 
 from omni import LLM, SamplingParams
-from tests.fixtures_models import make_tiny_checkpoint
+from tests.fixtures_models import make_tiny_checkpoint, tiny_config
 from tests.test_llm_engine import make_prompts, reference_greedy
 
 NEW_TOKENS = 12
@@ -106,8 +108,7 @@ def test_mixture_of_experts_over_ranks_match_transformers(
 
 
 def _rank(rank: int, world_size: int) -> TensorParallel:
-    # Loading uses no collective: stand-ins for the process groups do.
-    return TensorParallel(rank, world_size, device_group=object(), host_group=object())  # type: ignore[arg-type]
+    return TensorParallel.layout(rank, world_size)  # loading runs no collective
 
 
 @pytest.mark.parametrize(("rank", "world_size"), [(1, 2), (3, 4)])
@@ -179,6 +180,23 @@ def test_sizes_that_do_not_shard_are_refused() -> None:
         _rank(0, 8).split(100, "intermediate_size")
     with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1, got 0"):
         EngineConfig(model="m", tensor_parallel_size=0)
+
+
+def test_a_model_that_does_not_shard_is_refused_before_any_rank_starts(tmp_path: Path) -> None:
+    """Checked from config.json alone, on the meta device: the server's pre-flight check."""
+    config = tiny_config("qwen3_moe", 384, num_attention_heads=16, num_key_value_heads=16,
+                         num_experts=6)  # fmt: skip
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="num_attention_heads is 16, which "
+                       "tensor_parallel_size 3 does not divide"):
+        LLMWorker.check_options(
+            WorkerOptions(model=str(tmp_path), extra={"tensor_parallel_size": "3"})
+        )
+    check_shardable(str(tmp_path), 4, expert_parallel=False)  # each expert's features split
+    with pytest.raises(ValueError, match="the number of experts is 6, which "
+                       "tensor_parallel_size 4 does not divide"):
+        check_shardable(str(tmp_path), 4, expert_parallel=True)
 
 
 def test_rank_devices() -> None:

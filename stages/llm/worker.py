@@ -28,6 +28,7 @@ from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.engine import LLMEngine
 from omni.stages.llm.media_items import ItemFetcher, call_id_counter
 from omni.stages.llm.mm_inputs import MultiModalInputs
+from omni.stages.llm.models.loader import check_shardable
 from omni.stages.llm.outputs import RequestOutput
 from omni.stages.runtime.options import field_types, parse_option, parse_options
 from omni.stages.runtime.worker import (
@@ -77,8 +78,13 @@ class _Admitted:
 class LLMWorker(StageWorker):
     @classmethod
     def check_options(cls, options: WorkerOptions) -> None:
-        engine_config(options)
+        config = engine_config(options)
         _encoder_cache_mib(options)
+        if config.tensor_parallel_size > 1:
+            # A model whose heads or experts do not split fails here, not in every rank.
+            check_shardable(
+                config.model, config.tensor_parallel_size, config.enable_expert_parallel
+            )
 
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__(options)

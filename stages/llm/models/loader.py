@@ -20,6 +20,7 @@ from omni.stages.checkpoint import (
 )
 from omni.stages.llm.models.base import CausalLM
 from omni.stages.llm.models.registry import get_model_class
+from omni.stages.llm.parallel.group import TensorParallel, building_with
 from transformers import AutoConfig, PretrainedConfig
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,16 @@ def load_model(
         load_format,
     )
     return model, config
+
+
+def check_shardable(model_path: str, tensor_parallel_size: int, expert_parallel: bool) -> None:
+    """ValueError naming the first dimension of the model that `tensor_parallel_size` ranks
+    cannot split (heads, KV heads, intermediate features, experts): the model is built on
+    the meta device, as rank 0 would shape it, without memory or weights."""
+    config = AutoConfig.from_pretrained(resolve_model_path(model_path, include_weights=False))
+    group = TensorParallel.layout(0, tensor_parallel_size, expert_parallel)
+    with torch.device("meta"), building_with(group):
+        get_model_class(config)(config, torch.float32)
 
 
 def load_checkpoint(model: CausalLM, folder: str) -> None:

@@ -77,14 +77,18 @@ class TensorParallel:
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a group of {world_size}")
-        if world_size > 1 and (device_group is None or host_group is None):
-            raise ValueError("a group of several ranks needs its process groups")
         self.rank = rank
         self.world_size = world_size
         self.device_group = device_group
         self.host_group = host_group
         # Mixture-of-experts layers place whole experts on ranks instead of sharding each.
         self.expert_parallel = expert_parallel
+
+    @classmethod
+    def layout(cls, rank: int, world_size: int, expert_parallel: bool = False) -> TensorParallel:
+        """A rank of a group that nobody joined: it shapes sharded layers (to check that a
+        model shards, or to load one rank's slices) but has no collectives to run."""
+        return cls(rank, world_size, expert_parallel=expert_parallel)
 
     @property
     def is_first(self) -> bool:
