@@ -423,7 +423,14 @@ class ServeConfig:
         )
 
     def stage_devices(self, role: str) -> tuple[str, ...]:
-        return tuple(self.devices.get(role, ())) or (default_device(),)
+        named = tuple(self.devices.get(role, ()))
+        if named:
+            return named
+        default = default_device()
+        if role == "llm" and default != "cpu" and self.tensor_parallel_size > 1:
+            # As vLLM: -tp N on a GPU host uses its first N GPUs (per replica).
+            return tuple(f"cuda:{i}" for i in range(self.tensor_parallel_size * self.llm_replicas))
+        return (default,)
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -438,12 +445,20 @@ class ServeConfig:
         size = self.tensor_parallel_size
         if size < 1:
             raise ValueError(f"tensor_parallel_size is {size}; it must be >= 1")
-        devices = self.stage_devices("llm")
         needed = size * self.llm_replicas
-        if size > 1 and devices != ("cpu",) and len(devices) < needed:
+        if size == 1 or needed == 0:
+            return
+        named = self.devices.get("llm", ())
+        if named and named != ("cpu",) and len(named) < needed:
             raise ValueError(
                 f"{self.llm_replicas} LLM replica(s) of tensor_parallel_size {size} need "
-                f"{needed} devices; --devices names {len(devices)} for llm"
+                f"{needed} devices; --devices names {len(named)} for llm"
+            )
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not named and gpus and gpus < needed:
+            raise ValueError(
+                f"{self.llm_replicas} LLM replica(s) of tensor_parallel_size {size} need "
+                f"{needed} GPUs; this host has {gpus}"
             )
 
     def llm_options(self) -> dict[str, str]:
