@@ -49,6 +49,7 @@ from omni.stages.encoders.batching import BatchingEncoderWorker, EncodeOne, Inpu
 from omni.stages.encoders.vision_attention import RotaryFn, pack_vision_attention
 from omni.stages.encoders.vision_graphs import VisionTowerGraphs, batch_grids
 from omni.stages.encoders.vision_patch_embed import LinearPatchEmbed
+from omni.stages.encoders.vision_preprocess import Qwen2VLPixels
 from omni.stages.runtime.options import parse_option
 from omni.stages.runtime.worker import WorkerOptions, WorkerRequest, register_worker
 from torch import nn
@@ -224,6 +225,10 @@ class VisionWorker(BatchingEncoderWorker):
         self.image_processor = AutoImageProcessor.from_pretrained(
             resolve_model_path(self.options.model)
         )
+        # transformers' own call, where the direct one does not cover its settings.
+        self.preprocess = Qwen2VLPixels.for_processor(self.image_processor) or (
+            lambda image: self.image_processor(images=[image], return_tensors="pt")
+        )
 
     def cost(self, inputs: Inputs) -> int:
         return int(inputs[PIXEL_VALUES].shape[0])
@@ -240,7 +245,7 @@ class VisionWorker(BatchingEncoderWorker):
                 f"{spec.item or 'the image'}: the request has no uint8 {IMAGE!r} tensor"
             )
         image = _decode(spec, data)
-        out = self.image_processor(images=[image], return_tensors="pt")
+        out = self.preprocess(image)
         grid = [int(v) for v in out["image_grid_thw"][0]]
         if spec.grid_thw and grid != list(spec.grid_thw):
             raise ValueError(
