@@ -309,7 +309,8 @@ def fused_moe_triton(
     # Zero-filled when a row's expert may live on another rank: that row is never written.
     alloc = torch.zeros if ids_may_be_dropped else torch.empty
     rows_out = alloc(num_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    weights = topk_weights.reshape(-1).to(torch.float32)
+    # In their own dtype (the model's for Qwen, float32 for DeepSeek): the epilogue widens them.
+    weights = topk_weights.reshape(-1)
     grouped_gemm(act, w2, rows_out, aligned, top_k, config, gated=False, topk_weights=weights)
     return rows_out.view(num_tokens, top_k, hidden_size).sum(dim=1)
 
