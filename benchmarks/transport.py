@@ -20,6 +20,18 @@ Methods:
   zmq ipc zero-copy           the stage codec: tensor bytes as a separate frame, copy=False.
   zmq tcp 127.0.0.1           the same codec over loopback TCP.
   pickle over zmq ipc         pickle.dumps / pickle.loads, the baseline (never used by omni).
+
+The TCP path to a stage on another host (`omni serve --stage-endpoint`), between two processes
+that share nothing (no shared memory; only the TCP connection):
+  stage tcp + CURVE           the router's socket (BoundRouter, CURVE keys, allow-list) sends
+                              the page as the stage codec's frames to a stage's DEALER
+                              (connect_dealer with its keys), which decodes it to a tensor.
+  stage tcp, no keys          the same with --insecure-stage-endpoint (no encryption).
+  plain tcp socket            the floor: the same bytes with socket.sendall into a receiver's
+                              recv_into a reused buffer, then torch.frombuffer.
+Goal: the stage's TCP path within 1.3x of the plain socket (medians).
+
+    python3 benchmarks/transport.py --methods stage-tcp-curve stage-tcp socket-tcp
 """
 
 from __future__ import annotations
@@ -27,7 +39,9 @@ from __future__ import annotations
 import argparse
 import os
 import pickle  # the baseline only; tests/test_no_pickle.py allows this one file
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -40,10 +54,21 @@ import torch
 import zmq
 from omni.transport.messages import StageReply, stage_codec
 from omni.transport.shm import SharedTensorHandle, SharedTensorPool, SharedTensorReader
+from omni.transport.sockets import (
+    BoundRouter,
+    CurveKeys,
+    connect_dealer,
+    generate_curve_keypair,
+)
 
 ROWS, COLS = 2520, 3584
 PREFIX = "omnibench_"
-METHODS = ("shm-pool", "shm-inplace", "shm-fresh", "zmq-ipc", "zmq-tcp", "pickle")
+METHODS = (
+    "shm-pool", "shm-inplace", "shm-fresh", "zmq-ipc", "zmq-tcp", "pickle",
+    "stage-tcp-curve", "stage-tcp", "socket-tcp",
+)  # fmt: skip
+# The methods of the TCP path to another host, each its own kind of connection.
+TCP_PATH = ("stage-tcp-curve", "stage-tcp", "socket-tcp")
 LABELS = {
     "shm-pool": "shared memory (pool)",
     "shm-inplace": "shared memory (in place)",
@@ -51,7 +76,11 @@ LABELS = {
     "zmq-ipc": "zmq ipc zero-copy",
     "zmq-tcp": "zmq tcp 127.0.0.1",
     "pickle": "pickle over zmq ipc",
+    "stage-tcp-curve": "stage tcp + CURVE",
+    "stage-tcp": "stage tcp, no keys",
+    "socket-tcp": "plain tcp socket",
 }
+_LENGTH = struct.Struct("!Q")
 
 
 class Ack(msgspec.Struct):
@@ -80,8 +109,14 @@ def _memcpy_s(tensor: torch.Tensor, iterations: int, warmup: int) -> list[float]
 # -- consumer process ---------------------------------------------------------------------------
 
 
-def consume(method: str, endpoint: str) -> None:
+def consume(method: str, endpoint: str, keys: list[str]) -> None:
     """Receive handoffs until an empty message, acknowledging each with its arrival time."""
+    if method == "socket-tcp":
+        consume_socket(endpoint)
+        return
+    if method.startswith("stage-tcp"):
+        consume_stage(endpoint, keys)
+        return
     sock: zmq.Socket = zmq.Context.instance().socket(zmq.PAIR)
     sock.connect(endpoint)
     codec = stage_codec()
@@ -113,6 +148,64 @@ def consume(method: str, endpoint: str) -> None:
         sock.send(ack.encode(Ack(received_at=received_at, checksum=checksum)))
     reader.close()
     sock.close()
+
+
+def consume_stage(endpoint: str, keys: list[str]) -> None:
+    """A stage's side: its DEALER, with its CURVE keys when given (public, secret, server)."""
+    curve = CurveKeys(*keys) if keys else None
+    sock = connect_dealer(zmq.Context.instance(), endpoint, curve=curve)
+    codec = stage_codec()
+    ack = msgspec.msgpack.Encoder()
+    while True:
+        # IMMEDIATE: sends wait for a completed (CURVE) handshake; say we are here until heard.
+        try:
+            sock.send(b"ready", flags=zmq.NOBLOCK)
+        except zmq.Again:
+            time.sleep(0.01)
+            continue
+        break
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames[0]) == 0:
+            break
+        message = codec.decode(frames)
+        assert isinstance(message, StageReply)
+        tensor = message.outputs["page"]
+        received_at = time.perf_counter()
+        checksum = float(tensor[:, 0].float().sum())
+        del tensor, message, frames
+        sock.send(ack.encode(Ack(received_at=received_at, checksum=checksum)))
+    sock.close()
+
+
+def _recv_exactly(conn: socket.socket, view: memoryview) -> None:
+    while view.nbytes:
+        count = conn.recv_into(view)
+        if count == 0:
+            raise ConnectionError("the producer closed the connection")
+        view = view[count:]
+
+
+def consume_socket(endpoint: str) -> None:
+    """The floor: a length, then the raw bytes into a reused buffer, as a tensor."""
+    host, _, port = endpoint.rpartition(":")
+    conn = socket.create_connection((host, int(port)))
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    ack = msgspec.msgpack.Encoder()
+    buffer = bytearray(ROWS * COLS * 2)
+    header = bytearray(_LENGTH.size)
+    while True:
+        _recv_exactly(conn, memoryview(header))
+        (length,) = _LENGTH.unpack(header)
+        if length == 0:
+            break
+        _recv_exactly(conn, memoryview(buffer)[:length])
+        tensor = torch.frombuffer(buffer, dtype=torch.bfloat16).view(ROWS, COLS)
+        received_at = time.perf_counter()
+        checksum = float(tensor[:, 0].float().sum())
+        reply = ack.encode(Ack(received_at=received_at, checksum=checksum))
+        conn.sendall(_LENGTH.pack(len(reply)) + reply)
+    conn.close()
 
 
 # -- producer -----------------------------------------------------------------------------------
@@ -164,9 +257,113 @@ class Producer:
         return lambda: None
 
 
+class StageLink:
+    """The router's side of the stage TCP path: one BoundRouter, one stage behind it."""
+
+    def __init__(self, curve: bool) -> None:
+        self.keys: list[str] = []
+        server_keys = None
+        if curve:
+            server_public, server_secret = generate_curve_keypair()
+            client_public, client_secret = generate_curve_keypair()
+            server_keys = CurveKeys(
+                server_public, server_secret, authorized_clients=(client_public,)
+            )
+            self.keys = [client_public, client_secret, server_public]
+        self.bound = BoundRouter(
+            zmq.Context.instance(), "tcp://127.0.0.1:0", curve=server_keys, allow_tcp=True
+        )
+        self.endpoint = self.bound.endpoint
+        self.codec = stage_codec()
+        self.identity = b""
+
+    def connected(self) -> None:
+        self.identity = self.bound.socket.recv_multipart()[0]
+
+    def send(self, tensor: torch.Tensor) -> None:
+        message = StageReply(request_id="page", outputs={"page": tensor})
+        self.bound.socket.send_multipart([self.identity, *self.codec.encode(message)], copy=False)
+
+    def ack(self) -> bytes:
+        return bytes(self.bound.socket.recv_multipart()[1])
+
+    def close(self) -> None:
+        self.bound.socket.send_multipart([self.identity, b""])
+        time.sleep(0.1)
+        self.bound.close()
+
+
+class SocketLink:
+    """The floor: one plain TCP connection."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.conn: socket.socket | None = None
+
+    def connected(self) -> None:
+        self.conn, _ = self.listener.accept()
+        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, tensor: torch.Tensor) -> None:
+        assert self.conn is not None
+        data = tensor_bytes(tensor)
+        self.conn.sendall(_LENGTH.pack(data.nbytes))
+        self.conn.sendall(data)
+
+    def ack(self) -> bytes:
+        assert self.conn is not None
+        header = bytearray(_LENGTH.size)
+        _recv_exactly(self.conn, memoryview(header))
+        reply = bytearray(_LENGTH.unpack(header)[0])
+        _recv_exactly(self.conn, memoryview(reply))
+        return bytes(reply)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.sendall(_LENGTH.pack(0))
+            self.conn.close()
+        self.listener.close()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy())
+
+
+def run_tcp_path(method: str, tensor: torch.Tensor, iterations: int, warmup: int) -> list[float]:
+    """One of TCP_PATH: the page one way per iteration, the consumer another process."""
+    link: StageLink | SocketLink = (
+        SocketLink() if method == "socket-tcp" else StageLink(curve=method == "stage-tcp-curve")
+    )
+    consumer = subprocess.Popen(
+        [sys.executable, __file__, "--consume", method, link.endpoint, *link.keys]
+    )
+    ack_decoder = msgspec.msgpack.Decoder(Ack)
+    expected = float(tensor[:, 0].float().sum())
+    times = []
+    try:
+        link.connected()
+        for index in range(warmup + iterations):
+            started = time.perf_counter()
+            link.send(tensor)
+            ack = ack_decoder.decode(link.ack())
+            if ack.checksum != expected:
+                raise RuntimeError(f"{method}: the consumer saw different data")
+            if index >= warmup:
+                times.append(ack.received_at - started)
+        link.close()
+        consumer.wait(timeout=60)
+    finally:
+        consumer.kill()
+    return times
+
+
 def run_method(
     method: str, tensor: torch.Tensor, iterations: int, warmup: int, folder: str
 ) -> list[float]:
+    if method in TCP_PATH:
+        return run_tcp_path(method, tensor, iterations, warmup)
     sock: zmq.Socket = zmq.Context.instance().socket(zmq.PAIR)
     if method == "zmq-tcp":
         sock.bind("tcp://127.0.0.1:*")
@@ -203,12 +400,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument(
-        "--consume", nargs=2, metavar=("METHOD", "ENDPOINT"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--consume", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.consume:
-        consume(*args.consume)
+        consume(args.consume[0], args.consume[1], args.consume[2:])
         return
     tensor = _page()
     nbytes = tensor.numel() * tensor.element_size()
@@ -244,6 +439,14 @@ def main() -> None:
         if "pickle" in median:
             speedup = median["pickle"] / median["shm-pool"]
             print(f"goal: shared memory >= 3x faster than pickle -> {speedup:.1f}x (medians)")
+    if "socket-tcp" in median:
+        for key in ("stage-tcp-curve", "stage-tcp"):
+            if key in median:
+                print(
+                    f"goal: {LABELS[key]} within 1.3x the plain tcp socket -> "
+                    f"{median[key] / median['socket-tcp']:.2f}x (medians), "
+                    f"{best[key] / best['socket-tcp']:.2f}x (best)"
+                )
 
 
 if __name__ == "__main__":
