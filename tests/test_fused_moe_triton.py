@@ -219,7 +219,7 @@ def test_interpreter_model_forward_wired_to_the_kernel(
         return torch.cat([prefill, decode])
 
     expected = prefill_then_decode("torch")
-    monkeypatch.setattr(moe, "use_fused_kernels", lambda tensor: True)
+    monkeypatch.setattr(moe, "use_moe_kernels", lambda tensor: True)
     fused = prefill_then_decode("triton" if arch == "deepseek_v2" else "torch")
     torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
 

@@ -25,13 +25,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from omni.stages.llm.models.base import CausalLM
-from omni.stages.llm.models.fused_ops import use_fused_kernels
 from omni.stages.llm.models.layers import GatedMLP, Linear
 from omni.stages.llm.models.parallel_layers import copy_shard
 from omni.stages.llm.parallel.group import Shard, current_group
 from torch import nn
 
 # ---- routing -------------------------------------------------------------------------------
+
+
+def use_moe_kernels(tensor: torch.Tensor) -> bool:
+    """The Triton routing and expert kernels serve every CUDA tensor. Unlike the elementwise
+    kernels there is no OMNI_FUSED_OPS=0 fallback: the torch path reads expert counts back to
+    the host, which a CUDA-graph capture forbids."""
+    return tensor.is_cuda
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class Routing:
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, top_k], expert ids [T, top_k] int64) from router logits [T, E]."""
         weights_dtype = torch.float32 if self.float32_logits else logits.dtype
-        if use_fused_kernels(logits) and self.num_groups == 1:
+        if use_moe_kernels(logits) and self.num_groups == 1:
             from omni.stages.llm.models.fused_moe_triton import softmax_topk_triton
 
             return softmax_topk_triton(
@@ -148,7 +154,7 @@ def fused_moe(
     check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights)
     if expert_map is not None:
         topk_ids = expert_map[topk_ids]
-    if use_fused_kernels(hidden):
+    if use_moe_kernels(hidden):
         # Imported here so CPU-only users never compile Triton.
         from omni.stages.llm.models.fused_moe_triton import fused_moe_triton
 
