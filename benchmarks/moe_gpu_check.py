@@ -120,7 +120,8 @@ def check_engine() -> bool:
                 reference.append(out[0, len(prompt):].tolist())
             for eager in (False, True) if DEVICE == "cuda" else (True,):
                 llm = LLM(str(path), dtype="float32", device=DEVICE, enforce_eager=eager,
-                          num_kv_blocks=64, block_size=16, max_num_batched_tokens=16)
+                          num_kv_blocks=64, block_size=16, max_num_batched_tokens=16,
+                          max_num_seqs=8)
                 outputs = llm.generate(prompts, params, use_tqdm=False)
                 got = [o.outputs[0].token_ids for o in outputs]
                 equal = sum(g == r for g, r in zip(got, reference, strict=True))
