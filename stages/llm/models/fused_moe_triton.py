@@ -18,6 +18,7 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -91,18 +92,36 @@ _TUNED_E128_I768 = {
 }
 
 
+# What the pipeline may keep in shared memory: an H100/H200 SM has 227 KiB, and Triton needs
+# some beside the pipelined tiles.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
 @functools.lru_cache(maxsize=256)
 def choose_moe_config(
-    num_tokens: int, num_experts: int, intermediate_size: int, top_k: int
+    num_tokens: int, num_experts: int, intermediate_size: int, top_k: int, element_size: int = 2
 ) -> MoELaunchConfig:
-    """Tiles for a batch of `num_tokens` tokens.
+    """Tiles for a batch of `num_tokens` tokens of `element_size`-byte values.
 
     Qwen3-30B-A3B's geometry takes vLLM's measured H200 table. Any other falls back to tiles
     by rows per expert: a few (decode) get BLOCK_M 16, the smallest tile the tensor cores
     take, so padding wastes little, and wide BLOCK_K slices to stream the weights, which
     dominate the traffic; hundreds (prefill) get 64-row tiles that reuse each weight tile over
-    many rows, with GROUP_M ordering to keep weight tiles in L2 across neighbours.
+    many rows, with GROUP_M ordering to keep weight tiles in L2 across neighbours. Wider
+    values (float32) get narrower BLOCK_K slices until the pipeline fits shared memory.
     """
+    config = _tiles_for(num_tokens, num_experts, intermediate_size, top_k)
+    while (
+        config.shared_memory_bytes(element_size) > SHARED_MEMORY_BUDGET
+        and config.block_k > MIN_DOT_DIM
+    ):
+        config = dataclasses.replace(config, block_k=config.block_k // 2)
+    return config
+
+
+def _tiles_for(
+    num_tokens: int, num_experts: int, intermediate_size: int, top_k: int
+) -> MoELaunchConfig:
     if (num_experts, intermediate_size) == (128, 768):
         nearest = min(_TUNED_E128_I768, key=lambda tokens: abs(tokens - num_tokens))
         block_m, block_n, block_k, group_m, warps, stages = _TUNED_E128_I768[nearest]
@@ -302,7 +321,9 @@ def fused_moe_triton(
     if num_tokens == 0:
         return torch.zeros_like(hidden)
     if config is None:
-        config = choose_moe_config(num_tokens, num_experts, intermediate, top_k)
+        config = choose_moe_config(
+            num_tokens, num_experts, intermediate, top_k, hidden.element_size()
+        )
     aligned = align_rows_by_expert(topk_ids, num_experts, config.block_m)
     act = torch.empty(num_rows, intermediate, dtype=hidden.dtype, device=hidden.device)
     grouped_gemm(hidden, w13, act, aligned, top_k, config, gated=True)
