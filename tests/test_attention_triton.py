@@ -215,6 +215,7 @@ def test_mla_tiles_compile_for_sm90_within_shared_memory() -> None:
     from triton.compiler import ASTSource
 
     config = mla_launch_config(16)
+    assert config.num_stages == 2 and mla_launch_config(16, 576, 4).num_stages == 1
     pointers = ["out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr"]
     signature = {
         **dict.fromkeys(pointers, "*bf16"),

@@ -279,14 +279,22 @@ def attend_triton(
     return paged_attention_triton(query, kv_cache, meta, scale)
 
 
-def mla_launch_config(num_heads: int) -> AttentionLaunchConfig:
+def mla_launch_config(
+    num_heads: int, latent_dim: int = 576, element_size: int = 2
+) -> AttentionLaunchConfig:
     """Tiles for MLA's absorbed attention: one kv head of kv_lora_rank + rope dims (576,
     padded to 1024) shared by every query head. A program takes one token's query heads (16
     rows for DeepSeek-V2-Lite) and streams 16 positions at a time, so the [rows, 1024] float32
-    accumulator stays in registers and the K and V tiles of two pipeline stages (4 x 32 KiB)
-    fit in shared memory; the default tiles would need 512 KiB."""
+    accumulator stays in registers and the bf16 K and V tiles of two pipeline stages (4 x 32
+    KiB) fit in shared memory; the default tiles would need 512 KiB. Float32 values get one
+    stage."""
     block_m = max(MIN_DOT_DIM, _next_power_of_two(num_heads))
-    return AttentionLaunchConfig(block_m=block_m, block_q=1, tile=16, num_warps=8, num_stages=2)
+    tile = 16
+    two_stages = 2 * 2 * tile * _next_power_of_two(latent_dim) * element_size
+    stages = 2 if two_stages <= 200 * 1024 else 1
+    return AttentionLaunchConfig(
+        block_m=block_m, block_q=1, tile=tile, num_warps=8, num_stages=stages
+    )
 
 
 def paged_attention_mla_triton(
@@ -296,4 +304,5 @@ def paged_attention_mla_triton(
     [T, heads, kv_lora_rank + rope] over one shared kv head, whose key and value planes are the
     same cached latents."""
     check_triton_inputs(query, kv_cache)
-    return paged_attention_triton(query, kv_cache, meta, scale, mla_launch_config(query.shape[1]))
+    config = mla_launch_config(query.shape[1], query.shape[2], query.element_size())
+    return paged_attention_triton(query, kv_cache, meta, scale, config)
