@@ -197,10 +197,14 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     port, stage_port = free_port(), free_port()
     stage_endpoint = f"tcp://127.0.0.1:{stage_port}"
     server_log = tmp_path / "serve.log"
+    config = tmp_path / "serve.yaml"
+    config.write_text("startup-timeout-s: 1\n")
     command = [
         sys.executable, "-m", "omni.cli", "serve", str(folder), "--port", str(port),
         "--served-model-name", MODEL, "--llm-replicas", "0", "--vision-replicas", "0",
         "--stage-endpoint", stage_endpoint, "--stage-keys", str(keys), "--no-speech",
+        # After this long with a role no stage serves, the log names it (see the test).
+        "--config", str(config),
         *NO_PERCEPTION_FLAGS,
     ]  # fmt: skip
     with server_log.open("wb") as out:
@@ -226,6 +230,15 @@ def test_remote_stages_join_over_curve_and_serve_image_chats(deployment: Deploym
     health = d.health()
     assert health.status_code == 503
     assert health.json()["error"]["message"] == "no live replica of stage 'llm', 'vision'"
+    # Past the startup timeout, the log says what is missing and how to start it.
+    missing = (
+        f"no stage of 'llm', 'vision' has joined {d.stage_endpoint} within 1 s; start one on "
+        f"a stage host: omni stage ROLE --connect {d.stage_endpoint} --model MODEL"
+    )
+    deadline = time.monotonic() + 60
+    while missing not in d.server_log.read_text():
+        assert time.monotonic() < deadline, d.server_log.read_text()
+        time.sleep(0.1)
 
     # A stage with a well-formed key pair the server does not list, started beside the two
     # good ones: refused, and both sides say so.
