@@ -30,9 +30,11 @@ def make_prompts(vocab_size: int) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-def reference_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
+def reference_greedy(
+    path: Path, prompts: list[list[int]], new_tokens: int = NEW_TOKENS
+) -> list[list[int]]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # generate exactly NEW_TOKENS, like ignore_eos
+    model.generation_config.eos_token_id = None  # generate exactly new_tokens, like ignore_eos
     outputs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
@@ -40,7 +42,7 @@ def reference_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW_TOKENS,
+                max_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=0,
             )

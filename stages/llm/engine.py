@@ -68,7 +68,7 @@ class LLMEngine:
                 group = self.ranks.join(
                     resolve_device(config.device), config.enable_expert_parallel
                 )
-                self.runner = ModelRunner(config, model_path, group)
+                self.runner = ModelRunner(config, model_path, group, self.ranks.plan_sender())
             except BaseException:
                 self.ranks.kill()
                 raise

@@ -15,7 +15,13 @@ from omni.stages.llm.host_to_device import copy_to_device
 from omni.stages.llm.kv_cache_sizing import allocate_kv_caches, num_blocks_for_memory
 from omni.stages.llm.models.loader import load_model
 from omni.stages.llm.parallel.group import SINGLE, TensorParallel, building_with
-from omni.stages.llm.parallel.plan import PlanChannel, Shutdown, host_inputs_of, plan_for
+from omni.stages.llm.parallel.plan import (
+    PlanReceiver,
+    PlanSender,
+    Shutdown,
+    host_inputs_of,
+    plan_for,
+)
 from omni.stages.llm.request import Request
 from omni.stages.llm.sampler import Sampler, SamplingBatch
 from omni.stages.llm.scheduler import SchedulerOutput
@@ -46,11 +52,16 @@ class ModelRunner:
     step's plan first, and the other ranks run `follow`, which replays the plans."""
 
     def __init__(
-        self, config: EngineConfig, model_path: str, group: TensorParallel = SINGLE
+        self,
+        config: EngineConfig,
+        model_path: str,
+        group: TensorParallel = SINGLE,
+        plans: PlanSender | None = None,
     ) -> None:
+        """`plans`: rank 0's pipes to the other ranks of its group."""
         self.config = config
         self.group = group
-        self.plans = PlanChannel(group) if group.world_size > 1 else None
+        self.plans = plans
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -214,11 +225,11 @@ class ModelRunner:
             self.group.broadcast(feed.tokens)
 
     @torch.inference_mode()
-    def follow(self) -> str:
+    def follow(self, plans: PlanReceiver) -> str:
         """A follower rank's loop: runs rank 0's step plans until told to stop; returns why."""
-        assert self.plans is not None and not self.group.is_first
+        assert not self.group.is_first
         while True:
-            plan = self.plans.receive()
+            plan = plans.receive()
             if isinstance(plan, Shutdown):
                 return plan.reason
             feed = None

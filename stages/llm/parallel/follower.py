@@ -2,8 +2,9 @@
 omni.stages.llm.parallel.follower ...`, started by rank 0 (`ranks.FollowerRanks`).
 
 It loads its shard, sizes and allocates its KV cache and captures its CUDA graphs in lockstep
-with rank 0, then replays rank 0's step plans until a Shutdown plan (exit 0) or until rank 0
-is gone (exit 1): it dies with its parent, so no rank outlives its replica.
+with rank 0, then replays the step plans rank 0 writes to its stdin until a Shutdown plan
+(exit 0) or until rank 0 is gone (exit 1: the pipe ends, or the parent pid changes): no rank
+outlives its replica.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from omni.stages.llm.config import EngineConfig
     from omni.stages.llm.model_runner import ModelRunner, resolve_device
     from omni.stages.llm.parallel.group import join_group
+    from omni.stages.llm.parallel.plan import PlanReceiver
 
     config = EngineConfig(**json.loads(args.config))
     device = resolve_device(config.device)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     runner = ModelRunner(config, args.model_path, group)
     try:
-        reason = runner.follow()
+        reason = runner.follow(PlanReceiver(sys.stdin.fileno()))
     except Exception as exc:  # rank 0 left without a Shutdown plan (it died or was killed)
         logging.getLogger(__name__).info("leaving: %s", exc)
         return 1

@@ -6,10 +6,12 @@ so nothing process-global: an offline `LLM` and a test may each own a group):
 
 * `device`: the layers' collectives (all-reduce after a row-parallel linear and the
   vocab-parallel embedding, the gather of vocab-sharded logits). NCCL on CUDA, gloo on the CPU.
-* `host`: gloo on CPU tensors, for the step plan rank 0 broadcasts every step (see
-  `plan.PlanChannel`). Its timeout is effectively infinite: a follower waits in it for as long
-  as the replica is idle. A rank that dies closes its sockets, which fails the others' pending
-  gloo calls at once ("Connection closed by peer"), so the long timeout never hides a death.
+* `host`: gloo on CPU tensors, for what the ranks agree on at start (the KV block count).
+  The step plans do not use it: a follower waiting in a gloo call spins on a core, so it
+  waits for the next plan in a read of its stdin pipe instead (`plan.PlanSender`).
+
+A rank that dies closes its sockets, which fails the others' pending gloo calls at once
+("Connection closed by peer").
 
 Gloo binds 127.0.0.1 only: the ranks of a replica share a host, and nothing else may join.
 """
@@ -26,10 +28,9 @@ from typing import Protocol, cast
 import torch
 import torch.distributed as dist
 
-# The host group's per-call timeout: a follower blocks in a broadcast while its replica idles.
-_HOST_TIMEOUT = datetime.timedelta(days=365)
-# Collectives on the device group happen inside a step, which takes milliseconds.
-_DEVICE_TIMEOUT = datetime.timedelta(minutes=10)
+# Collectives happen at start-up (the host group) and inside a step, which takes
+# milliseconds; a rank that lags by more than this is hung.
+_HOST_TIMEOUT = _DEVICE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 class Communicator(Protocol):
@@ -132,15 +133,13 @@ class TensorParallel:
         self.device_group.gather([], [tensor], options).wait()
         return None
 
-    def broadcast(self, tensor: torch.Tensor, host: bool = False) -> torch.Tensor:
-        """Rank 0's `tensor` into every rank's `tensor` (in place), on the device group or,
-        with `host`, the host group (CPU tensors)."""
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` into every rank's `tensor` (in place)."""
         if self.world_size > 1:
-            group = self.host_group if host else self.device_group
-            assert group is not None
+            assert self.device_group is not None
             options = dist.BroadcastOptions()
             options.rootRank = 0
-            group.broadcast([tensor], options).wait()
+            self.device_group.broadcast([tensor], options).wait()
         return tensor
 
     def min_over_ranks(self, value: int) -> int:

@@ -5,19 +5,23 @@ Only rank 0 schedules. Each step it broadcasts the step's flattened inputs (the 
 tokens feed this one (asynchronous scheduling) and which rows need logits; the followers run
 the same forward pass on their shards and take part in its collectives, and never sample.
 
-The plan travels over the host (gloo) group as one msgpack message of the project's codec
-(no pickle): first its length, then its bytes. Block tables are sent only as wide as this
-step's longest request needs; a follower pads them back to the runner's fixed width.
+The plan travels down a pipe to each follower's stdin as one msgpack message of the project's
+codec (no pickle), its length first. Block tables are sent only as wide as this step's longest
+request needs; a follower pads them back to the runner's fixed width.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import struct
 import sys
+from typing import BinaryIO
 
 import msgspec
 import numpy as np
 import torch
-from omni.stages.llm.parallel.group import TensorParallel
 from omni.stages.llm.step_inputs import HostStepInputs
 from omni.transport.codec import MessageCodec
 
@@ -102,20 +106,49 @@ def host_inputs_of(plan: StepPlan, table_width: int) -> HostStepInputs:
     )
 
 
-class PlanChannel:
-    """Rank 0 sends, every other rank receives, in lockstep over the host group."""
+# A plan's length ahead of its bytes on the pipe.
+_LENGTH = struct.Struct("<Q")
+# Room for a few plans in each pipe (Linux's default is 64 KiB): rank 0 rarely waits for a
+# follower to read.
+_PIPE_BYTES = 1 << 20
 
-    def __init__(self, group: TensorParallel) -> None:
-        self.group = group
+
+class PlanSender:
+    """Rank 0's end: each plan goes down every follower's stdin pipe, its length then its
+    bytes. A follower waiting for the next plan sleeps in read() (a collective would spin),
+    and sees rank 0's death as the end of its pipe."""
+
+    def __init__(self, pipes: list[BinaryIO]) -> None:
+        self.pipes = pipes
+        for pipe in pipes:
+            with contextlib.suppress(AttributeError, OSError):  # Linux only; a hint
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
 
     def send(self, message: StepPlan | Shutdown) -> None:
-        payload = bytearray(_CODEC.encode(message)[0])
-        self.group.broadcast(torch.tensor([len(payload)], dtype=torch.int64), host=True)
-        self.group.broadcast(torch.frombuffer(payload, dtype=torch.uint8), host=True)
+        payload = _CODEC.encode(message)[0]
+        frame = _LENGTH.pack(len(payload)) + bytes(payload)
+        for pipe in self.pipes:  # BrokenPipeError: that follower is dead
+            pipe.write(frame)
+            pipe.flush()
+
+
+class PlanReceiver:
+    """A follower's end: reads plans from its stdin (file descriptor `fd`)."""
+
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
 
     def receive(self) -> StepPlan | Shutdown:
-        size = self.group.broadcast(torch.zeros(1, dtype=torch.int64), host=True)
-        payload = self.group.broadcast(torch.empty(int(size.item()), dtype=torch.uint8), host=True)
-        message = _CODEC.decode([memoryview(payload.numpy())])
+        (length,) = _LENGTH.unpack(self._read(_LENGTH.size))
+        message = _CODEC.decode([memoryview(self._read(length))])
         assert isinstance(message, StepPlan | Shutdown)
         return message
+
+    def _read(self, size: int) -> bytearray:
+        data = bytearray()
+        while len(data) < size:
+            chunk = os.read(self.fd, size - len(data))
+            if not chunk:
+                raise EOFError("rank 0 closed the plan pipe (it exited)")
+            data += chunk
+        return data

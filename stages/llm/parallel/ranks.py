@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.parallel.group import TensorParallel, join_group
+from omni.stages.llm.parallel.plan import PlanSender
 from omni.stages.runtime.process import describe_exit
 
 logger = logging.getLogger(__name__)
@@ -93,10 +94,18 @@ class FollowerRanks:
                     "--config", json.dumps(dataclasses.asdict(rank_config)),
                     "--parent-pid", str(os.getpid()),
                 ]  # fmt: skip
-                self._processes.append(subprocess.Popen(command, env=env))
+                # stdin carries the step plans (plan.PlanSender); close_fds (the default)
+                # keeps every other rank's pipe out of this one.
+                process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
+                self._processes.append(process)
         except BaseException:
             self.stop()
             raise
+
+    def plan_sender(self) -> PlanSender:
+        """Rank 0's pipes to the followers' stdin, for the step plans."""
+        pipes = [process.stdin for process in self._processes if process.stdin is not None]
+        return PlanSender(pipes)
 
     @property
     def pids(self) -> list[int]:
@@ -178,6 +187,10 @@ class FollowerRanks:
         """Waits for the followers to leave (after a Shutdown plan), kills those that do not,
         and removes the store's folder."""
         self._stopping.set()
+        for process in self._processes:
+            if process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    process.stdin.close()  # a follower still reading sees the end
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for process in self._processes:
             try:
