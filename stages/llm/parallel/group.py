@@ -7,8 +7,9 @@ so nothing process-global: an offline `LLM` and a test may each own a group):
 * `device`: the layers' collectives (all-reduce after a row-parallel linear and the
   vocab-parallel embedding, the gather of vocab-sharded logits). NCCL on CUDA, gloo on the CPU.
 * `host`: gloo on CPU tensors, for what the ranks agree on at start (the KV block count).
-  The step plans do not use it: a follower waiting in a gloo call spins on a core, so it
-  waits for the next plan in a read of its stdin pipe instead (`plan.PlanSender`).
+  The step plans do not use it: a follower waits for the next plan in a read of its stdin
+  pipe (`plan.PlanSender`), which needs no timeout however long the replica idles and ends
+  when rank 0 does.
 
 A rank that dies closes its sockets, which fails the others' pending gloo calls at once
 ("Connection closed by peer").

@@ -7,13 +7,13 @@ pickled), then all join one group through a file store in a private temporary fo
 
 A replica lives and dies whole:
 
-* A follower that dies is seen by rank 0's watcher thread within `POLL_S`. It aborts the
-  process groups, so that a collective rank 0 may be blocked in raises instead of waiting for
-  its timeout, and calls the `on_death` callbacks (an LLM stage stops, failing its requests,
-  and exits, and the supervisor starts the replica again).
-* Rank 0 that dies takes the followers with it: each watches its parent's pid (and exits
-  within a tenth of a second of its death), and a collective whose peer closed its sockets
-  fails at once.
+* A follower that dies is seen by rank 0's watcher thread within `POLL_S`. It records why
+  (`death`: the engine's next step fails naming the rank, and an LLM stage stops, failing its
+  requests, and exits, so that the supervisor starts the replica again) and aborts the
+  process groups, so that a collective rank 0 may be blocked in fails instead of waiting for
+  its timeout.
+* Rank 0 that dies takes the followers with it: their plan pipes end, each also watches its
+  parent's pid, and a collective whose peer closed its sockets fails at once.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -78,7 +77,6 @@ class FollowerRanks:
         self.store_path = os.path.join(self._folder, "store")
         self.group: TensorParallel | None = None
         self.death: str | None = None
-        self._callbacks: list[Callable[[str], None]] = []
         self._stopping = threading.Event()
         self._processes: list[subprocess.Popen[bytes]] = []
         env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
@@ -99,7 +97,7 @@ class FollowerRanks:
                 process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
                 self._processes.append(process)
         except BaseException:
-            self.stop()
+            self.kill()
             raise
 
     def plan_sender(self) -> PlanSender:
@@ -127,12 +125,6 @@ class FollowerRanks:
         self.group = join_group(0, self.world_size, self.store_path, device, expert_parallel)
         threading.Thread(target=self._watch, name="tp-ranks", daemon=True).start()
         return self.group
-
-    def on_death(self, callback: Callable[[str], None]) -> None:
-        """`callback(reason)` runs on the watcher thread when a follower dies."""
-        self._callbacks.append(callback)
-        if self.death is not None:
-            callback(self.death)
 
     def _first_death(self) -> str | None:
         for rank, process in enumerate(self._processes, start=1):
@@ -166,8 +158,6 @@ class FollowerRanks:
             return
         logger.error("%s; the replica stops", self.death)
         self.abort()
-        for callback in self._callbacks:
-            callback(self.death)
 
     def abort(self) -> None:
         """Fails every collective in progress or to come on this rank's groups."""
