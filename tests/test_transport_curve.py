@@ -171,3 +171,35 @@ def test_a_closed_tcp_connection_fails_its_requests_before_any_heartbeat_timeout
         finally:
             stage.kill()
             stage.wait()
+
+
+def test_an_allow_list_that_starts_empty_grows_and_shrinks() -> None:
+    """Ray placement's list: each actor's key is admitted when it starts, dropped after."""
+    server_public, server_secret = generate_curve_keypair()
+    client_public, client_secret = generate_curve_keypair()
+    keys = CurveKeys(server_public, server_secret, allow_list=True)
+    client = CurveKeys(client_public, client_secret, server_public)
+    context: zmq.Context = zmq.Context.instance()
+    with running_router("tcp://127.0.0.1:0", allow_tcp=True, curve=keys) as router:
+        before = connect_dealer(context, router.endpoint, curve=client)
+        try:
+            assert _hello(before, "before") is None
+        finally:
+            before.close(linger=0)
+        router.allow_client(client_public)
+        admitted = connect_dealer(context, router.endpoint, curve=client)
+        try:
+            deadline = time.monotonic() + 5
+            while (welcome := _hello(admitted, "admitted")) is None:
+                assert time.monotonic() < deadline
+            assert welcome.replica_id == "admitted"
+            router.disallow_client(client_public)
+            after = connect_dealer(context, router.endpoint, curve=client)
+            try:
+                assert _hello(after, "after") is None
+            finally:
+                after.close(linger=0)
+            # The connection made while the key was listed stays.
+            assert [info.replica_id for info in router.replicas()] == ["admitted"]
+        finally:
+            admitted.close(linger=0)

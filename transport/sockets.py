@@ -144,6 +144,10 @@ class _AllowListedClients:
         check_curve_key("a client key", key)
         self._keys.add(key.encode("ascii"))
 
+    def disallow(self, key: str) -> None:
+        """Admit `key` no more (connections already made stay: ZAP runs at the handshake)."""
+        self._keys.discard(key.encode("ascii"))
+
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self._keys
         if not allowed:
@@ -237,6 +241,11 @@ class BoundRouter:
         if self._allow_list is None:
             raise ValueError("this router has no client allow-list to add a key to")
         self._allow_list.allow(public_key)
+
+    def disallow_client(self, public_key: str) -> None:
+        """Refuse new connections holding `public_key` (a dead Ray actor's)."""
+        if self._allow_list is not None:
+            self._allow_list.disallow(public_key)
 
     def take_disconnects(self) -> int:
         """How many peer connections closed since the last call (0 without a monitor)."""

@@ -155,6 +155,8 @@ class _Placed:
     resources: Mapping[str, float]
     actor: Any = None
     pid: int = 0
+    # The key its current actor holds on the router's allow-list.
+    public_key: str = ""
     deaths: deque[float] = field(default_factory=deque)
     thread: threading.Thread | None = None
 
@@ -259,7 +261,12 @@ class RayStageSupervisor:
         while not self._stopping.is_set():
             code: int | None = None
             try:
-                self.router.allow_client(self._public_key(placed))
+                public_key = self._public_key(placed)
+                # A restarted actor has a new key pair: its predecessor's is admitted no more.
+                if placed.public_key and placed.public_key != public_key:
+                    self.router.disallow_client(placed.public_key)
+                placed.public_key = public_key
+                self.router.allow_client(public_key)
                 pid = ray.get(placed.actor.start.remote(arguments, server_key))
                 with self._lock:
                     placed.pid = pid

@@ -97,6 +97,11 @@ class StageRouter:
             raise RuntimeError("the router is not started")
         self._bound.allow_client(public_key)
 
+    def disallow_client(self, public_key: str) -> None:
+        """Admit no new connection holding `public_key` (a stage that is gone for good)."""
+        if self._bound is not None:
+            self._bound.disallow_client(public_key)
+
     def start(self) -> StageRouter:
         swept = sweep_dead_owners(self.config.shm_prefix)
         if swept:
