@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import torch
 import zmq
 import zmq.auth
 from omni.stages.contracts.echo import CONTRACT, EchoParams
+from omni.transport.key_folder import key_pair_text, load_stage_keys
 from omni.transport.messages import Hello, Welcome, stage_codec
 from omni.transport.sockets import (
     CurveKeys,
@@ -203,3 +205,17 @@ def test_an_allow_list_that_starts_empty_grows_and_shrinks() -> None:
             assert [info.replica_id for info in router.replicas()] == ["admitted"]
         finally:
             admitted.close(linger=0)
+
+
+def test_a_stage_reads_its_key_pair_from_an_inherited_pipe() -> None:
+    """How a Ray actor hands its stage the key pair without writing a secret to disk."""
+    public, secret = generate_curve_keypair()
+    server_public, _ = generate_curve_keypair()
+    read_end, write_end = os.pipe()
+    os.write(write_end, key_pair_text(public, secret).encode("ascii"))
+    os.close(write_end)
+    try:
+        keys = load_stage_keys(server_public, f"/dev/fd/{read_end}")
+    finally:
+        os.close(read_end)
+    assert (keys.public_key, keys.secret_key, keys.server_key) == (public, secret, server_public)

@@ -85,25 +85,22 @@ def read_public_key(given: str) -> str:
     return given
 
 
-def write_key_pair(path: str | Path, public: str, secret: str) -> Path:
-    """A key pair as a ZeroMQ secret certificate (what `--client-key` reads), owner-only."""
+def key_pair_text(public: str, secret: str) -> str:
+    """A key pair as a ZeroMQ secret certificate's text (what `--client-key` reads)."""
     check_curve_key("public key", public)
     check_curve_key("secret key", secret)
-    target = Path(path)
-    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(
-            "#   ZeroMQ CURVE secret certificate, written by omni\n"
-            "metadata\ncurve\n"
-            f'    public-key = "{public}"\n'
-            f'    secret-key = "{secret}"\n'
-        )
-    return target
+    return (
+        "#   ZeroMQ CURVE secret certificate, written by omni\n"
+        "metadata\ncurve\n"
+        f'    public-key = "{public}"\n'
+        f'    secret-key = "{secret}"\n'
+    )
 
 
 def load_stage_keys(server_key: str, client_key_file: str | Path) -> CurveKeys:
-    """A stage's side: the server's public key and this stage's key pair."""
-    if not Path(client_key_file).is_file():
+    """A stage's side: the server's public key and this stage's key pair (a file, or a pipe
+    such as /dev/fd/N that a parent process wrote the certificate into)."""
+    if not Path(client_key_file).exists():
         raise ValueError(f"client key {client_key_file} is not a file (clients/NAME.key_secret)")
     public, secret = load_curve_keypair(client_key_file)
     return CurveKeys(public_key=public, secret_key=secret, server_key=read_public_key(server_key))

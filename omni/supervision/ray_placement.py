@@ -2,7 +2,8 @@
 
 Ray does placement and restarts; it is not the data path. Each replica is a `StageActor`
 placed with its role's resources (`--llm-resources GPU=1,CPU=4`; a GPU each by default). The
-actor makes a CURVE key pair on its node (the secret never leaves it), and starts the very
+actor makes a CURVE key pair on its node (the secret never leaves it, nor touches its disk),
+and starts the very
 `omni stage ROLE --connect tcp://HEAD:PORT` process a person would start by hand, which joins
 the router over ZeroMQ like any remote stage, once the router has put the actor's public key on
 its allow-list.
@@ -22,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -38,7 +37,7 @@ from omni.stages.runtime.process import describe_exit
 from omni.supervision.replicas import ReplicaInfo
 from omni.supervision.router import StageRouter
 from omni.supervision.supervisor import StageEvent, StageSpec, SupervisorConfig, stage_arguments
-from omni.transport.key_folder import write_key_pair
+from omni.transport.key_folder import key_pair_text
 from omni.transport.sockets import generate_curve_keypair
 
 logger = logging.getLogger(__name__)
@@ -103,7 +102,6 @@ class StageActor:
 
     def __init__(self) -> None:
         self._public, self._secret = generate_curve_keypair()
-        self._folder = tempfile.mkdtemp(prefix="omni-ray-")
         self._process: subprocess.Popen[bytes] | None = None
         self._started = threading.Event()
 
@@ -112,17 +110,26 @@ class StageActor:
         return self._public
 
     def start(self, arguments: Sequence[str], server_key: str) -> int:
-        """Start `omni ARGUMENTS` with this actor's keys; returns the stage's pid."""
-        key_file = write_key_pair(
-            os.path.join(self._folder, "stage.key_secret"), self._public, self._secret
-        )
+        """Start `omni ARGUMENTS` with this actor's keys; returns the stage's pid.
+
+        The key pair reaches the stage through a pipe it inherits (`--client-key /dev/fd/N`),
+        so no secret is ever written to the node's disk, where a killed actor would leave it.
+        """
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, key_pair_text(self._public, self._secret).encode("ascii"))
+        finally:
+            os.close(write_end)
         command = [
             sys.executable, "-m", "omni.cli", *arguments,
-            "--server-key", server_key, "--client-key", str(key_file),
+            "--server-key", server_key, "--client-key", f"/dev/fd/{read_end}",
             # The stage exits when this actor's process is gone (killed, or its node lost).
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
-        self._process = subprocess.Popen(command)
+        try:
+            self._process = subprocess.Popen(command, pass_fds=(read_end,))
+        finally:
+            os.close(read_end)
         self._started.set()
         return self._process.pid
 
@@ -144,7 +151,6 @@ class StageActor:
             except subprocess.TimeoutExpired:
                 process.kill()
                 code = process.wait()
-        shutil.rmtree(self._folder, ignore_errors=True)
         return code
 
 
