@@ -3,10 +3,9 @@
 Ray does placement and restarts; it is not the data path. Each replica is a `StageActor`
 placed with its role's resources (`--llm-resources GPU=1,CPU=4`; a GPU each by default). The
 actor makes a CURVE key pair on its node (the secret never leaves it, nor touches its disk),
-and starts the very
-`omni stage ROLE --connect tcp://HEAD:PORT` process a person would start by hand, which joins
-the router over ZeroMQ like any remote stage, once the router has put the actor's public key on
-its allow-list.
+and starts the very `omni stage ROLE --connect tcp://HEAD:PORT` process a person would start by
+hand, which joins the router over ZeroMQ like any remote stage, once the router has put the
+actor's public key on its allow-list.
 
 A replica's death is seen three ways: the stage process exits (the actor's `wait` returns its
 code), the actor or its node dies (Ray raises `RayActorError`), or the router hears no
