@@ -179,3 +179,26 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+def processed_noise_images(
+    folder: str | Path, sizes: list[tuple[int, int]]
+) -> list[tuple[Any, Any]]:
+    """(pixel_values, image_grid_thw) of a noise image per (width, height), by the folder's
+    own image processor; image i is seeded with i."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(folder)
+    inputs = []
+    for index, (width, height) in enumerate(sizes):
+        out = processor(images=[noise_image(width, height, seed=index)], return_tensors="pt")
+        inputs.append((out["pixel_values"], out["image_grid_thw"]))
+    return inputs
+
+
+def reference_image_embeddings(reference: Any, pixels: Any, grid: Any) -> Any:
+    """transformers' merged image embeddings of one request's images, concatenated."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat(reference.model.get_image_features(pixels, grid).pooler_output)

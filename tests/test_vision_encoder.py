@@ -8,7 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from fixtures_vl import load_reference_vl, make_tiny_qwen2_5_vl, noise_image
+from fixtures_vl import (
+    load_reference_vl,
+    make_tiny_qwen2_5_vl,
+    processed_noise_images,
+    reference_image_embeddings,
+)
 from omni.stages.checkpoint import load_prefixed_state_dict
 from omni.stages.contracts.encoder import EncodeReply, EncoderStats
 from omni.stages.encoders.vision import VISION_PREFIXES, VisionEncoder, VisionWorker
@@ -41,19 +46,10 @@ def encoder(vl_folder: Path) -> VisionEncoder:
 @pytest.fixture(scope="module")
 def image_inputs(vl_folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(pixel_values, image_grid_thw) per test image."""
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(vl_folder)
-    inputs = []
-    for index, (width, height) in enumerate(SIZES):
-        out = processor(images=[noise_image(width, height, seed=index)], return_tensors="pt")
-        inputs.append((out["pixel_values"], out["image_grid_thw"]))
-    return inputs
+    return processed_noise_images(vl_folder, SIZES)
 
 
-def _reference_embeddings(reference: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat(reference.model.get_image_features(pixels, grid).pooler_output)
+_reference_embeddings = reference_image_embeddings
 
 
 def _request_inputs(pixels: torch.Tensor, grid: torch.Tensor) -> dict[str, torch.Tensor]:

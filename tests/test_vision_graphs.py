@@ -10,7 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from fixtures_vl import load_reference_vl, make_tiny_qwen2_5_vl, noise_image
+from fixtures_vl import (
+    load_reference_vl,
+    make_tiny_qwen2_5_vl,
+    processed_noise_images,
+    reference_image_embeddings,
+)
 from omni.stages.encoders.vision import VisionEncoder
 from omni.stages.encoders.vision_graphs import static_tower_inputs
 
@@ -23,20 +28,8 @@ def vl_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp(family), family=family)
 
 
-def _inputs(folder: Path, sizes: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(folder)
-    inputs = []
-    for index, (width, height) in enumerate(sizes):
-        out = processor(images=[noise_image(width, height, seed=index)], return_tensors="pt")
-        inputs.append((out["pixel_values"], out["image_grid_thw"]))
-    return inputs
-
-
-def _reference(reference: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat(reference.model.get_image_features(pixels, grid).pooler_output)
+_inputs = processed_noise_images
+_reference = reference_image_embeddings
 
 
 def test_precomputed_grid_inputs_give_the_same_forward(vl_folder: Path) -> None:
