@@ -6,7 +6,6 @@ stage process wraps it in its busy loop.
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from collections.abc import Sequence
 from concurrent import futures
@@ -20,11 +19,10 @@ from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.detokenizer import IncrementalDetokenizer
 from omni.stages.llm.mm_inputs import MultiModalInputs
-from omni.stages.llm.model_runner import LaunchedStep, ModelRunner, TokenFeed, resolve_device
+from omni.stages.llm.model_runner import LaunchedStep, TokenFeed
 from omni.stages.llm.models.loader import resolve_model_path
 from omni.stages.llm.outputs import CompletionOutput, RequestOutput
-from omni.stages.llm.parallel.group import SINGLE
-from omni.stages.llm.parallel.ranks import FollowerRanks
+from omni.stages.llm.parallel.ranks import start_replica
 from omni.stages.llm.request import Request, RequestStatus
 from omni.stages.llm.scheduler import Scheduler, SchedulerOutput
 from omni.stages.llm.structured_output import GrammarCompiler, GrammarState
@@ -58,24 +56,10 @@ class LLMEngine:
                 resolve_model_path(config.tokenizer) if config.tokenizer else model_path
             )
         # Ranks 1..N-1 of a tensor-parallel replica: child processes that follow this one's
-        # step plans (see omni.stages.llm.parallel).
-        self.ranks: FollowerRanks | None = None
-        group = SINGLE
-        if config.tensor_parallel_size > 1:
-            self.ranks = FollowerRanks(config, model_path)
-            config = dataclasses.replace(config, device=self.ranks.devices[0])
-            try:
-                group = self.ranks.join(
-                    resolve_device(config.device), config.enable_expert_parallel
-                )
-                self.runner = ModelRunner(config, model_path, group, self.ranks.plan_sender())
-            except BaseException:
-                self.ranks.kill()
-                raise
-            # An engine dropped without close() still ends its ranks.
-            weakref.finalize(self, self.ranks.kill)
-        else:
-            self.runner = ModelRunner(config, model_path)
+        # step plans (see omni.stages.llm.parallel); None without tensor parallelism.
+        self.runner, self.ranks = start_replica(config, model_path)
+        if self.ranks is not None:
+            weakref.finalize(self, self.ranks.kill)  # an engine dropped unclosed ends them too
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = int(self.runner.hf_config.get_text_config().vocab_size)
         self.kv_cache = KVCacheManager(
@@ -267,18 +251,8 @@ class LLMEngine:
         """Stops the other ranks of a tensor-parallel replica (without them, nothing to do).
         The engine is unusable afterwards."""
         ranks, self.ranks = self.ranks, None
-        if ranks is None:
-            return
-        if ranks.death is None:
-            ranks.expect_exit()
-            try:
-                self.runner.stop_followers("the engine closed")
-            except Exception:  # a rank died meanwhile: kill the rest
-                ranks.kill()
-                return
-            ranks.stop()
-        else:
-            ranks.kill()
+        if ranks is not None:
+            ranks.close()
 
     def step(self) -> list[RequestOutput]:
         """Runs one forward pass; returns an output for every request that gained tokens."""

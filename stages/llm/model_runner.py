@@ -243,10 +243,6 @@ class ModelRunner:
                 # Its share of the gather; only rank 0 samples.
                 self.model.compute_logits(hidden)
 
-    def stop_followers(self, reason: str) -> None:
-        """Rank 0: tells the other ranks to leave their `follow` loop."""
-        if self.plans is not None:
-            self.plans.send(Shutdown(reason))
 
 
 @dataclass

@@ -33,8 +33,9 @@ import time
 import torch
 import torch.distributed as dist
 from omni.stages.llm.config import EngineConfig
+from omni.stages.llm.model_runner import ModelRunner, resolve_device
 from omni.stages.llm.parallel.group import TensorParallel, join_group
-from omni.stages.llm.parallel.plan import PlanSender
+from omni.stages.llm.parallel.plan import PlanSender, Shutdown
 from omni.stages.runtime.process import describe_exit
 
 logger = logging.getLogger(__name__)
@@ -99,11 +100,8 @@ class FollowerRanks:
         except BaseException:
             self.kill()
             raise
-
-    def plan_sender(self) -> PlanSender:
-        """Rank 0's pipes to the followers' stdin, for the step plans."""
-        pipes = [process.stdin for process in self._processes if process.stdin is not None]
-        return PlanSender(pipes)
+        # Rank 0's pipes to the followers' stdin, for the step plans.
+        self.plans = PlanSender([p.stdin for p in self._processes if p.stdin is not None])
 
     @property
     def pids(self) -> list[int]:
@@ -169,9 +167,18 @@ class FollowerRanks:
                 with contextlib.suppress(Exception):
                     process_group.abort()
 
-    def expect_exit(self) -> None:
-        """The followers are about to be told to leave: their exit is no death."""
-        self._stopping.set()
+    def close(self) -> None:
+        """Tells the followers to leave and waits for them (kills them if a rank has died)."""
+        if self.death is not None:
+            self.kill()
+            return
+        self._stopping.set()  # their exit is no death
+        try:
+            self.plans.send(Shutdown("the engine closed"))
+        except OSError:  # a follower died meanwhile: end the rest
+            self.kill()
+            return
+        self.stop()
 
     def stop(self) -> None:
         """Waits for the followers to leave (after a Shutdown plan), kills those that do not,
@@ -197,3 +204,20 @@ class FollowerRanks:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
         self.stop()
+
+
+def start_replica(
+    config: EngineConfig, model_path: str
+) -> tuple[ModelRunner, FollowerRanks | None]:
+    """Rank 0's model runner and, with tensor_parallel_size > 1, the other ranks it leads
+    (started, joined, their shards loaded in step with this one's)."""
+    if config.tensor_parallel_size == 1:
+        return ModelRunner(config, model_path), None
+    ranks = FollowerRanks(config, model_path)
+    config = dataclasses.replace(config, device=ranks.devices[0])
+    try:
+        group = ranks.join(resolve_device(config.device), config.enable_expert_parallel)
+        return ModelRunner(config, model_path, group, ranks.plans), ranks
+    except BaseException:
+        ranks.kill()
+        raise
