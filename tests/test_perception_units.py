@@ -1,0 +1,109 @@
+"""The pieces of perception that need no stage: which path each kind of media takes
+(`MediaModes`), the content-hash result cache, and the transcription formats."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from omni.stages.contracts.asr import Segment
+
+from omni.server.config import ServeConfig
+from omni.server.perception import MediaModes, content_key
+from omni.server.result_cache import ResultCache
+from omni.server.transcriptions import srt, vtt
+
+
+def test_auto_modes_follow_what_the_model_takes() -> None:
+    config = ServeConfig()
+    assert MediaModes.resolve(config, None) == MediaModes("text", "text", "text")
+    assert MediaModes.resolve(config, "image") == MediaModes("image", "image", "text")
+    assert MediaModes.resolve(config, "audio") == MediaModes("text", "text", "audio")
+    # No perception stage: media the model does not take is refused as before.
+    bare = ServeConfig(ocr_replicas=0, asr_replicas=0)
+    assert MediaModes.resolve(bare, None) == MediaModes(None, None, None)
+    assert MediaModes.resolve(bare, "image") == MediaModes("image", "image", None)
+
+
+def test_explicit_modes_and_their_refusals() -> None:
+    both = MediaModes.resolve(ServeConfig(pdf_mode="both", image_mode="text"), "image")
+    assert both == MediaModes("both", "text", "text")
+    assert both.as_text("file") and both.as_media("file") and both.needs_ocr()
+    assert both.as_text("image_url") and not both.as_media("image_url")
+    with pytest.raises(ValueError, match="image_mode 'both': the model takes no image input"):
+        MediaModes.resolve(ServeConfig(image_mode="both"), None)
+    with pytest.raises(ValueError, match=r"pdf_mode 'text' needs the ocr stage \(ocr_replicas"):
+        MediaModes.resolve(ServeConfig(pdf_mode="text", ocr_replicas=0), "image")
+    with pytest.raises(ValueError, match="audio_mode is 'image'; it must be one of auto, text"):
+        ServeConfig(audio_mode="image")
+
+
+def test_content_keys_cover_bytes_and_settings() -> None:
+    assert content_key("audio", b"abc") == content_key("audio", memoryview(b"abc"))
+    assert len({content_key("audio", b"abc"), content_key("audio", b"abd"),
+                content_key("audio", b"abc", "prompt"), content_key("pixels", b"abc")}) == 4
+
+
+def test_result_cache_computes_each_key_once_and_evicts_the_oldest() -> None:
+    calls: list[str] = []
+
+    async def scenario() -> list[str]:
+        cache: ResultCache[str] = ResultCache(max_entries=2)
+
+        async def compute(key: str) -> str:
+            calls.append(key)
+            await asyncio.sleep(0)
+            return key.upper()
+
+        together = await asyncio.gather(*(cache.get_or_compute("a", lambda: compute("a"))
+                                          for _ in range(8)))
+        assert together == ["A"] * 8 and calls == ["a"]
+        assert (cache.queries, cache.hits) == (8, 7)
+        await cache.get_or_compute("b", lambda: compute("b"))
+        await cache.get_or_compute("c", lambda: compute("c"))  # "a" is the oldest: evicted
+        assert cache.get("a") is None and cache.get("c") == "C"
+        again = await cache.get_or_compute("a", lambda: compute("a"))
+        return [again, *calls]
+
+    assert asyncio.run(scenario()) == ["A", "a", "b", "c", "a"]
+
+
+def test_a_failure_is_not_kept_and_a_cancelled_computation_is_taken_over() -> None:
+    async def scenario() -> list[str]:
+        cache: ResultCache[str] = ResultCache(max_entries=4)
+        started = asyncio.Event()
+
+        async def fail() -> str:
+            raise ValueError("stage refused it")
+
+        with pytest.raises(ValueError, match="stage refused it"):
+            await cache.get_or_compute("k", fail)
+
+        async def slow() -> str:
+            started.set()
+            await asyncio.sleep(10)
+            return "slow"
+
+        async def quick() -> str:
+            return "quick"
+
+        first = asyncio.ensure_future(cache.get_or_compute("k", slow))
+        await started.wait()
+        second = asyncio.ensure_future(cache.get_or_compute("k", quick))
+        await asyncio.sleep(0)
+        first.cancel()  # its client left: the waiter computes it itself
+        return [await second, str(cache.get("k"))]
+
+    assert asyncio.run(scenario()) == ["quick", "quick"]
+
+
+def test_subtitle_formats() -> None:
+    segments = [Segment(0.0, 2.5, "Hello there."), Segment(3661.25, 3662.0, "Later.")]
+    assert srt(segments) == (
+        "1\n00:00:00,000 --> 00:00:02,500\nHello there.\n\n"
+        "2\n01:01:01,250 --> 01:01:02,000\nLater.\n\n"
+    )
+    assert vtt(segments) == (
+        "WEBVTT\n\n00:00:00.000 --> 00:00:02.500\nHello there.\n\n"
+        "01:01:01.250 --> 01:01:02.000\nLater.\n\n"
+    )
