@@ -14,9 +14,11 @@ token answered; the OCR stage reads it, the LLM reads the text) and a clip a
 with `--concurrency` in flight. Every input is distinct, so omni's content-hash cache answers
 none of them; a last pass repeats them to show what the cache costs.
 
-The floors run before omni starts and again after it stops (the machine is shared; their spread
-is printed), and the ratios use their mean. Pages are scanned invoices (rendered at 100 DPI,
-850x1100), clips sentences spoken by espeak-ng.
+The machine this runs on is shared, and its load moves by a factor of two within minutes, so
+plain and omni are measured in alternation: one input at a time, plain then omni, for the
+"alone" figures; for the concurrent ones, half the inputs plain then omni, the other half omni
+then plain. omni's stages idle while the plain library runs (its OCR threads park). Pages are
+scanned invoices (rendered at 100 DPI, 850x1100), clips sentences spoken by espeak-ng.
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ def make_pages(count: int) -> list[bytes]:
 
 
 def make_clips(count: int) -> list[bytes]:
+    """Distinct clips: the sentences, then again with a word added for each round."""
     from fixtures_audio import espeak_wav_bytes
 
-    return [espeak_wav_bytes(SENTENCES[i % len(SENTENCES)] + ("" if i < len(SENTENCES) else
-                                                                " Again."))
+    endings = ["", " Again.", " Once more.", " And again.", " One last time."]
+    return [espeak_wav_bytes(SENTENCES[i % len(SENTENCES)] + endings[i // len(SENTENCES)])
             for i in range(count)]
 
 
@@ -81,87 +84,113 @@ def clip_seconds(clips: list[bytes]) -> float:
 # ---- floors -----------------------------------------------------------------------------------
 
 
-def floor_ocr(pages: list[bytes]) -> float:
-    """Pages per second of plain rapidocr, one page after another (PNG decode included)."""
-    from PIL import Image
-    from rapidocr import RapidOCR
+class PlainOCR:
+    """rapidocr as its documentation shows it: `RapidOCR()` with its defaults (every core)."""
 
-    engine = RapidOCR(params={"Global.log_level": "error"})
-    engine(np.asarray(Image.open(io.BytesIO(pages[0])).convert("RGB")))  # warm-up
-    started = time.perf_counter()
-    for page in pages:
-        result = engine(np.asarray(Image.open(io.BytesIO(page)).convert("RGB")))
+    def __init__(self) -> None:
+        from rapidocr import RapidOCR
+
+        self.engine = RapidOCR(params={"Global.log_level": "error"})
+
+    def __call__(self, page: bytes) -> None:
+        from PIL import Image
+
+        result = self.engine(np.asarray(Image.open(io.BytesIO(page)).convert("RGB")))
         assert result.txts, "rapidocr read nothing"
-    return len(pages) / (time.perf_counter() - started)
 
 
-def floor_asr(clips: list[bytes]) -> float:
-    """Seconds of audio heard per second by plain transformers Whisper, clip after clip."""
-    import soundfile
-    import torch
-    import torchaudio.functional as functional
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+class PlainWhisper:
+    """transformers' Whisper on the same tiny.en weights, greedy, one clip at a time."""
 
-    from omni.speech.whisper_convert import convert_whisper_tiny_en
+    def __init__(self) -> None:
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    folder = convert_whisper_tiny_en()
-    processor = WhisperProcessor.from_pretrained(folder)
-    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+        from omni.speech.whisper_convert import convert_whisper_tiny_en
 
-    def hear(clip: bytes) -> str:
+        folder = convert_whisper_tiny_en()
+        self.processor = WhisperProcessor.from_pretrained(folder)
+        self.model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+
+    def __call__(self, clip: bytes) -> None:
+        import soundfile
+        import torch
+        import torchaudio.functional as functional
+
         samples, rate = soundfile.read(io.BytesIO(clip), dtype="float32", always_2d=True)
         mono = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1)))
         audio = functional.resample(mono, int(rate), 16_000).numpy()
-        features = processor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+        features = self.processor(audio, sampling_rate=16_000, return_tensors="pt").input_features
         with torch.inference_mode():
-            ids = model.generate(features, do_sample=False, num_beams=1)
-        return str(processor.batch_decode(ids, skip_special_tokens=True)[0])
+            ids = self.model.generate(features, do_sample=False, num_beams=1)
+        assert self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
 
-    hear(clips[0])  # warm-up
+
+def plain_seconds(plain: object, items: list[bytes]) -> float:
     started = time.perf_counter()
-    for clip in clips:
-        assert hear(clip).strip(), "Whisper heard nothing"
-    return clip_seconds(clips) / (time.perf_counter() - started)
+    for item in items:
+        plain(item)  # type: ignore[operator]
+    return time.perf_counter() - started
 
 
 # ---- omni -------------------------------------------------------------------------------------
 
 
-async def omni_ocr(url: str, pages: list[bytes], concurrency: int) -> float:
+def ocr_request(client: httpx.AsyncClient, url: str):  # type: ignore[no-untyped-def]
+    async def one(page: bytes) -> None:
+        image = "data:image/png;base64," + base64.b64encode(page).decode()
+        body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 1, "temperature": 0,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image}},
+                    {"type": "text", "text": "What is the total?"}]}]}
+        reply = await client.post(f"{url}/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+
+    return one
+
+
+def asr_request(client: httpx.AsyncClient, url: str):  # type: ignore[no-untyped-def]
+    async def one(clip: bytes) -> None:
+        reply = await client.post(f"{url}/v1/audio/transcriptions",
+                                  files={"file": ("clip.wav", clip)}, data={"model": "whisper-1"})
+        assert reply.status_code == 200 and reply.json()["text"], reply.text
+
+    return one
+
+
+async def omni_seconds(kind: str, url: str, items: list[bytes], concurrency: int) -> float:
     async with httpx.AsyncClient(timeout=600) as client:
-        async def one(page: bytes) -> None:
-            image = "data:image/png;base64," + base64.b64encode(page).decode()
-            body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 1, "temperature": 0,
-                    "messages": [{"role": "user", "content": [
-                        {"type": "image_url", "image_url": {"url": image}},
-                        {"type": "text", "text": "What is the total?"}]}]}
-            reply = await client.post(f"{url}/v1/chat/completions", json=body)
-            assert reply.status_code == 200, reply.text
+        one = (ocr_request if kind == "ocr" else asr_request)(client, url)
+        queue = list(items)
+        started = time.perf_counter()
 
-        return len(pages) / await _run(one, pages, concurrency)
+        async def worker() -> None:
+            while queue:
+                await one(queue.pop(0))
 
-
-async def omni_asr(url: str, clips: list[bytes], concurrency: int) -> float:
-    async with httpx.AsyncClient(timeout=600) as client:
-        async def one(clip: bytes) -> None:
-            reply = await client.post(f"{url}/v1/audio/transcriptions",
-                                      files={"file": ("clip.wav", clip)},
-                                      data={"model": "whisper-1"})
-            assert reply.status_code == 200 and reply.json()["text"], reply.text
-
-        return clip_seconds(clips) / await _run(one, clips, concurrency)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started
 
 
-async def _run(one, items: list[bytes], concurrency: int) -> float:  # type: ignore[no-untyped-def]
-    queue = list(items)
-    started = time.perf_counter()
-
-    async def worker() -> None:
-        while queue:
-            await one(queue.pop(0))
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - started
+def paired(kind: str, plain: object, url: str, items: list[bytes], concurrency: int
+           ) -> tuple[float, float]:
+    """(plain seconds, omni seconds) for `items`, measured in alternation so that the load
+    other users put on the machine falls on both alike: one item at a time, plain then omni
+    (concurrency 1), or the halves of `items` in turn, plain first for one and omni first for
+    the other."""
+    plain_s = omni_s = 0.0
+    if concurrency == 1:
+        for item in items:
+            plain_s += plain_seconds(plain, [item])
+            omni_s += asyncio.run(omni_seconds(kind, url, [item], 1))
+        return plain_s, omni_s
+    half = len(items) // 2
+    for index, part in enumerate((items[:half], items[half:])):
+        if index == 0:
+            plain_s += plain_seconds(plain, part)
+        omni_s += asyncio.run(omni_seconds(kind, url, part, concurrency))
+        if index == 1:
+            plain_s += plain_seconds(plain, part)
+    return plain_s, omni_s
 
 
 def start_omni(extra: str, work: Path) -> tuple[object, str]:
@@ -195,63 +224,51 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args()
 
-    log(f"making {args.pages} pages and {args.clips} clips")
-    pages, clips = make_pages(args.pages + 1), make_clips(args.clips + 1)
-    warm_page, pages = pages[-1], pages[:-1]
-    warm_clip, clips = clips[-1], clips[:-1]
-    log(f"{clip_seconds(clips):.1f} s of speech in {len(clips)} clips")
+    log(f"making {args.pages} pages and {args.clips} clips, each set twice over")
+    pages, clips = make_pages(2 * args.pages + 1), make_clips(2 * args.clips + 1)
+    sets = {"ocr": (pages[-1], pages[: args.pages], pages[args.pages : -1]),
+            "asr": (clips[-1], clips[: args.clips], clips[args.clips : -1])}
+    plains = {"ocr": PlainOCR(), "asr": PlainWhisper()}
+    units = {"ocr": "pages/s", "asr": "audio s/s"}
 
-    floors: dict[str, list[float]] = {"ocr": [], "asr": []}
+    def amount(kind: str, items: list[bytes]) -> float:
+        return float(len(items)) if kind == "ocr" else clip_seconds(items)
 
-    def measure_floors() -> None:
-        floors["ocr"].append(floor_ocr(pages))
-        log(f"plain rapidocr: {floors['ocr'][-1]:.3f} pages/s")
-        floors["asr"].append(floor_asr(clips))
-        log(f"plain transformers Whisper: {floors['asr'][-1]:.2f} audio s/s")
-
-    measure_floors()
-    figures: dict[str, float] = {}
+    rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         proc, url = start_omni(args.omni_args, Path(folder))
         try:
-            asyncio.run(omni_ocr(url, [warm_page], 1))
-            asyncio.run(omni_asr(url, [warm_clip], 1))
-            half = len(pages) // 2
-            # Alone on one half of the inputs, concurrent on the other: every input is new.
-            figures["ocr_alone"] = asyncio.run(omni_ocr(url, pages[:half], 1))
-            log(f"omni OCR alone: {figures['ocr_alone']:.3f} pages/s")
-            figures["ocr_concurrent"] = asyncio.run(omni_ocr(url, pages[half:], args.concurrency))
-            log(f"omni OCR x{args.concurrency}: {figures['ocr_concurrent']:.3f} pages/s")
-            half = len(clips) // 2
-            figures["asr_alone"] = asyncio.run(omni_asr(url, clips[:half], 1))
-            log(f"omni ASR alone: {figures['asr_alone']:.2f} audio s/s")
-            figures["asr_concurrent"] = asyncio.run(omni_asr(url, clips[half:], args.concurrency))
-            log(f"omni ASR x{args.concurrency}: {figures['asr_concurrent']:.2f} audio s/s")
-            figures["ocr_cached"] = asyncio.run(omni_ocr(url, pages, args.concurrency))
-            figures["asr_cached"] = asyncio.run(omni_asr(url, clips, args.concurrency))
-            log(f"repeats (cache): {figures['ocr_cached']:.1f} pages/s, "
-                f"{figures['asr_cached']:.1f} audio s/s")
+            for kind, (warm, alone_set, together_set) in sets.items():
+                plain = plains[kind]
+                plain(warm)
+                asyncio.run(omni_seconds(kind, url, [warm], 1))
+                row = rows[kind] = {}
+                for label, items, concurrency in (("alone", alone_set, 1),
+                                                  ("together", together_set, args.concurrency)):
+                    plain_s, omni_s = paired(kind, plain, url, items, concurrency)
+                    work = amount(kind, items)
+                    row[f"plain_{label}"], row[f"omni_{label}"] = work / plain_s, work / omni_s
+                    log(f"{kind} {label}: plain {work / plain_s:.3f}, omni x{concurrency} "
+                        f"{work / omni_s:.3f} {units[kind]}")
+                cached = alone_set + together_set
+                row["omni_cached"] = amount(kind, cached) / asyncio.run(
+                    omni_seconds(kind, url, cached, args.concurrency))
         finally:
             stop(proc)  # type: ignore[arg-type]
-    measure_floors()
 
-    ocr_floor, asr_floor = (float(np.mean(floors[k])) for k in ("ocr", "asr"))
-    rows = [
-        ("OCR, pages/s", ocr_floor, floors["ocr"], "ocr"),
-        ("transcription, audio s/s (1 / RTF)", asr_floor, floors["asr"], "asr"),
-    ]
-    print(f"\nmachine: {os.cpu_count()} CPU cores; load average before the last floor: "
+    print(f"\nmachine: {os.cpu_count()} CPU cores; load average at the end: "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"| work | plain library (runs) | omni alone | ratio | omni x{args.concurrency} | "
-          f"ratio | omni, repeats (cache) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, floor, runs, key in rows:
-        alone, together = figures[f"{key}_alone"], figures[f"{key}_concurrent"]
-        spread = ", ".join(f"{run:.3g}" for run in runs)
-        print(f"| {name} | {floor:.3g} ({spread}) | {alone:.3g} | {alone / floor:.2f}x | "
-              f"{together:.3g} | {together / floor:.2f}x | {figures[f'{key}_cached']:.3g} |")
+    print(f"| work | plain | omni, 1 at a time | ratio | plain (its own run) | omni, "
+          f"{args.concurrency} in flight | ratio | omni, repeats (cache) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, name in (("ocr", "OCR, pages/s"), ("asr", "transcription, audio s/s (1/RTF)")):
+        r = rows[kind]
+        print(f"| {name} | {r['plain_alone']:.3g} | {r['omni_alone']:.3g} | "
+              f"{r['omni_alone'] / r['plain_alone']:.2f}x | {r['plain_together']:.3g} | "
+              f"{r['omni_together']:.3g} | {r['omni_together'] / r['plain_together']:.2f}x | "
+              f"{r['omni_cached']:.3g} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"floors": floors, "omni": figures}, indent=1))
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -268,3 +268,20 @@ def test_invalid_media_gets_a_4xx_naming_the_item(server: str) -> None:
         reply = chat(server, parts)
         assert 400 <= reply.status_code < 500, reply.text
         assert message in reply.json()["error"]["message"], reply.text
+
+
+def test_uploads_take_every_kind_for_a_text_model(server: str) -> None:
+    wav = espeak_wav_bytes(PARIS)
+    files = [("file", ("invoice.pdf", invoice_pdf())), ("file", ("sign.png", sign_png())),
+             ("file", ("paris.wav", wav))]
+    reply = httpx.post(f"{server}/v1/uploads/chat", files=files,
+                       data={"prompt": "Summarize.", "max_tokens": "1"}, timeout=300)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["finish_reason"] == "length"
+    bad = httpx.post(f"{server}/v1/uploads/chat",
+                     files=[("file", ("sign.png", sign_png()[:100]))],
+                     data={"max_tokens": "1"}, timeout=300)
+    assert bad.status_code == 400
+    assert bad.json()["error"]["message"] == (
+        "file 1 (sign.png) could not be decoded: the file is truncated or corrupt"
+    )
