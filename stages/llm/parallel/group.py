@@ -203,7 +203,14 @@ def join_group(
         )
     else:
         device_group = _gloo(dist.PrefixStore("device", store), rank, world_size, _DEVICE_TIMEOUT)
-    return TensorParallel(rank, world_size, device_group, host, expert_parallel)
+    group = TensorParallel(rank, world_size, device_group, host, expert_parallel)
+    # One collective on each group now, so that a rank that cannot reach the others fails
+    # here; NCCL also starts its communicator at the first one (it would at the first step).
+    group.min_over_ranks(0)
+    group.all_reduce(torch.zeros(1, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return group
 
 
 def _gloo(

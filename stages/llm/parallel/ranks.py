@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,24 @@ POLL_S = 0.05
 STARTUP_TIMEOUT_S = 300.0
 # How long a follower has to leave after a Shutdown plan before it is killed.
 STOP_TIMEOUT_S = 10.0
+
+
+# The store's folder under the temporary directory: omni-tp-<rank 0's pid>-<random>.
+_FOLDER_PREFIX = "omni-tp-"
+
+
+def _sweep_folders() -> None:
+    """Removes the store folders of rank 0 processes that are gone (SIGKILLed ones)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_FOLDER_PREFIX}*-*"):
+        pid = folder.name.removeprefix(_FOLDER_PREFIX).split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def rank_devices(device: str, world_size: int) -> list[str]:
@@ -74,7 +93,8 @@ class FollowerRanks:
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         self.world_size = config.tensor_parallel_size
         self.devices = rank_devices(config.device, self.world_size)
-        self._folder = tempfile.mkdtemp(prefix="omni-tp-")
+        _sweep_folders()
+        self._folder = tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-")
         self.store_path = os.path.join(self._folder, "store")
         self.group: TensorParallel | None = None
         self.death: str | None = None
@@ -121,6 +141,11 @@ class FollowerRanks:
                 )
             time.sleep(POLL_S)
         self.group = join_group(0, self.world_size, self.store_path, device, expert_parallel)
+        if device.type == "cpu":
+            # Gloo reads the store only while the groups form: the folder goes now rather
+            # than at close, which a SIGKILLed rank 0 never reaches. (NCCL's monitor thread
+            # may read it later; those folders are swept by the next rank 0, _sweep_folders.)
+            shutil.rmtree(self._folder, ignore_errors=True)
         threading.Thread(target=self._watch, name="tp-ranks", daemon=True).start()
         return self.group
 
