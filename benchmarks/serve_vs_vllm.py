@@ -137,7 +137,9 @@ def server_command(args: argparse.Namespace, wl: Workload, server: str, folder: 
     common += f" --max-model-len {MAX_MODEL_LEN}"
     if server == "vllm":
         return [*VLLM, "serve", str(folder), *shlex.split(f"{common} {wl.vllm} {args.vllm_args}")]
-    flags = f"{common} --no-speech {wl.omni} {args.omni_args}"
+    # The workloads send text and images only, as vLLM serves them: no speech generation and
+    # no perception stages (whose Whisper and PP-OCR weights the GPU bundle does not carry).
+    flags = f"{common} --no-speech --asr-replicas 0 --ocr-replicas 0 {wl.omni} {args.omni_args}"
     return [*OMNI, "serve", str(folder), *shlex.split(flags)]
 
 
