@@ -480,8 +480,11 @@ def test_scaling_flags_and_their_config_file_keys(tmp_path: Path) -> None:
     assert config.allowed_local_media_path == "/srv/media"
     assert config.devices == {"vision": ("cuda:0",), "llm": ("cuda:1",)}
     assert config.replicas("vision") == 2
-    with pytest.raises(ValueError, match="vision_replicas is 0; it must be >= 1"):
+    with pytest.raises(ValueError, match="vision_replicas is 0: a role with no local replica "
+                       "is served by stages on other hosts, which need --stage-endpoint"):
         ServeConfig(vision_replicas=0)
+    with pytest.raises(ValueError, match="vision_replicas is -1; it must be >= 0"):
+        ServeConfig(vision_replicas=-1)
     with pytest.raises(ValueError, match="must be a host name"):
         ServeConfig(allowed_media_domains=("https://a.com",))
     assert json.dumps(ServeConfig().allowed_media_domains) == "[]"  # off by default
