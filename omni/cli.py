@@ -6,8 +6,6 @@ import argparse
 import importlib
 import sys
 
-from omni.supervision.memory import pin_mmap_threshold
-
 # Each entry names a module in omni.commands that defines `add_parser(subparsers)`, which
 # registers its subcommand and sets `func` on the parsed namespace. Modules are imported lazily
 # per entry so that `omni --help` stays fast and one broken extra cannot take down the rest.
@@ -32,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Every omni process (API servers, stages) hands freed buffers back to the system.
-    pin_mmap_threshold()
     return int(args.func(args) or 0)
 
 

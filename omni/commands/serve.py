@@ -11,6 +11,7 @@ from types import FrameType
 from typing import Any
 
 from omni.config_file import ENGINE_FLAGS, FLAG_SETTINGS, load_config_file
+from omni.supervision.memory import pin_mmap_threshold
 
 API_KEY_ENV = "OMNI_API_KEY"
 
@@ -324,6 +325,11 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     signal.signal(signal.SIGTERM, _terminate)
+    # An API process decodes every request's media into buffers of a few MiB on its thread
+    # pool: they must go back to the system when freed (memory.py). Stage processes keep
+    # glibc's default, whose raised threshold spares their step loops an mmap per large
+    # host tensor.
+    pin_mmap_threshold()
     try:
         return _run(args)
     except Terminated:

@@ -8,6 +8,10 @@ into buffers of a few MiB therefore keeps the high-water mark of whatever was ev
 at once: the issue-14 soak saw the audio API process grow 12% after 64 requests had waited for
 a restarting LLM stage, and never come back. Fixing the threshold (any mallopt of it turns
 the adjustment off) keeps large buffers on mmap, so RSS follows what is live.
+
+`omni serve` pins it in its API processes. Stage processes keep the default: their RSS stayed
+flat in that soak, and a step loop that builds large host tensors every step would pay an
+mmap, a munmap and the page faults for each of them.
 """
 
 from __future__ import annotations
