@@ -86,7 +86,12 @@ def test_mixed_grids_and_over_budget_batches_run_eagerly(vl_folder: Path) -> Non
 @needs_cuda
 def test_captured_graph_replays_the_eager_forward_on_a_gpu(vl_folder: Path) -> None:
     encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cuda", dtype="float32")
-    batches = [_inputs(vl_folder, [(112, 168)] * 2), _inputs(vl_folder, [(140, 84)] * 3)]
+    # Three grids: more gather plans than the attention keeps, so the graphs must hold theirs.
+    batches = [
+        _inputs(vl_folder, [(112, 168)] * 2),
+        _inputs(vl_folder, [(140, 84)] * 3),
+        _inputs(vl_folder, [(84, 56)] * 1),
+    ]
     eager = [encoder.encode_batch(batch) for batch in batches]
     encoder.use_graphs(max_batch_patches=16384)
     assert encoder.graphs is not None
@@ -95,7 +100,9 @@ def test_captured_graph_replays_the_eager_forward_on_a_gpu(vl_folder: Path) -> N
             got = encoder.encode_batch(batch)
             for a, b in zip(got, expected, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert all(bucket.graph is not None for bucket in encoder.graphs._buckets.values())
+    buckets = encoder.graphs._buckets.values()
+    assert len(buckets) == 3 and all(bucket.graph is not None for bucket in buckets)
+    assert all(bucket.plans for bucket in buckets)
 
 
 def test_a_refused_capture_falls_back_to_eager_for_good(
@@ -119,3 +126,19 @@ def test_a_refused_capture_falls_back_to_eager_for_good(
             torch.testing.assert_close(got, _reference(reference, pixels, grid_thw),
                                        rtol=0, atol=1e-5)
     assert graphs.failed and len(calls) == 1 and not graphs._buckets
+
+
+def test_a_bucket_can_hold_the_gather_plans_its_forward_used(vl_folder: Path) -> None:
+    from omni.stages.encoders.vision_graphs import _gather_plans
+
+    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
+    encoder.use_graphs(max_batch_patches=16384, capture=False)
+    assert encoder.graphs is not None
+    encoder.encode_batch(_inputs(vl_folder, [(84, 56)] * 2))
+    (bucket,) = encoder.graphs._buckets.values()
+    held = _gather_plans(encoder.tower, bucket.inputs)
+    # Qwen2.5-VL attends in windows and whole images (two plans), Qwen2-VL in images only.
+    assert len(held) == (2 if "window_index" in bucket.inputs else 1)
+    # The very plans the forward built, not new ones.
+    again = _gather_plans(encoder.tower, bucket.inputs)
+    assert all(a is b for a, b in zip(held, again, strict=True))

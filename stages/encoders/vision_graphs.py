@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,6 +71,9 @@ class _Bucket:
     inputs: dict[str, torch.Tensor]
     output: torch.Tensor | None = None  # [count * tokens, hidden] after `run`
     graph: torch.cuda.CUDAGraph | None = None
+    # The attention's gather plans the graph was captured with: their index tensors live
+    # outside the graph's memory pool, and the attention keeps only its last few plans.
+    plans: list[Any] = field(default_factory=list)
 
     def forward(self, tower: nn.Module) -> torch.Tensor:
         return tower(self.pixels, grid_thw=self.grid_thw, **self.inputs).pooler_output
@@ -172,6 +175,18 @@ class VisionTowerGraphs:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             bucket.output = bucket.forward(self.tower)
         bucket.graph = graph
+        bucket.plans = _gather_plans(self.tower, bucket.inputs)
+
+
+def _gather_plans(tower: nn.Module, inputs: dict[str, torch.Tensor]) -> list[Any]:
+    """The packed attention's plans for the segment bounds in `inputs`, as it holds them
+    now (it built them in the forward just run)."""
+    blocks = getattr(tower, "blocks", None)
+    plans = getattr(blocks[0].attn, "plans", None) if blocks else None
+    if plans is None:
+        return []
+    return [plans.plan(inputs[name]) for name in ("cu_seqlens", "cu_window_seqlens")
+            if name in inputs]
 
 
 def batch_grids(grid_thw: torch.Tensor) -> list[Grid]:
