@@ -60,10 +60,15 @@ def default_model_path() -> str:
     return convert_once(default_model_dir(), lambda staging: convert_gguf(gguf_path(), staging))
 
 
+def is_converted(target: Path) -> bool:
+    """Whether a finished conversion is at `target`."""
+    return (target / _COMPLETE_MARKER).is_file()
+
+
 def convert_once(target: Path, convert: Callable[[Path], None]) -> str:
     """`target` as a string once a finished conversion is there; otherwise run
     `convert(staging)` into a temporary folder beside it and publish that atomically."""
-    if (target / _COMPLETE_MARKER).is_file():
+    if is_converted(target):
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

