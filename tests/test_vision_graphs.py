@@ -53,7 +53,7 @@ def test_a_padded_bucket_gives_each_image_its_own_embeddings(vl_folder: Path) ->
     # Three images of one grid run as a bucket of four; the fourth is padding.
     grid = tuple(same[0][1][0].tolist())
     same = [(pixels + 0.1 * i, grid_thw) for i, (pixels, grid_thw) in enumerate(same)]
-    encoder.use_graphs(max_batch_patches=4 * 12 * 8, capture=False)
+    encoder.use_graphs(max_batch_patches=4 * 12 * 8, capture=False, capture_after=1)
     assert encoder.graphs is not None
     assert encoder.graphs.bucket_size(grid, 3) == 4
     batched = encoder.encode_batch(same)
@@ -74,6 +74,7 @@ def test_mixed_grids_and_over_budget_batches_run_eagerly(vl_folder: Path) -> Non
     mixed = _inputs(vl_folder, [(112, 168), (84, 56)])
     assert encoder.graphs.bucket_size((1, 12, 8), 3) is None  # 4 x 96 patches > 192
     assert encoder.graphs.bucket_size((1, 12, 8), 1) == 1
+    assert encoder.graphs.bucket_size((1, 16, 16), 1) is None  # one image over the budget
     big = _inputs(vl_folder, [(112, 168)] * 3)
     for batch in (mixed, big):
         embeddings = encoder.encode_batch(batch)
@@ -95,7 +96,7 @@ def test_captured_graph_replays_the_eager_forward_on_a_gpu(vl_folder: Path) -> N
     eager = [encoder.encode_batch(batch) for batch in batches]
     encoder.use_graphs(max_batch_patches=16384)
     assert encoder.graphs is not None
-    for _ in range(2):
+    for _ in range(3):  # seen, then captured, then replayed
         for batch, expected in zip(batches, eager, strict=True):
             got = encoder.encode_batch(batch)
             for a, b in zip(got, expected, strict=True):
@@ -132,7 +133,7 @@ def test_a_bucket_can_hold_the_gather_plans_its_forward_used(vl_folder: Path) ->
     from omni.stages.encoders.vision_graphs import _gather_plans
 
     encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
-    encoder.use_graphs(max_batch_patches=16384, capture=False)
+    encoder.use_graphs(max_batch_patches=16384, capture=False, capture_after=1)
     assert encoder.graphs is not None
     encoder.encode_batch(_inputs(vl_folder, [(84, 56)] * 2))
     (bucket,) = encoder.graphs._buckets.values()
@@ -142,3 +143,21 @@ def test_a_bucket_can_hold_the_gather_plans_its_forward_used(vl_folder: Path) ->
     # The very plans the forward built, not new ones.
     again = _gather_plans(encoder.tower, bucket.inputs)
     assert all(a is b for a, b in zip(held, again, strict=True))
+
+
+def test_a_grid_is_taken_into_a_bucket_only_when_it_comes_again(vl_folder: Path) -> None:
+    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
+    reference = load_reference_vl(vl_folder)
+    encoder.use_graphs(max_batch_patches=16384, capture=False)  # the default: second sighting
+    graphs = encoder.graphs
+    assert graphs is not None
+    sizes = [(84, 56), (112, 168), (140, 84)]
+    for size in sizes:  # ever-new sizes: all eager, nothing built
+        batch = _inputs(vl_folder, [size])
+        got = encoder.encode_batch(batch)[0]
+        torch.testing.assert_close(got, _reference(reference, *batch[0]), rtol=0, atol=1e-5)
+    assert not graphs._buckets
+    again = _inputs(vl_folder, [sizes[1]])
+    got = encoder.encode_batch(again)[0]
+    assert list(graphs._buckets) == [((1, 12, 8), 1)]
+    torch.testing.assert_close(got, _reference(reference, *again[0]), rtol=0, atol=1e-5)

@@ -47,7 +47,7 @@ from omni.stages.contracts.vision import (
 )
 from omni.stages.encoders.batching import BatchingEncoderWorker, EncodeOne, Inputs
 from omni.stages.encoders.vision_attention import RotaryFn, pack_vision_attention
-from omni.stages.encoders.vision_graphs import VisionTowerGraphs, batch_grids
+from omni.stages.encoders.vision_graphs import CAPTURE_AFTER, VisionTowerGraphs, batch_grids
 from omni.stages.encoders.vision_patch_embed import LinearPatchEmbed
 from omni.stages.encoders.vision_preprocess import Qwen2VLPixels
 from omni.stages.runtime.options import parse_option
@@ -110,10 +110,12 @@ class VisionEncoder(EncodeOne):
         self.device, self.dtype = parameter.device, parameter.dtype
         self.graphs: VisionTowerGraphs | None = None
 
-    def use_graphs(self, max_batch_patches: int, capture: bool = True) -> None:
+    def use_graphs(
+        self, max_batch_patches: int, capture: bool = True, capture_after: int = CAPTURE_AFTER
+    ) -> None:
         """Run batches of same-size images through CUDA graphs of the tower (vision_graphs.py);
         `capture=False` runs the same fixed-buffer forward without graphs."""
-        self.graphs = VisionTowerGraphs(self.tower, max_batch_patches, capture)
+        self.graphs = VisionTowerGraphs(self.tower, max_batch_patches, capture, capture_after)
 
     @classmethod
     def from_pretrained(

@@ -11,8 +11,9 @@ order) depends only on the images' patch grids, and transformers' tower takes al
 precomputed (`position_ids`, `cu_seqlens`, `window_index`, `cu_window_seqlens`). So a batch of
 N images of one grid is captured once per (grid, bucket), where the bucket is N rounded up to a
 power of two: the padding rows are whole extra images, and the tower attends within each
-image, so they change nothing for the real ones. Batches that mix grids, or exceed the patch
-budget, run eagerly.
+image, so they change nothing for the real ones. A (grid, bucket) is captured the second time
+it comes, so ever-new image sizes cost no captures. Batches that mix grids, or exceed the
+patch budget, run eagerly.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ Grid = tuple[int, int, int]  # (t, h, w) patches of one image
 # Captured graphs kept; each holds its input and output buffers (its activations live in one
 # memory pool that every graph shares).
 MAX_CAPTURED = 16
+# A (grid, bucket) is captured the second time it is seen: a capture costs about two eager
+# forwards, which traffic of ever-new image sizes would pay on every batch.
+CAPTURE_AFTER = 2
+# Sightings remembered before the count starts over (a bound on memory, not a tuning knob).
+MAX_SIGHTINGS = 4096
 
 
 def static_tower_inputs(tower: nn.Module, grid_thw: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,22 +97,30 @@ class VisionTowerGraphs:
     """Runs a batch of same-grid images through a captured graph of the tower (or, with
     `capture=False`, through the same fixed-buffer forward eagerly: what the CPU tests run)."""
 
-    def __init__(self, tower: nn.Module, max_batch_patches: int, capture: bool = True) -> None:
+    def __init__(
+        self,
+        tower: nn.Module,
+        max_batch_patches: int,
+        capture: bool = True,
+        capture_after: int = CAPTURE_AFTER,
+    ) -> None:
         self.tower = tower
         self.max_batch_patches = max_batch_patches
         self.capture = capture
+        self.capture_after = capture_after
         self._buckets: OrderedDict[tuple[Grid, int], _Bucket] = OrderedDict()
+        self._sightings: dict[tuple[Grid, int], int] = {}
         self.failed = False  # a capture failed: every batch runs eagerly
         self._pool: Any = None  # torch.cuda.graph_pool_handle(), shared by every graph
 
     def bucket_size(self, grid: Grid, count: int) -> int | None:
         """The padded image count a batch of `count` images of `grid` runs as, or None where it
-        runs eagerly (over the patch budget)."""
+        runs eagerly (over the patch budget, as a single image larger than it is)."""
         patches = grid[0] * grid[1] * grid[2]
         size = 1
         while size < count:
             size *= 2
-        if size > 1 and size * patches > self.max_batch_patches:
+        if size * patches > self.max_batch_patches:
             return None
         return size
 
@@ -119,7 +133,7 @@ class VisionTowerGraphs:
         if any(g != grid for g in grids):
             return None
         size = self.bucket_size(grid, len(grids))
-        if size is None or self.failed:
+        if size is None or self.failed or not self._seen_enough(grid, size):
             return None
         try:
             bucket = self._bucket(grid, size, pixel_values.dtype)
@@ -133,6 +147,18 @@ class VisionTowerGraphs:
         tokens = rows // merge_size**2
         # Cloned: the next replay overwrites the graph's output buffer.
         return bucket.run(self.tower)[:tokens].clone()
+
+    def _seen_enough(self, grid: Grid, size: int) -> bool:
+        key = (grid, size)
+        if key in self._buckets:
+            return True
+        if len(self._sightings) >= MAX_SIGHTINGS:
+            self._sightings.clear()
+        seen = self._sightings[key] = self._sightings.get(key, 0) + 1
+        if seen < self.capture_after:
+            return False
+        del self._sightings[key]
+        return True
 
     def _bucket(self, grid: Grid, size: int, dtype: torch.dtype) -> _Bucket:
         key = (grid, size)
