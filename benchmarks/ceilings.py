@@ -4,6 +4,7 @@ the GPU at hand, and the decoder workload floors the benchmarks compare against.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -81,10 +82,35 @@ class Geometry:
         """Linear layers plus attention (QK and PV) for one token attending to `context`."""
         return 2 * self.layers * self.layer_linear_params + 4 * self.layers * context * self.hidden
 
+    def step_weight_bytes(self, batch: int) -> int:
+        """Weights a decode step of `batch` tokens reads: all of them, for a dense model."""
+        return self.weight_bytes
+
+
+class FloorGeometry(Protocol):
+    """What `workload_floor` needs of a model geometry (dense `Geometry`, or the MoE one of
+    moe_throughput.py, whose steps read only the experts their tokens chose)."""
+
+    @property
+    def hidden(self) -> int: ...
+
+    @property
+    def vocab(self) -> int: ...
+
+    @property
+    def kv_bytes_per_token(self) -> int: ...
+
+    def token_flops(self, context: int) -> float: ...
+
+    def step_weight_bytes(self, batch: int) -> int | float: ...
+
 
 def workload_floor(
-    g: Geometry, batch: int, prompt: int, output: int, flops_rate: float, bandwidth: float
+    g: FloorGeometry, batch: int, prompt: int, output: int, flops_rate: float, bandwidth: float
 ) -> float:
+    """Seconds the workload needs at the two ceilings: prefill at the matmul rate, then each
+    decode step at the slower of its FLOPs and its bytes (weights read plus every request's
+    whole KV context)."""
     # Prefill: every prompt token, attending causally (mean context prompt / 2), plus the
     # vocabulary projection of the last token.
     prefill = batch * (prompt * g.token_flops(prompt // 2) + 2 * g.hidden * g.vocab)
@@ -92,7 +118,7 @@ def workload_floor(
     for step in range(1, output):
         context = prompt + step
         flops = batch * (g.token_flops(context) + 2 * g.hidden * g.vocab)
-        bytes_moved = g.weight_bytes + batch * context * g.kv_bytes_per_token
+        bytes_moved = g.step_weight_bytes(batch) + batch * context * g.kv_bytes_per_token
         seconds += max(flops / flops_rate, bytes_moved / bandwidth)
     return seconds
 

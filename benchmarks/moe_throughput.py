@@ -132,20 +132,6 @@ TINY = MoEGeometry(
 )  # fmt: skip
 
 
-def workload_floor(
-    g: MoEGeometry, batch: int, prompt: int, output: int, flops_rate: float, bandwidth: float
-) -> float:
-    """Seconds the workload needs at the two ceilings (see the module docstring)."""
-    prefill = batch * (prompt * g.token_flops(prompt // 2) + 2 * g.hidden * g.vocab)
-    seconds = prefill / flops_rate
-    for step in range(1, output):
-        context = prompt + step
-        flops = batch * (g.token_flops(context) + 2 * g.hidden * g.vocab)
-        bytes_moved = g.step_weight_bytes(batch) + batch * context * g.kv_bytes_per_token
-        seconds += max(flops / flops_rate, bytes_moved / bandwidth)
-    return seconds
-
-
 # ---- the ceilings ----------------------------------------------------------------------------
 
 
@@ -287,6 +273,8 @@ def main() -> None:
     card = "CPU" if args.smoke else torch.cuda.get_device_name()
     print(f"card: {card}; bf16 matmul {flops_rate / 1e12:.1f} TFLOP/s; "
           f"copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    from ceilings import workload_floor  # the dense benchmark's floor; steps read active experts
+
     floor_s = workload_floor(
         geometry, args.num_requests, args.prompt_len, args.output_len, flops_rate, bandwidth
     )
