@@ -89,3 +89,49 @@ def wait_for_metric(server: str, name: str, target: float, timeout_s: float = 15
     while (value := metric(server, name)) < target:
         assert time.monotonic() < deadline, f"{name} is {value}, waited for {target}"
         time.sleep(0.1)
+
+
+@contextmanager
+def serve_process(
+    command: list[str],
+    log_path: Path,
+    healthy_within_s: float,
+    stop_within_s: float,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """`omni serve` as a user starts it (its own session, output into `log_path`): yields its
+    URL once /health answers 200, then stops it with SIGINT (SIGKILL if it takes longer than
+    `stop_within_s`). `command` carries `--port PORT`."""
+    import os
+    import signal
+    import subprocess
+
+    url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+        try:
+            deadline = time.monotonic() + healthy_within_s
+            while True:
+                if process.poll() is not None:
+                    log.flush()
+                    raise RuntimeError(f"omni serve exited: {log_path.read_text()[-3000:]}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"omni serve did not become healthy within {healthy_within_s:.0f} s"
+                    )
+                time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(stop_within_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

@@ -12,10 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +32,7 @@ from fixtures_perception import (
     three_page_pdf,
 )
 from PIL import Image
-from server_fixtures import free_port, metric, wait_for_metric
+from server_fixtures import free_port, metric, serve_process, wait_for_metric
 from transformers import AutoTokenizer
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -50,39 +47,15 @@ def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     processes (the LLM, OCR and speech recognition; no voice)."""
     require_espeak()
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
     env = {**os.environ, "OMNI_CACHE_DIR": str(smollm2_dir.parent.parent)}
     command = [
         sys.executable, "-m", "omni.cli", "serve", "--port", str(port), "--no-speech",
         "--devices", "llm=cpu,ocr=cpu,asr=cpu", "--option", "num_kv_blocks=256",
         "--log-level", "warning",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                log.flush()
-                raise RuntimeError(f"omni serve exited: {Path(log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "omni serve did not become healthy in 300 s"
-            time.sleep(0.5)
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_process(command, log_path, healthy_within_s=300, stop_within_s=60, env=env) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +23,7 @@ import openai
 import pytest
 from fixtures_pdf import Page, encrypted_pdf, minimal_pdf
 from fixtures_vl import make_tiny_qwen2_5_vl
-from server_fixtures import NO_PERCEPTION_FLAGS, free_port, metric
+from server_fixtures import NO_PERCEPTION_FLAGS, free_port, metric, serve_process
 
 from omni.media.pdf import PdfRenderer, PdfSettings
 
@@ -46,7 +44,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`omni serve` as a user starts it; its stages are supervised child processes."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
     command = [
         sys.executable, "-m", "omni.cli", "serve", str(folder), "--port", str(port),
         "--served-model-name", MODEL, "--devices", "llm=cpu,vision=cpu", "--no-speech",
@@ -55,33 +52,9 @@ def server(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         "--pdf-dpi", "72", "--max-upload-bytes", str(UPLOAD_LIMIT), "--max-upload-files", "3",
         "--log-level", "warning",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                log.flush()
-                raise RuntimeError(f"omni serve exited: {Path(log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("omni serve did not become healthy within 240 s")
-            time.sleep(0.5)
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_process(command, log_path, healthy_within_s=240, stop_within_s=30) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
