@@ -34,8 +34,8 @@ import torch
 from omni.transport.codec import MessageCodec
 from omni.transport.shm import SharedTensorHandle
 
-# 3: heartbeats carry `stalled_s`.
-PROTOCOL_VERSION = 3
+# 3: heartbeats carry `stalled_s`. 4: HELLO may ask for a sealed bulk channel, WELCOME offers it.
+PROTOCOL_VERSION = 4
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 RequestId = Annotated[str, msgspec.Meta(max_length=256)]
@@ -51,6 +51,9 @@ class Hello(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     # Hostname plus boot id: equal only for processes that can share /dev/shm.
     host_id: Annotated[str, msgspec.Meta(max_length=512)] = ""
     protocol_version: int = PROTOCOL_VERSION
+    # The replica joined over tcp with CURVE keys and takes a sealed bulk channel for large
+    # messages (omni.transport.sealed).
+    sealed_bulk: bool = False
 
 
 class Welcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -58,6 +61,11 @@ class Welcome(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0)]
     heartbeat_timeout_s: Annotated[float, msgspec.Meta(gt=0)]
     shared_memory: bool = False
+    # A sealed bulk channel offered to a replica that asked (Hello.sealed_bulk): the port on the
+    # router's host, the session id and the session key. Only ever sent inside CURVE.
+    bulk_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    bulk_session: Annotated[bytes, msgspec.Meta(max_length=16)] = b""
+    bulk_key: Annotated[bytes, msgspec.Meta(max_length=32)] = b""
 
 
 # A contract's msgpack-encoded struct (request parameters, reply, heartbeat stats). Bounded so
@@ -137,7 +145,8 @@ class Shutdown(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
 
 
-# One-byte kinds. Stable wire values: never renumber, only add.
+# One-byte kinds. Stable wire values: never renumber, only add. 0xB0 is taken by the ticket
+# that stands for a sealed message on the control socket (omni.transport.sealed_peers).
 MESSAGE_KINDS: dict[int, type[msgspec.Struct]] = {
     0x01: Hello,
     0x02: Welcome,

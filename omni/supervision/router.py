@@ -25,7 +25,13 @@ import torch
 import zmq
 
 from omni.supervision.replicas import ReplicaInfo
-from omni.supervision.routing import PendingRequest, RouterConfig, RouterCounters, RoutingState
+from omni.supervision.routing import (
+    CONNECTION_CLOSED,
+    PendingRequest,
+    RouterConfig,
+    RouterCounters,
+    RoutingState,
+)
 from omni.supervision.streams import (
     AsyncReplyStream,
     NoReplicaError,
@@ -38,6 +44,8 @@ from omni.transport.messages import (
     StageRequest,
     stage_codec,
 )
+from omni.transport.sealed import BulkListener
+from omni.transport.sealed_peers import SealedPeers
 from omni.transport.shm import (
     SharedTensorHandle,
     SharedTensorReader,
@@ -72,6 +80,9 @@ class StageRouter:
         self._wake_endpoint = f"inproc://omni-router-wake-{id(self):x}"
         self._wake_lock = threading.Lock()
         self._bound: BoundRouter | None = None
+        # Large messages of CURVE stages on other hosts, sealed beside the CURVE socket.
+        self._sealed: SealedPeers | None = None
+        self._bulk: BulkListener | None = None
         self._wake: zmq.Socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -114,6 +125,9 @@ class StageRouter:
             self.config.allow_tcp,
             self.config.remote_endpoint,
         )
+        remote = self._bound.remote_endpoint
+        if self.config.curve is not None and remote is not None:
+            self._start_sealed_bulk(remote)
         pull = self._context.socket(zmq.PULL)
         pull.bind(self._wake_endpoint)
         self._wake = self._context.socket(zmq.PUSH)
@@ -123,6 +137,30 @@ class StageRouter:
         )
         self._thread.start()
         return self
+
+    def _start_sealed_bulk(self, remote: str) -> None:
+        """Listen for sealed bulk channels on the host the CURVE endpoint is bound to (never a
+        wider interface), and offer one to each CURVE stage that asks in its HELLO."""
+        host = remote.removeprefix("tcp://").rpartition(":")[0]
+        self._sealed = SealedPeers()
+        self._bulk = BulkListener(
+            host,
+            self._sealed.adopt,
+            self._sealed.notify,
+            port=self.config.bulk_port,
+            max_message_bytes=self.config.sockets.max_message_bytes,
+        )
+        self._state.offer_bulk = self._bulk.offer
+        logger.info("sealed bulk channels for CURVE stages on %s:%d", host, self._bulk.port)
+
+    @property
+    def bulk_port(self) -> int | None:
+        """The port of the sealed bulk channels (None without CURVE on tcp)."""
+        return self._bulk.port if self._bulk is not None else None
+
+    @property
+    def sealed_peers(self) -> SealedPeers | None:
+        return self._sealed
 
     def close(self, shutdown_replicas: bool = False) -> None:
         """Stop routing; fail what is still in flight. Optionally ask replicas to exit."""
@@ -144,6 +182,10 @@ class StageRouter:
                 )
         if self._wake is not None:
             self._wake.close(linger=0)
+        if self._bulk is not None:
+            self._bulk.close()
+        if self._sealed is not None:
+            self._sealed.close(drain_s=self.config.sockets.linger_ms / 1000)
         if self._bound is not None:
             self._bound.close()
         self._reader.close()
@@ -301,6 +343,8 @@ class StageRouter:
         poller.register(wake, zmq.POLLIN)
         if self._bound.disconnects is not None:
             poller.register(self._bound.disconnects, zmq.POLLIN)
+        if self._sealed is not None:
+            poller.register(self._sealed.fileno(), zmq.POLLIN)
         tick_ms = max(1, int(min(50.0, self.config.heartbeat_interval_s * 500)))
         # Until when to look for replicas whose connection closed (see `_probe_closed`).
         probe_until = 0.0
@@ -315,6 +359,8 @@ class StageRouter:
                             wake.recv(zmq.NOBLOCK)
                 if router in events:
                     self._receive_all(router)
+                if self._sealed is not None:
+                    self._poll_sealed(self._sealed)
                 self._reader.release_deferred()  # replies whose tensors the caller dropped
                 with self._lock:
                     self._flush_outbox(router)
@@ -335,14 +381,44 @@ class StageRouter:
             except zmq.Again:
                 return
             identity = frames[0].bytes
-            try:
-                message = self._codec.decode(frames[1:])
-            except ProtocolError as exc:
-                self._state.counters.protocol_errors += 1
-                logger.warning("dropped an undecodable message from a stage: %s", exc)
+            if self._sealed is None:
+                self._handle_frames(identity, frames[1:])
                 continue
-            with self._lock:
-                self._state.handle(identity, message)
+            for ready in self._sealed.receive(identity, frames[1:]):
+                self._handle_frames(identity, ready)
+
+    def _handle_frames(self, identity: bytes, frames: Sequence[Any]) -> None:
+        try:
+            message = self._codec.decode(frames)
+        except ProtocolError as exc:
+            self._state.counters.protocol_errors += 1
+            logger.warning("dropped an undecodable message from a stage: %s", exc)
+            return
+        with self._lock:
+            self._state.handle(identity, message)
+
+    def _poll_sealed(self, sealed: SealedPeers) -> None:
+        """Sealed messages that arrived, channels that closed (their replicas are dropped:
+        what was in flight on them is lost), channels of replicas that are gone."""
+        ready, closed = sealed.poll()
+        for identity, frames in ready:
+            self._handle_frames(identity, frames)
+        assert self._bulk is not None
+        with self._lock:
+            for identity, channel in closed:
+                self._bulk.revoke(identity)
+                replica = self._state.replicas.by_identity(identity)
+                if replica is not None:
+                    # A peer that hung up is a stage that went away, as when its CURVE
+                    # connection closes; anything else (a failed tag) is named.
+                    hung_up = "closed the connection" in channel.reason
+                    reason = f"lost its sealed bulk channel ({channel.reason})"
+                    self._state.drop(replica, CONNECTION_CLOSED if hung_up else reason)
+            live = {replica.identity for replica in self._state.replicas}
+            for identity in self._bulk.peers():
+                if identity not in live:
+                    self._bulk.revoke(identity)
+                    sealed.detach(identity, "its replica is gone")
 
     def _notify_lost(self) -> None:
         with self._lock:
@@ -361,6 +437,13 @@ class StageRouter:
 
     def _send_frames(self, identity: bytes, frames: Sequence[Any]) -> str:
         """Send without blocking (I/O thread only); see `routing.Send` for the results."""
+        if self._sealed is not None:
+            return self._sealed.send(
+                identity, frames, lambda control: self._send_control(identity, control)
+            )
+        return self._send_control(identity, frames)
+
+    def _send_control(self, identity: bytes, frames: Sequence[Any]) -> str:
         assert self._bound is not None
         try:
             self._bound.socket.send_multipart([identity, *frames], copy=False, flags=zmq.NOBLOCK)

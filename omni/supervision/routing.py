@@ -45,12 +45,18 @@ from omni.transport.messages import (
     StageRequest,
     Welcome,
 )
+from omni.transport.sealed import BulkOffer
 from omni.transport.shm import DEFAULT_PREFIX, SharedTensorHandle, SharedTensorReader
 from omni.transport.sockets import CurveKeys, SocketOptions, check_endpoint
 
 logger = logging.getLogger(__name__)
 
 Send = Callable[[bytes, Sequence[Any]], str]
+
+
+# Why a replica on another host is dropped when its TCP connection (or its sealed bulk channel's)
+# closes.
+CONNECTION_CLOSED = "closed its connection (its process or host went away)"
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,14 @@ class RouterConfig:
     shm_prefix: str = DEFAULT_PREFIX
     sockets: SocketOptions = field(default_factory=SocketOptions)
     curve: CurveKeys | None = None
+    # The port of the sealed bulk channels beside a CURVE tcp endpoint (0: any free one; it is
+    # announced to each stage inside CURVE, but a firewall between hosts must let it through).
+    bulk_port: int = 0
 
     def __post_init__(self) -> None:
         check_endpoint(self.endpoint, binding=True, allow_tcp=self.allow_tcp)
+        if not 0 <= self.bulk_port < 65536:
+            raise ValueError(f"bulk_port is {self.bulk_port}; it must be a TCP port or 0")
         if self.remote_endpoint is not None:
             check_endpoint(self.remote_endpoint, binding=True, allow_tcp=True)
         if self.heartbeat_interval_s <= 0:
@@ -140,6 +151,9 @@ class RoutingState:
         self._reader = reader
         self._send = send
         self._host_id = host_id()
+        # Set by the router when it has a sealed bulk listener (CURVE on tcp): the session a
+        # replica that asks for one may open, handed over in its WELCOME.
+        self.offer_bulk: Callable[[bytes], BulkOffer] | None = None
 
     def _send_message(self, identity: bytes, message: msgspec.Struct) -> None:
         self._send(identity, self._codec.encode(message))
@@ -223,11 +237,15 @@ class RoutingState:
         replica = self.replicas.by_identity(identity)
         assert replica is not None
         replica.last_seen = time.monotonic()
+        offer = self.offer_bulk(identity) if hello.sealed_bulk and self.offer_bulk else None
         welcome = Welcome(
             replica_id=hello.replica_id,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             heartbeat_timeout_s=self.config.heartbeat_timeout_s,
             shared_memory=replica.shared_memory,
+            bulk_port=offer.port if offer else 0,
+            bulk_session=offer.session_id if offer else b"",
+            bulk_key=offer.key if offer else b"",
         )
         self._send_message(identity, welcome)
 
@@ -399,7 +417,7 @@ class RoutingState:
         for replica in list(self.replicas):
             beat = self._codec.encode(Heartbeat(replica_id=replica.replica_id))
             if self._send(replica.identity, beat) == "unreachable":
-                self.drop(replica, "closed its connection (its process or host went away)")
+                self.drop(replica, CONNECTION_CLOSED)
 
     def check_liveness(self) -> None:
         now = time.monotonic()

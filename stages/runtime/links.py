@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import msgspec
 import zmq
@@ -40,6 +40,8 @@ from omni.transport.messages import (
     Welcome,
     stage_codec,
 )
+from omni.transport.sealed import BulkOffer, SealedChannel
+from omni.transport.sealed_peers import SealedPeers
 from omni.transport.sockets import connect_dealer
 from zmq.utils.monitor import recv_monitor_message
 
@@ -47,8 +49,7 @@ logger = logging.getLogger(__name__)
 
 ALL_LINKS = 255
 # What a tcp link's monitor reports: the server refused our key, or spoke another mechanism.
-_HANDSHAKE_FAILURES = (
-zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+_HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 CLOSE = b""
 # What the busy loop is handed: work for this stage, or answers to its peer calls.
 Inbound: TypeAlias = StageRequest | Abort | StageReply | StageError
@@ -63,6 +64,9 @@ class _Link:
     welcomed: bool = False
     last_heard: float = field(default_factory=time.monotonic)
     backlog: deque[Sequence[zmq.Frame]] = field(default_factory=deque)
+    # The session of the sealed bulk channel this link last lost: a WELCOME still offering it
+    # (sent before the router saw the loss) is not taken up again.
+    lost_session: bytes = b""
 
 
 class RouterLinks:
@@ -96,6 +100,8 @@ class RouterLinks:
         self.ready = threading.Event()
         self.failure: BaseException | None = None
         self._links: list[_Link] = []
+        # Large messages on CURVE links travel sealed beside the CURVE socket (keyed by link).
+        self._sealed = SealedPeers()
 
     def run(self) -> None:
         """The thread's body: connect, then serve until the close marker."""
@@ -132,6 +138,7 @@ class RouterLinks:
             raise
         finally:
             pull.close(linger=0)
+            self._sealed.close(drain_s=self.config.sockets.linger_ms / 1000)
             for link in links:
                 _close(link)
 
@@ -140,6 +147,7 @@ class RouterLinks:
         next_beat = 0.0
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
+        poller.register(self._sealed.fileno(), zmq.POLLIN)
         while True:
             for link in links:
                 writable = zmq.POLLOUT if link.backlog and link.welcomed else 0
@@ -150,6 +158,8 @@ class RouterLinks:
             events = dict(poller.poll(0 if closing else int(wait_ms)))
             if events.get(pull):
                 closing = self._take_outgoing(pull, links)
+            if events.get(self._sealed.fileno()):
+                self._poll_sealed(links)
             for index, link in enumerate(links):
                 if link.handshakes is not None and events.get(link.handshakes):
                     self._handshake_failed(link)
@@ -160,13 +170,13 @@ class RouterLinks:
                 # HelloRequired), so messages wait until it has: a peer call made while link
                 # 0 is still joining, say, once another API process gave this replica work.
                 if link.welcomed:
-                    _flush(link)
+                    self._flush(index, link)
             if closing:
                 # Give queued replies and the GOODBYE their chance before the sockets close.
                 deadline = time.monotonic() + self.config.sockets.linger_ms / 1000
                 while any(link.backlog for link in links) and time.monotonic() < deadline:
-                    for link in links:
-                        _flush(link)
+                    for index, link in enumerate(links):
+                        self._flush(index, link)
                     time.sleep(0.001)
                 return
             now = time.monotonic()
@@ -185,6 +195,54 @@ class RouterLinks:
                 next_beat = now + self.heartbeat_interval_s
                 if self.config.parent_pid is not None and os.getppid() != self.config.parent_pid:
                     self._stop("parent process exited")
+
+    def _flush(self, index: int, link: _Link) -> None:
+        while link.backlog:
+            sent = self._sealed.send(index, link.backlog[0], lambda frames: _send_now(link, frames))
+            if sent != "sent":
+                return  # high-water mark reached: wait for POLLOUT
+            link.backlog.popleft()
+
+    def _poll_sealed(self, links: list[_Link]) -> None:
+        ready, closed = self._sealed.poll()
+        for index, frames in ready:
+            self._decode_and_handle(int(index), links[int(index)], frames)
+        for index, channel in closed:
+            link = links[int(index)]
+            logger.warning(
+                "the sealed bulk channel to %s closed (%s); saying HELLO again",
+                link.endpoint,
+                channel.reason,
+            )
+            link.lost_session = channel.session_id
+            link.welcomed = False
+            self.all_welcomed.clear()
+            self._beat(link)
+
+    def _take_bulk_offer(self, index: int, link: _Link, welcome: Welcome) -> None:
+        """Open the sealed bulk channel a WELCOME offers (over CURVE, on tcp only), unless it
+        is the one already open or one this link lost."""
+        if not welcome.bulk_port or self.config.curve is None:
+            return
+        if not link.endpoint.startswith("tcp://") or welcome.bulk_session == link.lost_session:
+            return
+        current = self._sealed.channel(index)
+        if current is not None and current.session_id == welcome.bulk_session:
+            return
+        try:
+            offer = BulkOffer(welcome.bulk_port, welcome.bulk_session, welcome.bulk_key)
+        except ValueError as exc:
+            logger.warning("ignored a bad sealed bulk offer from %s: %s", link.endpoint, exc)
+            return
+        host = link.endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+        channel = SealedChannel.connect(
+            host,
+            offer,
+            notify=self._sealed.notify,
+            max_message_bytes=self.config.sockets.max_message_bytes,
+        )
+        self._sealed.attach(index, channel)
+        logger.info("opening a sealed bulk channel to %s:%d", host, offer.port)
 
     def _handshake_failed(self, link: _Link) -> None:
         assert link.handshakes is not None
@@ -239,19 +297,23 @@ class RouterLinks:
                 frames = link.dealer.recv_multipart(copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                message = self._codec.decode(frames)
-            except ProtocolError as exc:
-                self.protocol_errors += 1
-                logger.warning("dropped an undecodable message: %s", exc)
-                _reply_now(
-                    link,
-                    self._codec.encode(
-                        StageError(request_id="", message=f"undecodable message: {exc}")
-                    ),
-                )
-                continue
-            self._handle(index, link, message)
+            for ready in self._sealed.receive(index, frames):
+                self._decode_and_handle(index, link, ready)
+
+    def _decode_and_handle(self, index: int, link: _Link, frames: Sequence[zmq.Frame]) -> None:
+        try:
+            message = self._codec.decode(frames)
+        except ProtocolError as exc:
+            self.protocol_errors += 1
+            logger.warning("dropped an undecodable message: %s", exc)
+            _reply_now(
+                link,
+                self._codec.encode(
+                    StageError(request_id="", message=f"undecodable message: {exc}")
+                ),
+            )
+            return
+        self._handle(index, link, message)
 
     def _handle(self, index: int, link: _Link, message: msgspec.Struct) -> None:
         if isinstance(message, StageRequest | Abort | StageReply | StageError):
@@ -268,6 +330,7 @@ class RouterLinks:
                 self.shared_memory = message.shared_memory
                 self.heartbeat_interval_s = message.heartbeat_interval_s
             link.welcomed = True
+            self._take_bulk_offer(index, link, message)
             logger.info(
                 "replica %s joined %s (shared memory: %s)",
                 message.replica_id,
@@ -295,13 +358,12 @@ def _close(link: _Link) -> None:
     link.dealer.close()
 
 
-def _flush(link: _Link) -> None:
-    while link.backlog:
-        try:
-            link.dealer.send_multipart(link.backlog[0], copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return  # high-water mark reached: wait for POLLOUT
-        link.backlog.popleft()
+def _send_now(link: _Link, frames: Sequence[Any]) -> str:
+    try:
+        link.dealer.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+    except zmq.Again:
+        return "busy"
+    return "sent"
 
 
 def _reply_now(link: _Link, frames: list[bytes | bytearray | memoryview]) -> None:

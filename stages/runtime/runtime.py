@@ -183,6 +183,8 @@ class StageRuntime:
             device=config.device,
             pid=os.getpid(),
             host_id=config.host_id,
+            # Joined with CURVE keys: large messages may travel sealed beside the CURVE socket.
+            sealed_bulk=config.curve is not None,
         )
 
     def _heartbeat(self) -> Heartbeat:
