@@ -81,7 +81,7 @@ def test_seeded_row_gives_same_tokens_alone_and_in_a_mixed_batch() -> None:
         logits = _random_logits(4, vocab, seed=step)
         row = logits[2:3]
         alone.append(Sampler()(row, _batch([seeded], [alone_gen])).token_ids.item())
-        torch.manual_seed(1000 + step)  # the unseeded row draws from the global RNG
+        torch.manual_seed(1000 + step)  # seeds the unseeded rows' generator
         batch = _batch([others[0], others[1], seeded, others[2]],
                        [None, None, mixed_gen, other_gen])
         mixed.append(Sampler()(logits, batch).token_ids[2].item())
@@ -295,3 +295,24 @@ def test_grammar_bitmask_masks_only_the_constrained_rows() -> None:
     assert out.token_ids[0].item() == 5
     assert out.token_ids[2].item() == vocab - 1
     assert out.token_ids[1].item() in (7, 9)
+
+
+def test_unseeded_rows_draw_from_the_samplers_own_generator() -> None:
+    """Unseeded rows never touch the global RNG while sampling (a vision encoder capturing a
+    CUDA graph on another thread holds the device's default generator), yet a run stays
+    repeatable under torch.manual_seed, and one sampler's draws go on from step to step."""
+    logits = _random_logits(64, 50, seed=3)
+    params = [SamplingParams(temperature=1.0)] * 64
+
+    def two_steps() -> tuple[list[int], list[int]]:
+        torch.manual_seed(11)
+        sampler = Sampler()
+        first = sampler(logits, _batch(params)).token_ids.tolist()
+        state = torch.get_rng_state()
+        second = sampler(logits, _batch(params)).token_ids.tolist()
+        assert torch.equal(torch.get_rng_state(), state)  # the second step drew nothing global
+        return first, second
+
+    first, second = two_steps()
+    assert two_steps() == (first, second)
+    assert first != second

@@ -291,17 +291,19 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def sample_exponential_race(
-    probs: torch.Tensor, generators: dict[int, torch.Generator]
+    probs: torch.Tensor,
+    generators: dict[int, torch.Generator],
+    unseeded: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw one token per row from `probs` as argmax(probs / q), q ~ Exp(1).
 
     P(argmax = i) = probs[i] / sum(probs), so no normalisation or cumsum is needed, and each
     seeded row draws its own V noise values from its generator: its tokens do not depend on
-    what else is in the batch.
+    what else is in the batch. The other rows draw from `unseeded` (None: the global RNG).
     """
     q = torch.empty_like(probs)
     if len(generators) < probs.shape[0]:
-        q.exponential_()
+        q.exponential_(generator=unseeded)
     for row, generator in generators.items():
         q[row].exponential_(generator=generator)
     # An exact 0 draw would give 0/0 = NaN on masked tokens, which argmax would pick.
@@ -322,7 +324,28 @@ def apply_grammar_bitmask(
 
 
 class Sampler:
-    """Stateless: all per-request state lives in the SamplingBatch (and its generators)."""
+    """All per-request state lives in the SamplingBatch (and its generators). The sampler
+    owns one generator per device for the rows that have no seed.
+
+    Why not the global RNG: a CUDA graph captured by another thread of the process (the
+    co-located vision encoder captures its tower's graphs while the LLM serves) puts the
+    device's default generator into capture mode, and a draw from it on this thread's stream
+    then fails ("Offset increment outside graph capture"). A private generator is never
+    registered with a capture.
+    """
+
+    def __init__(self) -> None:
+        self._unseeded: dict[torch.device, torch.Generator] = {}
+
+    def unseeded_generator(self, device: torch.device) -> torch.Generator:
+        """This device's generator for unseeded rows, made on first use with a seed drawn
+        from torch's global CPU RNG (so `torch.manual_seed` still makes a run repeatable)."""
+        generator = self._unseeded.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            self._unseeded[device] = generator
+        return generator
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
@@ -363,8 +386,7 @@ class Sampler:
                 output.top_logprobs, output.top_token_ids = top.values, top.indices
         return output
 
-    @staticmethod
-    def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # Greedy rows ride along with temperature 1; their draw is discarded by the caller.
         temperature = torch.where(
             batch.temperature < GREEDY_TEMPERATURE_EPS, 1.0, batch.temperature
@@ -378,4 +400,6 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         if batch.needs_min_p:
             probs = apply_min_p(probs, batch.min_p)
-        return sample_exponential_race(probs, batch.generators)
+        return sample_exponential_race(
+            probs, batch.generators, self.unseeded_generator(probs.device)
+        )
