@@ -1,4 +1,4 @@
-"""The fused elementwise kernels (`stages/llm/models/fused_ops.py`) against the torch code
+"""The fused elementwise kernels (`stages/kernels/fused_ops.py`) against the torch code
 they replace, run on the CPU by Triton's interpreter.
 
 As in test_attention_triton.py, TRITON_INTERPRET must be set before triton is first imported,
@@ -22,11 +22,11 @@ import pytest
 import torch
 from triton_interpreter import IN_INTERPRETER_CHILD, in_child_only, run_interpreter_child
 
-NUM_INTERPRETER_TESTS = 14
+NUM_INTERPRETER_TESTS = 17
 triton = pytest.importorskip("triton")
 
-from omni.stages.llm.models import fused_kernels, fused_ops  # noqa: E402
-from omni.stages.llm.models.fused_ops import (  # noqa: E402
+from omni.stages.kernels import fused_kernels, fused_ops  # noqa: E402
+from omni.stages.kernels.fused_ops import (  # noqa: E402
     add_rms_norm,
     add_rms_norm_triton,
     apply_rotary_torch,
@@ -39,6 +39,11 @@ from omni.stages.llm.models.fused_ops import (  # noqa: E402
     silu_and_mul,
     silu_and_mul_torch,
     silu_and_mul_triton,
+    silu_mul,
+    silu_mul_triton,
+    vision_rotary,
+    vision_rotary_torch,
+    vision_rotary_triton_,
 )
 
 EPS = 1e-6
@@ -237,6 +242,46 @@ def test_interpreter_silu_and_mul() -> None:
 
 
 @in_child_only
+def test_interpreter_silu_mul_of_two_projections() -> None:
+    # The vision tower's MLP: gate and up come from two linear layers (with biases), so the
+    # kernel reads two tensors; torch's `silu(gate) * up` rounds twice, and so does the kernel.
+    for dtype in (torch.float16, torch.bfloat16):
+        gate = _inputs((5, 1000), dtype, seed=15) * 4.0
+        up = _inputs((5, 1000), dtype, seed=16)
+        out = silu_mul_triton(gate, up)
+        assert out.shape == (5, 1000) and out.dtype == dtype
+        _assert_within_one_ulp(out, torch.nn.functional.silu(gate) * up)
+
+
+def _vision_cos_sin(tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin as transformers' vision tower builds them: angles of 2-D patch positions,
+    each half of the head dim repeated (`cat((freqs, freqs))`), in float32."""
+    rows = torch.arange(tokens, dtype=torch.float32)[:, None]
+    inv_freq = _inv_freq(head_dim // 2, base=10_000.0)
+    half = torch.cat([rows * inv_freq, (rows % 7) * inv_freq], dim=-1)[:, : head_dim // 2]
+    angles = torch.cat([half, half], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+@in_child_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreter_vision_rotary_in_place_on_qkv_views(dtype: torch.dtype) -> None:
+    # q and k are views of the tower's fused qkv output ([T, 3, heads, 80]), rotated in place.
+    tokens, heads, head_dim = 37, 16, 80
+    qkv = _inputs((tokens, 3, heads, head_dim), dtype, seed=17) * 3.0
+    q, k, _ = qkv.unbind(1)
+    cos, sin = _vision_cos_sin(tokens, head_dim)
+    expected_q, expected_k = vision_rotary_torch(q.clone(), k.clone(), cos, sin)
+    out_q, out_k = vision_rotary_triton_(q, k, cos, sin)
+    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
+    if dtype == torch.float32:
+        _assert_close_fp32(out_q, expected_q)
+        _assert_close_fp32(out_k, expected_k)
+    else:  # products and sums in float32 exactly as torch: one rounding, bit-equal
+        assert torch.equal(out_q, expected_q) and torch.equal(out_k, expected_k)
+
+
+@in_child_only
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_interpreter_decoder_forward_wired_to_kernels(
     arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -302,6 +347,14 @@ def test_cpu_tensors_take_the_torch_path_bit_for_bit() -> None:
     gate_up = _inputs((3, 128), torch.bfloat16, seed=24)
     gate, up = gate_up.split(64, dim=-1)
     assert torch.equal(silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up)
+    assert torch.equal(silu_mul(gate, up), torch.nn.functional.silu(gate) * up)
+    q, k = _inputs((4, 2, 8), torch.bfloat16, seed=18), _inputs((4, 2, 8), torch.bfloat16, seed=19)
+    cos, sin = _vision_cos_sin(4, 8)
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    reference = apply_rotary_pos_emb_vision(q, k, cos, sin)  # transformers' own function
+    for ours in (vision_rotary_torch(q, k, cos, sin), vision_rotary(q, k, cos, sin)):
+        assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
 
     q = _inputs((len(POSITIONS), 4, 32), torch.bfloat16, seed=25)
     k = _inputs((len(POSITIONS), 2, 32), torch.bfloat16, seed=26)
@@ -368,12 +421,30 @@ _HALF_KERNEL_SIGNATURES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] =
     "silu_and_mul": (
         fused_kernels.silu_and_mul_kernel,
         {
-            "gate_up_ptr": "*bf16",
+            "gate_ptr": "*bf16",
+            "up_ptr": "*bf16",
             "out_ptr": "*bf16",
-            "stride_gate_up_token": "i32",
+            "stride_gate_token": "i32",
+            "stride_up_token": "i32",
             "intermediate_size": "i32",
         },
         {"BLOCK": 1024},
+    ),
+    "vision_rotary": (
+        fused_kernels.vision_rotary_kernel,
+        {
+            "q_ptr": "*bf16",
+            "k_ptr": "*bf16",
+            "cos_ptr": "*fp32",
+            "sin_ptr": "*fp32",
+            **dict.fromkeys(
+                ["stride_q_token", "stride_q_head", "stride_k_token", "stride_k_head"], "i32"
+            ),
+            "stride_cos_token": "i32",
+            "stride_sin_token": "i32",
+            "num_heads": "i32",
+        },
+        {"half": 40, "BLOCK_HEADS": 16, "BLOCK_HALF": 64},
     ),
 }
 
@@ -387,7 +458,8 @@ def _compile_for_h100(name: str, dtype: str, options: dict[str, Any]) -> str:
     signature = {
         key: ("*" + dtype if value == "*bf16" else value) for key, value in signature.items()
     }
-    constexprs = {**constexprs, "USE_LIBDEVICE": True}
+    if "USE_LIBDEVICE" in fn.arg_names:
+        constexprs = {**constexprs, "USE_LIBDEVICE": True}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
@@ -413,6 +485,9 @@ def test_cuda_compilation_keeps_torch_float_semantics() -> None:
     fused = _compile_for_h100("rotary_qk", "fp32", dict(options, enable_fp_fusion=True))
     unfused = _compile_for_h100("rotary_qk", "fp32", options)
     assert unfused.count("fma.rn.f32") < fused.count("fma.rn.f32")
+    fused = _compile_for_h100("vision_rotary", "bf16", dict(options, enable_fp_fusion=True))
+    unfused = _compile_for_h100("vision_rotary", "bf16", options)
+    assert "fma.rn.f32" not in unfused and "fma.rn.f32" in fused
 
 
 def test_launch_widths_follow_the_row_size() -> None:

@@ -31,8 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # The stages' own implementations: none may import another, or the server.
 STAGE_PACKAGES = ("omni.stages.llm", "omni.stages.encoders", "omni.stages.generators")
 # What every side may import of `omni.stages`: the role contracts, the stage runtime (which the
-# server also runs in-process) and the checkpoint helpers.
-SHARED_STAGE_MODULES = ("omni.stages.contracts", "omni.stages.runtime", "omni.stages.checkpoint")
+# server also runs in-process), the checkpoint helpers and the Triton kernels several stages run.
+SHARED_STAGE_MODULES = (
+    "omni.stages.contracts",
+    "omni.stages.runtime",
+    "omni.stages.checkpoint",
+    "omni.stages.kernels",
+)
 # The orchestrator side, which the caches serve and must not know: the HTTP server, the
 # router and supervisor, request planning, the command line and the offline front end (the
 # package root lazily exports it).
@@ -72,18 +77,18 @@ def broken_rule(importer: str, imported: str) -> str | None:
     if own is not None:
         other = _stage_package(imported)
         if other is not None and other != own:
-            return "a stage imports no other stage (only contracts, runtime, checkpoint)"
+            return "a stage imports no other stage (only contracts, runtime, checkpoint, kernels)"
         if _under(imported, "omni.server"):
             return "a stage does not import the server"
         return None
     if _under(importer, SHARED_STAGE_MODULES):
         if _stage_package(imported) is not None or _under(imported, "omni.server"):
-            return "contracts, runtime and checkpoint import no stage implementation or server"
+            return "shared stage modules import no stage implementation or server"
         return None
     if _under(importer, "omni.server"):
         allowed = imported == "omni.stages" or _under(imported, SHARED_STAGE_MODULES)
         if _under(imported, "omni.stages") and not allowed:
-            return "the server imports stage contracts, runtime and checkpoint only"
+            return "the server imports stage contracts, runtime, checkpoint and kernels only"
     return None
 
 
@@ -238,7 +243,7 @@ def test_the_project_follows_the_import_rules() -> None:
             "from omni.stages.llm.models.loader import resolve_dtype\n",
             [
                 "m.py:3 omni.stages.encoders.vision imports omni.stages.llm.models.loader: "
-                "a stage imports no other stage (only contracts, runtime, checkpoint)"
+                "a stage imports no other stage (only contracts, runtime, checkpoint, kernels)"
             ],
         ),
         (
@@ -246,9 +251,9 @@ def test_the_project_follows_the_import_rules() -> None:
             "from omni.stages import encoders\nfrom ..llm import worker\n",
             [
                 "m.py:1 omni.stages.generators.image imports omni.stages.encoders: "
-                "a stage imports no other stage (only contracts, runtime, checkpoint)",
+                "a stage imports no other stage (only contracts, runtime, checkpoint, kernels)",
                 "m.py:2 omni.stages.generators.image imports omni.stages.llm.worker: "
-                "a stage imports no other stage (only contracts, runtime, checkpoint)",
+                "a stage imports no other stage (only contracts, runtime, checkpoint, kernels)",
             ],
         ),
         (
@@ -265,7 +270,7 @@ def test_the_project_follows_the_import_rules() -> None:
             [
                 "m.py:1 omni.stages.contracts.image imports "
                 "omni.stages.generators.image_pipeline: "
-                "contracts, runtime and checkpoint import no stage implementation or server"
+                "shared stage modules import no stage implementation or server"
             ],
         ),
         (
@@ -277,9 +282,9 @@ def test_the_project_follows_the_import_rules() -> None:
             "import omni.stages.encoders.vision\n",
             [
                 "m.py:4 omni.server.images imports omni.stages.generators.image: "
-                "the server imports stage contracts, runtime and checkpoint only",
+                "the server imports stage contracts, runtime, checkpoint and kernels only",
                 "m.py:5 omni.server.images imports omni.stages.encoders.vision: "
-                "the server imports stage contracts, runtime and checkpoint only",
+                "the server imports stage contracts, runtime, checkpoint and kernels only",
             ],
         ),
         (
@@ -287,7 +292,7 @@ def test_the_project_follows_the_import_rules() -> None:
             "def served():\n    from omni.stages.llm.models.loader import resolve_model_path\n",
             [
                 "m.py:2 omni.server.pipeline imports omni.stages.llm.models.loader: "
-                "the server imports stage contracts, runtime and checkpoint only"
+                "the server imports stage contracts, runtime, checkpoint and kernels only"
             ],
         ),
         ("omni.server.pipeline", "from .images import ImageService\nimport torch\n", []),

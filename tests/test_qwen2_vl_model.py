@@ -25,8 +25,8 @@ from fixtures_vl import (
     tiny_vl_config,
 )
 from omni.stages.encoders.vision import VisionEncoder
+from omni.stages.kernels.fused_ops import apply_rotary_torch
 from omni.stages.llm.models import loader, mrope
-from omni.stages.llm.models.fused_ops import apply_rotary_torch
 from omni.stages.llm.models.mrope import MRotaryEmbedding, mrope_qk_triton_
 from omni.stages.llm.models.qwen2_vl import Qwen2VLForCausalLM
 from omni.stages.llm.models.registry import get_model_class
@@ -468,7 +468,7 @@ def test_mrope_kernel_rejects_bad_inputs() -> None:
 @pytest.mark.skipif(IN_INTERPRETER_CHILD, reason="compiles for CUDA; the child interprets")
 def test_mrope_kernel_compiles_for_h100_with_torch_float_semantics() -> None:
     import triton
-    from omni.stages.llm.models.fused_ops import _TORCH_FP_OPTIONS
+    from omni.stages.kernels.fused_ops import _TORCH_FP_OPTIONS
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

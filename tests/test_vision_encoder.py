@@ -56,6 +56,19 @@ def _request_inputs(pixels: torch.Tensor, grid: torch.Tensor) -> dict[str, torch
     return {"pixel_values": pixels, "image_grid_thw": grid}
 
 
+def test_norms_and_mlps_run_on_the_fused_kernels(encoder: VisionEncoder) -> None:
+    from omni.stages.encoders.vision_fused_layers import FusedRMSNorm, SiluMulMLP
+
+    blocks = list(getattr(encoder.tower, "blocks"))  # noqa: B009
+    assert blocks and all(
+        isinstance(b.norm1, FusedRMSNorm)
+        and isinstance(b.norm2, FusedRMSNorm)
+        and isinstance(b.mlp, SiluMulMLP)
+        for b in blocks
+    )
+    assert isinstance(getattr(encoder.tower, "merger").ln_q, FusedRMSNorm)  # noqa: B009
+
+
 def test_tower_weights_equal_the_checkpoint(encoder: VisionEncoder, vl_folder: Path) -> None:
     state = load_prefixed_state_dict(str(vl_folder), VISION_PREFIXES, "vision tower")
     tower_state = encoder.tower.state_dict()

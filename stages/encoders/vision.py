@@ -47,9 +47,11 @@ from omni.stages.contracts.vision import (
 )
 from omni.stages.encoders.batching import BatchingEncoderWorker, EncodeOne, Inputs
 from omni.stages.encoders.vision_attention import RotaryFn, pack_vision_attention
+from omni.stages.encoders.vision_fused_layers import fuse_vision_layers
 from omni.stages.encoders.vision_graphs import CAPTURE_AFTER, VisionTowerGraphs, batch_grids
 from omni.stages.encoders.vision_patch_embed import LinearPatchEmbed
 from omni.stages.encoders.vision_preprocess import Qwen2VLPixels
+from omni.stages.kernels.fused_ops import vision_rotary
 from omni.stages.runtime.options import parse_option
 from omni.stages.runtime.worker import WorkerOptions, WorkerRequest, register_worker
 from torch import nn
@@ -66,18 +68,17 @@ DEFAULT_MAX_BATCH_PATCHES = 16384
 
 def _vision_tower_class(model_type: str) -> tuple[type[nn.Module], RotaryFn]:
     """transformers' tower class for `model_type`, and the rotary function its attention
-    applies (kept by `PackedVisionAttention`, which replaces that attention)."""
+    applies (kept by `PackedVisionAttention`, which replaces that attention): both towers'
+    `apply_rotary_pos_emb_vision`, which `vision_rotary` computes in one kernel on CUDA and
+    with transformers' own arithmetic elsewhere."""
     if model_type == "qwen2_5_vl":
         from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5_vl
 
-        return (
-            qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel,
-            qwen2_5_vl.apply_rotary_pos_emb_vision,
-        )
+        return qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel, vision_rotary
     if model_type == "qwen2_vl":
         from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
 
-        return qwen2_vl.Qwen2VisionTransformerPretrainedModel, qwen2_vl.apply_rotary_pos_emb_vision
+        return qwen2_vl.Qwen2VisionTransformerPretrainedModel, vision_rotary
     raise ValueError(
         f"model_type {model_type!r} has no supported vision tower; supported: qwen2_vl, qwen2_5_vl"
     )
@@ -135,6 +136,7 @@ class VisionEncoder(EncodeOne):
         load_module(tower, folder, VISION_PREFIXES, "vision tower")
         pack_vision_attention(tower, rotary)
         tower.patch_embed = LinearPatchEmbed(tower.patch_embed)
+        fuse_vision_layers(tower)
         logger.info("loaded %s from %s (%s, %s)", tower_class.__name__, folder, torch_dtype, device)
         return cls(tower, VisionGeometry.from_config(vision_config))
 

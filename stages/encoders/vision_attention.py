@@ -33,6 +33,10 @@ class SegmentGroup:
 
     length: int
     rows: torch.Tensor  # int64 [segments, length]
+    # Where the segments lie back to back (the usual case: every window of same-size images,
+    # or every image in full-attention layers), the first row; they are then a plain view of
+    # the tokens and need no gather or scatter. None otherwise.
+    start: int | None = None
 
 
 class SegmentPlans:
@@ -63,7 +67,12 @@ def build_plan(cu_seqlens: torch.Tensor) -> list[SegmentGroup]:
     for length, starts in starts_by_length.items():
         offsets = torch.arange(length, device=cu_seqlens.device)
         first = torch.tensor(starts, device=cu_seqlens.device)
-        groups.append(SegmentGroup(length, first[:, None] + offsets[None, :]))
+        back_to_back = all(b - a == length for a, b in itertools.pairwise(starts))
+        groups.append(
+            SegmentGroup(
+                length, first[:, None] + offsets[None, :], starts[0] if back_to_back else None
+            )
+        )
     return groups
 
 
@@ -76,13 +85,42 @@ def segment_attention(
 ) -> torch.Tensor:
     """Non-causal attention within each segment. q, k, v and the result are `[tokens, heads,
     head_dim]`; tokens outside every segment come back as zeros."""
+    tokens = query.shape[0]
+    if len(groups) == 1 and groups[0].start == 0 and groups[0].rows.numel() == tokens:
+        # One run of equal segments over every token: views in, the result is the output.
+        return _attend_run(query, key, value, groups[0], scale).reshape(query.shape)
     out = torch.zeros_like(query)
     for group in groups:
+        if group.start is not None:
+            end = group.start + group.rows.numel()
+            out[group.start : end] = _attend_run(query, key, value, group, scale).reshape(
+                end - group.start, *query.shape[1:]
+            )
+            continue
         # [segments, length, heads, dim] -> [segments, heads, length, dim]
         q, k, v = (t[group.rows].transpose(1, 2) for t in (query, key, value))
         attended = F.scaled_dot_product_attention(q, k, v, scale=scale)
         out[group.rows] = attended.transpose(1, 2)
     return out
+
+
+def _attend_run(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group: SegmentGroup,
+    scale: float,
+) -> torch.Tensor:
+    """Attention over a group of back-to-back segments, read as views: `[segments, length,
+    heads, dim]`."""
+    assert group.start is not None
+    segments = group.rows.shape[0]
+    end = group.start + segments * group.length
+    q, k, v = (
+        t[group.start : end].reshape(segments, group.length, *t.shape[1:]).transpose(1, 2)
+        for t in (query, key, value)
+    )
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
 class PackedVisionAttention(nn.Module):

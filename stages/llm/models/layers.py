@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omni.stages.llm.models.fused_ops import (
+from omni.stages.kernels.fused_ops import (
     add_rms_norm,
     apply_rotary_torch,
     rms_norm,

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from omni.stages.llm.models.fused_kernels import rotate_token_qk
-from omni.stages.llm.models.fused_ops import (
+from omni.stages.kernels.fused_kernels import rotate_token_qk
+from omni.stages.kernels.fused_ops import (
     apply_rotary_torch,
     launch_rotary_qk,
     use_fused_kernels,

@@ -170,19 +170,23 @@ def rotary_qk_kernel(
 
 @triton.jit
 def silu_and_mul_kernel(
-    gate_up_ptr,
+    gate_ptr,
+    up_ptr,
     out_ptr,
-    stride_gate_up_token,
+    stride_gate_token,
+    stride_up_token,
     intermediate_size,
     USE_LIBDEVICE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # `gate` and `up` are two [T, I] views with contiguous rows: the halves of one fused
+    # gate/up projection (the LLM) or two projections' outputs (the vision tower's MLP).
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate_size
-    row = gate_up_ptr + token.to(tl.int64) * stride_gate_up_token
-    gate_raw = tl.load(row + cols, mask=mask, other=0.0)
-    up = tl.load(row + intermediate_size + cols, mask=mask, other=0.0).to(tl.float32)
+    row = token.to(tl.int64)
+    gate_raw = tl.load(gate_ptr + row * stride_gate_token + cols, mask=mask, other=0.0)
+    up = tl.load(up_ptr + row * stride_up_token + cols, mask=mask, other=0.0).to(tl.float32)
     dtype = gate_raw.dtype
     gate = gate_raw.to(tl.float32)
     if USE_LIBDEVICE:  # noqa: SIM108 (a constexpr branch: libdevice exists only on CUDA)
@@ -194,3 +198,73 @@ def silu_and_mul_kernel(
     silu = tl.math.div_rn(gate, 1.0 + exp_neg).to(dtype).to(tl.float32)
     out = (silu * up).to(dtype)
     tl.store(out_ptr + token.to(tl.int64) * intermediate_size + cols, out, mask=mask)
+
+
+@triton.jit
+def _rotate_vision_heads(
+    base_ptr,
+    stride_token,
+    stride_head,
+    token,
+    mask,
+    cos1,
+    cos2,
+    sin1,
+    sin2,
+    half: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    first = base_ptr + token.to(tl.int64) * stride_token + heads * stride_head + dims
+    x1_raw = tl.load(first, mask=mask, other=0.0)
+    x1 = x1_raw.to(tl.float32)
+    x2 = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
+    # rotate_half(x) is (-x2, x1), and (-x2) * sin rounds as -(x2 * sin) does.
+    out1 = x1 * cos1 - x2 * sin1
+    out2 = x2 * cos2 + x1 * sin2
+    tl.store(first, out1.to(x1_raw.dtype), mask=mask)
+    tl.store(first + half, out2.to(x1_raw.dtype), mask=mask)
+
+
+@triton.jit
+def vision_rotary_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_q_token,
+    stride_q_head,
+    stride_k_token,
+    stride_k_head,
+    stride_cos_token,
+    stride_sin_token,
+    num_heads,
+    half: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """The vision tower's rotary, in place on one token's q and k heads: transformers'
+    `apply_rotary_pos_emb_vision`, which widens q, k, cos and sin to float32, computes
+    `q * cos + rotate_half(q) * sin` there and rounds once to the model dtype. With FMA
+    contraction off, each product and the sum round as torch's separate kernels do."""
+    token = tl.program_id(0)
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    dim_mask = dims < half
+    mask = (heads < num_heads) & dim_mask
+    cos_row = cos_ptr + token.to(tl.int64) * stride_cos_token + dims
+    sin_row = sin_ptr + token.to(tl.int64) * stride_sin_token + dims
+    cos1 = tl.load(cos_row, mask=dim_mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_row + half, mask=dim_mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_row, mask=dim_mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_row + half, mask=dim_mask, other=0.0).to(tl.float32)
+    _rotate_vision_heads(
+        q_ptr, stride_q_token, stride_q_head, token, mask, cos1, cos2, sin1, sin2, half,
+        BLOCK_HEADS, BLOCK_HALF,
+    )  # fmt: skip
+    _rotate_vision_heads(
+        k_ptr, stride_k_token, stride_k_head, token, mask, cos1, cos2, sin1, sin2, half,
+        BLOCK_HEADS, BLOCK_HALF,
+    )  # fmt: skip

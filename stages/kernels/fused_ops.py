@@ -35,10 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
-from omni.stages.llm.models.fused_kernels import (
+from omni.stages.kernels.fused_kernels import (
     rms_norm_kernel,
     rotary_qk_kernel,
     silu_and_mul_kernel,
+    vision_rotary_kernel,
 )
 
 # ---- launch helpers ------------------------------------------------------------------------
@@ -304,18 +305,30 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
             f"silu_and_mul: gate_up must be [T, 2*I] with a contiguous last dim; got shape "
             f"{tuple(gate_up.shape)}"
         )
-    num_tokens, width = gate_up.shape
-    intermediate_size = width // 2
-    out = torch.empty(num_tokens, intermediate_size, dtype=gate_up.dtype, device=gate_up.device)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return silu_mul_triton(gate, up)
+
+
+def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for two [T, I] tensors with contiguous rows, in one kernel."""
+    if gate.dim() != 2 or gate.shape != up.shape or gate.stride(1) != 1 or up.stride(1) != 1:
+        raise ValueError(
+            f"silu_mul: gate and up must be [T, I] of one shape with contiguous rows; got "
+            f"{tuple(gate.shape)} and {tuple(up.shape)}"
+        )
+    num_tokens, intermediate_size = gate.shape
+    out = torch.empty(num_tokens, intermediate_size, dtype=gate.dtype, device=gate.device)
     if num_tokens == 0:
         return out
     block = min(_SILU_BLOCK, triton.next_power_of_2(intermediate_size))
     silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate_size, block))](
-        gate_up,
+        gate,
+        up,
         out,
-        gate_up.stride(0),
+        gate.stride(0),
+        up.stride(0),
         intermediate_size,
-        USE_LIBDEVICE=gate_up.is_cuda,
+        USE_LIBDEVICE=gate.is_cuda,
         BLOCK=block,
         num_warps=_num_warps(block),
         **_TORCH_FP_OPTIONS,
@@ -328,3 +341,72 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if use_fused_kernels(gate_up):
         return silu_and_mul_triton(gate_up)
     return silu_and_mul_torch(gate_up)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for separate projections' outputs: one kernel on CUDA."""
+    if use_fused_kernels(gate):
+        return silu_mul_triton(gate, up)
+    return F.silu(gate) * up
+
+
+# ---- the vision tower's rotary -------------------------------------------------------------
+
+
+def vision_rotary_torch(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `apply_rotary_pos_emb_vision`: q, k `[T, heads, D]`, cos, sin `[T, D]`."""
+    q32, k32 = q.float(), k.float()
+    cos32, sin32 = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    q_embed = (q32 * cos32) + (rotate_half(q32) * sin32)
+    k_embed = (k32 * cos32) + (rotate_half(k32) * sin32)
+    return q_embed.to(q.dtype), k_embed.to(k.dtype)
+
+
+def vision_rotary_triton_(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`vision_rotary_torch` in one kernel, in place on `q` and `k` (returned)."""
+    if q.dim() != 3 or q.shape != k.shape or q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError(
+            f"vision_rotary: q and k must be [T, heads, head_dim] of one shape with a "
+            f"contiguous last dim; got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    tokens, heads, head_dim = q.shape
+    if head_dim % 2 or cos.shape != (tokens, head_dim) or sin.shape != cos.shape:
+        raise ValueError(
+            f"vision_rotary: cos and sin must be [{tokens}, {head_dim}] (an even head_dim); got "
+            f"{tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("vision_rotary: cos and sin need a contiguous last dim")
+    if tokens == 0:
+        return q, k
+    half = head_dim // 2
+    block_half = triton.next_power_of_2(half)
+    vision_rotary_kernel[(tokens,)](
+        q, k, cos, sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        heads,
+        half=half,
+        BLOCK_HEADS=triton.next_power_of_2(heads),
+        BLOCK_HALF=block_half,
+        num_warps=_num_warps(triton.next_power_of_2(heads) * block_half),
+        **_TORCH_FP_OPTIONS,
+    )  # fmt: skip
+    return q, k
+
+
+def vision_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's rotary: one in-place kernel on CUDA, transformers' code elsewhere."""
+    if use_fused_kernels(q):
+        return vision_rotary_triton_(q, k, cos, sin)
+    return vision_rotary_torch(q, k, cos, sin)
