@@ -23,9 +23,13 @@ Methods:
 
 The TCP path to a stage on another host (`omni serve --stage-endpoint`), between two processes
 that share nothing (no shared memory; only the TCP connection):
-  stage tcp + CURVE           the router's socket (BoundRouter, CURVE keys, allow-list) sends
-                              the page as the stage codec's frames to a stage's DEALER
-                              (connect_dealer with its keys), which decodes it to a tensor.
+  stage tcp + CURVE           the router's socket (BoundRouter, CURVE keys, allow-list) and a
+                              stage's DEALER (connect_dealer with its keys) exchange HELLO and
+                              WELCOME; the WELCOME offers the sealed bulk channel (its session
+                              key inside CURVE), which the stage opens. The page then goes as
+                              the stage codec's frames through SealedPeers: AES-256-GCM sealed
+                              on that channel, a ticket on the CURVE socket, decoded to a tensor
+                              by the stage (omni.transport.sealed).
   stage tcp, no keys          the same with --insecure-stage-endpoint (no encryption).
   plain tcp socket            the floor: the same bytes with socket.sendall into a receiver's
                               recv_into a reused buffer, then torch.frombuffer.
@@ -46,17 +50,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 import numpy as np
 import torch
 import zmq
-from omni.transport.messages import StageReply, stage_codec
+from omni.transport.messages import Hello, StageReply, Welcome, stage_codec
+from omni.transport.sealed import (
+    CHUNK_BYTES,
+    TAG_BYTES,
+    BulkListener,
+    BulkOffer,
+    Frame,
+    RecordCipher,
+    SealedChannel,
+)
+from omni.transport.sealed_peers import SealedPeers
 from omni.transport.shm import SharedTensorHandle, SharedTensorPool, SharedTensorReader
 from omni.transport.sockets import (
     BoundRouter,
     CurveKeys,
+    SocketOptions,
     connect_dealer,
     generate_curve_keypair,
 )
@@ -106,6 +121,33 @@ def _memcpy_s(tensor: torch.Tensor, iterations: int, warmup: int) -> list[float]
     return times
 
 
+def _cipher_s(
+    tensor: torch.Tensor, iterations: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """The sealed channel's cipher alone, one core: (sealing, opening) the page record by
+    record, as its sender and receiver threads do."""
+    sealer = RecordCipher(bytes(32), b"\x00\x00\x00\x01")
+    opener = RecordCipher(bytes(32), b"\x00\x00\x00\x01")
+    page = tensor_bytes(tensor)
+    target = memoryview(np.empty(page.nbytes, dtype=np.uint8))  # type: ignore[arg-type]
+    records = [
+        memoryview(bytearray(TAG_BYTES + min(CHUNK_BYTES, page.nbytes - offset)))
+        for offset in range(0, page.nbytes, CHUNK_BYTES)
+    ]
+    sealing, opening = [], []
+    for index in range(warmup + iterations):
+        start = time.perf_counter()
+        for record, offset in zip(records, range(0, page.nbytes, CHUNK_BYTES), strict=True):
+            sealer.seal_into(page[offset : offset + CHUNK_BYTES], b"", record)
+        sealed = time.perf_counter()
+        for record, offset in zip(records, range(0, page.nbytes, CHUNK_BYTES), strict=True):
+            opener.open_into(record, b"", target[offset : offset + CHUNK_BYTES])
+        if index >= warmup:
+            sealing.append(sealed - start)
+            opening.append(time.perf_counter() - sealed)
+    return sealing, opening
+
+
 # -- consumer process ---------------------------------------------------------------------------
 
 
@@ -151,30 +193,58 @@ def consume(method: str, endpoint: str, keys: list[str]) -> None:
 
 
 def consume_stage(endpoint: str, keys: list[str]) -> None:
-    """A stage's side: its DEALER, with its CURVE keys when given (public, secret, server)."""
+    """A stage's side: its DEALER, with its CURVE keys when given (public, secret, server). It
+    says HELLO as a stage does (asking for a sealed bulk channel when keyed), opens the channel
+    the WELCOME offers, and takes every message through `SealedPeers` as RouterLinks does."""
     curve = CurveKeys(*keys) if keys else None
     sock = connect_dealer(zmq.Context.instance(), endpoint, curve=curve)
     codec = stage_codec()
-    ack = msgspec.msgpack.Encoder()
+    sealed = SealedPeers()
+    hello = Hello(
+        replica_id="bench", role="bench", capacity=1, pid=os.getpid(), sealed_bulk=bool(curve)
+    )
     while True:
-        # IMMEDIATE: sends wait for a completed (CURVE) handshake; say we are here until heard.
+        # IMMEDIATE: sends wait for a completed (CURVE) handshake; say HELLO until heard.
         try:
-            sock.send(b"ready", flags=zmq.NOBLOCK)
+            sock.send_multipart(codec.encode(hello), flags=zmq.NOBLOCK)
         except zmq.Again:
             time.sleep(0.01)
             continue
         break
+    welcome = codec.decode(sock.recv_multipart())
+    assert isinstance(welcome, Welcome)
+    if welcome.bulk_port:
+        host = endpoint.removeprefix("tcp://").rpartition(":")[0]
+        offer = BulkOffer(welcome.bulk_port, welcome.bulk_session, welcome.bulk_key)
+        channel = SealedChannel.connect(
+            host, offer, notify=sealed.notify, max_message_bytes=SocketOptions().max_message_bytes
+        )
+        sealed.attach(0, channel)
+        if not channel.ready.wait(10) or not channel.usable:
+            raise RuntimeError(f"the sealed channel did not open: {channel.reason}")
+    sock.send(b"ready")
+    arrivals = zmq.Poller()
+    arrivals.register(sealed.fileno(), zmq.POLLIN)
+    ack = msgspec.msgpack.Encoder()
     while True:
         frames = sock.recv_multipart(copy=False)
         if len(frames[0]) == 0:
             break
-        message = codec.decode(frames)
+        ready = sealed.receive(0, frames)
+        while not ready:
+            arrivals.poll()
+            arrived, closed = sealed.poll()
+            if closed:
+                raise RuntimeError(f"the sealed channel closed: {closed[0][1].reason}")
+            ready = [message for _, message in arrived]
+        message = codec.decode(ready[0])
         assert isinstance(message, StageReply)
         tensor = message.outputs["page"]
         received_at = time.perf_counter()
         checksum = float(tensor[:, 0].float().sum())
-        del tensor, message, frames
+        del tensor, message, frames, ready
         sock.send(ack.encode(Ack(received_at=received_at, checksum=checksum)))
+    sealed.close()
     sock.close()
 
 
@@ -258,7 +328,8 @@ class Producer:
 
 
 class StageLink:
-    """The router's side of the stage TCP path: one BoundRouter, one stage behind it."""
+    """The router's side of the stage TCP path: one BoundRouter, one stage behind it, and with
+    keys the sealed bulk listener and `SealedPeers`, as StageRouter sets them up."""
 
     def __init__(self, curve: bool) -> None:
         self.keys: list[str] = []
@@ -274,15 +345,51 @@ class StageLink:
             zmq.Context.instance(), "tcp://127.0.0.1:0", curve=server_keys, allow_tcp=True
         )
         self.endpoint = self.bound.endpoint
+        self.sealed = SealedPeers()
+        self.listener = (
+            BulkListener(
+                "127.0.0.1",
+                self.sealed.adopt,
+                self.sealed.notify,
+                max_message_bytes=SocketOptions().max_message_bytes,
+            )
+            if curve
+            else None
+        )
         self.codec = stage_codec()
         self.identity = b""
 
     def connected(self) -> None:
-        self.identity = self.bound.socket.recv_multipart()[0]
+        """HELLO -> WELCOME (with the sealed channel's offer), then the stage's "ready"."""
+        identity, *frames = self.bound.socket.recv_multipart()
+        self.identity = identity
+        hello = self.codec.decode(frames)
+        assert isinstance(hello, Hello)
+        offer = self.listener.offer(identity) if self.listener and hello.sealed_bulk else None
+        welcome = Welcome(
+            replica_id=hello.replica_id,
+            heartbeat_interval_s=1.0,
+            heartbeat_timeout_s=5.0,
+            bulk_port=offer.port if offer else 0,
+            bulk_session=offer.session_id if offer else b"",
+            bulk_key=offer.key if offer else b"",
+        )
+        self.bound.socket.send_multipart([identity, *self.codec.encode(welcome)])
+        assert self.bound.socket.recv_multipart()[1] == b"ready"
+        deadline = time.monotonic() + 10
+        while offer is not None and self.sealed.channel(identity) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the stage never opened its sealed channel")
+            self.sealed.poll()
+            time.sleep(0.001)
+
+    def _send_control(self, frames: Sequence[Frame]) -> str:
+        self.bound.socket.send_multipart([self.identity, *frames], copy=False)
+        return "sent"
 
     def send(self, tensor: torch.Tensor) -> None:
         message = StageReply(request_id="page", outputs={"page": tensor})
-        self.bound.socket.send_multipart([self.identity, *self.codec.encode(message)], copy=False)
+        self.sealed.send(self.identity, self.codec.encode(message), self._send_control)
 
     def ack(self) -> bytes:
         return bytes(self.bound.socket.recv_multipart()[1])
@@ -290,6 +397,9 @@ class StageLink:
     def close(self) -> None:
         self.bound.socket.send_multipart([self.identity, b""])
         time.sleep(0.1)
+        self.sealed.close()
+        if self.listener is not None:
+            self.listener.close()
         self.bound.close()
 
 
@@ -439,6 +549,12 @@ def main() -> None:
         if "pickle" in median:
             speedup = median["pickle"] / median["shm-pool"]
             print(f"goal: shared memory >= 3x faster than pickle -> {speedup:.1f}x (medians)")
+    if "stage-tcp-curve" in median:
+        sealing, opening = _cipher_s(tensor, args.iterations, args.warmup)
+        print(
+            f"AES-256-GCM alone, one core: sealing {statistics.median(sealing) * 1e3:.2f} ms, "
+            f"opening {statistics.median(opening) * 1e3:.2f} ms (medians)"
+        )
     if "socket-tcp" in median:
         for key in ("stage-tcp-curve", "stage-tcp"):
             if key in median:

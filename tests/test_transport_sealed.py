@@ -32,7 +32,10 @@ from omni.transport.sealed import (
 )
 from omni.transport.sealed_peers import TICKET_KIND, SealedPeers
 from omni.transport.sockets import CurveKeys, generate_curve_keypair
+from server_fixtures import free_port
 from stage_helpers import echo_runtime, ipc_endpoint, running_router
+
+from omni.server.config import ServeConfig
 
 PEER = b"stage-identity"
 # The client's first bytes: session id, then its proof record (tag + text + session id).
@@ -336,6 +339,17 @@ def test_the_ticket_kind_is_no_message_kind() -> None:
     assert TICKET_KIND not in MESSAGE_KINDS
 
 
+def test_a_bulk_port_needs_keys() -> None:
+    with pytest.raises(ValueError, match="stage_bulk_port needs stage_keys"):
+        ServeConfig(
+            stage_endpoint="tcp://127.0.0.1:5555",
+            insecure_stage_endpoint=True,
+            stage_bulk_port=7000,
+        )
+    with pytest.raises(ValueError, match="stage_bulk_port is 70000; it must be a TCP port"):
+        ServeConfig(stage_bulk_port=70000)
+
+
 def test_a_curve_stage_exchanges_large_tensors_sealed() -> None:
     """The real path: a router with CURVE on tcp and an echo stage holding keys; a 4 MiB
     tensor goes to the stage and its answer comes back, both sealed, equal to x * 2 + 1."""
@@ -343,12 +357,15 @@ def test_a_curve_stage_exchanges_large_tensors_sealed() -> None:
     client_public, client_secret = generate_curve_keypair()
     keys = CurveKeys(server_public, server_secret, authorized_clients=(client_public,))
     client = CurveKeys(client_public, client_secret, server_public)
+    bulk_port = free_port()
     with (
         ipc_endpoint() as local,
-        running_router(local, remote_endpoint="tcp://127.0.0.1:0", curve=keys) as router,
+        running_router(
+            local, remote_endpoint="tcp://127.0.0.1:0", curve=keys, bulk_port=bulk_port
+        ) as router,
     ):
         remote = router.remote_endpoint
-        assert remote is not None
+        assert remote is not None and router.bulk_port == bulk_port
         far = echo_runtime(remote, "far-0", curve=client, shared_memory=False).start()
         try:
             assert router.wait_for_replicas("echo", 1, timeout=30)

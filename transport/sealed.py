@@ -97,7 +97,7 @@ class BulkOffer:
             )
 
 
-class _Sealer:
+class RecordCipher:
     """One direction's record cipher: the key, its nonce prefix and its record counter."""
 
     def __init__(self, key: bytes, direction: bytes) -> None:
@@ -148,13 +148,13 @@ def message_bytes(frames: Sequence[Frame]) -> int:
     return sum(frame_view(frame).nbytes for frame in frames)
 
 
-def _proof(sealer: _Sealer, text: bytes, session_id: bytes) -> bytes:
+def _proof(sealer: RecordCipher, text: bytes, session_id: bytes) -> bytes:
     plain = memoryview(text + session_id)
     record = memoryview(bytearray(TAG_BYTES + plain.nbytes))
     return bytes(sealer.seal_into(plain, session_id, record))
 
 
-def _check_proof(sealer: _Sealer, sock: socket.socket, text: bytes, session_id: bytes) -> bool:
+def _check_proof(sealer: RecordCipher, sock: socket.socket, text: bytes, session_id: bytes) -> bool:
     record = memoryview(bytearray(TAG_BYTES + len(text) + SESSION_ID_BYTES))
     _recv_exactly(sock, record)
     plain = memoryview(bytearray(len(text) + SESSION_ID_BYTES))
@@ -190,8 +190,8 @@ class SealedChannel:
             if initiator
             else (_SERVER_TO_CLIENT, _CLIENT_TO_SERVER)
         )
-        self._seal = _Sealer(key, outgoing)
-        self._open = _Sealer(key, incoming)
+        self._seal = RecordCipher(key, outgoing)
+        self._open = RecordCipher(key, incoming)
         self._notify = notify
         self._max_message_bytes = max_message_bytes
         self._sock: socket.socket | None = None
@@ -553,7 +553,7 @@ class BulkListener:
                 reason = "an unknown or already used session"
             else:
                 peer, key = known
-                opener = _Sealer(key, _CLIENT_TO_SERVER)
+                opener = RecordCipher(key, _CLIENT_TO_SERVER)
                 if not _check_proof(opener, sock, _HELLO, bytes(session_id)):
                     reason = "a proof that does not open with the session key"
         except (OSError, SealedChannelError) as exc:
@@ -568,7 +568,7 @@ class BulkListener:
                 sock.close()
                 return
             self._used.add(bytes(session_id))
-        sock.sendall(_proof(_Sealer(key, _SERVER_TO_CLIENT), _WELCOME, bytes(session_id)))
+        sock.sendall(_proof(RecordCipher(key, _SERVER_TO_CLIENT), _WELCOME, bytes(session_id)))
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         channel = SealedChannel.accepted(

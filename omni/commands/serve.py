@@ -157,6 +157,15 @@ def add_parser(subparsers: Any) -> None:
         "clients/*.key of the stages allowed to join",
     )
     p.add_argument(
+        "--stage-bulk-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="with --stage-keys, the port on the stage endpoint's address where stages send "
+        "large tensors sealed with AES-256-GCM under a session key handed over inside CURVE "
+        "(default: any free port, told to each stage; fix it for a firewall)",
+    )
+    p.add_argument(
         "--insecure-stage-endpoint",
         action="store_true",
         default=None,

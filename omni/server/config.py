@@ -205,6 +205,10 @@ class ServeConfig:
     stage_endpoint: str | None = None
     stage_keys: str | None = None
     insecure_stage_endpoint: bool = False
+    # With keys, stages send large tensors sealed (AES-256-GCM, a session key handed over inside
+    # CURVE) on a second TCP port of the stage endpoint's address: this one (0: any free port,
+    # told to each stage inside CURVE; fix it where a firewall sits between the hosts).
+    stage_bulk_port: int = 0
     # Where the stage replicas run: "local" (child processes of this one, on this host's
     # devices) or "ray" (each a Ray actor on a node of the cluster at `ray_address` that has
     # its role's resources; "auto" joins the cluster of this node, None starts a local one).
@@ -313,6 +317,13 @@ class ServeConfig:
     def _check_stage_endpoint(self) -> None:
         from omni.transport.sockets import check_endpoint
 
+        if not 0 <= self.stage_bulk_port < 65536:
+            raise ValueError(f"stage_bulk_port is {self.stage_bulk_port}; it must be a TCP port")
+        if self.stage_bulk_port and self.stage_keys is None and not self.on_ray:
+            raise ValueError(
+                "stage_bulk_port needs stage_keys: the sealed bulk channel exists only beside a "
+                "CURVE-keyed stage endpoint"
+            )
         if self.stage_endpoint is None:
             if self.stage_keys is not None or self.insecure_stage_endpoint:
                 raise ValueError("stage_keys and insecure_stage_endpoint need a stage_endpoint")

@@ -326,6 +326,7 @@ class Pipeline:
             endpoint=endpoint,
             remote_endpoint=remote,
             curve=curve,
+            bulk_port=self.config.stage_bulk_port,
             shared_memory=not self.config.single_process,
             stall_timeout_s=self.config.stage_stall_timeout_s,
         )
