@@ -335,6 +335,20 @@ def test_nothing_is_left_after_channels_close() -> None:
     assert len(os.listdir("/proc/self/fd")) == open_fds
 
 
+def test_a_closed_channel_drops_what_is_sent_and_large_messages_fall_back_to_control() -> None:
+    """A channel can close (its reader saw a bad tag) between the owner's check and its send:
+    the send must not raise in the owner's I/O loop; later messages take the control socket."""
+    with sealed_pair() as (_, stage_side, _, _):
+        channel = stage_side.channel(0)
+        assert channel is not None
+        channel.close("closed by the test")
+        assert channel.send([bytes(BULK_THRESHOLD)]) == 1 and channel.next_message_id() == 2
+        control: list[Any] = []
+        big = [bytes(BULK_THRESHOLD)]
+        assert stage_side.send(0, big, lambda frames: control.append(frames) or "sent") == "sent"
+        assert control == [big]
+
+
 def test_the_ticket_kind_is_no_message_kind() -> None:
     assert TICKET_KIND not in MESSAGE_KINDS
 

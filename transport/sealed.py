@@ -299,12 +299,14 @@ class SealedChannel:
         return self._next_send_id
 
     def send(self, frames: Sequence[Frame]) -> int:
-        """Queue `frames` (kept alive, not copied: do not modify them) to go sealed; its id."""
-        if self.closed:
-            raise SealedChannelError(f"sealed channel {self.name} is closed: {self.reason}")
+        """Queue `frames` (kept alive, not copied: do not modify them) to go sealed; its id.
+
+        Never raises: a channel that closed meanwhile (its reader saw a bad tag, say) drops
+        the message, and its owner learns of the closing from `closed` (SealedPeers.poll)."""
         message_id = self._next_send_id
         self._next_send_id += 1
-        self._outbox.put((message_id, frames))
+        if not self.closed:
+            self._outbox.put((message_id, frames))
         return message_id
 
     def take(self, message_id: int) -> list[memoryview] | None:
