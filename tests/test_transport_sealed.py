@@ -290,6 +290,7 @@ def test_a_peer_that_cannot_prove_the_session_key_is_refused(
                 )
                 assert channel.ready.wait(10)
                 assert channel.closed and "could not open the sealed channel" in channel.reason
+                channel.close()
                 stage_side.close()
             # Junk that is not even a whole handshake is closed too (here: the peer hangs up).
             junk = socket.create_connection(("127.0.0.1", offer.port))
@@ -323,15 +324,16 @@ def test_a_peer_that_cannot_prove_the_session_key_is_refused(
 
 
 def test_nothing_is_left_after_channels_close() -> None:
-    def our_threads() -> list[str]:
-        return sorted(t.name for t in threading.enumerate() if t.name.startswith("sealed"))
+    def our_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("sealed")}
 
+    before = our_threads()
     open_fds = len(os.listdir("/proc/self/fd"))
     for _ in range(3):
         with sealed_pair() as (router_side, stage_side, _, _):
             delivered, _ = _carry(stage_side, router_side, [[b"\x11" + bytes(BULK_THRESHOLD)]])
             _collect(router_side, delivered, 1)
-    assert our_threads() == []
+    assert our_threads() - before == set()
     assert len(os.listdir("/proc/self/fd")) == open_fds
 
 

@@ -21,9 +21,10 @@ How one channel is set up and used:
   count themselves and never read from the wire: a replayed, reordered, dropped or injected
   record fails its tag. The additional data binds the message id and the record's place in it.
 - A message is a small clear frame count, a header record (message id, frame lengths), then each
-  frame's bytes in records of at most `CHUNK_BYTES`. The receiver allocates each frame once and
-  decrypts each record straight into it; the sender encrypts record k+1 while the kernel moves
-  record k, so the cipher's cost hides behind the transfer.
+  frame's bytes in records of at most `CHUNK_BYTES`. The receiver allocates each frame once,
+  reads each record's ciphertext straight into it and decrypts it there in place; the sender
+  encrypts record k+1 while the kernel moves record k, so on a real network the cipher's cost
+  hides behind the transfer (on loopback the transfer is CPU copies too: docs/benchmarks.md).
 - Message ids count up from 1 in each direction; the receiver takes them only in that order. A
   record that fails its tag drops its message, is logged, and closes the channel (a stream that
   was tampered with cannot be trusted further); the process stays up and its owner sets up a new
@@ -122,10 +123,17 @@ class RecordCipher:
 
     def open_into(self, record: memoryview, aad: bytes, plain: memoryview) -> None:
         """Verify and decrypt `record` into `plain`; InvalidTag when it does not open."""
+        self.open_in_place(bytes(record[:TAG_BYTES]), record[TAG_BYTES:], aad, plain)
+
+    def open_in_place(
+        self, tag: bytes, sealed: memoryview, aad: bytes, plain: memoryview | None = None
+    ) -> None:
+        """Verify and decrypt `sealed` (the ciphertext after `tag`) into `plain`, by default
+        over itself; InvalidTag when it does not open (its bytes are then garbage)."""
         decryptor = Cipher(self._algorithm, modes.GCM(self._nonce())).decryptor()
         decryptor.authenticate_additional_data(aad)
-        decryptor.update_into(record[TAG_BYTES:], plain)
-        decryptor.finalize_with_tag(bytes(record[:TAG_BYTES]))
+        decryptor.update_into(sealed, sealed if plain is None else plain)
+        decryptor.finalize_with_tag(tag)
 
 
 def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
@@ -451,14 +459,19 @@ class SealedChannel:
             )
         self._next_receive_id += 1
         frames = []
+        tag = record[:TAG_BYTES]
         for index, size in enumerate(lengths):
-            # Not zero-filled: every byte is written by a decryption below before anyone reads.
+            # Not zero-filled: the socket writes every byte before anyone reads it.
             frame = memoryview(np.empty(size, dtype=np.uint8))  # type: ignore[arg-type]
             for number, start in enumerate(range(0, size, CHUNK_BYTES)):
+                # The ciphertext lands in the frame itself and is decrypted over itself while
+                # it is still in cache: no second buffer, one pass less over memory. Nobody
+                # sees the frame unless every record of the message opened.
                 part = frame[start : start + CHUNK_BYTES]
-                sealed = record[: TAG_BYTES + part.nbytes]
-                _recv_exactly(sock, sealed)
-                self._open.open_into(sealed, _RECORD_AAD.pack(message_id, index, number), part)
+                _recv_exactly(sock, tag)
+                _recv_exactly(sock, part)
+                aad = _RECORD_AAD.pack(message_id, index, number)
+                self._open.open_in_place(bytes(tag), part, aad)
             frames.append(frame)
         return message_id, frames
 
