@@ -25,6 +25,7 @@ from omni.transport.messages import MESSAGE_KINDS, StageReply, stage_codec
 from omni.transport.sealed import (
     BULK_THRESHOLD,
     KEY_BYTES,
+    MAX_UNCLAIMED,
     SESSION_ID_BYTES,
     BulkListener,
     BulkOffer,
@@ -335,6 +336,26 @@ def test_nothing_is_left_after_channels_close() -> None:
             _collect(router_side, delivered, 1)
     assert our_threads() - before == set()
     assert len(os.listdir("/proc/self/fd")) == open_fds
+
+
+def test_a_receiver_behind_on_its_tickets_pushes_back_instead_of_failing() -> None:
+    """More sealed messages than MAX_UNCLAIMED arrive before any ticket is read: the receiver
+    stops reading (TCP pushes back) rather than dropping or closing; all arrive, in order."""
+    count = MAX_UNCLAIMED + 6
+    with sealed_pair(threshold=0) as (router_side, stage_side, _, _):
+        messages = [[bytes([0x11, index])] for index in range(count)]
+        control: list[Any] = []
+        for frames in messages:
+            assert stage_side.send(0, frames, lambda f: control.append(list(f)) or "sent") == "sent"
+        channel = router_side.channel(PEER)
+        assert channel is not None
+        _until(lambda: channel.messages_received == MAX_UNCLAIMED)
+        delivered: list[Any] = []
+        for frames in control:
+            delivered += router_side.receive(PEER, frames)
+        _collect(router_side, delivered, count)
+        assert [bytes(frames[0]) for frames in delivered] == [bytes(m[0]) for m in messages]
+        assert channel.usable and channel.messages_received == count
 
 
 def test_a_closed_channel_drops_what_is_sent_and_large_messages_fall_back_to_control() -> None:

@@ -62,8 +62,12 @@ TAG_BYTES = 16
 HANDSHAKE_TIMEOUT_S = 2.0
 # Frames per message; the stage codec allows 1024 tensor frames plus its header.
 MAX_FRAMES = 1025
-# Sealed messages waiting in a channel: to send, or received and not yet claimed by a ticket.
-MAX_QUEUED = 64
+# Messages queued to be sealed and sent before `send` reports busy: the stage sockets' own
+# send high-water mark (SocketOptions.send_hwm), so a channel refuses no more than ZeroMQ would.
+MAX_QUEUED = 1000
+# Messages received whole but not yet claimed by their ticket: beyond this the receiver stops
+# reading, and TCP pushes back on the sender, until the owner catches up with its tickets.
+MAX_UNCLAIMED = 64
 
 _CLIENT_TO_SERVER = b"\x00\x00\x00\x01"
 _SERVER_TO_CLIENT = b"\x00\x00\x00\x02"
@@ -204,6 +208,7 @@ class SealedChannel:
         self._max_message_bytes = max_message_bytes
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+        self._claimed = threading.Condition(self._lock)
         self._outbox: queue.Queue[tuple[int, Sequence[Frame]] | None] = queue.Queue()
         self._arrived: dict[int, list[memoryview]] = {}
         self._next_send_id = 1
@@ -320,7 +325,10 @@ class SealedChannel:
     def take(self, message_id: int) -> list[memoryview] | None:
         """The frames of message `message_id` once it arrived whole and verified, else None."""
         with self._lock:
-            return self._arrived.pop(message_id, None)
+            frames = self._arrived.pop(message_id, None)
+            if frames is not None:
+                self._claimed.notify()
+            return frames
 
     def close(self, reason: str = "closed", drain_s: float = 0.0) -> None:
         """Stop both threads and close the connection; idempotent. With `drain_s`, messages
@@ -351,6 +359,7 @@ class SealedChannel:
             self.closed = True
             self.reason = reason
             sock = self._sock
+            self._claimed.notify_all()
         self._outbox.put(None)
         self.ready.set()
         if sock is not None:
@@ -411,12 +420,14 @@ class SealedChannel:
         record = memoryview(bytearray(TAG_BYTES + CHUNK_BYTES))
         try:
             while True:
+                with self._lock:
+                    # Backpressure: read no further while the owner is this far behind.
+                    while len(self._arrived) >= MAX_UNCLAIMED and not self.closed:
+                        self._claimed.wait()
+                    if self.closed:
+                        return
                 message_id, frames = self._read_message(record)
                 with self._lock:
-                    if len(self._arrived) >= MAX_QUEUED:
-                        raise SealedChannelError(
-                            f"{MAX_QUEUED} sealed messages arrived that no ticket claimed"
-                        )
                     self._arrived[message_id] = frames
                 self.messages_received += 1
                 self._notify()
