@@ -69,6 +69,31 @@ def test_norms_and_mlps_run_on_the_fused_kernels(encoder: VisionEncoder) -> None
     assert isinstance(getattr(encoder.tower, "merger").ln_q, FusedRMSNorm)  # noqa: B009
 
 
+def test_padded_mlp_equals_the_original_and_shares_its_weights() -> None:
+    # On CUDA Qwen2.5-VL's intermediate size 3420 is padded to 3456 (aligned GEMMs); forced
+    # here on the CPU with an odd size: same outputs, one copy of the weights, same state dict.
+    from omni.stages.encoders.vision_fused_layers import SiluMulMLP
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
+
+    torch.manual_seed(0)
+    config = type("Config", (), {"hidden_size": 16, "intermediate_size": 36, "hidden_act": "silu"})
+    original = Qwen2_5_VLMLP(config, bias=True)
+    state = {name: tensor.clone() for name, tensor in original.state_dict().items()}
+    x = torch.randn(5, 16)
+    expected = original(x)
+    padded = SiluMulMLP(original, pad=True)
+    assert padded.padded is not None
+    gate, up, down = padded.padded
+    assert (gate.out_features, up.out_features, down.in_features) == (64, 64, 64)
+    assert gate.weight.data_ptr() == padded.gate_proj.weight.data_ptr()
+    assert down.weight.data_ptr() == padded.down_proj.weight.data_ptr()
+    assert torch.count_nonzero(gate.weight[36:]) == 0
+    assert torch.count_nonzero(down.weight[:, 36:]) == 0
+    torch.testing.assert_close(padded(x), expected, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(padded.state_dict()[name], state[name]) for name in state)
+    assert SiluMulMLP(Qwen2_5_VLMLP(config, bias=True)).padded is None  # CPU: as it is
+
+
 def test_tower_weights_equal_the_checkpoint(encoder: VisionEncoder, vl_folder: Path) -> None:
     state = load_prefixed_state_dict(str(vl_folder), VISION_PREFIXES, "vision tower")
     tower_state = encoder.tower.state_dict()
