@@ -204,6 +204,29 @@ def test_a_tensor_crosses_sealed_equal_and_in_the_order_sent() -> None:
         assert isinstance(reply, StageReply) and torch.equal(reply.outputs["page"], page)
 
 
+def test_the_router_knows_a_channel_before_the_stage_can_send_a_ticket_for_it() -> None:
+    """The stage may send a ticket as soon as it has read the router's proof; the router's
+    side must already hold the channel then (no poll in between), or the ticket is lost."""
+    router_side, stage_side = SealedPeers(threshold=0), SealedPeers(threshold=0)
+    listener = BulkListener(
+        "127.0.0.1", router_side.adopt, router_side.notify, max_message_bytes=LIMIT
+    )
+    channel = SealedChannel.connect(
+        "127.0.0.1", listener.offer(PEER), notify=stage_side.notify, max_message_bytes=LIMIT
+    )
+    stage_side.attach(0, channel)
+    try:
+        assert channel.ready.wait(10) and channel.usable
+        delivered, control = _carry(stage_side, router_side, [[b"\x11now"]])
+        assert len(control) == 1 and router_side.tickets_dropped == 0
+        _collect(router_side, delivered, 1)
+        assert [bytes(frames[0]) for frames in delivered] == [b"\x11now"]
+    finally:
+        stage_side.close()
+        router_side.close()
+        listener.close()
+
+
 def test_a_tampered_record_drops_its_message_and_closes_the_channel(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -105,10 +105,10 @@ class BulkOffer:
 class RecordCipher:
     """One direction's record cipher: the key, its nonce prefix and its record counter."""
 
-    def __init__(self, key: bytes, direction: bytes) -> None:
+    def __init__(self, key: bytes, direction: bytes, counter: int = 0) -> None:
         self._algorithm = algorithms.AES(key)
         self._direction = direction
-        self._counter = 0
+        self._counter = counter
 
     def _nonce(self) -> bytes:
         nonce = self._direction + self._counter.to_bytes(8, "big")
@@ -194,6 +194,7 @@ class SealedChannel:
         max_message_bytes: int,
         name: str,
         session_id: bytes,
+        records_opened: int = 0,
     ) -> None:
         self.name = name
         self.session_id = session_id
@@ -203,7 +204,7 @@ class SealedChannel:
             else (_SERVER_TO_CLIENT, _CLIENT_TO_SERVER)
         )
         self._seal = RecordCipher(key, outgoing)
-        self._open = RecordCipher(key, incoming)
+        self._open = RecordCipher(key, incoming, records_opened)
         self._notify = notify
         self._max_message_bytes = max_message_bytes
         self._sock: socket.socket | None = None
@@ -255,8 +256,11 @@ class SealedChannel:
         max_message_bytes: int,
         name: str,
         session_id: bytes,
+        adopt: Callable[[SealedChannel], None],
     ) -> SealedChannel:
-        """The router's side, for a connection whose proof `BulkListener` checked."""
+        """The router's side, for a connection whose proof `BulkListener` checked: `adopt` gets
+        the channel before the router's own proof goes out, so its owner knows the channel
+        before the stage, having read that proof, can send a ticket for it."""
         channel = cls(
             key,
             initiator=False,
@@ -264,13 +268,21 @@ class SealedChannel:
             max_message_bytes=max_message_bytes,
             name=name,
             session_id=session_id,
+            # The listener opened the stage's proof, record 0 of its direction.
+            records_opened=1,
         )
-        # The proofs used record 0 of each direction.
-        channel._seal._counter = channel._open._counter = 1
-        channel._sock = sock
-        channel.ready.set()
-        channel._start(None)
+        adopt(channel)
+        channel._start(lambda: channel._answer(sock))
         return channel
+
+    def _answer(self, sock: socket.socket) -> socket.socket:
+        try:
+            sock.sendall(_proof(self._seal, _WELCOME, self.session_id))
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _dial(self, host: str, offer: BulkOffer) -> socket.socket:
         sock = socket.create_connection((host, offer.port), timeout=HANDSHAKE_TIMEOUT_S)
@@ -285,7 +297,7 @@ class SealedChannel:
             raise
         return sock
 
-    def _start(self, dial: Callable[[], socket.socket] | None) -> None:
+    def _start(self, dial: Callable[[], socket.socket]) -> None:
         receiver = threading.Thread(
             target=self._receive_loop, args=(dial,), name=f"sealed-recv {self.name}", daemon=True
         )
@@ -402,21 +414,20 @@ class SealedChannel:
                 aad = _RECORD_AAD.pack(message_id, index, number)
                 sock.sendall(self._seal.seal_into(view[start : start + CHUNK_BYTES], aad, record))
 
-    def _receive_loop(self, dial: Callable[[], socket.socket] | None) -> None:
-        if dial is not None:
-            try:
-                sock = dial()
-            except (OSError, SealedChannelError) as exc:
-                self._fail(f"could not open the sealed channel: {exc}")
+    def _receive_loop(self, dial: Callable[[], socket.socket]) -> None:
+        try:
+            sock = dial()
+        except (OSError, SealedChannelError) as exc:
+            self._fail(f"could not open the sealed channel: {exc}")
+            self.ready.set()
+            return
+        with self._lock:
+            if self.closed:
+                sock.close()
                 self.ready.set()
                 return
-            with self._lock:
-                if self.closed:
-                    sock.close()
-                    self.ready.set()
-                    return
-                self._sock = sock
-            self.ready.set()
+            self._sock = sock
+        self.ready.set()
         record = memoryview(bytearray(TAG_BYTES + CHUNK_BYTES))
         try:
             while True:
@@ -594,15 +605,13 @@ class BulkListener:
                 sock.close()
                 return
             self._used.add(bytes(session_id))
-        sock.sendall(_proof(RecordCipher(key, _SERVER_TO_CLIENT), _WELCOME, bytes(session_id)))
-        sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        channel = SealedChannel.accepted(
+        SealedChannel.accepted(
             sock,
             key,
             notify=self._notify,
             max_message_bytes=self._max_message_bytes,
             name=name,
             session_id=bytes(session_id),
+            adopt=lambda channel: self._adopt(peer, channel),
         )
-        self._adopt(peer, channel)
