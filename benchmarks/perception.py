@@ -2,7 +2,7 @@
 libraries on the same inputs, in one run.
 
     python benchmarks/perception.py [--pages 16] [--clips 16] [--concurrency 8]
-        [--omni-args "--ocr-lanes 2 --ocr-threads 2"] [--json out.json]
+        [--omni-args "--ocr-lanes 2 --ocr-threads 2"] [--only ocr|asr] [--json out.json]
 
 The floors are the libraries used as their documentation shows, one input after another:
 `rapidocr.RapidOCR()` (its defaults: every core for onnxruntime) on each page's PNG, and
@@ -221,14 +221,23 @@ def main() -> int:
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--omni-args", default="", help="more `omni serve` flags")
+    parser.add_argument("--only", choices=["ocr", "asr"], default=None,
+                        help="measure only OCR or only transcription")
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args()
+    kinds = [kind for kind in ("ocr", "asr") if args.only in (None, kind)]
 
     log(f"making {args.pages} pages and {args.clips} clips, each set twice over")
-    pages, clips = make_pages(2 * args.pages + 1), make_clips(2 * args.clips + 1)
-    sets = {"ocr": (pages[-1], pages[: args.pages], pages[args.pages : -1]),
-            "asr": (clips[-1], clips[: args.clips], clips[args.clips : -1])}
-    plains = {"ocr": PlainOCR(), "asr": PlainWhisper()}
+    sets: dict[str, tuple[bytes, list[bytes], list[bytes]]] = {}
+    plains: dict[str, object] = {}
+    if "ocr" in kinds:
+        pages = make_pages(2 * args.pages + 1)
+        sets["ocr"] = (pages[-1], pages[: args.pages], pages[args.pages : -1])
+        plains["ocr"] = PlainOCR()
+    if "asr" in kinds:
+        clips = make_clips(2 * args.clips + 1)
+        sets["asr"] = (clips[-1], clips[: args.clips], clips[args.clips : -1])
+        plains["asr"] = PlainWhisper()
     units = {"ocr": "pages/s", "asr": "audio s/s"}
 
     def amount(kind: str, items: list[bytes]) -> float:
@@ -262,6 +271,8 @@ def main() -> int:
           f"{args.concurrency} in flight | ratio | omni, repeats (cache) |")
     print("|---|---|---|---|---|---|---|---|")
     for kind, name in (("ocr", "OCR, pages/s"), ("asr", "transcription, audio s/s (1/RTF)")):
+        if kind not in rows:
+            continue
         r = rows[kind]
         print(f"| {name} | {r['plain_alone']:.3g} | {r['omni_alone']:.3g} | "
               f"{r['omni_alone'] / r['plain_alone']:.2f}x | {r['plain_together']:.3g} | "

@@ -1,7 +1,10 @@
-"""The "ocr" stage worker: PP-OCR (inside the rapidocr wheel, on onnxruntime) reads a rendered
-PDF page and a sign in every image kind a client may send; bad inputs are refused by name."""
+"""The "ocr" stage worker: PP-OCR (inside the rapidocr wheel, on OpenVINO or onnxruntime) reads a
+rendered PDF page and a sign in every image kind a client may send, exactly as plain
+`rapidocr.RapidOCR()` reads them; bad inputs are refused by name."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
@@ -15,7 +18,14 @@ from fixtures_perception import (
     sign_png,
 )
 from omni.stages.contracts.ocr import CONTRACT, PageText, ReadRequest, TextLine
-from omni.stages.encoders.ocr import OCRSettings, OCRWorker, ocr_settings, reading_order
+from omni.stages.encoders.ocr import (
+    OCRSettings,
+    OCRWorker,
+    ocr_settings,
+    reading_order,
+    warm_up_image,
+)
+from omni.stages.encoders.ocr_engines import wheel_models
 from omni.stages.runtime import WorkerOptions, worker_class
 from omni.stages.runtime.worker import WorkerRequest
 from PIL import Image
@@ -57,6 +67,50 @@ def test_options_are_typed_and_checked() -> None:
         ocr_settings(WorkerOptions(extra={"thread": "1"}))
     with pytest.raises(ValueError, match="lanes is 0; it must be >= 1"):
         OCRWorker.check_options(WorkerOptions(extra={"lanes": "0"}))
+    assert ocr_settings(WorkerOptions(extra={"engine": "onnxruntime"})).runtime == "onnxruntime"
+    assert OCRSettings().runtime == "openvino"  # installed with omni
+    with pytest.raises(ValueError, match="engine is 'tensorrt'; it must be one of auto, "
+                       "openvino, onnxruntime"):
+        OCRWorker.check_options(WorkerOptions(extra={"engine": "tensorrt"}))
+
+
+def test_runs_the_models_plain_rapidocr_runs() -> None:
+    names = {task: path.name for task, path in wheel_models().items()}
+    assert names == {"Det": "PP-OCRv6_det_small.onnx",
+                     "Cls": "ch_ppocr_mobile_v2.0_cls_mobile.onnx",
+                     "Rec": "PP-OCRv6_rec_small.onnx"}
+    assert all(path.is_file() for path in wheel_models().values())
+
+
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_reads_what_plain_rapidocr_reads(engine: str) -> None:
+    """The stage's lines on either runtime are plain `RapidOCR()`'s (its defaults: onnxruntime
+    on every core, the direction classifier on): the same texts and boxes, and the same scores
+    but for float rounding (the runtimes add in different orders)."""
+    from rapidocr import RapidOCR
+
+    plain = RapidOCR(params={"Global.log_level": "error"})
+    ocr = OCRWorker(WorkerOptions(extra={"engine": engine, "threads": "1"}))
+    ocr.load()
+    pages = {"page": np.asarray(page_pixels(invoice_pdf())),
+             "sign": np.asarray(Image.open(io.BytesIO(sign_png())).convert("RGB")),
+             "warm-up": warm_up_image()}
+    results = run(ocr, [WorkerRequest(name, {"pixels": torch.from_numpy(pixels.copy())},
+                                      body(name)) for name, pixels in pages.items()])
+    for name, pixels in pages.items():
+        found = plain(pixels)
+        error, reply = results[name]
+        assert error is None, name
+        assert [line.text for line in reply.lines] == list(found.txts), name  # type: ignore[attr-defined]
+        assert [line.box for line in reply.lines] == [  # type: ignore[attr-defined]
+            [int(box[:, 0].min()), int(box[:, 1].min()), int(box[:, 0].max()),
+             int(box[:, 1].max())] for box in found.boxes], name
+        assert [line.score for line in reply.lines] == pytest.approx(  # type: ignore[attr-defined]
+            list(found.scores), abs=1e-4), name
+    assert results["page"][1].text == INVOICE  # type: ignore[union-attr]
+    assert results["sign"][1].text == SIGN_TEXT  # type: ignore[union-attr]
+    # The stage's warm-up image holds a line, so loading runs every model once.
+    assert results["warm-up"][1].text == "OCR 24"  # type: ignore[union-attr]
 
 
 def test_reading_order_joins_rows_left_to_right() -> None:

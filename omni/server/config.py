@@ -9,6 +9,7 @@ import torch
 
 from omni.media.pdf import PdfSettings
 from omni.server.http_limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, HttpLimits
+from omni.stages.contracts.ocr import ENGINES as OCR_ENGINES
 
 # The JSON body limit of the /v1 routes (see AppSettings).
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -159,15 +160,17 @@ class ServeConfig:
     speech: bool = True
     speech_model: str | None = None
     speech_replicas: int = 1
-    # Perception stages: OCR (PP-OCR on onnxruntime, for images and PDF pages without a usable
-    # text layer) and speech recognition (Whisper tiny.en; also /v1/audio/transcriptions).
+    # Perception stages: OCR (PP-OCR, for images and PDF pages without a usable text layer)
+    # and speech recognition (Whisper tiny.en; also /v1/audio/transcriptions).
     # Either runs only where a media mode needs it (and asr for the transcription route).
     ocr_replicas: int = 1
     asr_replicas: int = 1
-    # The OCR stage's onnxruntime threads (0: half the cores) and the images each replica reads
+    # The OCR stage's runtime threads (0: half the cores) and the images each replica reads
     # at once (each lane gets threads / lanes of them).
     ocr_threads: int = 0
     ocr_lanes: int = 1
+    # The OCR stage's runtime: auto (OpenVINO where installed), openvino or onnxruntime.
+    ocr_engine: str = "auto"
     pdf_mode: str = "auto"
     image_mode: str = "auto"
     audio_mode: str = "auto"
@@ -278,6 +281,9 @@ class ServeConfig:
         if self.ocr_threads < 0 or self.ocr_lanes < 1:
             raise ValueError(f"ocr_threads is {self.ocr_threads} and ocr_lanes "
                              f"{self.ocr_lanes}; they must be >= 0 and >= 1")
+        if self.ocr_engine not in ("auto", *OCR_ENGINES):
+            raise ValueError(f"ocr_engine is {self.ocr_engine!r}; it must be one of auto, "
+                             f"{', '.join(OCR_ENGINES)}")
         if self.perception_cache_entries < 0:
             raise ValueError(
                 f"perception_cache_entries is {self.perception_cache_entries}; it must be >= 0"
@@ -489,7 +495,8 @@ class ServeConfig:
         if role == "llm":
             return self.llm_options()
         if role == "ocr":
-            return {"threads": str(self.ocr_threads), "lanes": str(self.ocr_lanes)}
+            return {"threads": str(self.ocr_threads), "lanes": str(self.ocr_lanes),
+                    "engine": self.ocr_engine}
         return {}
 
     def router_endpoints(self) -> list[str]:

@@ -18,6 +18,9 @@ from omni.stages.contracts import Contract
 ROLE = "ocr"
 IMAGE_FILE = "image_file"
 PIXELS = "pixels"
+# The runtimes the stage can run PP-OCR on (its `engine` option; "auto" picks the first one
+# installed).
+ENGINES = ("openvino", "onnxruntime")
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(ge=0)]

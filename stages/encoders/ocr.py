@@ -1,17 +1,19 @@
-"""OCR as a stage ("ocr"): images in, the text written in them out, with PP-OCR on onnxruntime.
+"""OCR as a stage ("ocr"): images in, the text written in them out, with PP-OCR on OpenVINO (or
+onnxruntime).
 
 The models are the PP-OCR detection, direction and recognition networks that ship inside the
-`rapidocr` wheel (no download). What a request and its reply hold is the contract's
-(`omni.stages.contracts.ocr`): an image file's bytes or a rendered page's RGB pixels in, a
-`PageText` out. Images are decoded here, off the API process, with the same limits and the same
-conversion to RGB as the vision stage (CMYK, 16-bit grey, transparency over white, a GIF's
-first frame).
+`rapidocr` wheel (no download), run through rapidocr's own pipeline, so a page reads exactly as
+plain `rapidocr.RapidOCR()` reads it (`ocr_engines` says how, and why OpenVINO). What a
+request and its reply hold is the contract's (`omni.stages.contracts.ocr`): an image file's
+bytes or a rendered page's RGB pixels in, a `PageText` out. Images are decoded here, off the
+API process, with the same limits and the same conversion to RGB as the vision stage (CMYK,
+16-bit grey, transparency over white, a GIF's first frame).
 
-onnxruntime would otherwise start a thread per core for every session, and its idle threads
-spin waiting for work, taking the LLM stage's cores too. `threads` bounds the stage's threads
-(default: half the cores, at least one), and they sleep when idle. `lanes` engines read that
-many images at once, each on threads / lanes threads: throughput under concurrent requests
-rather than the latency of one.
+The runtimes would otherwise start a thread per core for every session (and onnxruntime's
+idle threads spin waiting for work), taking the LLM stage's cores too. `threads` bounds the
+stage's threads (default: half the cores, at least one), and they sleep when idle. `lanes`
+engines read that many images at once, each on threads / lanes threads: throughput under
+concurrent requests rather than the latency of one.
 
 Options (`--option key=value`): the fields of `OCRSettings`.
 """
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from omni.stages.contracts.ocr import (
     CONTRACT,
+    ENGINES,
     IMAGE_FILE,
     PIXELS,
     ROLE,
@@ -37,6 +40,7 @@ from omni.stages.contracts.ocr import (
     PageText,
     TextLine,
 )
+from omni.stages.encoders.ocr_engines import build_engine, openvino_available
 from omni.stages.runtime.options import field_types, parse_options
 from omni.stages.runtime.worker import (
     StageOutput,
@@ -57,10 +61,12 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class OCRSettings:
-    # onnxruntime threads of the whole stage (split between the lanes).
+    # Runtime threads of the whole stage (split between the lanes).
     threads: int = 0  # 0: default_threads()
     # Images read at once, each by its own engine.
     lanes: int = 1
+    # The runtime under PP-OCR: openvino, onnxruntime, or auto (openvino where installed).
+    engine: str = "auto"
     # The direction classifier turns lines written upside down; pages and signs rarely are,
     # but photos can be, and it costs little next to detection.
     use_cls: bool = True
@@ -74,6 +80,9 @@ class OCRSettings:
             raise ValueError(f"threads is {self.threads}; it must be >= 0 (0: half the cores)")
         if self.lanes < 1:
             raise ValueError(f"lanes is {self.lanes}; it must be >= 1")
+        if self.engine not in ("auto", *ENGINES):
+            raise ValueError(f"engine is {self.engine!r}; it must be one of auto, "
+                             f"{', '.join(ENGINES)}")
         if not 0 <= self.min_score < 1:
             raise ValueError(f"min_score is {self.min_score}; it must be in [0, 1)")
         if self.max_pixels < 1:
@@ -83,9 +92,25 @@ class OCRSettings:
     def total_threads(self) -> int:
         return self.threads or default_threads()
 
+    @property
+    def runtime(self) -> str:
+        if self.engine != "auto":
+            return self.engine
+        return "openvino" if openvino_available() else "onnxruntime"
+
 
 def ocr_settings(options: WorkerOptions) -> OCRSettings:
     return OCRSettings(**parse_options(options.extra, field_types(OCRSettings), ROLE))
+
+
+def warm_up_image() -> np.ndarray:
+    """A small image holding one line of text, for every model of the pipeline to run on."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (256, 64), "white")
+    ImageDraw.Draw(image).text((10, 12), "OCR 24", fill="black",
+                               font=ImageFont.load_default(size=32))
+    return np.asarray(image)
 
 
 def reading_order(lines: list[TextLine]) -> str:
@@ -100,31 +125,6 @@ def reading_order(lines: list[TextLine]) -> str:
             rows.append([line])
     return "\n".join(" ".join(line.text for line in sorted(row, key=lambda x: x.box[0]))
                      for row in rows)
-
-
-def _no_spinning_sessions() -> None:
-    """Make rapidocr's onnxruntime sessions park idle threads instead of spinning on them.
-
-    rapidocr builds its SessionOptions in one static method and exposes no way to add config
-    entries, so this wraps that method (once per process); if a rapidocr release moves it,
-    the sessions simply keep onnxruntime's default."""
-    try:
-        from rapidocr.inference_engine.onnxruntime.main import OrtInferSession
-    except ImportError:
-        return
-    original = OrtInferSession.__dict__.get("_init_sess_opts")
-    if not isinstance(original, staticmethod) or getattr(original, "_omni", False):
-        return
-
-    def options(cfg: Any) -> Any:
-        sess_opt = original.__func__(cfg)
-        sess_opt.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess_opt.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        return sess_opt
-
-    wrapped = staticmethod(options)
-    wrapped._omni = True  # type: ignore[attr-defined]
-    OrtInferSession._init_sess_opts = wrapped  # type: ignore[method-assign]
 
 
 @register_worker(ROLE)
@@ -146,25 +146,21 @@ class OCRWorker(StageWorker):
         self.busy_seconds = 0.0
 
     def load(self) -> None:
-        from rapidocr import RapidOCR
-
-        _no_spinning_sessions()
         settings = self.settings
         per_lane = max(1, settings.total_threads // settings.lanes)
-        params = {
-            "Global.log_level": "error",
-            "Global.use_cls": settings.use_cls,
-            "Global.text_score": settings.min_score,
-            "EngineConfig.onnxruntime.intra_op_num_threads": per_lane,
-            "EngineConfig.onnxruntime.inter_op_num_threads": 1,
-        }
-        self._engines = [RapidOCR(params=params) for _ in range(settings.lanes)]
+        runtime = settings.runtime
+        if settings.engine == "auto" and runtime != "openvino":
+            logger.warning("OCR runs on onnxruntime: openvino is not installed (it reads "
+                           "pages several times faster on the same threads)")
+        self._engines = [build_engine(runtime, per_lane, settings.use_cls, settings.min_score)
+                         for _ in range(settings.lanes)]
         if settings.lanes > 1:
             self._pool = ThreadPoolExecutor(settings.lanes, thread_name_prefix="ocr-lane")
-        # The first run builds onnxruntime's kernels for the shapes it sees: pay it here.
-        blank = np.full((64, 256, 3), 255, np.uint8)
+        # rapidocr loads its direction and recognition models at the first line it finds, and
+        # the runtimes build kernels for the shapes they see: pay both here, on a line of text.
+        sample = warm_up_image()
         for engine in self._engines:
-            engine(blank)
+            engine(sample)
 
     def add_request(self, request: WorkerRequest) -> None:
         try:
