@@ -41,6 +41,15 @@ def test_explicit_modes_and_their_refusals() -> None:
         ServeConfig(audio_mode="image")
 
 
+def test_ocr_stage_settings_reach_its_options() -> None:
+    config = ServeConfig(ocr_threads=3, ocr_lanes=2, ocr_engine="onnxruntime")
+    assert config.stage_options("ocr") == {"threads": "3", "lanes": "2", "engine": "onnxruntime"}
+    assert ServeConfig().stage_options("ocr")["engine"] == "auto"
+    with pytest.raises(ValueError, match="ocr_engine is 'tensorrt'; it must be one of auto, "
+                       "openvino, onnxruntime"):
+        ServeConfig(ocr_engine="tensorrt")
+
+
 def test_content_keys_cover_bytes_and_settings() -> None:
     assert content_key("audio", b"abc") == content_key("audio", memoryview(b"abc"))
     assert len({content_key("audio", b"abc"), content_key("audio", b"abd"),
