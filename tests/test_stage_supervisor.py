@@ -15,7 +15,22 @@ from omni.transport.shm import list_segments
 from stage_helpers import SHM_PREFIX, ipc_endpoint, our_segments, running_router
 
 from omni.supervision.streams import ReplicaLostError
-from omni.supervision.supervisor import StageSpec, StageSupervisor, SupervisorConfig
+from omni.supervision.supervisor import (
+    StageSpec,
+    StageSupervisor,
+    SupervisorConfig,
+    stage_environment,
+)
+
+
+def test_stage_threads_wait_asleep_unless_the_operator_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OMNI_TEST_MARK", "1")
+    started = stage_environment()
+    assert started["OMP_WAIT_POLICY"] == "PASSIVE" and started["OMNI_TEST_MARK"] == "1"
+    assert stage_environment({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}
 
 
 def test_dead_or_silent_stage_fails_its_request_restarts_and_serves_again() -> None:
@@ -34,6 +49,9 @@ def test_dead_or_silent_stage_fails_its_request_restarts_and_serves_again() -> N
             assert set(first.handles) == {"page"}
             assert torch.equal(first.tensors["page"], page * 2 + 1)
             victim = supervisor.pids()["echo-0"]
+            with open(f"/proc/{victim}/environ", "rb") as environ:
+                policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+                assert f"OMP_WAIT_POLICY={policy}".encode() in environ.read().split(b"\0")
             assert list_segments(SHM_PREFIX, pid=victim) != []  # the stage owns live segments
 
             os.kill(victim, signal.SIGKILL)

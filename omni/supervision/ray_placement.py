@@ -35,7 +35,13 @@ from typing import Any
 from omni.stages.runtime.process import describe_exit
 from omni.supervision.replicas import ReplicaInfo
 from omni.supervision.router import StageRouter
-from omni.supervision.supervisor import StageEvent, StageSpec, SupervisorConfig, stage_arguments
+from omni.supervision.supervisor import (
+    StageEvent,
+    StageSpec,
+    SupervisorConfig,
+    stage_arguments,
+    stage_environment,
+)
 from omni.transport.key_folder import key_pair_text
 from omni.transport.sockets import generate_curve_keypair
 
@@ -126,7 +132,8 @@ class StageActor:
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         try:
-            self._process = subprocess.Popen(command, pass_fds=(read_end,))
+            self._process = subprocess.Popen(command, pass_fds=(read_end,),
+                                             env=stage_environment())
         finally:
             os.close(read_end)
         self._started.set()

@@ -28,6 +28,23 @@ from omni.transport.shm import sweep_dead_owners, sweep_owner
 
 logger = logging.getLogger(__name__)
 
+# What a stage process's environment holds unless the operator set it. Stages share the
+# machine's cores with one another (an OCR or speech stage beside the LLM) and with whatever
+# else runs there, so torch's OpenMP threads wait for work asleep instead of spinning: a thread
+# spinning at a barrier holds a core that its partner, or the next stage, needs. On the 2-core
+# CPU machine under other users' load, spinning made a 32-token CPU request 7x to 12x slower
+# and a page read by OCR then answered by the LLM 2x slower (docs/benchmarks.md, perception).
+STAGE_ENVIRONMENT_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def stage_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a stage process starts with: `base` (default: this process's) plus
+    `STAGE_ENVIRONMENT_DEFAULTS` for the variables `base` leaves unset."""
+    environment = dict(os.environ if base is None else base)
+    for name, value in STAGE_ENVIRONMENT_DEFAULTS.items():
+        environment.setdefault(name, value)
+    return environment
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -267,7 +284,7 @@ class StageSupervisor:
         return [sys.executable, "-m", "omni.cli", *arguments, "--parent-pid", str(os.getpid())]
 
     def _spawn(self, child: _Child) -> None:
-        child.process = subprocess.Popen(self._command(child), env=self._env)
+        child.process = subprocess.Popen(self._command(child), env=stage_environment(self._env))
         logger.info(
             "started stage %s (pid %d) on %s", child.replica_id, child.process.pid, child.device
         )
