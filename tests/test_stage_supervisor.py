@@ -23,14 +23,17 @@ from omni.supervision.supervisor import (
 )
 
 
-def test_stage_threads_wait_asleep_unless_the_operator_says_otherwise(
+def test_stage_threads_spin_briefly_unless_the_operator_says_otherwise(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.setenv("OMNI_TEST_MARK", "1")
     started = stage_environment()
-    assert started["OMP_WAIT_POLICY"] == "PASSIVE" and started["OMNI_TEST_MARK"] == "1"
+    assert started["GOMP_SPINCOUNT"] == "10000" and started["OMNI_TEST_MARK"] == "1"
+    assert "OMP_WAIT_POLICY" not in started
     assert stage_environment({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert stage_environment({"GOMP_SPINCOUNT": "5"}) == {"GOMP_SPINCOUNT": "5"}
 
 
 def test_dead_or_silent_stage_fails_its_request_restarts_and_serves_again() -> None:
@@ -50,8 +53,10 @@ def test_dead_or_silent_stage_fails_its_request_restarts_and_serves_again() -> N
             assert torch.equal(first.tensors["page"], page * 2 + 1)
             victim = supervisor.pids()["echo-0"]
             with open(f"/proc/{victim}/environ", "rb") as environ:
-                policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
-                assert f"OMP_WAIT_POLICY={policy}".encode() in environ.read().split(b"\0")
+                started = environ.read().split(b"\0")
+                for name, value in stage_environment().items():
+                    if "OMP" in name:
+                        assert f"{name}={value}".encode() in started
             assert list_segments(SHM_PREFIX, pid=victim) != []  # the stage owns live segments
 
             os.kill(victim, signal.SIGKILL)

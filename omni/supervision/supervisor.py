@@ -30,19 +30,23 @@ logger = logging.getLogger(__name__)
 
 # What a stage process's environment holds unless the operator set it. Stages share the
 # machine's cores with one another (an OCR or speech stage beside the LLM) and with whatever
-# else runs there, so torch's OpenMP threads wait for work asleep instead of spinning: a thread
-# spinning at a barrier holds a core that its partner, or the next stage, needs. On the 2-core
-# CPU machine under other users' load, spinning made a 32-token CPU request 7x to 12x slower
-# and a page read by OCR then answered by the LLM 2x slower (docs/benchmarks.md, perception).
-STAGE_ENVIRONMENT_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# else runs there. libgomp (torch's OpenMP on CPU) has a thread that finishes its share of an op
+# spin 300,000 turns (milliseconds) waiting for the next one, holding a core that its partner,
+# or the next stage, may need; on the 2-core machine under other users' load that made CPU
+# decoding 3x and OCR-then-LLM pages 3x slower. 10,000 turns still bridge the gaps between the
+# ops of one forward pass (speech recognition on an idle machine as fast as with the default),
+# and release the core soon after. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) is faster still
+# under load but costs the speech stage a quarter of its speed on an idle machine.
+# benchmarks/wait_policy.py measures the three side by side (docs/benchmarks.md, perception).
+STAGE_ENVIRONMENT_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
 
 
 def stage_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment a stage process starts with: `base` (default: this process's) plus
-    `STAGE_ENVIRONMENT_DEFAULTS` for the variables `base` leaves unset."""
+    `STAGE_ENVIRONMENT_DEFAULTS` where `base` sets no OpenMP wait behaviour of its own."""
     environment = dict(os.environ if base is None else base)
-    for name, value in STAGE_ENVIRONMENT_DEFAULTS.items():
-        environment.setdefault(name, value)
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & environment.keys():
+        environment.update(STAGE_ENVIRONMENT_DEFAULTS)
     return environment
 
 
