@@ -79,8 +79,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         try:
             for index, (name, policy) in enumerate(POLICIES.items()):
-                for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-                    os.environ.pop(name, None)
+                for variable in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+                    os.environ.pop(variable, None)
                 os.environ.update(policy)
                 work = Path(folder) / str(index)
                 work.mkdir()
