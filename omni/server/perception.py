@@ -22,6 +22,7 @@ from omni.media import MediaError, MediaLimits, load_audio
 from omni.server.config import ServeConfig
 from omni.server.protocol import APIError
 from omni.server.result_cache import ResultCache
+from omni.server.stage_calls import stage_replies
 from omni.stages.contracts import asr, ocr
 from omni.supervision.router import StageRouter
 from omni.supervision.streams import (
@@ -188,21 +189,10 @@ class Perception:
 
     # ---- stage calls ----------------------------------------------------------------------
 
-    async def _replies(
+    def _replies(
         self, role: str, tensors: dict[str, torch.Tensor], body: bytes
     ) -> AsyncIterator[Reply]:
-        try:
-            stream = self.router.submit_async(role, tensors, body)
-        except StageFailure as exc:
-            raise stage_api_error(exc) from None
-        try:
-            async for reply in stream:
-                yield reply
-        except StageFailure as exc:
-            raise stage_api_error(exc) from None
-        finally:
-            if not stream.done:
-                stream.abort()
+        return stage_replies(self.router, role, body, stage_api_error, tensors)
 
 
 def stage_api_error(exc: StageFailure) -> APIError:

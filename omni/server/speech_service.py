@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from omni.server.protocol import APIError, model_not_found
+from omni.server.stage_calls import stage_replies
 from omni.speech.audio_format import SUPPORTED_FORMATS
 from omni.speech.espeak import ESPEAK_NAME
 from omni.stages.contracts.speech import (
@@ -34,7 +35,7 @@ from omni.supervision.streams import (
 
 if TYPE_CHECKING:
     from omni.server.config import ServeConfig
-    from omni.supervision.streams import AsyncReplyStream, Reply
+    from omni.supervision.streams import Reply
 
 logger = logging.getLogger(__name__)
 
@@ -109,21 +110,10 @@ class SpeechService:
         async for _ in self.replies(SpeechParams(voice=voice or None, speed=speed, describe=True)):
             pass
 
-    async def replies(self, params: SpeechParams) -> AsyncGenerator[Reply, None]:
+    def replies(self, params: SpeechParams) -> AsyncGenerator[Reply, None]:
         """The stage's replies, one per sentence; stage failures as APIErrors. Closing the
         iterator early (a client that left) aborts the request in the stage."""
-        try:
-            stream: AsyncReplyStream = self.router.submit_async(ROLE, body=CONTRACT.encode(params))
-        except NoReplicaError as exc:
-            raise APIError(503, str(exc), "service_unavailable") from None
-        try:
-            async for reply in stream:
-                yield reply
-        except StageFailure as exc:
-            raise stage_error(exc) from None
-        finally:
-            if not stream.done:
-                stream.abort()
+        return stage_replies(self.router, ROLE, CONTRACT.encode(params), stage_error)
 
     async def samples(self, params: SpeechParams) -> AsyncGenerator[tuple[np.ndarray, Reply], None]:
         """Each sentence's float32 samples at `params.sample_rate`, as the stage sends them."""
