@@ -1,12 +1,12 @@
 """The Qwen2.5-VL vision tower's norms and MLPs on the shared fused kernels
 (`omni.stages.kernels.fused_ops`), on CUDA; transformers' own code runs everywhere else.
 
-Measured on an H200 with transformers' eager tower (16 448x448 images, 16k tokens a forward,
-about 140 ms, CUDA graphs or not): the matmuls were about a third of the GPU time and
-elementwise kernels over the [tokens, 1280-3420] activations the rest. transformers' RMSNorm
-is seven kernels with a float32 copy of its input, SiLU-and-multiply two, and the vision
-rotary (`PackedVisionAttention`'s `rotary`, also taken from the shared kernels) about fifteen
-over float32 copies of q and k. Each becomes one kernel with torch's rounding steps.
+transformers' RMSNorm is seven kernels with a float32 copy of its input, SiLU-and-multiply two,
+and the vision rotary (`PackedVisionAttention`'s `rotary`, also taken from the shared kernels)
+about fifteen over float32 copies of q and k; each becomes one kernel with torch's rounding
+steps. Measured on an H200 (448x448 images, CUDA graphs, 16 a forward), these kernels and the
+attention views took the tower from 8.6 to 6.0 ms an image; the MLP's padding (`SiluMulMLP`)
+then took it to 3.4 ms.
 """
 
 from __future__ import annotations
