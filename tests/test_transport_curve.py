@@ -18,6 +18,7 @@ from omni.transport.key_folder import key_pair_text, load_stage_keys
 from omni.transport.messages import Hello, Welcome, stage_codec
 from omni.transport.sockets import (
     CurveKeys,
+    _start_authenticator,
     connect_dealer,
     generate_curve_keypair,
     load_server_curve_keys,
@@ -219,3 +220,22 @@ def test_a_stage_reads_its_key_pair_from_an_inherited_pipe() -> None:
     finally:
         os.close(read_end)
     assert (keys.public_key, keys.secret_key, keys.server_key) == (public, secret, server_public)
+
+
+def test_a_router_waits_for_the_zap_endpoint_a_closed_one_still_holds() -> None:
+    # ZeroMQ frees a closed socket's inproc endpoint asynchronously, so a router started right
+    # after another closed could find `inproc://zeromq.zap.01` taken (seen once in the suite).
+    import threading
+
+    context = zmq.Context()
+    blocker = context.socket(zmq.REP)
+    blocker.bind("inproc://zeromq.zap.01")
+    release = threading.Timer(0.2, blocker.close)
+    release.start()
+    try:
+        authenticator = _start_authenticator(context)
+        assert authenticator.is_alive()
+        authenticator.stop()
+    finally:
+        release.join()
+        context.term()

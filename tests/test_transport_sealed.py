@@ -445,3 +445,15 @@ def test_a_curve_stage_exchanges_large_tensors_sealed() -> None:
         finally:
             far.stop()
             far.join(10)
+
+
+def test_closing_skips_a_thread_not_yet_started() -> None:
+    # A channel's reader can close it while its starter is between the two threads' `start`
+    # calls; joining the unstarted sender raised "cannot join thread before it is started"
+    # (seen once in the suite, tearing down the tampering test).
+    with sealed_pair() as (router_side, _, _, _):
+        channel = router_side.channel(PEER)
+        assert channel is not None
+        channel._threads.append(threading.Thread(target=lambda: None))
+        channel.close("a test")
+        assert channel.closed

@@ -357,7 +357,10 @@ class SealedChannel:
             self._torn_down = True
             sock = self._sock
         for thread in self._threads:
-            if thread is not threading.current_thread():
+            # Only a running thread is joined: a thread not yet started (its starter is
+            # between the two `start` calls while the other thread already closes the channel)
+            # cannot be joined, and finds the channel closed when it does start.
+            if thread is not threading.current_thread() and thread.is_alive():
                 thread.join(timeout=HANDSHAKE_TIMEOUT_S + 1)
         with self._lock:
             # The receiver may have connected meanwhile (it closes what it opens after this).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,8 +204,7 @@ class BoundRouter:
         if curve is not None and curve.admits_listed_only:
             # The authenticator must be running before the socket binds, or early handshakes
             # would be decided without it.
-            self.authenticator = ThreadAuthenticator(context)
-            self.authenticator.start()
+            self.authenticator = _start_authenticator(context)
             self._allow_list = _AllowListedClients(curve.authorized_clients)
             self.authenticator.configure_curve_callback(
                 domain="*", credentials_provider=self._allow_list
@@ -268,6 +268,28 @@ class BoundRouter:
         if self.authenticator is not None:
             self.authenticator.stop()
             self.authenticator = None
+
+
+# How long a new router waits for the ZAP endpoint of one closed a moment ago in this process.
+ZAP_ENDPOINT_WAIT_S = 2.0
+
+
+def _start_authenticator(context: zmq.Context) -> ThreadAuthenticator:
+    """A running ZAP authenticator on `context`. Its endpoint, `inproc://zeromq.zap.01`, is one
+    per context, and ZeroMQ releases a closed socket's inproc endpoint asynchronously: a router
+    started right after another one closed (a restart, a test after a test) can find it still
+    taken for a moment, so the bind is retried for up to `ZAP_ENDPOINT_WAIT_S`."""
+    deadline = time.monotonic() + ZAP_ENDPOINT_WAIT_S
+    while True:
+        authenticator = ThreadAuthenticator(context)
+        try:
+            authenticator.start()
+            return authenticator
+        except zmq.ZMQError as exc:
+            authenticator.stop()  # closes the socket that failed to bind
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def connect_dealer(
