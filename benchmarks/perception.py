@@ -157,18 +157,23 @@ def asr_request(client: httpx.AsyncClient, url: str):  # type: ignore[no-untyped
     return one
 
 
+async def pool_seconds(one, items: list, concurrency: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds for `concurrency` workers to await `one(item)` for every item, in order."""
+    queue = list(items)
+    started = time.perf_counter()
+
+    async def worker() -> None:
+        while queue:
+            await one(queue.pop(0))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
 async def omni_seconds(kind: str, url: str, items: list[bytes], concurrency: int) -> float:
     async with httpx.AsyncClient(timeout=600) as client:
         one = (ocr_request if kind == "ocr" else asr_request)(client, url)
-        queue = list(items)
-        started = time.perf_counter()
-
-        async def worker() -> None:
-            while queue:
-                await one(queue.pop(0))
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - started
+        return await pool_seconds(one, items, concurrency)
 
 
 def paired(kind: str, plain: object, url: str, items: list[bytes], concurrency: int

@@ -65,6 +65,7 @@ from omni.transport.sealed import (
     Frame,
     RecordCipher,
     SealedChannel,
+    recv_exactly,
 )
 from omni.transport.sealed_peers import SealedPeers
 from omni.transport.shm import SharedTensorHandle, SharedTensorPool, SharedTensorReader
@@ -248,14 +249,6 @@ def consume_stage(endpoint: str, keys: list[str]) -> None:
     sock.close()
 
 
-def _recv_exactly(conn: socket.socket, view: memoryview) -> None:
-    while view.nbytes:
-        count = conn.recv_into(view)
-        if count == 0:
-            raise ConnectionError("the producer closed the connection")
-        view = view[count:]
-
-
 def consume_socket(endpoint: str) -> None:
     """The floor: a length, then the raw bytes into a reused buffer, as a tensor."""
     host, _, port = endpoint.rpartition(":")
@@ -265,11 +258,11 @@ def consume_socket(endpoint: str) -> None:
     buffer = bytearray(ROWS * COLS * 2)
     header = bytearray(_LENGTH.size)
     while True:
-        _recv_exactly(conn, memoryview(header))
+        recv_exactly(conn, memoryview(header))
         (length,) = _LENGTH.unpack(header)
         if length == 0:
             break
-        _recv_exactly(conn, memoryview(buffer)[:length])
+        recv_exactly(conn, memoryview(buffer)[:length])
         tensor = torch.frombuffer(buffer, dtype=torch.bfloat16).view(ROWS, COLS)
         received_at = time.perf_counter()
         checksum = float(tensor[:, 0].float().sum())
@@ -425,9 +418,9 @@ class SocketLink:
     def ack(self) -> bytes:
         assert self.conn is not None
         header = bytearray(_LENGTH.size)
-        _recv_exactly(self.conn, memoryview(header))
+        recv_exactly(self.conn, memoryview(header))
         reply = bytearray(_LENGTH.unpack(header)[0])
-        _recv_exactly(self.conn, memoryview(reply))
+        recv_exactly(self.conn, memoryview(reply))
         return bytes(reply)
 
     def close(self) -> None:

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -31,7 +30,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from perception import make_pages, omni_seconds, start_omni
+from perception import make_pages, omni_seconds, pool_seconds, start_omni
 from server_procs import log, stop
 
 # The environment each server starts with (its stages inherit it).
@@ -49,19 +48,16 @@ def burn() -> None:
 
 async def chat_seconds(url: str, count: int, concurrency: int, tokens: int) -> float:
     async with httpx.AsyncClient(timeout=600) as client:
-        queue = list(range(count))
 
-        async def worker() -> None:
-            while queue:
-                body = {"model": "SmolLM2-135M-Instruct", "max_tokens": tokens,
-                        "temperature": 0, "ignore_eos": True, "messages": [
-                            {"role": "user", "content": f"Tell a story about {queue.pop()}."}]}
-                reply = await client.post(f"{url}/v1/chat/completions", json=body)
-                assert reply.status_code == 200, reply.text
+        async def one(number: int) -> None:
+            body = {"model": "SmolLM2-135M-Instruct", "max_tokens": tokens,
+                    "temperature": 0, "ignore_eos": True, "messages": [
+                        {"role": "user", "content": f"Tell a story about {number}."}]}
+            reply = await client.post(f"{url}/v1/chat/completions", json=body)
+            assert reply.status_code == 200, reply.text
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - started
+        # Highest number first, as the prompts always went.
+        return await pool_seconds(one, list(reversed(range(count))), concurrency)
 
 
 def main() -> int:

@@ -142,7 +142,8 @@ class RecordCipher:
         decryptor.finalize_with_tag(tag)
 
 
-def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+def recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from `sock`; SealedChannelError (a ConnectionError) if the peer closes first."""
     while view.nbytes:
         count = sock.recv_into(view)
         if count == 0:
@@ -170,7 +171,7 @@ def _proof(sealer: RecordCipher, text: bytes, session_id: bytes) -> bytes:
 
 def _check_proof(sealer: RecordCipher, sock: socket.socket, text: bytes, session_id: bytes) -> bool:
     record = memoryview(bytearray(TAG_BYTES + len(text) + SESSION_ID_BYTES))
-    _recv_exactly(sock, record)
+    recv_exactly(sock, record)
     plain = memoryview(bytearray(len(text) + SESSION_ID_BYTES))
     try:
         sealer.open_into(record, session_id, plain)
@@ -465,13 +466,13 @@ class SealedChannel:
         sock = self._sock
         assert sock is not None
         count_bytes = bytearray(_COUNT.size)
-        _recv_exactly(sock, memoryview(count_bytes))
+        recv_exactly(sock, memoryview(count_bytes))
         (count,) = _COUNT.unpack(count_bytes)
         if not 0 < count <= MAX_FRAMES:
             raise SealedChannelError(f"a sealed message announced {count} frames")
         header = memoryview(bytearray(8 * (1 + count)))
         header_record = record[: TAG_BYTES + header.nbytes]
-        _recv_exactly(sock, header_record)
+        recv_exactly(sock, header_record)
         self._open.open_into(header_record, b"H" + bytes(count_bytes), header)
         fields = np.frombuffer(header, dtype=">u8")
         message_id, lengths = int(fields[0]), [int(size) for size in fields[1:]]
@@ -495,8 +496,8 @@ class SealedChannel:
                 # it is still in cache: no second buffer, one pass less over memory. Nobody
                 # sees the frame unless every record of the message opened.
                 part = frame[start : start + CHUNK_BYTES]
-                _recv_exactly(sock, tag)
-                _recv_exactly(sock, part)
+                recv_exactly(sock, tag)
+                recv_exactly(sock, part)
                 aad = _RECORD_AAD.pack(message_id, index, number)
                 self._open.open_in_place(bytes(tag), part, aad)
             frames.append(frame)
@@ -587,7 +588,7 @@ class BulkListener:
         reason = ""
         try:
             session_id = bytearray(SESSION_ID_BYTES)
-            _recv_exactly(sock, memoryview(session_id))
+            recv_exactly(sock, memoryview(session_id))
             with self._lock:
                 known = self._sessions.get(bytes(session_id))
                 fresh = bytes(session_id) not in self._used
