@@ -80,6 +80,19 @@ def test_resampled_with_torchaudio_to_the_model_rate():
     assert samples.dtype == np.float32
 
 
+@pytest.mark.parametrize(("source", "kept"), [(22_050, True), (44_100, True), (8_000, True),
+                                              (1_201, False)])
+def test_resampling_keeps_small_kernels_and_matches_torchaudio(source: int, kept: bool):
+    """A rate pair's kernel is built once and kept, unless it is big (1201 and 1000 Hz are
+    coprime: 1.2 million taps); either way the samples are torchaudio's, bit for bit."""
+    target = 1_000 if source == 1_201 else RATE
+    samples = stereo(3 * source)[:, 0].copy()
+    expected = torchaudio.functional.resample(torch.from_numpy(samples), source, target).numpy()
+    for _ in range(2):
+        assert np.array_equal(audio_module.resample(samples, source, target), expected)
+    assert (audio_module._kept_resampler(source, target) is not None) == kept
+
+
 def test_zero_bytes_and_zero_samples():
     assert str(refusal(b"")) == "audio 1 is empty (0 bytes)"
     silent = encode(np.zeros((0, 1), dtype=np.float32), "WAV")

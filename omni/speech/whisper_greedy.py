@@ -161,17 +161,24 @@ class WhisperGreedyDecoder:
     def _cross_kv(self, layer: Any, encoded: Sequence[torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's cross-attention keys and values for every window, (rows, heads, pos, dim);
-        computed window by window, as the encoder ran."""
+        computed window by window, as the encoder ran, straight into the batch's tensors."""
         attention = layer.encoder_attn
-        keys, values = [], []
-        for states in encoded:
-            keys.append(self._heads(attention.k_proj(states)))
-            values.append(self._heads(attention.v_proj(states)))
-        return torch.cat(keys), torch.cat(values)
+        first = encoded[0]
+        shape = (len(encoded), self.num_heads, first.shape[1], self.head_dim)
+        keys = torch.empty(shape, dtype=first.dtype, device=first.device)
+        values = torch.empty_like(keys)
+        for row, states in enumerate(encoded):
+            keys[row : row + 1] = self._split_heads(attention.k_proj(states))
+            values[row : row + 1] = self._split_heads(attention.v_proj(states))
+        return keys, values
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        """(rows, length, heads * dim) as a (rows, heads, length, dim) view."""
+        rows, length, _ = states.shape
+        return states.view(rows, length, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _heads(self, states: torch.Tensor) -> torch.Tensor:
-        rows, length, _ = states.shape
-        return states.view(rows, length, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
+        return self._split_heads(states).contiguous()
 
     def _forward(self, tokens: torch.Tensor, position: int,
                  cache: list[tuple[torch.Tensor, torch.Tensor]],

@@ -32,6 +32,7 @@ from omni.stages.contracts.asr import (
     TranscribeRequest,
     Transcript,
 )
+from omni.stages.runtime.memory import keep_freed_memory
 from omni.stages.runtime.options import field_types, parse_options
 from omni.stages.runtime.worker import (
     StageOutput,
@@ -93,6 +94,9 @@ class ASRWorker(StageWorker):
         self.busy_seconds = 0.0
 
     def load(self) -> None:
+        # The encoder allocates and frees megabytes of activations a window; kept in the heap
+        # they are not faulted in afresh each time (see stages/runtime/memory.py).
+        keep_freed_memory()
         model = self.options.model
         if not model:
             from omni.speech.whisper_convert import convert_whisper_tiny_en
