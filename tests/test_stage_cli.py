@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import zmq.auth
-from omni.stages.runtime.switch_interval import DEFAULT_US, ENV, configured_switch_interval
 from omni.transport.sockets import CurveKeys, generate_curve_keypair, load_curve_keypair
 from stage_helpers import SHM_PREFIX, running_router
 
@@ -107,31 +106,3 @@ def test_stage_command_registers_its_subcommand() -> None:
         8,
     )
     assert args.func.__name__ == "run"
-
-
-def test_a_stage_process_bounds_how_long_another_thread_holds_the_gil(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    before = sys.getswitchinterval()
-    bad_role = ["stage", "nosuchrole", "--connect", "ipc:///tmp/omni-none.sock"]
-    try:
-        sys.setswitchinterval(0.005)
-        monkeypatch.delenv(ENV, raising=False)
-        assert main(bad_role) == 2  # set before the worker is even built
-        assert round(sys.getswitchinterval() * 1e6) == DEFAULT_US == 500
-        monkeypatch.setenv(ENV, "250")
-        assert main(bad_role) == 2
-        assert round(sys.getswitchinterval() * 1e6) == 250
-        capsys.readouterr()
-        for value, why in (("0", "it must be in [1, 1000000] microseconds"),
-                           ("0.5", "it must be a whole number of microseconds")):
-            monkeypatch.setenv(ENV, value)
-            assert main(bad_role) == 2
-            shown = value if value == "0" else repr(value)
-            assert capsys.readouterr().err == (
-                f"omni stage: error: OMNI_GIL_SWITCH_INTERVAL_US is {shown}; {why}\n"
-            )
-    finally:
-        sys.setswitchinterval(before)
-    assert configured_switch_interval({ENV: "1000000"}) == 1.0
-    assert configured_switch_interval({ENV: " 5000 "}) == 0.005

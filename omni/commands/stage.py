@@ -11,7 +11,6 @@ from typing import Any
 
 from omni.stages.runtime.config import StageConfig
 from omni.stages.runtime.process import EXIT_BAD_CONFIG, bind_device, run_stage_process
-from omni.stages.runtime.switch_interval import apply_switch_interval
 from omni.stages.runtime.worker import StageWorker, WorkerOptions, create_worker
 from omni.transport.key_folder import load_stage_keys
 from omni.transport.shm import DEFAULT_PREFIX
@@ -135,8 +134,6 @@ def _curve(args: argparse.Namespace) -> CurveKeys | None:
 def run(args: argparse.Namespace) -> int:
     """Serve until told to stop; 2 with a one-line message for a bad flag or unknown role."""
     try:
-        # Before any thread starts: the step loop must not wait 5 ms for the GIL.
-        apply_switch_interval()
         config, worker = _build(args)
         colocated = [_colocated(args, config)] if args.colocate else []
     except ValueError as exc:
