@@ -42,6 +42,26 @@ def test_plans_are_reused_for_the_same_tensor_only() -> None:
     assert plans.plan(torch.tensor([0, 2, 4])) is not first  # equal values, another tensor
 
 
+def test_one_threads_forwards_do_not_evict_another_threads_plans() -> None:
+    import threading
+
+    plans = SegmentPlans(capacity=2)
+    mine = torch.tensor([0, 2, 4])
+    first = plans.plan(mine)
+
+    def other_thread() -> None:  # the serving thread's eager forwards, during a capture
+        for end in (6, 8, 10):
+            plans.plan(torch.tensor([0, end]))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert plans.plan(mine) is first
+    plans.plan(torch.tensor([0, 1]))
+    plans.plan(torch.tensor([0, 3]))
+    assert plans.plan(mine) is not first  # its own thread's plans still evict it
+
+
 def test_back_to_back_segments_are_views_equal_to_the_gather() -> None:
     gen = torch.Generator().manual_seed(1)
     # Same-size images: four windows of 6 tokens end to end, then two images of 12.

@@ -96,11 +96,12 @@ def test_captured_graph_replays_the_eager_forward_on_a_gpu(vl_folder: Path) -> N
     eager = [encoder.encode_batch(batch) for batch in batches]
     encoder.use_graphs(max_batch_patches=16384)
     assert encoder.graphs is not None
-    for _ in range(3):  # seen, then captured, then replayed
+    for _ in range(3):  # seen, then captured (on the capture thread), then replayed
         for batch, expected in zip(batches, eager, strict=True):
             got = encoder.encode_batch(batch)
             for a, b in zip(got, expected, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        encoder.graphs.wait_for_captures()
     buckets = encoder.graphs._buckets.values()
     assert len(buckets) == 3 and all(bucket.graph is not None for bucket in buckets)
     assert all(bucket.plans for bucket in buckets)
@@ -122,11 +123,13 @@ def test_a_refused_capture_falls_back_to_eager_for_good(
 
     monkeypatch.setattr(graphs, "_capture", refuse)
     batch = _inputs(vl_folder, [(84, 56)] * 2)
-    for _ in range(2):
+    for _ in range(3):
         for (pixels, grid_thw), got in zip(batch, encoder.encode_batch(batch), strict=True):
             torch.testing.assert_close(got, _reference(reference, pixels, grid_thw),
                                        rtol=0, atol=1e-5)
+        graphs.wait_for_captures()
     assert graphs.failed and len(calls) == 1 and not graphs._buckets
+    graphs.close()
 
 
 def test_a_bucket_can_hold_the_gather_plans_its_forward_used(vl_folder: Path) -> None:
@@ -161,3 +164,39 @@ def test_a_grid_is_taken_into_a_bucket_only_when_it_comes_again(vl_folder: Path)
     got = encoder.encode_batch(again)[0]
     assert list(graphs._buckets) == [((1, 12, 8), 1)]
     torch.testing.assert_close(got, _reference(reference, *again[0]), rtol=0, atol=1e-5)
+
+
+def test_a_capture_runs_beside_the_batches_which_do_not_wait_for_it(
+    vl_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
+    reference = load_reference_vl(vl_folder)
+    encoder.use_graphs(max_batch_patches=16384, capture=True)
+    graphs = encoder.graphs
+    assert graphs is not None
+    release = threading.Event()
+    captured: list[str] = []
+
+    def slow_capture(bucket: Any) -> None:  # stands in for the CUDA capture, on its thread
+        assert release.wait(timeout=60)
+        captured.append(threading.current_thread().name)
+
+    monkeypatch.setattr(graphs, "_capture", slow_capture)
+    batch = _inputs(vl_folder, [(84, 56)] * 2)
+    expected = [_reference(reference, pixels, grid_thw) for pixels, grid_thw in batch]
+    for _ in range(3):  # seen; capture started; still capturing: all answered eagerly
+        for got, want in zip(encoder.encode_batch(batch), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert not graphs._buckets and not captured
+    release.set()
+    graphs.wait_for_captures(timeout=60)
+    assert captured == ["vision-capture_0"]  # one capture, on the capture thread
+    [(key, bucket)] = graphs._buckets.items()
+    assert key == (tuple(int(v) for v in batch[0][1][0]), 2)
+    for got, want in zip(encoder.encode_batch(batch), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # The batch ran through the bucket's fixed buffers.
+    assert torch.equal(bucket.pixels, torch.cat([pixels for pixels, _ in batch]))
+    graphs.close()

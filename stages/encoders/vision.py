@@ -237,6 +237,12 @@ class VisionWorker(BatchingEncoderWorker):
     def cost(self, inputs: Inputs) -> int:
         return int(inputs[PIXEL_VALUES].shape[0])
 
+    def close(self) -> None:
+        encoder = self._encoder
+        if encoder is not None and encoder.graphs is not None:
+            encoder.graphs.close()
+        super().close()
+
     def can_prepare(self, request: WorkerRequest) -> bool:
         return IMAGE in request.inputs
 

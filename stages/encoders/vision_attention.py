@@ -15,6 +15,7 @@ copy of the lengths, which would otherwise stall every layer).
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,19 +42,24 @@ class SegmentGroup:
 
 class SegmentPlans:
     """Gather plans keyed by the identity of the `cu_seqlens` tensor they were built from.
-    Holds the last few only: a forward uses one per attention kind."""
+    Holds the last few only: a forward uses one per attention kind.
+
+    Kept per thread: the tower's CUDA graphs are captured on a thread of their own while the
+    serving thread runs eager forwards, and a graph must be able to take the very plans its
+    capture used (vision_graphs.py), which the other thread's forwards would otherwise evict."""
 
     def __init__(self, capacity: int = 4) -> None:
         self.capacity = capacity
-        self._plans: list[tuple[torch.Tensor, list[SegmentGroup]]] = []
+        self._local = threading.local()
 
     def plan(self, cu_seqlens: torch.Tensor) -> list[SegmentGroup]:
-        for tensor, groups in self._plans:
+        held: list[tuple[torch.Tensor, list[SegmentGroup]]] = getattr(self._local, "plans", [])
+        for tensor, groups in held:
             if tensor is cu_seqlens:
                 return groups
         groups = build_plan(cu_seqlens)
         # Holding the tensor keeps its identity from being reused by a new allocation.
-        self._plans = [*self._plans[-(self.capacity - 1) :], (cu_seqlens, groups)]
+        self._local.plans = [*held[-(self.capacity - 1) :], (cu_seqlens, groups)]
         return groups
 
 
