@@ -14,7 +14,7 @@ from omni.stages.contracts.asr import CONTRACT as ASR
 from omni.stages.contracts.asr import Segment, TranscribeRequest, Transcript
 from omni.stages.encoders.audio_asr import ASRWorker, asr_settings
 from omni.stages.runtime import StageConfig, StageRuntime, WorkerOptions, worker_class
-from omni.stages.runtime.worker import WorkerRequest
+from omni.stages.runtime.worker import StageOutput, WorkerRequest
 from stage_helpers import SHM_PREFIX, running_router
 
 from omni import LLM
@@ -34,6 +34,16 @@ BODY = ASR.encode(TranscribeRequest())
 
 def normalised(text: str) -> str:
     return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+def run_batch(worker: ASRWorker) -> list[StageOutput]:
+    """The outputs of the steps up to and including the next batch's decode (the encoder runs
+    one window a step, so a batch of several windows takes several steps)."""
+    outputs: list[StageOutput] = []
+    batches = worker.stats().batches
+    while worker.has_work() and worker.stats().batches == batches:
+        outputs += worker.step()
+    return outputs
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +132,7 @@ def test_worker_batches_queued_requests_and_refuses_bad_ones() -> None:
     worker.add_request(request("q", audio=question))
     worker.abort("dropped")
 
-    outputs = worker.step()  # refusals, then one batch holding both admitted requests
+    outputs = run_batch(worker)  # refusals, then one batch holding both admitted requests
     assert [(o.request_id, o.finished) for o in outputs] == [
         ("wide", True),
         ("none", True),
@@ -148,11 +158,36 @@ def test_worker_batches_queued_requests_and_refuses_bad_ones() -> None:
     stats = worker.stats()
     assert (stats.requests_queued, stats.requests_transcribed, stats.batches) == (1, 2, 1)
     assert (stats.windows, stats.audio_seconds) == (2, 3.266)
-    [named] = worker.step()  # the next batch
+    [named] = run_batch(worker)  # the next batch
     assert (named.request_id, named.reply.text) == ("named", QUESTION)  # type: ignore[union-attr]
     stats = worker.stats()
     assert (stats.requests_queued, stats.requests_transcribed, stats.batches) == (0, 3, 2)
     assert not worker.has_work() and worker.step() == []
+
+
+def test_requests_arriving_while_a_batch_forms_join_it() -> None:
+    """The encoder runs one window a step; a request admitted between steps joins the batch,
+    and one aborted after its window was encoded leaves it."""
+    require_espeak()
+    worker = ASRWorker(WorkerOptions(model=converted_whisper_dir()))
+    worker.load()
+
+    def request(request_id: str, text: str) -> WorkerRequest:
+        return WorkerRequest(request_id, {"audio": torch.from_numpy(espeak_samples(text).copy())},
+                             BODY)
+
+    worker.add_request(request("first", QUESTION))
+    worker.add_request(request("gone", COMMAND))
+    assert worker.step() == []  # "first" heard; "gone" can still join
+    worker.add_request(request("late", COMMAND))
+    assert worker.step() == []  # "gone" heard; "late" can still join
+    worker.abort("gone")
+    outputs = worker.step()  # "late" heard, nothing left to join: the batch is decoded
+    assert [(o.request_id, o.finished, o.reply.text) for o in outputs] == [  # type: ignore[union-attr]
+        ("first", True, QUESTION), ("late", True, COMMAND)]
+    stats = worker.stats()
+    assert (stats.batches, stats.windows, stats.requests_transcribed) == (1, 2, 2)
+    assert not worker.has_work()
 
 
 def test_long_clip_streams_by_window_with_timed_segments() -> None:
@@ -175,7 +210,7 @@ def test_long_clip_streams_by_window_with_timed_segments() -> None:
     worker.add_request(WorkerRequest("fr", {"audio": torch.from_numpy(question.copy())}, french))
     steps = []
     while worker.has_work():
-        steps.append([(o.request_id, o.finished, o.error, o.reply) for o in worker.step()])
+        steps.append([(o.request_id, o.finished, o.error, o.reply) for o in run_batch(worker)])
     assert steps == [
         [
             ("fr", True, "language 'fr': this Whisper model transcribes English only ('en')",

@@ -31,6 +31,15 @@ WINDOW_SAMPLES = SAMPLE_RATE * WINDOW_SECONDS
 TIMESTAMP_STEP_S = 0.02
 
 
+class HeardWindow(NamedTuple):
+    """A 30 s window after the encoder: its samples, log-mel features (1, mel bins, 3000) and
+    encoder output (1, positions, width); features and output are None for a silent window."""
+
+    samples: np.ndarray
+    features: torch.Tensor | None
+    encoded: torch.Tensor | None
+
+
 class Segment(NamedTuple):
     """A stretch of speech: seconds from the start of its window (or clip), and its text."""
 
@@ -119,14 +128,57 @@ class Transcriber:
         """Each window's segments (times from the window's start), `max_batch_windows` windows
         a pass; a silent window has none. `prompt` is text the speech continues (Whisper's
         previous-text prompt: spellings, names, style); `language` an ISO code or ""."""
-        results: list[list[Segment]] = [[] for _ in windows]
-        heard = [index for index, window in enumerate(windows) if not self.is_silent(window)]
+        results: list[list[Segment]] = []
         step = self.config.max_batch_windows
-        for first in range(0, len(heard), step):
-            chunk = heard[first : first + step]
-            decoded = self._decode_windows([windows[i] for i in chunk], prompt, language)
-            for index, segments in zip(chunk, decoded, strict=True):
-                results[index] = segments
+        for first in range(0, len(windows), step):
+            chunk = windows[first : first + step]
+            heard = [self.hear(window) for window in chunk]
+            results += self.decode(heard, prompt, language)
+        return results
+
+    @torch.inference_mode()
+    def hear(self, window: np.ndarray) -> HeardWindow:
+        """A window's features and encoder output, ready for `decode` (None for silence): the
+        half of a pass that is done one window at a time."""
+        if self.is_silent(window):
+            return HeardWindow(window, None, None)
+        # One window a call: the feature extractor pads each to 30 s either way, and a batched
+        # call was measured slower per window (21 ms against 4 ms on two CPU cores).
+        features = self.processor.feature_extractor(
+            window, sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        ).input_features.to(self.device, self.dtype)
+        return HeardWindow(window, features, self.decoder.encode(features)[0])
+
+    @torch.inference_mode()
+    def decode(
+        self, heard: Sequence[HeardWindow], prompt: str = "", language: str = ""
+    ) -> list[list[Segment]]:
+        """Each heard window's segments, the windows decoded together (a silent one has none)."""
+        results: list[list[Segment]] = [[] for _ in heard]
+        spoken: list[int] = []
+        features: list[torch.Tensor] = []
+        encoded: list[torch.Tensor] = []
+        for index, window in enumerate(heard):
+            if window.features is not None and window.encoded is not None:
+                spoken.append(index)
+                features.append(window.features)
+                encoded.append(window.encoded)
+        if not spoken:
+            return results
+        prompt_ids: tuple[int, ...] = ()
+        if prompt:
+            prompt_ids = tuple(
+                int(t) for t in self.processor.tokenizer.get_prompt_ids(prompt, return_tensors="np")
+            )
+        options = DecodeOptions(
+            max_new_tokens=self.config.max_new_tokens,
+            return_timestamps=True,
+            prompt_ids=prompt_ids,
+            language=language.lower() if language and self.multilingual else "",
+        )
+        token_ids = self.decoder.generate(torch.cat(features), options, encoded)
+        for index, row in zip(spoken, token_ids, strict=True):
+            results[index] = self._segments(row, len(heard[index].samples) / SAMPLE_RATE)
         return results
 
     def check_language(self, language: str) -> None:
@@ -147,35 +199,6 @@ class Transcriber:
     @property
     def multilingual(self) -> bool:
         return bool(getattr(self.model.generation_config, "is_multilingual", False))
-
-    @torch.inference_mode()
-    def _decode_windows(
-        self, windows: list[np.ndarray], prompt: str, language: str
-    ) -> list[list[Segment]]:
-        # One window a call: the feature extractor pads each to 30 s either way, and a batched
-        # call was measured slower per window (21 ms against 4 ms on two CPU cores).
-        features = torch.cat([
-            self.processor.feature_extractor(
-                window, sampling_rate=SAMPLE_RATE, return_tensors="pt"
-            ).input_features
-            for window in windows
-        ])
-        prompt_ids: tuple[int, ...] = ()
-        if prompt:
-            prompt_ids = tuple(
-                int(t) for t in self.processor.tokenizer.get_prompt_ids(prompt, return_tensors="np")
-            )
-        options = DecodeOptions(
-            max_new_tokens=self.config.max_new_tokens,
-            return_timestamps=True,
-            prompt_ids=prompt_ids,
-            language=language.lower() if language and self.multilingual else "",
-        )
-        token_ids = self.decoder.generate(features.to(self.device, self.dtype), options)
-        return [
-            self._segments(row, len(window) / SAMPLE_RATE)
-            for row, window in zip(token_ids, windows, strict=True)
-        ]
 
     def _segments(self, token_ids: list[int], duration_s: float) -> list[Segment]:
         """Segments from one window's generated ids: text between timestamp tokens; a segment

@@ -53,23 +53,26 @@ class WhisperGreedyDecoder:
         self.vocab_size = int(model.config.vocab_size)
 
     @torch.inference_mode()
-    def generate(self, features: torch.Tensor, options: DecodeOptions) -> list[list[int]]:
+    def generate(self, features: torch.Tensor, options: DecodeOptions,
+                 encoded: Sequence[torch.Tensor] | None = None) -> list[list[int]]:
         """Each window's token ids as `generate` returns them (its row without the right
-        padding), for `features` of shape (windows, mel bins, 3000)."""
+        padding), for `features` of shape (windows, mel bins, 3000); `encoded`: the windows'
+        encoder outputs where the caller has them already."""
         if features.ndim != 3 or features.shape[-1] != WINDOW_FRAMES:
             raise ValueError(f"features have shape {tuple(features.shape)}; "
                              f"(windows, mel bins, {WINDOW_FRAMES}) expected")
         rows = features.shape[0]
-        language_ids = self._language_ids(features, options.language)
+        current = list(encoded) if encoded is not None else self.encode(features)
+        if len(current) != rows:
+            raise ValueError(f"{len(current)} encoder outputs for {rows} windows")
+        language_ids = self._language_ids(current, options.language)
         # Passes resume after a cut-off pair of timestamps with timestamps off too, as
         # transformers does: nothing stops a model from choosing a timestamp token then.
         results: list[list[int]] = [[] for _ in range(rows)]
         seeks = [0] * rows
         pending = list(range(rows))
-        current = features
         while pending:
-            encoded = self.encode(current)
-            passes = self._pass(encoded, options, [language_ids[i] for i in pending])
+            passes = self._pass(current, options, [language_ids[i] for i in pending])
             still: list[int] = []
             for row, tokens in zip(pending, passes, strict=True):
                 kept, resume = kept_tokens(tokens, self.rules.timestamp_begin)
@@ -83,9 +86,9 @@ class WhisperGreedyDecoder:
             if pending:
                 # transformers' next pass reads the window from the resume frame on, padded
                 # with zeros (not with silence's features) back to 30 s.
-                current = torch.stack([
+                current = self.encode(torch.stack([
                     F.pad(features[row, :, seeks[row]:], (0, seeks[row])) for row in pending
-                ])
+                ]))
         return results
 
     def encode(self, features: torch.Tensor) -> list[torch.Tensor]:
@@ -93,17 +96,16 @@ class WhisperGreedyDecoder:
         encoder = self.model.model.encoder
         return [encoder(features[i : i + 1]).last_hidden_state for i in range(features.shape[0])]
 
-    def _language_ids(self, features: torch.Tensor, language: str) -> list[int | None]:
+    def _language_ids(self, encoded: Sequence[torch.Tensor], language: str) -> list[int | None]:
         """Each window's language token: the given one, the detected one, or None."""
-        rows = features.shape[0]
+        rows = len(encoded)
         if language:
             return [self.rules.language_id(language)] * rows
         if not self.rules.needs_language_detection(language):
             return [None] * rows
         # As transformers' detect_language: the first step's logits over the language tokens.
-        encoded = torch.cat(self.encode(features))
         start = torch.full((rows, 1), self.rules.decoder_start_id, dtype=torch.long)
-        logits = self.model(encoder_outputs=(encoded,), decoder_input_ids=start,
+        logits = self.model(encoder_outputs=(torch.cat(list(encoded)),), decoder_input_ids=start,
                             use_cache=False).logits[:, -1]
         allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
         allowed[[token for _, token in self.rules.lang_to_id]] = True
