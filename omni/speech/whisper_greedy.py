@@ -142,20 +142,23 @@ class WhisperGreedyDecoder:
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         lengths = torch.full((rows,), options.max_new_tokens, dtype=torch.long)
         position = 0
+        running = [(0, rows)]  # runs of rows not finished yet: [start, stop)
         for step in range(options.max_new_tokens):
-            logits = self._forward(tokens, position, cache, cross)
+            logits = self._forward(tokens, position, cache, cross, running)
             position += tokens.shape[1]
             chosen = rules.apply(logits).argmax(dim=-1)
             # Rows already finished keep feeding end-of-text, as generate's padding does.
             chosen.masked_fill_(done, self.rules.eos_id)
             generated[:, step] = chosen
-            rules.advance(chosen)
+            chosen_ids = chosen.tolist()
+            rules.advance(chosen_ids)
             ended = (chosen == self.rules.eos_id) & ~done
             if bool(ended.any()):
                 lengths[ended.cpu()] = step
                 done |= ended
                 if bool(done.all()):
                     break
+                running = _runs(done.tolist())
             tokens = chosen[:, None]
         kept = generated.tolist()
         return [row[: int(length)] for row, length in zip(kept, lengths, strict=True)]
@@ -184,8 +187,14 @@ class WhisperGreedyDecoder:
 
     def _forward(self, tokens: torch.Tensor, position: int,
                  cache: list[tuple[torch.Tensor, torch.Tensor]],
-                 cross: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """The next-token logits (rows, vocab) after `tokens` (rows, new) at `position`."""
+                 cross: list[tuple[torch.Tensor, torch.Tensor]],
+                 running: list[tuple[int, int]]) -> torch.Tensor:
+        """The next-token logits (rows, vocab) after `tokens` (rows, new) at `position`.
+
+        Every layer runs on all rows, so each matrix product has the batch's shape (a row's
+        result depends on how many rows a product has, and generate keeps finished rows in its
+        batch); only the cross-attention, which reads each window's 1500 encoder positions and
+        whose rows do not depend on each other, skips the finished ones (`running`)."""
         new = tokens.shape[1]
         end = position + new
         positions = torch.arange(position, end, device=tokens.device)
@@ -207,7 +216,14 @@ class WhisperGreedyDecoder:
             attention = layer.encoder_attn
             normed = layer.encoder_attn_layer_norm(hidden)
             query = self._heads(attention.q_proj(normed) * attention.scaling)
-            attended = F.scaled_dot_product_attention(query, cross_k, cross_v, scale=1.0)
+            if running == [(0, tokens.shape[0])]:
+                attended = F.scaled_dot_product_attention(query, cross_k, cross_v, scale=1.0)
+            else:
+                attended = torch.zeros_like(query)
+                for start, stop in running:
+                    attended[start:stop] = F.scaled_dot_product_attention(
+                        query[start:stop], cross_k[start:stop], cross_v[start:stop], scale=1.0
+                    )
             hidden = hidden + attention.out_proj(self._merge(attended))
 
             normed = layer.final_layer_norm(hidden)
@@ -219,3 +235,16 @@ class WhisperGreedyDecoder:
     def _merge(attended: torch.Tensor) -> torch.Tensor:
         rows, heads, length, dim = attended.shape
         return attended.transpose(1, 2).reshape(rows, length, heads * dim)
+
+
+def _runs(done: list[bool]) -> list[tuple[int, int]]:
+    """The [start, stop) runs of rows not done."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    for row, finished in enumerate([*done, True]):
+        if not finished and start is None:
+            start = row
+        elif finished and start is not None:
+            runs.append((start, row))
+            start = None
+    return runs

@@ -131,34 +131,31 @@ class WhisperRules:
 class LogitRules:
     """Applies `WhisperRules`' suppressions and timestamp rules to a batch of next-token logits.
 
-    The per-row state (was the last token a timestamp, the one before, the last timestamp) is
-    kept as tensors and updated with each chosen token, so a step costs a few vector ops for
-    the whole batch instead of a Python loop over each row's history."""
+    Each row's state (was the last token a timestamp, the one before, the last timestamp) is
+    kept in Python lists, and a rule that applies to a row blanks one slice of it: a few
+    slice writes a row where masks over the whole vocabulary cost ~0.3 ms a step for 8 rows."""
 
     def __init__(self, rules: WhisperRules, vocab_size: int, rows: int, timestamps: bool,
                  device: torch.device) -> None:
         self.rules = rules
         self.timestamps = timestamps
-        vocab = torch.arange(vocab_size, device=device)
-        self.vocab = vocab
-        self.always = torch.isin(vocab, torch.tensor(rules.suppress_ids, dtype=torch.long,
-                                                     device=device))
-        self.at_begin = self.always | torch.isin(
-            vocab, torch.tensor(rules.begin_suppress_ids, dtype=torch.long, device=device)
-        )
-        self.is_timestamp = vocab >= rules.timestamp_begin
-        self.below_eos = vocab < rules.eos_id
+        self.always = torch.tensor(sorted(set(rules.suppress_ids)), dtype=torch.long,
+                                   device=device)
+        self.at_begin = torch.tensor(sorted(set(rules.suppress_ids + rules.begin_suppress_ids)),
+                                     dtype=torch.long, device=device)
         # Per row: the last and the one-before-last generated tokens were timestamps ("before"
         # counts as one while fewer than two were generated), and the last timestamp's id.
-        self.last_is_ts = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.before_is_ts = torch.ones(rows, dtype=torch.bool, device=device)
-        self.last_ts = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.last_is_ts = [False] * rows
+        self.before_is_ts = [True] * rows
+        self.last_ts = [-1] * rows
         self.steps = 0
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits with every forbidden token at -inf (in place)."""
         minus_inf = float("-inf")
-        logits.masked_fill_(self.at_begin if self.steps == 0 else self.always, minus_inf)
+        suppressed = self.at_begin if self.steps == 0 else self.always
+        if suppressed.numel():
+            logits.index_fill_(1, suppressed, minus_inf)
         if not self.timestamps:
             return logits
         begin = self.rules.timestamp_begin
@@ -168,26 +165,32 @@ class LogitRules:
             if self.rules.max_initial_timestamp_index is not None:
                 logits[:, begin + self.rules.max_initial_timestamp_index + 1 :] = minus_inf
         else:
-            pair = self.last_is_ts & self.before_is_ts
-            lone = self.last_is_ts & ~self.before_is_ts
-            forbidden = (pair[:, None] & self.is_timestamp) | (lone[:, None] & self.below_eos)
-            # Timestamps never decrease; after a pair the same time is not allowed again.
-            floor = torch.where(lone, self.last_ts, self.last_ts + 1)
-            seen = self.last_ts >= 0
-            forbidden |= (seen[:, None] & self.is_timestamp) & (self.vocab < floor[:, None])
-            logits.masked_fill_(forbidden, minus_inf)
+            for row, (last, before, stamp) in enumerate(
+                zip(self.last_is_ts, self.before_is_ts, self.last_ts, strict=True)
+            ):
+                if last and before:  # after a pair: text next
+                    logits[row, begin:] = minus_inf
+                elif last:  # after a lone timestamp: its pair or the end, no text
+                    logits[row, : self.rules.eos_id] = minus_inf
+                if stamp >= 0:
+                    # Timestamps never decrease; after a pair the same time is not allowed.
+                    floor = stamp if last and not before else stamp + 1
+                    logits[row, begin:floor] = minus_inf
         logprobs = torch.log_softmax(logits, dim=-1)
         timestamp_mass = logprobs[:, begin:].logsumexp(dim=-1)
         best_text = logprobs[:, :begin].max(dim=-1).values
         logits[:, :begin].masked_fill_((timestamp_mass > best_text)[:, None], minus_inf)
         return logits
 
-    def advance(self, chosen: torch.Tensor) -> None:
+    def advance(self, chosen: list[int]) -> None:
         """Record each row's chosen token."""
-        chosen_ts = chosen >= self.rules.timestamp_begin
-        self.before_is_ts = self.last_is_ts if self.steps > 0 else torch.ones_like(chosen_ts)
+        begin = self.rules.timestamp_begin
+        chosen_ts = [token >= begin for token in chosen]
+        self.before_is_ts = self.last_is_ts if self.steps > 0 else [True] * len(chosen)
         self.last_is_ts = chosen_ts
-        self.last_ts = torch.where(chosen_ts, chosen, self.last_ts)
+        self.last_ts = [token if is_ts else stamp
+                        for token, is_ts, stamp in zip(chosen, chosen_ts, self.last_ts,
+                                                       strict=True)]
         self.steps += 1
 
 
