@@ -17,7 +17,7 @@ from fixtures_vl import (
     reference_image_embeddings,
 )
 from omni.stages.encoders.vision import VisionEncoder
-from omni.stages.encoders.vision_graphs import static_tower_inputs
+from omni.stages.encoders.vision_graphs import VisionTowerGraphs, static_tower_inputs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -30,6 +30,15 @@ def vl_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 _inputs = processed_noise_images
 _reference = reference_image_embeddings
+
+
+def _capturing_cpu_encoder(vl_folder: Path) -> tuple[VisionEncoder, VisionTowerGraphs, Any]:
+    """A CPU encoder whose graphs capture (a test stands its own `_capture` in), and the
+    transformers reference."""
+    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
+    encoder.use_graphs(max_batch_patches=16384, capture=True)
+    assert encoder.graphs is not None
+    return encoder, encoder.graphs, load_reference_vl(vl_folder)
 
 
 def test_precomputed_grid_inputs_give_the_same_forward(vl_folder: Path) -> None:
@@ -110,11 +119,7 @@ def test_captured_graph_replays_the_eager_forward_on_a_gpu(vl_folder: Path) -> N
 def test_a_refused_capture_falls_back_to_eager_for_good(
     vl_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
-    reference = load_reference_vl(vl_folder)
-    encoder.use_graphs(max_batch_patches=16384, capture=True)
-    graphs = encoder.graphs
-    assert graphs is not None
+    encoder, graphs, reference = _capturing_cpu_encoder(vl_folder)
     calls = []
 
     def refuse(bucket: Any) -> None:
@@ -171,11 +176,7 @@ def test_a_capture_runs_beside_the_batches_which_do_not_wait_for_it(
 ) -> None:
     import threading
 
-    encoder = VisionEncoder.from_pretrained(str(vl_folder), device="cpu", dtype="float32")
-    reference = load_reference_vl(vl_folder)
-    encoder.use_graphs(max_batch_patches=16384, capture=True)
-    graphs = encoder.graphs
-    assert graphs is not None
+    encoder, graphs, reference = _capturing_cpu_encoder(vl_folder)
     release = threading.Event()
     captured: list[str] = []
 
