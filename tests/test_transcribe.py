@@ -86,6 +86,8 @@ def test_batch_windows_long_clips_and_matches_single(transcriber: Transcriber) -
         "",  # silent windows are not decoded (Whisper would make up "you")
     ]
     assert transcriber.transcribe(question) == "What is the capital of France?"
+    transcriber.warm_up(steps=2)  # a full batch of noise changes nothing after it
+    assert transcriber.transcribe(question) == "What is the capital of France?"
     with pytest.raises(ValueError, match="audio clip 1 has dtype float64"):
         transcriber.transcribe_batch([question, question.astype(np.float64)])
 

@@ -181,6 +181,18 @@ class Transcriber:
             results[index] = self._segments(row, len(heard[index].samples) / SAMPLE_RATE)
         return results
 
+    @torch.inference_mode()
+    def warm_up(self, steps: int = 8) -> None:
+        """One pass over a full batch of a noise window, `steps` tokens long, so that the first
+        requests do not pay for growing the process's heap to a full batch's tensors."""
+        noise = np.random.default_rng(0).standard_normal(SAMPLE_RATE).astype(np.float32) * 0.1
+        heard = self.hear(noise)
+        if heard.features is None or heard.encoded is None:
+            raise RuntimeError("the warm-up noise was taken for silence; raise its level")
+        rows = self.config.max_batch_windows
+        self.decoder.generate(torch.cat([heard.features] * rows),
+                              DecodeOptions(max_new_tokens=steps), [heard.encoded] * rows)
+
     def check_language(self, language: str) -> None:
         """ValueError unless the model transcribes `language` ("" = the model's own)."""
         if not language:
