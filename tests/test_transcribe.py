@@ -184,7 +184,8 @@ def test_requests_arriving_while_a_batch_forms_join_it() -> None:
     worker.add_request(request("late", COMMAND))
     assert worker.step() == []  # "gone" heard; "late" can still join
     worker.abort("gone")
-    outputs = worker.step()  # "late" heard, nothing left to join: the batch is decoded
+    assert worker.step() == []  # "late" heard
+    outputs = worker.step()  # nothing left to join: the batch is decoded
     assert [(o.request_id, o.finished, o.reply.text) for o in outputs] == [  # type: ignore[union-attr]
         ("first", True, QUESTION), ("late", True, COMMAND)]
     stats = worker.stats()

@@ -150,14 +150,14 @@ class ASRWorker(StageWorker):
         return samples.copy()
 
     def step(self) -> list[StageOutput]:
-        """Encode the next window that can join the batch being formed; decode the batch once
-        no queued window can join it."""
+        """Encode the next window that can join the batch being formed, or, when none can,
+        decode the batch."""
         outputs, self._refused = self._refused, []
         joining = self._next_window()
         if joining is not None:
-            outputs += self._hear(joining)
-            if self._next_window() is not None:
-                return outputs  # requests admitted before the next step may join too
+            # The step ends here, so that requests that arrived while the encoder ran are
+            # admitted and may join before the batch is decoded.
+            return outputs + self._hear(joining)
         if self._batch is not None:
             outputs += self._decode(self._batch)
             self._batch = None
