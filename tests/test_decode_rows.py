@@ -89,3 +89,48 @@ def test_cuda_graphs_serve_prefix_hit_remainders(tmp_path: Path) -> None:
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
     assert run(enforce_eager=False) == run(enforce_eager=True)
+
+
+def test_mrope_positions_of_a_mixed_step() -> None:
+    """M-RoPE rows of one step: a prefill chunk inside its prompt, a chunk that crosses the
+    prompt's end, a decode row, and a text-only request (index plus delta in all rows)."""
+    from omni.stages.llm.request import Request
+    from omni.stages.llm.scheduler import ScheduledRequest
+
+    def request(name: str, prompt_len: int, table: np.ndarray | None, delta: int) -> Request:
+        return Request(
+            request_id=name,
+            prompt_token_ids=list(range(3, 3 + prompt_len)),
+            sampling_params=SamplingParams(max_tokens=4),
+            mrope_positions=table,
+            mrope_position_delta=delta,
+        )
+
+    # A 6-token prompt whose processor table differs per row (an image's t/h/w positions).
+    table = np.array([[0, 1, 1, 1, 2, 3], [0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]], np.int64)
+    inside = request("inside", 6, table, -2)
+    inside.num_computed_tokens = 1  # chunk of tokens 1..3
+    crossing = request("crossing", 6, table, -2)
+    crossing.append_output_token(9, None)
+    crossing.append_output_token(9, None)
+    crossing.num_computed_tokens = 4  # tokens 4..7: two in the prompt, two past it
+    decoding = request("decoding", 6, table, -2)
+    for _ in range(3):
+        decoding.append_output_token(9, None)
+    decoding.num_computed_tokens = 8  # token 8, past the prompt
+    text = request("text", 3, None, 5)
+    text.num_computed_tokens = 0  # its whole 3-token prompt
+    scheduled = [
+        ScheduledRequest(inside, 3, [1, 2]),
+        ScheduledRequest(crossing, 4, [3, 4]),
+        ScheduledRequest(decoding, 1, [5, 6, 7]),
+        ScheduledRequest(text, 3, [8]),
+    ]
+    host = build_host_inputs(scheduled, BLOCK, mrope=True)
+    assert host.rope_positions is not None
+    assert host.rope_positions.tolist() == [
+        [1, 1, 1, 2, 3, 4, 5, 6, 5, 6, 7],
+        [1, 1, 2, 2, 3, 4, 5, 6, 5, 6, 7],
+        [1, 2, 1, 2, 3, 4, 5, 6, 5, 6, 7],
+    ]
+    assert host.positions.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]

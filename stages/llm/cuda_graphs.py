@@ -58,6 +58,8 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=i32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.block_tables = torch.zeros((n, table_width), dtype=i32, device=device)
+        # A token feed's destination rows, then its source rows (asynchronous scheduling).
+        self.feed_rows = torch.zeros(2 * n, dtype=i64, device=device)
         # Pinned staging for the per-step inputs: one asynchronous copy per buffer instead of
         # a synchronous copy from pageable memory each (the host waits on every one of those).
         # Two sets, used in turn: with asynchronous scheduling the host fills the next step's
@@ -139,9 +141,16 @@ class DecodeGraphs:
         )
         self.seq_lens[:size].copy_(stage.seq_lens[:size], non_blocking=True)
         self.block_tables[:n, :width].copy_(stage.block_tables[:n, :width], non_blocking=True)
-        stage.copied.record()
         if feed is not None:
-            feed.apply(self.token_ids)
+            # The feed's rows travel with the other inputs, not as two more small copies.
+            k = len(feed.dst)
+            rows = stage.feed_rows.numpy()
+            rows[:k] = feed.dst
+            rows[k : 2 * k] = feed.src_rows
+            self.feed_rows[: 2 * k].copy_(stage.feed_rows[: 2 * k], non_blocking=True)
+            dst, src = self.feed_rows[:k], self.feed_rows[k : 2 * k]
+            self.token_ids.index_copy_(0, dst, feed.tokens[src])
+        stage.copied.record()
         self.graphs[size].replay()
         return self.outputs[size][:n]
 
@@ -154,5 +163,6 @@ class _Staging:
         self.int64 = torch.zeros((2 + position_rows, n), dtype=torch.int64).pin_memory()
         self.seq_lens = torch.ones(n, dtype=torch.int32).pin_memory()
         self.block_tables = torch.zeros((n, table_width), dtype=torch.int32).pin_memory()
+        self.feed_rows = torch.zeros(2 * n, dtype=torch.int64).pin_memory()
         # Recorded after the copies out of these buffers are queued.
         self.copied = torch.cuda.Event()
