@@ -13,6 +13,7 @@ from omni.stages.llm.step_inputs import (
     MAX_QUERY_LEN_AS_ROWS,
     as_decode_rows,
     build_host_inputs,
+    pad_tokens,
     to_device,
 )
 
@@ -134,3 +135,41 @@ def test_mrope_positions_of_a_mixed_step() -> None:
         [1, 2, 1, 2, 3, 4, 5, 6, 5, 6, 7],
     ]
     assert host.positions.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]
+    padded = pad_tokens(host, 8)
+    assert padded.rope_positions is not None
+    assert padded.rope_positions[:, 11:].tolist() == [[0, 1, 2, 3, 4]] * 3
+    assert np.array_equal(padded.rope_positions[:, :11], host.rope_positions)
+
+
+def test_padded_step_gives_the_same_hidden_states(llm: LLM) -> None:
+    """A step rounded up to a multiple of 8 tokens: the padding is one more request that
+    writes no KV and reads only the null block; the real rows' hidden states do not change."""
+    gen = torch.Generator().manual_seed(5)
+    engine = llm.engine
+    for i, length in enumerate((5, 9)):
+        prompt = torch.randint(3, 300, (length,), generator=gen).tolist()
+        engine.add_request(f"pad{i}", prompt, SamplingParams(max_tokens=1))
+    out = engine.scheduler.schedule()
+    host = build_host_inputs(out.scheduled, BLOCK, engine.runner.table_width)
+    padded = pad_tokens(host, 8)
+    assert padded.num_tokens == 16 and padded.num_reqs == 3
+    assert padded.query_start_loc.tolist() == [0, 5, 14, 16]
+    assert padded.seq_lens.tolist() == [5, 9, 2]
+    assert padded.slot_mapping[14:].tolist() == [-1, -1]
+    assert padded.token_ids[14:].tolist() == [0, 0]
+    assert padded.positions[14:].tolist() == [0, 1]
+    assert not padded.block_tables[2].any()
+    assert padded.logits_indices.tolist() == host.logits_indices.tolist() == [4, 13]
+    assert padded.max_query_len == 9 and padded.max_seq_len == 9
+    assert pad_tokens(padded, 8) is padded
+    # The KV the real tokens write is the same either way: compare after each writes it.
+    cache_before = [c.clone() for c in engine.runner.kv_caches]
+    plain = hidden_of(llm, host)
+    cache_plain = [c.clone() for c in engine.runner.kv_caches]
+    for cache, saved in zip(engine.runner.kv_caches, cache_before, strict=True):
+        cache.copy_(saved)
+    with_padding = hidden_of(llm, padded)
+    torch.testing.assert_close(with_padding, plain, rtol=1e-5, atol=1e-5)
+    for cache, want in zip(engine.runner.kv_caches, cache_plain, strict=True):
+        assert torch.equal(cache, want)
+    engine.abort_request(["pad0", "pad1"])
