@@ -5,6 +5,7 @@ rendered PDF page and a sign in every image kind a client may send, exactly as p
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from omni.stages.encoders.ocr import (
     reading_order,
     warm_up_image,
 )
-from omni.stages.encoders.ocr_engines import wheel_models
+from omni.stages.encoders.ocr_engines import openvino_computes_bf16, wheel_models
 from omni.stages.runtime import WorkerOptions, worker_class
 from omni.stages.runtime.worker import WorkerRequest
 from PIL import Image
@@ -43,7 +44,11 @@ def body(item: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def worker() -> OCRWorker:
-    ocr = OCRWorker(WorkerOptions(extra={"lanes": "2", "threads": "2"}))
+    # nice 0: loaded in the test process itself, which must keep its priority; f32: the
+    # exact boxes below are the f32 detector's on any CPU.
+    ocr = OCRWorker(
+        WorkerOptions(extra={"lanes": "2", "threads": "2", "nice": "0", "precision": "f32"})
+    )
     ocr.load()
     return ocr
 
@@ -63,6 +68,16 @@ def test_options_are_typed_and_checked() -> None:
     assert worker_class("ocr") is OCRWorker
     settings = ocr_settings(WorkerOptions(extra={"threads": "3", "lanes": "2", "use_cls": "0"}))
     assert settings == OCRSettings(threads=3, lanes=2, use_cls=False)
+    assert OCRSettings().total_threads == os.cpu_count() and OCRSettings().nice == 10
+    with pytest.raises(ValueError, match="nice is 20; it must be in"):
+        OCRWorker.check_options(WorkerOptions(extra={"nice": "20"}))
+    with pytest.raises(ValueError, match="precision is 'int8'; it must be one of auto, f32, bf16"):
+        OCRWorker.check_options(WorkerOptions(extra={"precision": "int8"}))
+    with pytest.raises(ValueError, match="precision bf16 needs the openvino engine"):
+        OCRWorker.check_options(WorkerOptions(extra={"precision": "bf16", "engine": "onnxruntime"}))
+    assert OCRSettings(engine="onnxruntime").detector_precision == "f32"
+    assert OCRSettings(precision="f32").detector_precision == "f32"
+    assert OCRSettings().detector_precision == ("bf16" if openvino_computes_bf16() else "f32")
     with pytest.raises(ValueError, match="unknown ocr stage option 'thread'"):
         ocr_settings(WorkerOptions(extra={"thread": "1"}))
     with pytest.raises(ValueError, match="lanes is 0; it must be >= 1"):
@@ -90,7 +105,9 @@ def test_reads_what_plain_rapidocr_reads(engine: str) -> None:
     from rapidocr import RapidOCR
 
     plain = RapidOCR(params={"Global.log_level": "error"})
-    ocr = OCRWorker(WorkerOptions(extra={"engine": engine, "threads": "1"}))
+    ocr = OCRWorker(
+        WorkerOptions(extra={"engine": engine, "threads": "1", "precision": "f32", "nice": "0"})
+    )
     ocr.load()
     pages = {"page": np.asarray(page_pixels(invoice_pdf())),
              "sign": np.asarray(Image.open(io.BytesIO(sign_png())).convert("RGB")),
@@ -111,6 +128,32 @@ def test_reads_what_plain_rapidocr_reads(engine: str) -> None:
     assert results["sign"][1].text == SIGN_TEXT  # type: ignore[union-attr]
     # The stage's warm-up image holds a line, so loading runs every model once.
     assert results["warm-up"][1].text == "OCR 24"  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not openvino_computes_bf16(), reason="the CPU has no bf16 units")
+def test_a_bf16_detector_reads_the_same_texts() -> None:
+    """The detector in bf16 (the default where the CPU computes it natively): the same lines
+    and texts as plain `RapidOCR()`, boxes within two pixels; the recognizer stays in f32."""
+    from rapidocr import RapidOCR
+
+    plain = RapidOCR(params={"Global.log_level": "error"})
+    ocr = OCRWorker(WorkerOptions(extra={"threads": "1", "precision": "bf16", "nice": "0"}))
+    ocr.load()
+    pages = {"page": np.asarray(page_pixels(invoice_pdf())),
+             "sign": np.asarray(Image.open(io.BytesIO(sign_png())).convert("RGB"))}
+    results = run(ocr, [WorkerRequest(name, {"pixels": torch.from_numpy(pixels.copy())},
+                                      body(name)) for name, pixels in pages.items()])
+    for name, pixels in pages.items():
+        found = plain(pixels)
+        error, reply = results[name]
+        assert error is None, name
+        assert [line.text for line in reply.lines] == list(found.txts), name  # type: ignore[attr-defined]
+        boxes = np.array([line.box for line in reply.lines])  # type: ignore[attr-defined]
+        want = np.array([[box[:, 0].min(), box[:, 1].min(), box[:, 0].max(), box[:, 1].max()]
+                         for box in found.boxes])
+        assert np.abs(boxes - want).max() <= 2, name
+    assert results["page"][1].text == INVOICE  # type: ignore[union-attr]
+    assert results["sign"][1].text == SIGN_TEXT  # type: ignore[union-attr]
 
 
 def test_reading_order_joins_rows_left_to_right() -> None:

@@ -42,9 +42,16 @@ def test_explicit_modes_and_their_refusals() -> None:
 
 
 def test_ocr_stage_settings_reach_its_options() -> None:
-    config = ServeConfig(ocr_threads=3, ocr_lanes=2, ocr_engine="onnxruntime")
-    assert config.stage_options("ocr") == {"threads": "3", "lanes": "2", "engine": "onnxruntime"}
+    config = ServeConfig(ocr_threads=3, ocr_lanes=2, ocr_engine="onnxruntime",
+                         ocr_precision="f32")
+    assert config.stage_options("ocr") == {
+        "threads": "3", "lanes": "2", "engine": "onnxruntime", "precision": "f32"
+    }
     assert ServeConfig().stage_options("ocr")["engine"] == "auto"
+    assert ServeConfig().stage_options("ocr")["precision"] == "auto"
+    with pytest.raises(ValueError, match="ocr_precision is 'int8'; it must be one of auto, "
+                       "f32, bf16"):
+        ServeConfig(ocr_precision="int8")
     with pytest.raises(ValueError, match="ocr_engine is 'tensorrt'; it must be one of auto, "
                        "openvino, onnxruntime"):
         ServeConfig(ocr_engine="tensorrt")

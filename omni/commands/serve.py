@@ -12,6 +12,7 @@ from typing import Any
 
 from omni.config_file import ENGINE_FLAGS, FLAG_SETTINGS, load_config_file
 from omni.stages.contracts.ocr import ENGINES as OCR_ENGINES
+from omni.stages.contracts.ocr import PRECISIONS as OCR_PRECISIONS
 from omni.supervision.memory import pin_mmap_threshold
 
 API_KEY_ENV = "OMNI_API_KEY"
@@ -79,11 +80,15 @@ def add_parser(subparsers: Any) -> None:
                    help="OCR stage replicas, for images and scanned PDF pages read as text "
                    "(1; 0: none)")
     p.add_argument("--ocr-threads", type=int, default=None,
-                   help="runtime threads of each OCR replica (0: half the cores)")
+                   help="runtime threads of each OCR replica (0: every core, at a lower CPU "
+                   "priority than the other stages)")
     p.add_argument("--ocr-lanes", type=int, default=None,
                    help="images each OCR replica reads at once, each on threads / lanes (1)")
     p.add_argument("--ocr-engine", default=None, choices=["auto", *OCR_ENGINES],
                    help="the OCR stage's runtime for PP-OCR (auto: OpenVINO where installed)")
+    p.add_argument("--ocr-precision", default=None, choices=["auto", *OCR_PRECISIONS],
+                   help="the OCR detector's arithmetic on OpenVINO (auto: bf16 where the CPU "
+                   "has bf16 units, else f32)")
     p.add_argument("--asr-replicas", type=int, default=None,
                    help="speech recognition replicas, for audio heard as text and "
                    "/v1/audio/transcriptions (1; 0: none)")

@@ -10,6 +10,7 @@ import torch
 from omni.media.pdf import PdfSettings
 from omni.server.http_limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, HttpLimits
 from omni.stages.contracts.ocr import ENGINES as OCR_ENGINES
+from omni.stages.contracts.ocr import PRECISIONS as OCR_PRECISIONS
 
 # The JSON body limit of the /v1 routes (see AppSettings).
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -165,12 +166,15 @@ class ServeConfig:
     # Either runs only where a media mode needs it (and asr for the transcription route).
     ocr_replicas: int = 1
     asr_replicas: int = 1
-    # The OCR stage's runtime threads (0: half the cores) and the images each replica reads
-    # at once (each lane gets threads / lanes of them).
+    # The OCR stage's runtime threads (0: every core, at a lower CPU priority than the other
+    # stages) and the images each replica reads at once (each lane gets threads / lanes).
     ocr_threads: int = 0
     ocr_lanes: int = 1
     # The OCR stage's runtime: auto (OpenVINO where installed), openvino or onnxruntime.
     ocr_engine: str = "auto"
+    # The OCR detector's arithmetic on OpenVINO: auto (bf16 where the CPU has bf16 units),
+    # f32 or bf16.
+    ocr_precision: str = "auto"
     pdf_mode: str = "auto"
     image_mode: str = "auto"
     audio_mode: str = "auto"
@@ -281,6 +285,9 @@ class ServeConfig:
         if self.ocr_threads < 0 or self.ocr_lanes < 1:
             raise ValueError(f"ocr_threads is {self.ocr_threads} and ocr_lanes "
                              f"{self.ocr_lanes}; they must be >= 0 and >= 1")
+        if self.ocr_precision not in ("auto", *OCR_PRECISIONS):
+            raise ValueError(f"ocr_precision is {self.ocr_precision!r}; it must be one of "
+                             f"auto, {', '.join(OCR_PRECISIONS)}")
         if self.ocr_engine not in ("auto", *OCR_ENGINES):
             raise ValueError(f"ocr_engine is {self.ocr_engine!r}; it must be one of auto, "
                              f"{', '.join(OCR_ENGINES)}")
@@ -496,7 +503,7 @@ class ServeConfig:
             return self.llm_options()
         if role == "ocr":
             return {"threads": str(self.ocr_threads), "lanes": str(self.ocr_lanes),
-                    "engine": self.ocr_engine}
+                    "engine": self.ocr_engine, "precision": self.ocr_precision}
         return {}
 
     def router_endpoints(self) -> list[str]:

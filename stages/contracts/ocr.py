@@ -21,6 +21,9 @@ PIXELS = "pixels"
 # The runtimes the stage can run PP-OCR on (its `engine` option; "auto" picks the first one
 # installed).
 ENGINES = ("openvino", "onnxruntime")
+# The detector's arithmetic on OpenVINO (its `precision` option; "auto" picks bf16 where the
+# CPU computes bf16 natively).
+PRECISIONS = ("f32", "bf16")
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(ge=0)]

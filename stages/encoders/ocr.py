@@ -10,10 +10,13 @@ API process, with the same limits and the same conversion to RGB as the vision s
 16-bit grey, transparency over white, a GIF's first frame).
 
 The runtimes would otherwise start a thread per core for every session (and onnxruntime's
-idle threads spin waiting for work), taking the LLM stage's cores too. `threads` bounds the
-stage's threads (default: half the cores, at least one), and they sleep when idle. `lanes`
+idle threads spin waiting for work). `threads` bounds the stage's threads (default: every
+core), and they sleep when idle. The stage process runs `nice` steps below the others (default
+10): it reads on every core the LLM and API processes leave idle, and yields them whenever
+those have work, so a chat's latency does not depend on how many pages are being read. `lanes`
 engines read that many images at once, each on threads / lanes threads: throughput under
-concurrent requests rather than the latency of one.
+concurrent requests rather than the latency of one. `precision` is the detector's arithmetic
+on OpenVINO (`ocr_engines` says why the other networks stay in f32).
 
 Options (`--option key=value`): the fields of `OCRSettings`.
 """
@@ -35,12 +38,17 @@ from omni.stages.contracts.ocr import (
     ENGINES,
     IMAGE_FILE,
     PIXELS,
+    PRECISIONS,
     ROLE,
     OCRStats,
     PageText,
     TextLine,
 )
-from omni.stages.encoders.ocr_engines import build_engine, openvino_available
+from omni.stages.encoders.ocr_engines import (
+    build_engine,
+    openvino_available,
+    openvino_computes_bf16,
+)
 from omni.stages.runtime.options import field_types, parse_options
 from omni.stages.runtime.worker import (
     StageOutput,
@@ -56,13 +64,18 @@ logger = logging.getLogger(__name__)
 
 
 def default_threads() -> int:
-    return max(1, (os.cpu_count() or 2) // 2)
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
 class OCRSettings:
     # Runtime threads of the whole stage (split between the lanes).
-    threads: int = 0  # 0: default_threads()
+    threads: int = 0  # 0: default_threads(), every core
+    # Steps of CPU priority below the processes that started the stage (0: the same).
+    nice: int = 10
+    # The detector's arithmetic on OpenVINO: f32, bf16, or auto (bf16 where the CPU has bf16
+    # units, else f32). onnxruntime computes in f32.
+    precision: str = "auto"
     # Images read at once, each by its own engine.
     lanes: int = 1
     # The runtime under PP-OCR: openvino, onnxruntime, or auto (openvino where installed).
@@ -77,7 +90,14 @@ class OCRSettings:
 
     def __post_init__(self) -> None:
         if self.threads < 0:
-            raise ValueError(f"threads is {self.threads}; it must be >= 0 (0: half the cores)")
+            raise ValueError(f"threads is {self.threads}; it must be >= 0 (0: every core)")
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"nice is {self.nice}; it must be in [0, 19]")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"precision is {self.precision!r}; it must be one of auto, "
+                             f"{', '.join(PRECISIONS)}")
+        if self.precision == "bf16" and self.engine == "onnxruntime":
+            raise ValueError("precision bf16 needs the openvino engine, not onnxruntime")
         if self.lanes < 1:
             raise ValueError(f"lanes is {self.lanes}; it must be >= 1")
         if self.engine not in ("auto", *ENGINES):
@@ -97,6 +117,12 @@ class OCRSettings:
         if self.engine != "auto":
             return self.engine
         return "openvino" if openvino_available() else "onnxruntime"
+
+    @property
+    def detector_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if self.runtime == "openvino" and openvino_computes_bf16() else "f32"
 
 
 def ocr_settings(options: WorkerOptions) -> OCRSettings:
@@ -152,8 +178,18 @@ class OCRWorker(StageWorker):
         if settings.engine == "auto" and runtime != "openvino":
             logger.warning("OCR runs on onnxruntime: openvino is not installed (it reads "
                            "pages several times faster on the same threads)")
-        self._engines = [build_engine(runtime, per_lane, settings.use_cls, settings.min_score)
-                         for _ in range(settings.lanes)]
+        if runtime != "openvino" and settings.precision == "bf16":
+            raise ValueError("precision bf16 needs OpenVINO, which is not installed")
+        if settings.nice:
+            # The whole process (its runtime threads start later and inherit it).
+            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + settings.nice)
+        precision = settings.detector_precision
+        self._engines = [
+            build_engine(runtime, per_lane, settings.use_cls, settings.min_score, precision)
+            for _ in range(settings.lanes)
+        ]
+        logger.info("OCR on %s, %d lane(s) of %d thread(s), detector in %s, nice +%d",
+                    runtime, settings.lanes, per_lane, precision, settings.nice)
         if settings.lanes > 1:
             self._pool = ThreadPoolExecutor(settings.lanes, thread_name_prefix="ocr-lane")
         # rapidocr loads its direction and recognition models at the first line it finds, and
