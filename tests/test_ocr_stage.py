@@ -97,63 +97,62 @@ def test_runs_the_models_plain_rapidocr_runs() -> None:
     assert all(path.is_file() for path in wheel_models().values())
 
 
-@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
-def test_reads_what_plain_rapidocr_reads(engine: str) -> None:
-    """The stage's lines on either runtime are plain `RapidOCR()`'s (its defaults: onnxruntime
-    on every core, the direction classifier on): the same texts and boxes, and the same scores
-    but for float rounding (the runtimes add in different orders)."""
+def read_beside_plain(extra: dict[str, str], pages: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """Each page read by a stage with these options and by plain `RapidOCR()` (its defaults:
+    onnxruntime on every core, the direction classifier on): name -> (stage reply, plain's)."""
     from rapidocr import RapidOCR
 
     plain = RapidOCR(params={"Global.log_level": "error"})
-    ocr = OCRWorker(
-        WorkerOptions(extra={"engine": engine, "threads": "1", "precision": "f32", "nice": "0"})
-    )
+    ocr = OCRWorker(WorkerOptions(extra={**extra, "nice": "0"}))  # in this test process
     ocr.load()
-    pages = {"page": np.asarray(page_pixels(invoice_pdf())),
-             "sign": np.asarray(Image.open(io.BytesIO(sign_png())).convert("RGB")),
-             "warm-up": warm_up_image()}
     results = run(ocr, [WorkerRequest(name, {"pixels": torch.from_numpy(pixels.copy())},
                                       body(name)) for name, pixels in pages.items()])
+    read = {}
     for name, pixels in pages.items():
-        found = plain(pixels)
         error, reply = results[name]
         assert error is None, name
-        assert [line.text for line in reply.lines] == list(found.txts), name  # type: ignore[attr-defined]
-        assert [line.box for line in reply.lines] == [  # type: ignore[attr-defined]
-            [int(box[:, 0].min()), int(box[:, 1].min()), int(box[:, 0].max()),
-             int(box[:, 1].max())] for box in found.boxes], name
-        assert [line.score for line in reply.lines] == pytest.approx(  # type: ignore[attr-defined]
+        read[name] = (reply, plain(pixels))
+    return read
+
+
+def two_pages() -> dict[str, np.ndarray]:
+    return {"page": np.asarray(page_pixels(invoice_pdf())),
+            "sign": np.asarray(Image.open(io.BytesIO(sign_png())).convert("RGB"))}
+
+
+def plain_boxes(found: object) -> list[list[int]]:
+    return [[int(box[:, 0].min()), int(box[:, 1].min()), int(box[:, 0].max()),
+             int(box[:, 1].max())] for box in found.boxes]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_reads_what_plain_rapidocr_reads(engine: str) -> None:
+    """The stage's lines on either runtime, in f32, are plain `RapidOCR()`'s: the same texts
+    and boxes, and the same scores but for float rounding (the runtimes add in other orders)."""
+    pages = {**two_pages(), "warm-up": warm_up_image()}
+    read = read_beside_plain({"engine": engine, "threads": "1", "precision": "f32"}, pages)
+    for name, (reply, found) in read.items():
+        assert [line.text for line in reply.lines] == list(found.txts), name
+        assert [line.box for line in reply.lines] == plain_boxes(found), name
+        assert [line.score for line in reply.lines] == pytest.approx(
             list(found.scores), abs=1e-4), name
-    assert results["page"][1].text == INVOICE  # type: ignore[union-attr]
-    assert results["sign"][1].text == SIGN_TEXT  # type: ignore[union-attr]
+    assert read["page"][0].text == INVOICE
+    assert read["sign"][0].text == SIGN_TEXT
     # The stage's warm-up image holds a line, so loading runs every model once.
-    assert results["warm-up"][1].text == "OCR 24"  # type: ignore[union-attr]
+    assert read["warm-up"][0].text == "OCR 24"
 
 
 @pytest.mark.skipif(not openvino_computes_bf16(), reason="the CPU has no bf16 units")
 def test_a_bf16_detector_reads_the_same_texts() -> None:
     """The detector in bf16 (the default where the CPU computes it natively): the same lines
     and texts as plain `RapidOCR()`, boxes within two pixels; the recognizer stays in f32."""
-    from rapidocr import RapidOCR
-
-    plain = RapidOCR(params={"Global.log_level": "error"})
-    ocr = OCRWorker(WorkerOptions(extra={"threads": "1", "precision": "bf16", "nice": "0"}))
-    ocr.load()
-    pages = {"page": np.asarray(page_pixels(invoice_pdf())),
-             "sign": np.asarray(Image.open(io.BytesIO(sign_png())).convert("RGB"))}
-    results = run(ocr, [WorkerRequest(name, {"pixels": torch.from_numpy(pixels.copy())},
-                                      body(name)) for name, pixels in pages.items()])
-    for name, pixels in pages.items():
-        found = plain(pixels)
-        error, reply = results[name]
-        assert error is None, name
-        assert [line.text for line in reply.lines] == list(found.txts), name  # type: ignore[attr-defined]
-        boxes = np.array([line.box for line in reply.lines])  # type: ignore[attr-defined]
-        want = np.array([[box[:, 0].min(), box[:, 1].min(), box[:, 0].max(), box[:, 1].max()]
-                         for box in found.boxes])
-        assert np.abs(boxes - want).max() <= 2, name
-    assert results["page"][1].text == INVOICE  # type: ignore[union-attr]
-    assert results["sign"][1].text == SIGN_TEXT  # type: ignore[union-attr]
+    read = read_beside_plain({"threads": "1", "precision": "bf16"}, two_pages())
+    for name, (reply, found) in read.items():
+        assert [line.text for line in reply.lines] == list(found.txts), name
+        boxes = np.array([line.box for line in reply.lines])
+        assert np.abs(boxes - np.array(plain_boxes(found))).max() <= 2, name
+    assert read["page"][0].text == INVOICE
+    assert read["sign"][0].text == SIGN_TEXT
 
 
 def test_reading_order_joins_rows_left_to_right() -> None:
