@@ -22,7 +22,7 @@ ls "$V"/dl/vllm-0.24.0-*.whl >/dev/null 2>&1 ||
 ls "$V"/deps/*.whl >/dev/null 2>&1 || (cd "$V" && python3 "$SHARED/gpu/vllm_deps.py")
 
 # omni's own needs (pyproject.toml) that neither the GPU image nor deps/ has.
-EXTRA="gguf setuptools wheel openai jiter distro httptools uvloop accelerate" \
+EXTRA="gguf setuptools wheel openai jiter distro httptools uvloop accelerate cryptography" \
   bash "$SHARED/gpu/wheelhouse.sh" .wheelhouse >/dev/null
 rm -rf "$V/stage" && mkdir -p "$V/stage/omni-wheels" "$V/stage/models"
 python3 - "$SHARED/gpu/vllm_deps.py" "$V" <<'EOF'
