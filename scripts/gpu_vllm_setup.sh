@@ -9,6 +9,18 @@
 # Workload a's random weights may already be in the making: the first piece's call can start
 # `benchmarks/vllm_models.py --only vl-weights` in its own session (pid in $HOME/vl-weights.pid,
 # log in $HOME/vl-weights.log); this waits for it instead of starting a second one.
+#
+# The device calls of one lease, as they ran on 2026-12-04 (a fresh machine each lease; it
+# stays warm 30 s after a call, so send them back to back):
+#   1. carry [.vllm/b0, .vllm/stage/models/qwen2.5-vl-7b-random]:
+#      mkdir -p $HOME/parts $HOME/bench-models && cp .vllm/b0 $HOME/parts/ &&
+#      cp -r .vllm/stage/models/qwen2.5-vl-7b-random $HOME/bench-models/ &&
+#      { setsid nohup python3 benchmarks/vllm_models.py --only vl-weights >$HOME/vl-weights.log
+#        2>&1 </dev/null & echo $! >$HOME/vl-weights.pid; }
+#   2.-7. carry [.vllm/bN]: cp .vllm/bN $HOME/parts/       (a few seconds each)
+#   8. carry [.vllm/b7 and what the runs need]: cp .vllm/b7 $HOME/parts/ &&
+#      BUNDLE_SHA256=... bash scripts/gpu_vllm_setup.sh a && python3 benchmarks/serve_vs_vllm.py ...
+# Check that call 1 started a machine before sending the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workloads=${1:-a,b,c}
