@@ -207,3 +207,29 @@ def test_bad_inputs_are_refused_by_name(worker: OCRWorker) -> None:
     }
     stats = worker.stats()  # refusals read nothing
     assert (stats.requests_queued, stats.images_read, stats.lines_found) == (0, 8, 13)
+
+
+def test_lower_priority_reaches_every_thread() -> None:
+    """In a child process (this one keeps its priority): a thread started before the call and
+    the calling thread both end up 3 steps down, and a thread started after inherits it."""
+    import subprocess
+    import sys
+
+    code = """
+import os, threading
+from omni.stages.encoders.ocr import lower_priority
+started = threading.Event(); done = threading.Event()
+def wait():
+    started.set(); done.wait()
+early = threading.Thread(target=wait); early.start(); started.wait()
+lower_priority(3)
+late = threading.Thread(target=done.wait); late.start()
+tasks = f"/proc/{os.getpid()}/task"
+print(sorted(os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(tasks)))
+done.set()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    nice = [int(value) for value in out.stdout.strip().strip("[]").split(",")]
+    # main, early and late, and any thread the imports started
+    assert len(nice) >= 3 and set(nice) == {min(19, base + 3)}

@@ -125,6 +125,21 @@ class OCRSettings:
         return "bf16" if self.runtime == "openvino" and openvino_computes_bf16() else "f32"
 
 
+def lower_priority(steps: int) -> None:
+    """Every thread of this process `steps` nice steps down (threads started later inherit
+    their starter's). On Linux a nice value belongs to a thread, so setting the process's
+    alone would leave the threads already running, the stage's busy loop among them, where
+    they were."""
+    tasks = f"/proc/{os.getpid()}/task"
+    threads = [int(tid) for tid in os.listdir(tasks)] if os.path.isdir(tasks) else [0]
+    for tid in threads:
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + steps))
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that ended meanwhile; a value the OS will not take
+
+
 def ocr_settings(options: WorkerOptions) -> OCRSettings:
     return OCRSettings(**parse_options(options.extra, field_types(OCRSettings), ROLE))
 
@@ -181,8 +196,7 @@ class OCRWorker(StageWorker):
         if runtime != "openvino" and settings.precision == "bf16":
             raise ValueError("precision bf16 needs OpenVINO, which is not installed")
         if settings.nice:
-            # The whole process (its runtime threads start later and inherit it).
-            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + settings.nice)
+            lower_priority(settings.nice)
         precision = settings.detector_precision
         self._engines = [
             build_engine(runtime, per_lane, settings.use_cls, settings.min_score, precision)
