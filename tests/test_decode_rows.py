@@ -173,3 +173,31 @@ def test_padded_step_gives_the_same_hidden_states(llm: LLM) -> None:
     for cache, want in zip(engine.runner.kv_caches, cache_plain, strict=True):
         assert torch.equal(cache, want)
     engine.abort_request(["pad0", "pad1"])
+
+
+def test_gemm_warm_up_runs_every_linear_shape_at_every_rounded_count(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each distinct (weight shape, bias) of the model's linear layers, with a contiguous
+    input of its own width, at 8, 16, ..., 40 rows for a budget of 36 tokens."""
+    from omni.stages.llm.eager_shapes import warm_up_gemms
+
+    seen: list[tuple[int, int, int, bool, bool]] = []
+    linear = torch.nn.functional.linear
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        seen.append((x.shape[0], *weight.shape, bias is not None, x.is_contiguous()))
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    model = llm.engine.runner.model
+    shapes = {
+        (*m.weight.shape, getattr(m, "bias", None) is not None)
+        for m in model.modules()
+        if hasattr(m, "weight") and m.weight.dim() == 2 and type(m).__name__.endswith("Linear")
+    }
+    assert len(shapes) == 4  # the fused qkv, o, the fused gate-up, down projections
+    warm_up_gemms(model, 36, 8)
+    assert sorted(seen) == sorted(
+        (rows, out, into, bias, True) for rows in (8, 16, 24, 32, 40) for out, into, bias in shapes
+    )

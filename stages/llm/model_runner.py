@@ -11,10 +11,10 @@ from omni.stages.contracts.llm import TokenLogprob
 from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.config import EngineConfig
 from omni.stages.llm.cuda_graphs import DecodeGraphs
+from omni.stages.llm.eager_shapes import EAGER_TOKEN_MULTIPLE, warm_up_gemms
 from omni.stages.llm.host_to_device import copy_to_device
 from omni.stages.llm.kv_cache_sizing import allocate_kv_caches, num_blocks_for_memory
 from omni.stages.llm.models.loader import load_model
-from omni.stages.llm.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
 from omni.stages.llm.parallel.group import SINGLE, TensorParallel, building_with
 from omni.stages.llm.parallel.plan import (
     PlanReceiver,
@@ -348,43 +348,6 @@ class LaunchedStep:
         for j, (value, k) in enumerate(zip(values, self.num_top, strict=True)):
             logprobs[self.rows[j]] = TokenLogprob(value, top_ids[j][:k], top_values[j][:k])
         return tokens, logprobs
-
-
-# Eager (prefill) steps' token counts are rounded up to this: at most 63 padded rows a step,
-# and 128 distinct counts up to the default token budget of 8192.
-EAGER_TOKEN_MULTIPLE = 64
-
-
-@torch.inference_mode()
-def warm_up_gemms(model: torch.nn.Module, max_tokens: int, multiple: int) -> None:
-    """Runs every distinct linear layer shape of `model` once at each rounded token count an
-    eager step can have, so that serving never meets a GEMM shape for the first time (cuBLAS
-    chooses a kernel on the host for each new shape). Weights are read in place; no
-    collective runs (each tensor-parallel rank warms its own shards)."""
-    layers: dict[tuple[int, int, bool, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for module in model.modules():
-        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, torch.nn.Linear)):
-            continue
-        weight, bias = module.weight, getattr(module, "bias", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            bias = bias if isinstance(bias, torch.Tensor) else None
-            layers.setdefault((*weight.shape, bias is not None, weight.dtype), (weight, bias))
-    if not layers:
-        return
-    most = -(-max_tokens // multiple) * multiple
-    # Contiguous inputs of each width, as a step's are: the leading dimension is part of the
-    # shape cuBLAS chooses for.
-    scratch = {
-        (weight.dtype, weight.shape[1]): torch.zeros(
-            most, weight.shape[1], dtype=weight.dtype, device=weight.device
-        )
-        for weight, _ in layers.values()
-    }
-    for rows in range(multiple, most + 1, multiple):
-        for weight, bias in layers.values():
-            x = scratch[weight.dtype, weight.shape[1]][:rows]
-            torch.nn.functional.linear(x, weight, bias)
-    torch.cuda.synchronize()
 
 
 def _batch_is_static(requests: list[Request]) -> bool:

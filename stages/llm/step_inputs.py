@@ -189,10 +189,11 @@ def pad_tokens(host: HostStepInputs, multiple: int) -> HostStepInputs:
     multi-modal splices keep pointing at the real tokens, which come first.
 
     Why: every distinct token count is a new shape for each of the step's GEMMs, and cuBLAS
-    picks a kernel for a new shape on the host (measured on an H200 host: about 0.4 ms a GEMM
-    against 0.1 ms for a shape seen before, over a hundred GEMMs a step), as the caching
-    allocator sizes new blocks for new activation sizes. Rounded counts repeat, and the runner
-    warms them all up at load.
+    picks a kernel for a new shape on the host, as the caching allocator sizes new blocks for
+    new activation sizes (on an H200 host a GEMM launch took 0.1 ms for a row count seen
+    before, 0.4 ms for a new one, allocator included). Rounded counts repeat, and the runner
+    warms them all up at load (eager_shapes); serving Qwen2.5-VL-7B image chats, a step with
+    prompt tokens went from about 40 to 36 ms of host time (docs/benchmarks.md).
     """
     pad = -host.num_tokens % multiple
     if pad == 0:
