@@ -145,12 +145,13 @@ def test_reads_what_plain_rapidocr_reads(engine: str) -> None:
 @pytest.mark.skipif(not openvino_computes_bf16(), reason="the CPU has no bf16 units")
 def test_a_bf16_detector_reads_the_same_texts() -> None:
     """The detector in bf16 (the default where the CPU computes it natively): the same lines
-    and texts as plain `RapidOCR()`, boxes within two pixels; the recognizer stays in f32."""
+    and texts as plain `RapidOCR()`, boxes within three pixels; the recognizer stays in f32."""
     read = read_beside_plain({"threads": "1", "precision": "bf16"}, two_pages())
     for name, (reply, found) in read.items():
         assert [line.text for line in reply.lines] == list(found.txts), name
         boxes = np.array([line.box for line in reply.lines])
-        assert np.abs(boxes - np.array(plain_boxes(found))).max() <= 2, name
+        # 2 px measured on an AMD EPYC (AVX512-BF16); a pixel of margin for other bf16 units
+        assert np.abs(boxes - np.array(plain_boxes(found))).max() <= 3, name
     assert read["page"][0].text == INVOICE
     assert read["sign"][0].text == SIGN_TEXT
 
