@@ -192,8 +192,9 @@ def pad_tokens(host: HostStepInputs, multiple: int) -> HostStepInputs:
     picks a kernel for a new shape on the host, as the caching allocator sizes new blocks for
     new activation sizes (on an H200 host a GEMM launch took 0.1 ms for a row count seen
     before, 0.4 ms for a new one, allocator included). Rounded counts repeat, and the runner
-    warms them all up at load (eager_shapes); serving Qwen2.5-VL-7B image chats, a step with
-    prompt tokens went from about 40 to 36 ms of host time (docs/benchmarks.md).
+    warms them all up at load (eager_shapes). Serving Qwen2.5-VL-7B image chats, the host time
+    of a step with prompt tokens did not change measurably (docs/benchmarks.md): the rest of
+    the eager forward's host time dominates it.
     """
     pad = -host.num_tokens % multiple
     if pad == 0:
