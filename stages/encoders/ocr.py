@@ -193,8 +193,6 @@ class OCRWorker(StageWorker):
         if settings.engine == "auto" and runtime != "openvino":
             logger.warning("OCR runs on onnxruntime: openvino is not installed (it reads "
                            "pages several times faster on the same threads)")
-        if runtime != "openvino" and settings.precision == "bf16":
-            raise ValueError("precision bf16 needs OpenVINO, which is not installed")
         if settings.nice:
             lower_priority(settings.nice)
         precision = settings.detector_precision

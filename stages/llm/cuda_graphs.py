@@ -148,8 +148,7 @@ class DecodeGraphs:
             rows[:k] = feed.dst
             rows[k : 2 * k] = feed.src_rows
             self.feed_rows[: 2 * k].copy_(stage.feed_rows[: 2 * k], non_blocking=True)
-            dst, src = self.feed_rows[:k], self.feed_rows[k : 2 * k]
-            self.token_ids.index_copy_(0, dst, feed.tokens[src])
+            feed.apply_at(self.token_ids, self.feed_rows[:k], self.feed_rows[k : 2 * k])
         stage.copied.record()
         self.graphs[size].replay()
         return self.outputs[size][:n]

@@ -292,8 +292,13 @@ class TokenFeed:
 
     def apply(self, token_ids: torch.Tensor) -> None:
         device = token_ids.device
-        src = self.tokens[index_tensor(self.src_rows, device)]
-        token_ids.index_copy_(0, index_tensor(self.dst, device), src)
+        dst, src = index_tensor(self.dst, device), index_tensor(self.src_rows, device)
+        self.apply_at(token_ids, dst, src)
+
+    def apply_at(self, token_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """`apply` with `dst` and `src_rows` already on the device (the decode graphs stage
+        them with their other inputs)."""
+        token_ids.index_copy_(0, dst, self.tokens[src])
 
 
 def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
