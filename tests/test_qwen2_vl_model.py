@@ -509,13 +509,18 @@ def test_mrope_kernel_compiles_for_h100_with_torch_float_semantics() -> None:
     assert "cvt.rn.bf16.f32" in ptx
 
 
-@pytest.mark.parametrize("token_budget", [4096, 9])
+@pytest.mark.parametrize(
+    ("token_budget", "device"),
+    [(4096, "cpu"), (9, "cpu"), pytest.param(4096, "cuda", marks=needs_cuda),
+     pytest.param(9, "cuda", marks=needs_cuda)],
+)
 def test_engine_serves_vl_requests_like_transformers(
-    vl_folder: Path, reference: Any, token_budget: int
+    vl_folder: Path, reference: Any, token_budget: int, device: str
 ) -> None:
     """The whole path through the LLM engine: prompt processing, the vision encoder, the
     engine's splicing and M-RoPE positions (chunked when the budget is 9 tokens), and the
-    prefix cache for a repeated image, against transformers' greedy generate."""
+    prefix cache for a repeated image, against transformers' greedy generate. On a GPU the
+    steps with prompt tokens replay CUDA graphs, the image embeddings spliced in first."""
     from transformers import GenerationConfig
 
     from omni import LLM, SamplingParams
@@ -548,7 +553,8 @@ def test_engine_serves_vl_requests_like_transformers(
 
     llm = LLM(
         str(vl_folder),
-        device="cpu",
+        device=device,
+        dtype="float32",
         num_kv_blocks=64,
         block_size=8,
         max_num_batched_tokens=token_budget,
@@ -571,6 +577,8 @@ def test_engine_serves_vl_requests_like_transformers(
     assert tokens == expected_new
     # Every full block before the last prompt token comes from the prefix cache.
     assert cached == (len(prompt.prompt_token_ids) - 1) // 8 * 8
+    graphs = llm.engine.runner.mixed_graphs
+    assert (graphs is not None and graphs.replays > 0) == (device == "cuda")
 
 
 def test_tied_embeddings_follow_the_top_level_config() -> None:

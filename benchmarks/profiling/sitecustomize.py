@@ -66,6 +66,7 @@ def _patch() -> None:
     timed(model_runner, "to_device")
     timed(model_runner, "copy_to_device")
     timed(cuda_graphs.DecodeGraphs, "run")
+    timed(cuda_graphs.MixedGraphs, "run")  # recorded as "run" too: the step's kind tells
     original_step = engine_mod.LLMEngine.step
     skip = int(os.environ.get("OMNI_PROFILE_SKIP_STEPS", "300"))
     seconds = float(os.environ.get("OMNI_PROFILE_SECONDS", "1.5"))

@@ -41,6 +41,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # True skips CUDA-graph capture (debugging, or when start-up time matters more).
     enforce_eager: bool = False
+    # Steps with prompt tokens up to this many tokens (rounded up to a multiple of 64) replay
+    # a captured graph too (cuda_graphs.MixedGraphs); 0 captures decode steps only. Past
+    # about a thousand tokens a 7B step's GPU time exceeds its eager launch time on an H200,
+    # so bigger graphs would only cost memory and start-up time.
+    max_graph_tokens: int = 1024
     # None picks "triton" on CUDA and "torch" elsewhere.
     attention_backend: str | None = None
     # Schedule and launch step N+1 before step N's sampled tokens reach the host (they are fed
@@ -88,6 +93,8 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
             )
+        if self.max_graph_tokens < 0:
+            raise ValueError(f"max_graph_tokens must be 0 or more, got {self.max_graph_tokens}")
         if self.tensor_parallel_size < 1:
             raise ValueError(
                 f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}"

@@ -69,6 +69,7 @@ def num_blocks_for_memory(runner: ModelRunner) -> int:
     )
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    allocated_before = torch.cuda.memory_allocated()
     inputs = to_device(host, runner.device)
     hidden = model(inputs.token_ids, inputs.positions, caches, inputs.attn, runner.attn_backend)
     # The logits of a full batch of sequences are the other large transient.
@@ -76,11 +77,18 @@ def num_blocks_for_memory(runner: ModelRunner) -> int:
     model.compute_logits(rows)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - profile_blocks * block_bytes
+    activations = torch.cuda.max_memory_allocated() - allocated_before
     del caches, hidden, rows
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     outside_torch = total - free - torch.cuda.memory_reserved()
-    budget = total * config.gpu_memory_utilization - outside_torch - peak - _GPU_HEADROOM_BYTES
+    budget = (
+        total * config.gpu_memory_utilization
+        - outside_torch
+        - peak
+        - _graph_pool_bytes(runner, activations, num_tokens)
+        - _GPU_HEADROOM_BYTES
+    )
     num_blocks = int(budget // block_bytes)
     if num_blocks < 2:
         raise ValueError(
@@ -88,3 +96,13 @@ def num_blocks_for_memory(runner: ModelRunner) -> int:
             f"{total / 2**30:.1f} GiB at gpu_memory_utilization={config.gpu_memory_utilization}"
         )
     return num_blocks
+
+
+def _graph_pool_bytes(runner: ModelRunner, activations: int, num_tokens: int) -> int:
+    """What the mixed CUDA graphs' private pool will hold: the activations of the largest
+    captured step, scaled from the profiled step's (the pool is not the caching allocator's,
+    so the eager peak does not cover it). The decode graphs' share fits the headroom."""
+    config = runner.config
+    if config.enforce_eager:
+        return 0
+    return int(activations * min(1.0, config.max_graph_tokens / max(num_tokens, 1)))

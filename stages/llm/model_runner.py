@@ -10,7 +10,7 @@ import torch
 from omni.stages.contracts.llm import TokenLogprob
 from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.config import EngineConfig
-from omni.stages.llm.cuda_graphs import DecodeGraphs
+from omni.stages.llm.cuda_graphs import DecodeGraphs, MixedGraphs
 from omni.stages.llm.eager_shapes import EAGER_TOKEN_MULTIPLE, warm_up_gemms
 from omni.stages.llm.host_to_device import copy_to_device
 from omni.stages.llm.kv_cache_sizing import allocate_kv_caches, num_blocks_for_memory
@@ -103,24 +103,50 @@ class ModelRunner:
             self.model, num_blocks, self.block_size, self.dtype, self.device
         )
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(
-                self.model,
-                self.kv_caches,
-                self.attn_backend,
-                config.max_num_seqs,
-                self.table_width,
-                self.max_model_len,
-                self.device,
-                position_rows=3 if self.uses_mrope else 1,
-            )
-            self.graphs.capture()
-            logger.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
+            self._capture_graphs()
         # Eager steps run with their token count rounded up (see pad_tokens), on a GPU only:
         # the CPU has no per-shape kernel choice to amortise.
         self.token_multiple = EAGER_TOKEN_MULTIPLE if self.device.type == "cuda" else 1
         if self.token_multiple > 1:
             warm_up_gemms(self.model, config.max_num_batched_tokens, self.token_multiple)
+
+    def _capture_graphs(self) -> None:
+        config = self.config
+        position_rows = 3 if self.uses_mrope else 1
+        max_graph_tokens = min(config.max_graph_tokens, config.max_num_batched_tokens)
+        if max_graph_tokens >= EAGER_TOKEN_MULTIPLE:
+            self.mixed_graphs = MixedGraphs(
+                self.model,
+                self.kv_caches,
+                self.attn_backend,
+                config.max_num_seqs,
+                max_graph_tokens - max_graph_tokens % EAGER_TOKEN_MULTIPLE,
+                self.table_width,
+                self.max_model_len,
+                self.device,
+                hidden_size=int(self.model.geometry.hidden_size),
+                dtype=self.dtype,
+                position_rows=position_rows,
+            )
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.attn_backend,
+            config.max_num_seqs,
+            self.table_width,
+            self.max_model_len,
+            self.device,
+            position_rows=position_rows,
+        )
+        # One pool for both families, the largest graph first (the mixed ones are larger).
+        pool = torch.cuda.graph_pool_handle()
+        if self.mixed_graphs is not None:
+            self.mixed_graphs.capture(pool)
+            logger.info("captured CUDA graphs for steps of %s tokens", self.mixed_graphs.sizes)
+        self.graphs.capture(pool)
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -134,6 +160,8 @@ class ModelRunner:
                 if rows is host:
                     return hidden
                 return hidden[index_tensor(host.logits_indices.tolist(), hidden.device)]
+        if self.mixed_graphs is not None and self.mixed_graphs.fits(host):
+            return self.mixed_graphs.run(host, feed)
         if self.token_multiple > 1:
             host = pad_tokens(host, self.token_multiple)
         inputs = to_device(host, self.device)
