@@ -136,7 +136,7 @@ def test_engine_tokens_with_mixed_graphs_equal_eager(tmp_path: Path) -> None:
 
     def run(enforce_eager: bool) -> tuple[list[list[int]], int]:
         llm = LLM(str(tmp_path), dtype="float32", block_size=BLOCK, enforce_eager=enforce_eager,
-                  max_num_seqs=8, max_graph_tokens=256)
+                  max_num_seqs=8, max_num_batched_tokens=200, max_graph_tokens=128)
         llm.generate([shared], params, use_tqdm=False)  # the shared prefix is cached now
         outputs = llm.generate(prompts, params, use_tqdm=False)
         graphs = llm.engine.runner.mixed_graphs
