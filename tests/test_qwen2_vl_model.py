@@ -577,8 +577,9 @@ def test_engine_serves_vl_requests_like_transformers(
     assert tokens == expected_new
     # Every full block before the last prompt token comes from the prefix cache.
     assert cached == (len(prompt.prompt_token_ids) - 1) // 8 * 8
+    # A 9-token budget is below the smallest mixed graph (64 tokens): none is captured.
     graphs = llm.engine.runner.mixed_graphs
-    assert (graphs is not None and graphs.replays > 0) == (device == "cuda")
+    assert (graphs is not None and graphs.replays > 0) == (device == "cuda" and token_budget > 9)
 
 
 def test_tied_embeddings_follow_the_top_level_config() -> None:
