@@ -294,3 +294,16 @@ def greedy_native(
             start += len(step_ids)
             step_ids = [token]
     return out
+
+
+def step_hidden_states(llm: Any, host: Any) -> torch.Tensor:
+    """Runs one step's host inputs (step_inputs.HostStepInputs) eagerly on `llm`'s model and
+    cache; returns the hidden states at its logits_indices rows."""
+    from omni.stages.llm.step_inputs import to_device
+
+    runner = llm.engine.runner
+    inputs = to_device(host, runner.device)
+    hidden = runner.model(
+        inputs.token_ids, inputs.positions, runner.kv_caches, inputs.attn, runner.attn_backend
+    )
+    return hidden[inputs.logits_indices]

@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_models import make_tiny_checkpoint
+from fixtures_models import make_tiny_checkpoint, step_hidden_states
 from omni.stages.llm.step_inputs import (
     MAX_QUERY_LEN_AS_ROWS,
     as_decode_rows,
     build_host_inputs,
     pad_tokens,
-    to_device,
 )
 
 from omni import LLM, SamplingParams
@@ -27,15 +26,6 @@ def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
     path = tmp_path_factory.mktemp("llama")
     make_tiny_checkpoint("llama", path)
     return LLM(str(path), device="cpu", dtype="float32", block_size=BLOCK, num_kv_blocks=64, seed=0)
-
-
-def hidden_of(llm: LLM, host) -> torch.Tensor:
-    runner = llm.engine.runner
-    inputs = to_device(host, runner.device)
-    hidden = runner.model(
-        inputs.token_ids, inputs.positions, runner.kv_caches, inputs.attn, runner.attn_backend
-    )
-    return hidden[inputs.logits_indices]
 
 
 def test_prefix_hit_remainders_as_decode_rows(llm: LLM) -> None:
@@ -59,8 +49,8 @@ def test_prefix_hit_remainders_as_decode_rows(llm: LLM) -> None:
     assert rows.seq_lens.tolist() == [13, 13, 14, 15, 13, 14, 15, 16, 17, 18, 1, 2, 3, 4, 5]
     assert np.array_equal(rows.block_tables[4], host.block_tables[2])
 
-    expected = hidden_of(llm, host)
-    got = hidden_of(llm, rows)[torch.from_numpy(host.logits_indices)]
+    expected = step_hidden_states(llm, host)
+    got = step_hidden_states(llm, rows)[torch.from_numpy(host.logits_indices)]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for s in out.scheduled:
         engine.abort_request(s.request.request_id)
@@ -164,11 +154,11 @@ def test_padded_step_gives_the_same_hidden_states(llm: LLM) -> None:
     assert pad_tokens(padded, 8) is padded
     # The KV the real tokens write is the same either way: compare after each writes it.
     cache_before = [c.clone() for c in engine.runner.kv_caches]
-    plain = hidden_of(llm, host)
+    plain = step_hidden_states(llm, host)
     cache_plain = [c.clone() for c in engine.runner.kv_caches]
     for cache, saved in zip(engine.runner.kv_caches, cache_before, strict=True):
         cache.copy_(saved)
-    with_padding = hidden_of(llm, padded)
+    with_padding = step_hidden_states(llm, padded)
     torch.testing.assert_close(with_padding, plain, rtol=1e-5, atol=1e-5)
     for cache, want in zip(engine.runner.kv_caches, cache_plain, strict=True):
         assert torch.equal(cache, want)

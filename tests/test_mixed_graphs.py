@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_models import make_tiny_checkpoint
+from fixtures_models import make_tiny_checkpoint, step_hidden_states
 from omni.stages.llm.cuda_graphs import mixed_capture_sizes
 from omni.stages.llm.graph_inputs import GraphShape, StepStaging
-from omni.stages.llm.step_inputs import build_host_inputs, to_device
+from omni.stages.llm.step_inputs import build_host_inputs
 
 from omni import LLM, SamplingParams
 
@@ -33,15 +33,6 @@ def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
         str(path), device="cpu", dtype="float32", block_size=BLOCK, num_kv_blocks=64, seed=0,
         async_scheduling=False,
     )
-
-
-def hidden_of(llm: LLM, host) -> torch.Tensor:
-    runner = llm.engine.runner
-    inputs = to_device(host, runner.device)
-    hidden = runner.model(
-        inputs.token_ids, inputs.positions, runner.kv_caches, inputs.attn, runner.attn_backend
-    )
-    return hidden[inputs.logits_indices]
 
 
 def test_capture_sizes_are_the_eager_rounding() -> None:
@@ -82,11 +73,11 @@ def test_mixed_layout_gives_the_same_hidden_states_and_kv(llm: LLM) -> None:
     assert np.array_equal(padded.block_tables[:3], host.block_tables)
 
     cache_before = [c.clone() for c in engine.runner.kv_caches]
-    plain = hidden_of(llm, host)
+    plain = step_hidden_states(llm, host)
     cache_plain = [c.clone() for c in engine.runner.kv_caches]
     for cache, saved in zip(engine.runner.kv_caches, cache_before, strict=True):
         cache.copy_(saved)
-    graphed_layout = hidden_of(llm, padded)[:3]
+    graphed_layout = step_hidden_states(llm, padded)[:3]
     torch.testing.assert_close(graphed_layout, plain, rtol=1e-5, atol=1e-5)
     for cache, want in zip(engine.runner.kv_caches, cache_plain, strict=True):
         assert torch.equal(cache, want)
