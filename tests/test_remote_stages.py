@@ -40,7 +40,8 @@ from test_vl_engine import NEW_TOKENS, reference
 
 from omni.cli import main
 from omni.multimodal import Qwen2VLPromptProcessor, prepare_qwen2_vl_prompt
-from omni.server.config import ServeConfig, parse_resources
+from omni.server.config import ServeConfig
+from omni.server.flag_values import parse_resources
 
 MODEL = "tiny-vl"
 

@@ -22,7 +22,8 @@ from omni import LLM, SamplingParams
 from omni.cli import build_parser
 from omni.commands.serve import serve_config
 from omni.server.app import build_app
-from omni.server.config import ServeConfig, parse_devices
+from omni.server.config import ServeConfig
+from omni.server.flag_values import parse_devices
 from omni.server.pipeline import Pipeline
 
 

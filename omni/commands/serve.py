@@ -291,13 +291,8 @@ def add_parser(subparsers: Any) -> None:
 
 def serve_config(args: argparse.Namespace) -> Any:
     """The ServeConfig from the config file (if any) overridden by the flags given."""
-    from omni.server.config import (
-        RESOURCE_FIELDS,
-        ServeConfig,
-        parse_devices,
-        parse_domains,
-        parse_resources,
-    )
+    from omni.server.config import RESOURCE_FIELDS, ServeConfig
+    from omni.server.flag_values import parse_devices, parse_domains, parse_resources
 
     settings = load_config_file(args.config) if args.config else {}
     options = dict(settings.pop("options", {}))
