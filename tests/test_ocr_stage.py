@@ -234,3 +234,37 @@ done.set()
     nice = [int(value) for value in out.stdout.strip().strip("[]").split(",")]
     # main, early and late, and any thread the imports started
     assert len(nice) >= 3 and set(nice) == {min(19, base + 3)}
+
+
+def test_a_lone_image_takes_every_thread_and_queued_ones_take_the_lanes() -> None:
+    """Which engine reads what: the wide engine (every thread) a lone queued image; the lane
+    engines up to `lanes` images at once when that many wait; no model is loaded here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Recording:
+        def __init__(self, name: str) -> None:
+            self.name, self.read = name, []
+
+        def __call__(self, pixels: np.ndarray):
+            self.read.append(int(pixels[0, 0, 0]))
+            return type("Found", (), {"txts": None})()
+
+    ocr = OCRWorker(WorkerOptions(extra={"lanes": "2", "threads": "2", "nice": "0"}))
+    wide, lanes = Recording("wide"), [Recording("lane0"), Recording("lane1")]
+    ocr._wide, ocr._engines = wide, lanes
+    ocr._pool = ThreadPoolExecutor(2)
+
+    def request(value: int) -> WorkerRequest:
+        pixels = torch.full((4, 4, 3), value, dtype=torch.uint8)
+        return WorkerRequest(f"r{value}", {"pixels": pixels}, body(f"image {value}"))
+
+    ocr.add_request(request(1))
+    assert [o.request_id for o in ocr.step()] == ["r1"]
+    for value in (2, 3, 4):
+        ocr.add_request(request(value))
+    assert [o.request_id for o in ocr.step()] == ["r2", "r3"]
+    assert [o.request_id for o in ocr.step()] == ["r4"]
+    assert wide.read == [1, 4]
+    assert (lanes[0].read, lanes[1].read) == ([2], [3])
+    assert ocr.images_read == 4
+    ocr.close()

@@ -83,7 +83,8 @@ def add_parser(subparsers: Any) -> None:
                    help="runtime threads of each OCR replica (0: every core, at a lower CPU "
                    "priority than the other stages)")
     p.add_argument("--ocr-lanes", type=int, default=None,
-                   help="images each OCR replica reads at once, each on threads / lanes (1)")
+                   help="images each OCR replica reads at once when several wait, each on "
+                        "threads / lanes (2); a lone image is read on every thread")
     p.add_argument("--ocr-engine", default=None, choices=["auto", *OCR_ENGINES],
                    help="the OCR stage's runtime for PP-OCR (auto: OpenVINO where installed)")
     p.add_argument("--ocr-precision", default=None, choices=["auto", *OCR_PRECISIONS],

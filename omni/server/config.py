@@ -103,9 +103,10 @@ class ServeConfig:
     ocr_replicas: int = 1
     asr_replicas: int = 1
     # The OCR stage's runtime threads (0: every core, at a lower CPU priority than the other
-    # stages) and the images each replica reads at once (each lane gets threads / lanes).
+    # stages) and the images each replica reads at once when several are queued (each lane
+    # gets threads / lanes; a lone image gets every thread).
     ocr_threads: int = 0
-    ocr_lanes: int = 1
+    ocr_lanes: int = 2
     # The OCR stage's runtime: auto (OpenVINO where installed), openvino or onnxruntime.
     ocr_engine: str = "auto"
     # The OCR detector's arithmetic on OpenVINO: auto (bf16 where the CPU has bf16 units),

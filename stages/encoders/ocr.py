@@ -13,10 +13,16 @@ The runtimes would otherwise start a thread per core for every session (and onnx
 idle threads spin waiting for work). `threads` bounds the stage's threads (default: every
 core), and they sleep when idle. The stage process runs `nice` steps below the others (default
 10): it reads on every core the LLM and API processes leave idle, and yields them whenever
-those have work, so a chat's latency does not depend on how many pages are being read. `lanes`
-engines read that many images at once, each on threads / lanes threads: throughput under
-concurrent requests rather than the latency of one. `precision` is the detector's arithmetic
-on OpenVINO (`ocr_engines` says why the other networks stay in f32).
+those have work, so a chat's latency does not depend on how many pages are being read.
+
+A lone image is read on all `threads` (the latency of one page); when several are queued, up
+to `lanes` of them are read at once, each by its own engine on threads / lanes threads. One
+image's threads wait on each other at every layer, and the LLM stage takes cores away from
+them while it prefills; images on their own threads do not wait, so several queued pages are
+read faster one lane each (on the 2-core AMD machine, with 8 pages in flight, the OCR stage's
+CPU per page rose from about 300 to 376 ms when its two threads shared the cores with the
+LLM's; docs/benchmarks.md, perception). `precision` is the detector's arithmetic on OpenVINO
+(`ocr_engines` says why the other networks stay in f32).
 
 Options (`--option key=value`): the fields of `OCRSettings`.
 """
@@ -76,8 +82,9 @@ class OCRSettings:
     # The detector's arithmetic on OpenVINO: f32, bf16, or auto (bf16 where the CPU has bf16
     # units, else f32). onnxruntime computes in f32.
     precision: str = "auto"
-    # Images read at once, each by its own engine.
-    lanes: int = 1
+    # Images read at once when that many are queued, each by its own engine on threads /
+    # lanes threads (a lone image is read on every thread).
+    lanes: int = 2
     # The runtime under PP-OCR: openvino, onnxruntime, or auto (openvino where installed).
     engine: str = "auto"
     # The direction classifier turns lines written upside down; pages and signs rarely are,
@@ -177,7 +184,8 @@ class OCRWorker(StageWorker):
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__(options)
         self.settings = ocr_settings(options)
-        self._engines: list[Any] = []
+        self._engines: list[Any] = []  # the lanes' engines
+        self._wide: Any = None  # the lone image's engine, on every thread
         self._pool: ThreadPoolExecutor | None = None
         # Admitted requests (decoded pixels) in arrival order; refusals answered next step.
         self._queued: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -196,19 +204,23 @@ class OCRWorker(StageWorker):
         if settings.nice:
             lower_priority(settings.nice)
         precision = settings.detector_precision
-        self._engines = [
-            build_engine(runtime, per_lane, settings.use_cls, settings.min_score, precision)
-            for _ in range(settings.lanes)
-        ]
-        logger.info("OCR on %s, %d lane(s) of %d thread(s), detector in %s, nice +%d",
-                    runtime, settings.lanes, per_lane, precision, settings.nice)
+        def engine(threads: int) -> Any:
+            return build_engine(
+                runtime, threads, settings.use_cls, settings.min_score, precision
+            )
+
+        self._wide = engine(settings.total_threads)
         if settings.lanes > 1:
+            self._engines = [engine(per_lane) for _ in range(settings.lanes)]
             self._pool = ThreadPoolExecutor(settings.lanes, thread_name_prefix="ocr-lane")
+        logger.info("OCR on %s: a lone image on %d thread(s), else up to %d at once on %d "
+                    "thread(s) each; detector in %s, nice +%d", runtime,
+                    settings.total_threads, settings.lanes, per_lane, precision, settings.nice)
         # rapidocr loads its direction and recognition models at the first line it finds, and
         # the runtimes build kernels for the shapes they see: pay both here, on a line of text.
         sample = warm_up_image()
-        for engine in self._engines:
-            engine(sample)
+        for each in (self._wide, *self._engines):
+            each(sample)
 
     def add_request(self, request: WorkerRequest) -> None:
         try:
@@ -249,8 +261,8 @@ class OCRWorker(StageWorker):
         if not batch:
             return outputs
         started = time.perf_counter()
-        if self._pool is None:
-            results = [self._read(self._engines[0], batch[0][1])]
+        if len(batch) == 1 or self._pool is None:
+            results = [self._read(self._wide, batch[0][1])]
         else:
             results = list(self._pool.map(self._read, self._engines, [p for _, p in batch]))
         self.busy_seconds += time.perf_counter() - started
