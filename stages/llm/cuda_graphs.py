@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from omni.stages.llm.model_runner import TokenFeed
     from torch.cuda.graphs import _POOL_HANDLE
 from omni.stages.llm.models.base import CausalLM
-from torch import nn
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -53,7 +52,7 @@ class _Graphs:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CausalLM,
         kv_caches: list[torch.Tensor],
         attn_backend: str,
         sizes: list[int],
@@ -112,7 +111,7 @@ class DecodeGraphs(_Graphs):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CausalLM,
         kv_caches: list[torch.Tensor],
         attn_backend: str,
         max_num_seqs: int,
@@ -170,7 +169,6 @@ class MixedGraphs(_Graphs):
         )
         sizes = mixed_capture_sizes(max_graph_tokens)
         super().__init__(model, kv_caches, attn_backend, sizes, inputs, max_model_len)
-        self.causal_lm = model
         self.embeds = torch.zeros((max_graph_tokens, hidden_size), dtype=dtype, device=device)
 
     def shape(self, size: int) -> GraphShape:
@@ -189,7 +187,7 @@ class MixedGraphs(_Graphs):
         size = self.padded_size(host.num_tokens)
         assert size is not None
         self.inputs.load(host, self.shape(size), feed)
-        self.embeds[:size].copy_(self.causal_lm.embed_tokens(self.inputs.token_ids[:size]))
+        self.embeds[:size].copy_(self.model.embed_tokens(self.inputs.token_ids[:size]))
         for start, rows in host.mm_splices:
             on_device = copy_to_device(rows, self.embeds.device)
             self.embeds[start : start + rows.shape[0]] = on_device.to(self.embeds.dtype)

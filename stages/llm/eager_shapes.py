@@ -18,11 +18,14 @@ EAGER_TOKEN_MULTIPLE = 64
 
 
 @torch.inference_mode()
-def warm_up_gemms(model: torch.nn.Module, max_tokens: int, multiple: int) -> None:
+def warm_up_gemms(
+    model: torch.nn.Module, max_tokens: int, multiple: int, above: int = 0
+) -> None:
     """Runs every distinct linear layer shape of `model` once at each rounded token count an
     eager step can have, so that serving never meets a GEMM shape for the first time (cuBLAS
-    chooses a kernel on the host for each new shape). Weights are read in place; no
-    collective runs (each tensor-parallel rank warms its own shards)."""
+    chooses a kernel on the host for each new shape). Counts up to `above` are skipped: steps
+    that small replay CUDA graphs, whose capture ran those shapes already. Weights are read in
+    place; no collective runs (each tensor-parallel rank warms its own shards)."""
     layers: dict[tuple[int, int, bool, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
     for module in model.modules():
         if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, torch.nn.Linear)):
@@ -43,7 +46,7 @@ def warm_up_gemms(model: torch.nn.Module, max_tokens: int, multiple: int) -> Non
         )
         for weight, _ in layers.values()
     }
-    for rows in range(multiple, most + 1, multiple):
+    for rows in range(above + multiple - above % multiple, most + 1, multiple):
         for weight, bias in layers.values():
             x = scratch[weight.dtype, weight.shape[1]][:rows]
             torch.nn.functional.linear(x, weight, bias)

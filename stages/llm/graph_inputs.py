@@ -51,7 +51,6 @@ class StepStaging:
             return tensor.pin_memory() if pin else tensor
 
         i32, i64 = torch.int32, torch.int64
-        self.position_rows = position_rows
         self.int64 = buffer((2 + position_rows, max_tokens), i64)
         self.seq_lens = buffer((max_reqs,), i32, 1)
         self.query_start_loc = buffer((max_reqs + 1,), i32)

@@ -110,7 +110,10 @@ class ModelRunner:
         # the CPU has no per-shape kernel choice to amortise.
         self.token_multiple = EAGER_TOKEN_MULTIPLE if self.device.type == "cuda" else 1
         if self.token_multiple > 1:
-            warm_up_gemms(self.model, config.max_num_batched_tokens, self.token_multiple)
+            graphed = self.mixed_graphs.sizes[-1] if self.mixed_graphs is not None else 0
+            warm_up_gemms(
+                self.model, config.max_num_batched_tokens, self.token_multiple, above=graphed
+            )
 
     def _capture_graphs(self) -> None:
         config = self.config
