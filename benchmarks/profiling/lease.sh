@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Dev-only, on the lent GPU after scripts/gpu_vllm_setup.sh a: workload (a) served by omni
-# with the profiling hook, in the modes and placements named (default: all three below);
-# summaries into $OUT. Usage: bash benchmarks/profiling/lease.sh [timing-coloc,timing-split,trace]
+# Dev-only, on the lent GPU after scripts/gpu_vllm_setup.sh: a workload of
+# benchmarks/serve_vs_vllm.py (WORKLOAD, default a) served by omni with the profiling hook, in
+# the modes and placements named (default: all three below); summaries into $OUT.
+# Usage: [WORKLOAD=c] bash benchmarks/profiling/lease.sh [timing-coloc,timing-split,trace]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 runs=${1:-timing-coloc,timing-split,trace}
+workload=${WORKLOAD:-a}
 common="--api-server-count 4 --asr-replicas 0 --ocr-replicas 0"
 coloc="$common --colocate-encoders --devices llm=0"
 for run in ${runs//,/ }; do
@@ -18,7 +20,7 @@ for run in ${runs//,/ }; do
   esac
   rm -rf "/tmp/prof-$run"
   PYTHONPATH=$PWD/benchmarks/profiling OMNI_PROFILE_OUT=/tmp/prof-$run OMNI_PROFILE_MODE=$mode \
-    python3 benchmarks/serve_vs_vllm.py --workloads a --servers omni --omni-args "$args" \
+    python3 benchmarks/serve_vs_vllm.py --workloads "$workload" --servers omni --omni-args "$args" \
     --out-dir "/tmp/out-$run" --work-dir "/tmp/work-$run" >"/tmp/$run.log" 2>&1
   { grep '^| omni |' "/tmp/out-$run/results.md"; ls /tmp/prof-$run; } >"$OUT/$run.txt" 2>&1
   if [ "$mode" = timing ]; then
