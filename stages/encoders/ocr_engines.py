@@ -18,6 +18,11 @@ the same thread count (docs/benchmarks.md). Two of its CPU plugin's defaults are
 - pinning: it would pin its threads to cores, but the stage shares the machine's cores with
   the LLM stage and other processes: the OS should be free to move a thread to an idle core.
 
+Two of rapidocr's steps are made faster without changing what they compute: the detector's
+input is looked up per pixel value instead of computed through float64 (`ocr_preprocess`,
+bit for bit), and on OpenVINO a detector input shape met again runs on a model compiled for
+it (`ocr_static_shapes`).
+
 rapidocr builds both runtimes' settings inside its session classes and takes no extra
 entries, so the two functions below wrap those builders once per process; should a rapidocr
 release move them, the sessions keep the runtime's defaults.
@@ -30,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from omni.stages.contracts.ocr import ENGINES, PRECISIONS
+from omni.stages.encoders.ocr_preprocess import use_table_lookup
+from omni.stages.encoders.ocr_static_shapes import ShapeSpecialized
 
 TASKS = ("Det", "Cls", "Rec")
 
@@ -103,6 +110,7 @@ def build_engine(
             params[f"{task}.model_path"] = str(path)
     else:
         raise ValueError(f"engine is {engine!r}; it must be one of {', '.join(ENGINES)}")
+    use_table_lookup()
     ocr = RapidOCR(params=params)
     return _LazySessions(ocr, detector_precision) if engine == "openvino" else ocr
 
@@ -185,7 +193,12 @@ def _exact_unpinned_openvino() -> None:
         _building.task = str(cfg.get("task_type", "")).rsplit(".", 1)[-1].lower()
         try:
             init(self, cfg)
+            if _building.task == "det":
+                config = CPUConfig(cfg.get("engine_cfg", {})).get_config()
+                source = str(cfg.get("model_path"))
+                self.session = ShapeSpecialized(self.model, source, config, self.session)
         finally:
             _building.task = None
 
     OpenVINOInferSession.__init__ = init_with_task  # type: ignore[method-assign]
+

@@ -56,6 +56,11 @@ class EngineConfig:
     # floor and throughput from 67% to 75% of its floor (docs/benchmarks.md); greedy tokens
     # are the same either way.
     async_scheduling: bool = True
+    # On the CPU, run each step on the cores that no other runnable thread holds, at most the
+    # process's thread count (cpu_threads.CoreShare). The LLM stage turns it on, as it shares
+    # the machine with the pipeline's other stages; off, the offline engine's arithmetic does
+    # not depend on what else the machine runs (a GEMM may round differently on 1 thread).
+    share_cpu_cores: bool = False
     # Processes (one device each) that one replica's model is sharded over, with
     # torch.distributed: NCCL on GPUs, gloo on the CPU. `device` then names every rank's
     # device (`cuda:0,cuda:1`) or the first of consecutive ones (`cuda:2`: cuda:2, cuda:3, ...).

@@ -10,6 +10,7 @@ import torch
 from omni.stages.contracts.llm import TokenLogprob
 from omni.stages.contracts.sampling import SamplingParams
 from omni.stages.llm.config import EngineConfig
+from omni.stages.llm.cpu_threads import CoreShare
 from omni.stages.llm.cuda_graphs import DecodeGraphs, MixedGraphs
 from omni.stages.llm.eager_shapes import EAGER_TOKEN_MULTIPLE, warm_up_gemms
 from omni.stages.llm.host_to_device import copy_to_device
@@ -88,6 +89,12 @@ class ModelRunner:
         self.block_size = config.block_size
         self.table_width = math.ceil(self.max_model_len / self.block_size)
         self.sampler = Sampler()
+        # On the CPU, each step may compute on the cores the other stages leave free.
+        self.core_share = (
+            CoreShare()
+            if config.share_cpu_cores and self.device.type == "cpu" and group.world_size == 1
+            else None
+        )
         # The last sampled requests and their batch, while reusable (see _reused_batch).
         self._last_batch: tuple[tuple[Request, ...], SamplingBatch] | None = None
         # The logits' width, which grammar bitmasks cover (may exceed the tokenizer's size).
@@ -211,6 +218,8 @@ class ModelRunner:
             out.scheduled, self.block_size, self.table_width, mrope=self.uses_mrope
         )
         rows = [i for i, s in enumerate(out.scheduled) if s.completes_known_tokens]
+        if self.core_share is not None:
+            self.core_share.apply()
         if self.plans is not None:
             self._send_plan(host, feed, rows)
         hidden = self.forward_hidden(host, feed)

@@ -61,9 +61,10 @@ def engine_config(options: WorkerOptions) -> EngineConfig:
 
         model = default_model_path()
     extra = {k: v for k, v in options.extra.items() if k != ENCODER_CACHE_OPTION}
-    return EngineConfig(
-        model=model, device=options.device, **parse_options(extra, _ENGINE_OPTIONS, "LLM")
-    )
+    values = parse_options(extra, _ENGINE_OPTIONS, "LLM")
+    # A stage shares the machine's cores with the other stages (EngineConfig says why).
+    values.setdefault("share_cpu_cores", True)
+    return EngineConfig(model=model, device=options.device, **values)
 
 
 @dataclass
