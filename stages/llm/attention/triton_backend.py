@@ -179,9 +179,11 @@ def paged_attention_triton(
         )
     head_dim_pad = max(MIN_DOT_DIM, _next_power_of_two(head_dim))
     split = config.num_splits > 1
-    # Unsplit, tokens past the last request are never visited; zeros keep them defined.
-    # Split, the merge kernel writes every token, padding included.
-    output = torch.empty_like(query) if split else torch.zeros_like(query)
+    # Unsplit, tokens past the last request are never visited; zeros keep them defined. Split,
+    # the merge kernel writes every token, padding included; so does a decode batch, whose
+    # every token is a request of its own (a decode graph's padded rows too): no fill kernel.
+    every_token_written = split or (meta.is_decode_only and num_tokens == meta.num_reqs)
+    output = torch.empty_like(query) if every_token_written else torch.zeros_like(query)
     if num_tokens == 0 or meta.num_reqs == 0:
         return output.zero_()
     if split:
