@@ -201,4 +201,3 @@ def _exact_unpinned_openvino() -> None:
             _building.task = None
 
     OpenVINOInferSession.__init__ = init_with_task  # type: ignore[method-assign]
-
