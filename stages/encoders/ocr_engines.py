@@ -101,7 +101,7 @@ def build_engine(
         params["EngineConfig.onnxruntime.intra_op_num_threads"] = threads
         params["EngineConfig.onnxruntime.inter_op_num_threads"] = 1
     elif engine == "openvino":
-        _exact_unpinned_openvino()
+        _configure_openvino_sessions()
         params["EngineConfig.openvino.inference_num_threads"] = threads
         # One stream: the stage's lanes, not OpenVINO, run images side by side.
         params["EngineConfig.openvino.performance_hint"] = "LATENCY"
@@ -161,9 +161,11 @@ def _no_spinning_onnxruntime() -> None:
     OrtInferSession._init_sess_opts = wrapped  # type: ignore[method-assign]
 
 
-def _exact_unpinned_openvino() -> None:
-    """Make rapidocr's OpenVINO sessions compute in f32 and leave thread placement to the OS
-    (see the module's docstring). OpenVINO's idle threads already sleep."""
+def _configure_openvino_sessions() -> None:
+    """Make rapidocr's OpenVINO sessions compute in f32 (the detector in its engine's
+    precision), leave thread placement to the OS (see the module's docstring; OpenVINO's idle
+    threads already sleep), and run the detector's repeated input shapes on static
+    compilations (`ocr_static_shapes`)."""
     try:
         from rapidocr.inference_engine.openvino.device_config import CPUConfig
     except ImportError:

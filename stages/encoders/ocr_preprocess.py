@@ -58,4 +58,5 @@ def use_table_lookup() -> None:
         return normalized_chw(resized, table)
 
     call._omni = True  # type: ignore[attr-defined]
+    call._rapidocr = original  # type: ignore[attr-defined]  # rapidocr's own, for comparison
     DetPreProcess.__call__ = call  # type: ignore[method-assign]
